@@ -1,0 +1,48 @@
+"""The Flask application factory: the service's composition root for HTTP."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from aggregator_service.api import devices, experiments, meta, models
+from aggregator_service.api.errors import register_error_handlers
+from aggregator_service.rounds import RoundService
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Mapping[str, Any] | None = None, *, service: RoundService) -> Flask:
+    """Build the Flask app around a running ``RoundService``.
+
+    Parameters
+    ----------
+    config
+        Flask settings; ``ADMIN_TOKEN`` guards state-changing calls. Without
+        one, ``FEDMQ_ADMIN_TOKEN`` from the environment is used, else a random
+        token is generated and logged once.
+    service
+        The round coordinator the views call.
+
+    Returns
+    -------
+    Flask
+        The application, with the API under ``/api/v1`` and the dashboard at ``/``.
+    """
+    app = Flask(__name__)
+    app.config.from_prefixed_env(prefix="FEDMQ")
+    if config:
+        app.config.update(config)
+    if not app.config.get("ADMIN_TOKEN"):
+        app.config["ADMIN_TOKEN"] = secrets.token_urlsafe(24)
+        log.warning("no admin token configured; generated one: %s", app.config["ADMIN_TOKEN"])
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["fedmq.rounds"] = service
+    for blueprint in (experiments.bp, models.bp, devices.bp, meta.bp):
+        app.register_blueprint(blueprint)
+    register_error_handlers(app)
+    return app

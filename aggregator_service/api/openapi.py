@@ -1,0 +1,91 @@
+"""The REST API's OpenAPI 3 document (kept next to the blueprints it describes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/responses/Error"}
+_JSON = {"application/json": {"schema": {"type": "object"}}}
+
+
+def _op(
+    summary: str, ok: str, *, admin: bool = False, body: bool = False, errors: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            ok: {"description": "success", "content": _JSON},
+            **{code: _ERROR for code in errors},
+        },
+    }
+    if admin:
+        op["security"] = [{"admin": []}]
+        op["responses"]["401"] = _ERROR
+    if body:
+        op["requestBody"] = {"required": True, "content": _JSON}
+    return op
+
+
+_ID = [{"name": "experiment_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "FedMQ", "version": "1"},
+    "servers": [{"url": "/api/v1"}],
+    "paths": {
+        "/experiments": {
+            "post": _op("Create an experiment", "201", admin=True, body=True, errors=("400",)),
+            "get": _op("List experiments", "200"),
+        },
+        "/experiments/{experiment_id}": {
+            "parameters": _ID,
+            "get": _op("Show an experiment", "200", errors=("404",)),
+        },
+        "/experiments/{experiment_id}/rounds": {
+            "parameters": _ID,
+            "post": _op("Queue rounds", "202", admin=True, body=True, errors=("400", "404")),
+            "get": _op("List rounds", "200", errors=("404",)),
+        },
+        "/experiments/{experiment_id}/model": {
+            "parameters": _ID + [{"name": "version", "in": "query", "schema": {"type": "integer"}}],
+            "get": {
+                "summary": "Download global weights (safetensors)",
+                "responses": {
+                    "200": {"description": "weights", "content": {"application/octet-stream": {}}},
+                    "400": _ERROR,
+                    "404": _ERROR,
+                },
+            },
+        },
+        "/devices": {
+            "post": _op("Register a device", "201", admin=True, body=True, errors=("400",)),
+            "get": _op("List devices", "200"),
+        },
+        "/health": {"get": _op("Liveness", "200")},
+        "/openapi.json": {"get": _op("This document", "200")},
+    },
+    "components": {
+        "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+        "responses": {
+            "Error": {
+                "description": "error",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "error": {
+                                    "type": "object",
+                                    "properties": {
+                                        "code": {"type": "string"},
+                                        "message": {"type": "string"},
+                                    },
+                                }
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    },
+}

@@ -1,0 +1,198 @@
+"""Experiment configs: parsed once, validated with clear errors, frozen afterwards."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aggregator_service.errors import ConfigError
+from aggregator_service.strategies import STRATEGIES, Strategy
+from device_sdk.data import DATASETS, PARTITIONS
+from model_store import ModelSpec, ModelSpecError
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set the emulated devices hold and how it is split among them."""
+
+    dataset: str = "digits"
+    devices: int = 20
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    shards_per_device: int = 2
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """How many rounds, how many devices each, and when a round may close."""
+
+    count: int = 10
+    devices_per_round: int = 10
+    over_selection: float = 1.0
+    min_reports: int = 0
+    deadline_s: float = 60.0
+
+    @property
+    def selection_size(self) -> int:
+        """Return how many devices a round invites (target times over-selection)."""
+        return math.ceil(self.devices_per_round * self.over_selection)
+
+    @property
+    def minimum(self) -> int:
+        """Return the reports needed to commit at the deadline (default: the target)."""
+        return self.min_reports or self.devices_per_round
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local training settings sent to every device in its task."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: model, data, strategy, rounds and training settings."""
+
+    name: str
+    model: Mapping[str, Any]
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: Mapping[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ExperimentConfig:
+        """Parse and validate a config mapping; raise ``ConfigError`` naming the bad field."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError("an experiment config must be a JSON object")
+        unknown = set(raw) - {"name", "seed", "model", "data", "strategy", "rounds", "training"}
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
+        if not isinstance(raw.get("model"), Mapping):
+            raise ConfigError("model: required, an object such as {'zoo': 'mlp', ...}")
+        config = cls(
+            name=_typed(raw, "name", str, "experiment"),
+            seed=_typed(raw, "seed", int, 0),
+            model=dict(raw["model"]),
+            data=_section(DataConfig, raw.get("data", {}), "data"),
+            strategy=dict(_typed(raw, "strategy", Mapping, {"name": "fedavg"})),
+            rounds=_section(RoundsConfig, raw.get("rounds", {}), "rounds"),
+            training=_section(TrainingConfig, raw.get("training", {}), "training"),
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` for values no run could use."""
+        r, t, d = self.rounds, self.training, self.data
+        checks = [
+            (bool(self.name.strip()), "name: must not be empty"),
+            (r.count >= 1, "rounds.count: must be at least 1"),
+            (r.devices_per_round >= 1, "rounds.devices_per_round: must be at least 1"),
+            (r.over_selection >= 1.0, "rounds.over_selection: must be at least 1.0"),
+            (
+                0 <= r.min_reports <= r.devices_per_round,
+                "rounds.min_reports: must be between 0 and devices_per_round",
+            ),
+            (r.deadline_s > 0, "rounds.deadline_s: must be positive"),
+            (t.epochs >= 1, "training.epochs: must be at least 1"),
+            (t.batch_size >= 1, "training.batch_size: must be at least 1"),
+            (t.optimizer in OPTIMIZERS, f"training.optimizer: one of {OPTIMIZERS}"),
+            (t.lr > 0, "training.lr: must be positive"),
+            (d.devices >= 1, "data.devices: must be at least 1"),
+            (d.dataset in DATASETS, f"data.dataset: one of {DATASETS}"),
+            (d.partition in PARTITIONS, f"data.partition: one of {PARTITIONS}"),
+            (d.alpha > 0, "data.alpha: must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        build_strategy(self.strategy)
+        self.model_spec()
+
+    def model_spec(self) -> ModelSpec:
+        """Return the zoo model the config names; raise ``ConfigError`` if it cannot exist."""
+        try:
+            return ModelSpec.from_config(self.model)
+        except ModelSpecError as exc:
+            raise ConfigError(f"model: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as plain JSON-able data."""
+        return json.loads(json.dumps(asdict(self)))  # type: ignore[no-any-return]
+
+    def training_settings(self) -> dict[str, float | int | str | bool]:
+        """Return the training settings as sent in a task."""
+        return {k: v for k, v in asdict(self.training).items()}
+
+
+def build_strategy(config: Mapping[str, Any]) -> Strategy:
+    """Return the strategy a config's ``strategy`` section names, with its settings."""
+    settings = dict(config)
+    name = settings.pop("name", None)
+    cls = STRATEGIES.get(str(name))
+    if cls is None:
+        raise ConfigError(
+            f"strategy.name: unknown {name!r}; known: {', '.join(sorted(STRATEGIES))}"
+        )
+    try:
+        return cls(**settings)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"strategy {name}: {exc}") from exc
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read an experiment config from a ``.json`` or ``.toml`` file."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text.decode()) if p.suffix == ".toml" else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+    return ExperimentConfig.from_dict(raw)
+
+
+def _typed(raw: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    """Return ``raw[key]`` if it has type ``kind`` (default when absent), else raise."""
+    value = raw.get(key, default)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _section(cls: type[Any], raw: Any, where: str) -> Any:
+    """Build a config section dataclass from a mapping, type-checking each field."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected an object")
+    defaults = cls()
+    known = {f for f in asdict(defaults)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
+    values = {}
+    for name in known:
+        default = getattr(defaults, name)
+        value = raw.get(name, default)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
+        values[name] = value
+    return cls(**values)

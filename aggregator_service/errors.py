@@ -1,0 +1,42 @@
+"""Errors of the coordination service and the aggregator.
+
+::
+
+    ServiceError
+    ├── ConfigError          an experiment config that cannot run (bad names, ranges)
+    ├── NotFound             no such experiment, round, device or model version
+    ├── Conflict             the request clashes with the current state
+    └── Unauthorized         a state-changing call without the admin token
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Root of the service's errors; ``code`` is the stable string the API reports."""
+
+    code = "service_error"
+
+
+class ConfigError(ServiceError):
+    """An experiment config that cannot be run."""
+
+    code = "invalid_config"
+
+
+class NotFound(ServiceError):
+    """The named experiment, round, device or model version does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    """The request clashes with the current state."""
+
+    code = "conflict"
+
+
+class Unauthorized(ServiceError):
+    """A state-changing call without a valid admin token."""
+
+    code = "unauthorized"

@@ -1,0 +1,195 @@
+"""The service's state in any SQLAlchemy database (SQLite by default, PostgreSQL by URL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, create_engine, event, insert, select, update
+from sqlalchemy.engine import Engine, RowMapping
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from aggregator_service.errors import NotFound, ServiceError
+from aggregator_service.persistence import schema
+from aggregator_service.persistence.records import DeviceRecord, ExperimentRecord, RoundRecord
+
+
+class DatabaseError(ServiceError):
+    """The database refused or failed an operation."""
+
+    code = "database_error"
+
+
+class Database:
+    """Reads and writes experiments, rounds and devices; one transaction per call."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            self._engine: Engine = _engine(url)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise DatabaseError(f"cannot open database {url!r}: {exc}") from exc
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_pragmas)
+        schema.metadata.create_all(self._engine)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise DatabaseError(str(exc)) from exc
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self._engine.dispose()
+
+    def add_experiment(self, record: ExperimentRecord) -> None:
+        """Insert a new experiment."""
+        with self._tx() as conn:
+            conn.execute(insert(schema.experiments).values(**record.__dict__))
+
+    def experiment(self, experiment_id: str) -> ExperimentRecord:
+        """Return one experiment or raise ``NotFound``."""
+        with self._tx() as conn:
+            row = (
+                conn.execute(
+                    select(schema.experiments).where(schema.experiments.c.id == experiment_id)
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise NotFound(f"no experiment {experiment_id!r}")
+        return ExperimentRecord(**row)
+
+    def experiments(self) -> list[ExperimentRecord]:
+        """Return every experiment, oldest first."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(schema.experiments).order_by(schema.experiments.c.created_at)
+            ).mappings()
+            return [ExperimentRecord(**row) for row in rows]
+
+    def update_experiment(self, experiment_id: str, **values: Any) -> None:
+        """Change some fields of an experiment."""
+        with self._tx() as conn:
+            conn.execute(
+                update(schema.experiments)
+                .where(schema.experiments.c.id == experiment_id)
+                .values(**values)
+            )
+
+    def add_round(self, record: RoundRecord) -> None:
+        """Insert a new round."""
+        values = dict(record.__dict__)
+        for key in ("selected", "accepted", "accepted_devices"):
+            values[key] = list(values[key])
+        with self._tx() as conn:
+            conn.execute(insert(schema.rounds).values(**values))
+
+    def update_round(self, experiment_id: str, number: int, **values: Any) -> None:
+        """Change some fields of a round."""
+        for key in ("selected", "accepted", "accepted_devices"):
+            if key in values:
+                values[key] = list(values[key])
+        with self._tx() as conn:
+            conn.execute(
+                update(schema.rounds)
+                .where(schema.rounds.c.experiment_id == experiment_id)
+                .where(schema.rounds.c.number == number)
+                .values(**values)
+            )
+
+    def rounds(self, experiment_id: str) -> list[RoundRecord]:
+        """Return an experiment's rounds in order."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(schema.rounds)
+                .where(schema.rounds.c.experiment_id == experiment_id)
+                .order_by(schema.rounds.c.number)
+            ).mappings()
+            return [_round(row) for row in rows]
+
+    def add_device(
+        self, device_id: str, platform: str, token_sha256: str | None, now: float
+    ) -> None:
+        """Register a device."""
+        with self._tx() as conn:
+            conn.execute(
+                insert(schema.devices).values(
+                    id=device_id,
+                    platform=platform,
+                    token_sha256=token_sha256,
+                    registered_at=now,
+                    last_seen=None,
+                    rounds_served=0,
+                )
+            )
+
+    def device_seen(self, device_id: str, platform: str, now: float) -> None:
+        """Record a check-in, registering unknown (emulated) devices on the way."""
+        with self._tx() as conn:
+            done = conn.execute(
+                update(schema.devices).where(schema.devices.c.id == device_id).values(last_seen=now)
+            )
+            if done.rowcount == 0:
+                conn.execute(
+                    insert(schema.devices).values(
+                        id=device_id,
+                        platform=platform,
+                        token_sha256=None,
+                        registered_at=now,
+                        last_seen=now,
+                        rounds_served=0,
+                    )
+                )
+
+    def devices_served(self, device_ids: Iterable[str]) -> None:
+        """Count one more served round for each device."""
+        ids = list(device_ids)
+        if not ids:
+            return
+        with self._tx() as conn:
+            conn.execute(
+                update(schema.devices)
+                .where(schema.devices.c.id.in_(ids))
+                .values(rounds_served=schema.devices.c.rounds_served + 1)
+            )
+
+    def devices(self) -> list[DeviceRecord]:
+        """Return every known device."""
+        with self._tx() as conn:
+            rows = conn.execute(select(schema.devices).order_by(schema.devices.c.id)).mappings()
+            return [
+                DeviceRecord(
+                    r["id"], r["platform"], r["registered_at"], r["last_seen"], r["rounds_served"]
+                )
+                for r in rows
+            ]
+
+
+def _engine(url: str) -> Engine:
+    """Create the engine; an in-memory SQLite database is shared by all threads."""
+    if url in ("sqlite://", "sqlite:///:memory:"):
+        return create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+    return create_engine(url)
+
+
+def _round(row: RowMapping) -> RoundRecord:
+    """Build a round record from a row, turning JSON lists back into tuples."""
+    values = dict(row)
+    values.pop("id")
+    for key in ("selected", "accepted", "accepted_devices"):
+        values[key] = tuple(values[key])
+    return RoundRecord(**values)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Use WAL so the API can read while the coordinator writes."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

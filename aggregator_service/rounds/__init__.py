@@ -1,0 +1,5 @@
+"""Round coordination: experiments, selection, and the round state machine."""
+
+from aggregator_service.rounds.service import Evaluator, EvaluatorFactory, RoundService, describe
+
+__all__ = ["Evaluator", "EvaluatorFactory", "RoundService", "describe"]

@@ -1,0 +1,408 @@
+"""The round coordinator: experiments, device check-ins, selection, and round outcomes.
+
+It owns the experiment's state machine (idle -> running -> idle, with rounds
+training -> committed | abandoned) and drives workers through the bus; it
+never touches an update itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from aggregator_service.config import ExperimentConfig, build_strategy
+from aggregator_service.errors import Conflict, NotFound
+from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
+from broker import (
+    CheckIn,
+    CloseRound,
+    CodecError,
+    ComeBackLater,
+    Delivery,
+    ModelRef,
+    RoundAbandoned,
+    RoundCommitted,
+    RoundOpened,
+    TrainTask,
+    Transport,
+    decode,
+    decode_weights,
+    encode,
+    topics,
+)
+from model_store import ModelStore, build_initial_artifacts
+from model_store.artifacts import ONNX, TORCHSCRIPT, WEIGHTS
+
+log = logging.getLogger(__name__)
+
+RoundListener = Callable[[RoundRecord], None]
+
+
+class Evaluator(Protocol):
+    """Scores a set of weights on held-out data."""
+
+    def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Return metrics such as ``loss`` and ``accuracy``."""
+        ...
+
+
+EvaluatorFactory = Callable[[ExperimentConfig, bytes], Evaluator | None]
+"""Builds an experiment's evaluator from its config and ONNX graph (None: no evaluation)."""
+
+
+class RoundService:
+    """Coordinates experiments and their rounds over a transport."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        store: ModelStore,
+        db: Database,
+        *,
+        evaluator_factory: EvaluatorFactory | None = None,
+        clock: Callable[[], float] = time.time,
+        name: str = "coordinator",
+    ) -> None:
+        self._transport = transport
+        self._store = store
+        self._db = db
+        self._evaluator_factory = evaluator_factory
+        self._clock = clock
+        self._name = name
+        self._lock = threading.RLock()
+        self._online: dict[str, str] = {}  # device id -> experiment id ("" for any)
+        self._evaluators: dict[str, Evaluator | None] = {}
+        self._closing: set[tuple[str, int]] = set()
+        self._listeners: list[RoundListener] = []
+
+    def start(self) -> None:
+        """Listen for device check-ins and for workers' round outcomes."""
+        self._transport.subscribe(topics.CHECKINS, self._on_checkin)
+        self._transport.subscribe(topics.ALL_EVENTS, self._on_event)
+
+    def add_listener(self, listener: RoundListener) -> None:
+        """Call ``listener`` with each round record once the round has ended."""
+        self._listeners.append(listener)
+
+    # -- experiments ---------------------------------------------------------------
+
+    def create_experiment(self, config: ExperimentConfig) -> str:
+        """Publish the initial model as version 0 and record the experiment; return its id."""
+        artifacts, metadata = build_initial_artifacts(config.model_spec(), seed=config.seed)
+        experiment_id = f"{_slug(config.name)}-{uuid.uuid4().hex[:8]}"
+        self._store.publish(experiment_id, 0, artifacts, parent=None, metadata=metadata)
+        self._db.add_experiment(
+            ExperimentRecord(
+                id=experiment_id,
+                name=config.name,
+                config=config.to_dict(),
+                state="idle",
+                model_version=0,
+                current_round=0,
+                rounds_requested=0,
+                created_at=self._clock(),
+            )
+        )
+        log.info("created experiment %s (%s)", experiment_id, config.name)
+        return experiment_id
+
+    def request_rounds(self, experiment_id: str, count: int) -> None:
+        """Queue ``count`` more rounds; they run one after another."""
+        if count < 1:
+            raise Conflict("count must be at least 1")
+        with self._lock:
+            exp = self._db.experiment(experiment_id)
+            self._db.update_experiment(experiment_id, rounds_requested=exp.rounds_requested + count)
+            if exp.state == "idle":
+                self._db.update_experiment(experiment_id, state="running")
+                self._start_round(experiment_id)
+
+    def experiment(self, experiment_id: str) -> ExperimentRecord:
+        """Return an experiment's state."""
+        return self._db.experiment(experiment_id)
+
+    def experiments(self) -> list[ExperimentRecord]:
+        """Return every experiment."""
+        return self._db.experiments()
+
+    def rounds(self, experiment_id: str) -> list[RoundRecord]:
+        """Return an experiment's rounds (raises ``NotFound`` for an unknown experiment)."""
+        self._db.experiment(experiment_id)
+        return self._db.rounds(experiment_id)
+
+    def model_weights(self, experiment_id: str, version: int | None = None) -> tuple[int, bytes]:
+        """Return ``(version, safetensors bytes)`` of the global model (latest by default)."""
+        exp = self._db.experiment(experiment_id)
+        v = exp.model_version if version is None else version
+        if not 0 <= v <= exp.model_version:
+            raise NotFound(f"experiment {experiment_id} has no model version {v}")
+        manifest = self._store.get_manifest(experiment_id, v)
+        return v, self._store.get_blob(manifest.artifacts[WEIGHTS].sha256)
+
+    # -- devices ------------------------------------------------------------------
+
+    def register_device(self, platform: str) -> tuple[str, str]:
+        """Register a device; return its id and its secret token (stored hashed)."""
+        device_id = f"{_slug(platform)}-{uuid.uuid4().hex[:12]}"
+        token = secrets.token_urlsafe(32)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        self._db.add_device(device_id, platform, digest, self._clock())
+        return device_id, token
+
+    def devices(self) -> list[DeviceRecord]:
+        """Return every known device."""
+        return self._db.devices()
+
+    def _on_checkin(self, delivery: Delivery) -> None:
+        try:
+            message = decode(delivery.body)
+        except CodecError:
+            delivery.nack(requeue=False)
+            return
+        if isinstance(message, CheckIn) and topics.is_valid_segment(message.device_id):
+            with self._lock:
+                self._db.device_seen(message.device_id, message.platform, self._clock())
+                self._online[message.device_id] = message.experiment_id or ""
+                self._start_waiting(message.experiment_id)
+        delivery.ack()
+
+    def _start_waiting(self, experiment_id: str | None) -> None:
+        """Start rounds that were waiting for enough devices to check in."""
+        for exp in self._db.experiments():
+            if exp.state == "waiting" and experiment_id in (None, exp.id):
+                self._start_round(exp.id)
+
+    # -- rounds -------------------------------------------------------------------
+
+    def _start_round(self, experiment_id: str) -> None:
+        exp = self._db.experiment(experiment_id)
+        config = ExperimentConfig.from_dict(exp.config)
+        pool = sorted(d for d, e in self._online.items() if e in ("", experiment_id))
+        if len(pool) < config.rounds.minimum:
+            self._db.update_experiment(experiment_id, state="waiting")
+            log.info(
+                "%s waits for devices: %d online, %d needed",
+                experiment_id,
+                len(pool),
+                config.rounds.minimum,
+            )
+            return
+        number = exp.current_round + 1
+        rng = np.random.default_rng([config.seed, number])
+        k = min(config.rounds.selection_size, len(pool))
+        selected = tuple(str(d) for d in rng.choice(pool, size=k, replace=False))
+        now = self._clock()
+        deadline = now + config.rounds.deadline_s
+        manifest = self._store.get_manifest(experiment_id, exp.model_version)
+        refs = {
+            name: ModelRef(self._store.blob_url(a.sha256), a.sha256, a.size, _format(name))
+            for name, a in manifest.artifacts.items()
+        }
+        strategy = build_strategy(config.strategy)
+        self._db.add_round(
+            RoundRecord(
+                experiment_id=experiment_id,
+                number=number,
+                state="training",
+                base_version=exp.model_version,
+                version=None,
+                selected=selected,
+                reported=0,
+                accepted=(),
+                accepted_devices=(),
+                rejected={},
+                dropped=0,
+                metrics={},
+                reason=None,
+                started_at=now,
+                deadline_at=deadline,
+                ended_at=None,
+            )
+        )
+        self._db.update_experiment(experiment_id, state="running", current_round=number)
+        opened = RoundOpened(
+            experiment_id=experiment_id,
+            round=number,
+            base_version=exp.model_version,
+            model=refs[WEIGHTS],
+            selected=selected,
+            target_reports=min(config.rounds.devices_per_round, k),
+            min_reports=min(config.rounds.minimum, k),
+            deadline_at=deadline,
+            strategy=dict(config.strategy),
+            sender=self._name,
+        )
+        self._transport.publish(topics.control(experiment_id), encode(opened))
+        training = {**config.training_settings(), **strategy.configure_round(number)}
+        for device_id in selected:
+            task = TrainTask(
+                experiment_id=experiment_id,
+                round=number,
+                base_version=exp.model_version,
+                model=refs[WEIGHTS],
+                artifacts={k: v for k, v in refs.items() if k in (ONNX, TORCHSCRIPT)},
+                training=training,
+                deadline_at=deadline,
+                reply_to=topics.updates(experiment_id),
+                sender=self._name,
+            )
+            self._transport.publish(topics.device(device_id), encode(task))
+        for device_id in sorted(set(pool) - set(selected)):
+            later = ComeBackLater(
+                experiment_id=experiment_id,
+                retry_after_s=deadline - now,
+                reason="not selected this round",
+                sender=self._name,
+            )
+            self._transport.publish(topics.device(device_id), encode(later))
+        log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
+
+    def tick(self) -> None:
+        """Close rounds whose deadline has passed; call this periodically."""
+        now = self._clock()
+        with self._lock:
+            for exp in self._db.experiments():
+                if exp.state != "running":
+                    continue
+                for rnd in self._db.rounds(exp.id)[-1:]:
+                    key = (exp.id, rnd.number)
+                    if (
+                        rnd.state == "training"
+                        and now >= rnd.deadline_at
+                        and key not in self._closing
+                    ):
+                        self._closing.add(key)
+                        close = CloseRound(
+                            experiment_id=exp.id, round=rnd.number, sender=self._name
+                        )
+                        self._transport.publish(topics.control(exp.id), encode(close))
+
+    def _on_event(self, delivery: Delivery) -> None:
+        try:
+            message = decode(delivery.body)
+        except CodecError:
+            delivery.nack(requeue=False)
+            return
+        with self._lock:
+            if isinstance(message, RoundCommitted):
+                self._committed(message)
+            elif isinstance(message, RoundAbandoned):
+                self._abandoned(message)
+        delivery.ack()
+
+    def _current_round(self, experiment_id: str, number: int) -> RoundRecord | None:
+        """Return the round if it is still training (events may be redelivered)."""
+        for rnd in self._db.rounds(experiment_id):
+            if rnd.number == number and rnd.state == "training":
+                return rnd
+        return None
+
+    def _committed(self, event: RoundCommitted) -> None:
+        rnd = self._current_round(event.experiment_id, event.round)
+        if rnd is None:
+            return
+        metrics: dict[str, float] = dict(event.metrics)
+        evaluator = self._evaluator(event.experiment_id)
+        if evaluator is not None:
+            weights = decode_weights(self._store.get_blob(event.model.sha256))
+            metrics.update(evaluator.evaluate(weights))
+        self._db.update_round(
+            event.experiment_id,
+            event.round,
+            state="committed",
+            version=event.version,
+            reported=event.reported,
+            accepted=event.accepted,
+            accepted_devices=event.accepted_devices,
+            rejected=dict(event.rejected),
+            dropped=max(len(rnd.selected) - event.reported, 0),
+            metrics=metrics,
+            ended_at=self._clock(),
+        )
+        self._db.devices_served(event.accepted_devices)
+        self._db.update_experiment(event.experiment_id, model_version=event.version)
+        self._round_ended(event.experiment_id, event.round)
+
+    def _abandoned(self, event: RoundAbandoned) -> None:
+        rnd = self._current_round(event.experiment_id, event.round)
+        if rnd is None:
+            return
+        self._db.update_round(
+            event.experiment_id,
+            event.round,
+            state="abandoned",
+            reason=event.reason,
+            reported=event.reported,
+            rejected=dict(event.rejected),
+            dropped=max(len(rnd.selected) - event.reported, 0),
+            ended_at=self._clock(),
+        )
+        self._round_ended(event.experiment_id, event.round)
+
+    def _round_ended(self, experiment_id: str, number: int) -> None:
+        """Tell listeners, then start the next requested round or go idle."""
+        record = next(r for r in self._db.rounds(experiment_id) if r.number == number)
+        for listener in self._listeners:
+            listener(record)
+        exp = self._db.experiment(experiment_id)
+        if exp.current_round < exp.rounds_requested:
+            self._start_round(experiment_id)
+        else:
+            self._db.update_experiment(experiment_id, state="idle")
+
+    def _evaluator(self, experiment_id: str) -> Evaluator | None:
+        """Return (building once) the experiment's held-out evaluator."""
+        if experiment_id not in self._evaluators:
+            evaluator = None
+            if self._evaluator_factory is not None:
+                exp = self._db.experiment(experiment_id)
+                onnx = self._store.get_blob(
+                    self._store.get_manifest(experiment_id, 0).artifacts[ONNX].sha256
+                )
+                evaluator = self._evaluator_factory(ExperimentConfig.from_dict(exp.config), onnx)
+            self._evaluators[experiment_id] = evaluator
+        return self._evaluators[experiment_id]
+
+
+def _format(artifact_name: str) -> str:
+    """Return the format tag a device sees for an artifact."""
+    return {WEIGHTS: "safetensors", ONNX: "onnx", TORCHSCRIPT: "torchscript"}.get(
+        artifact_name, "binary"
+    )
+
+
+def _slug(text: str) -> str:
+    """Return ``text`` reduced to a short topic-safe slug."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "x"
+
+
+def describe(record: RoundRecord) -> dict[str, Any]:
+    """Return a round record as the JSON the API and results files use."""
+    return {
+        "round": record.number,
+        "state": record.state,
+        "base_version": record.base_version,
+        "version": record.version,
+        "selected": len(record.selected),
+        "selected_devices": list(record.selected),
+        "reported": record.reported,
+        "accepted": len(record.accepted),
+        "accepted_updates": list(record.accepted),
+        "rejected": dict(record.rejected),
+        "dropped": record.dropped,
+        "metrics": dict(record.metrics),
+        "reason": record.reason,
+        "started_at": record.started_at,
+        "deadline_at": record.deadline_at,
+        "ended_at": record.ended_at,
+        "duration_s": record.duration_s,
+    }

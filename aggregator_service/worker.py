@@ -1,0 +1,294 @@
+"""The aggregator worker: consumes updates, validates and folds them, commits rounds.
+
+It keeps one open round per experiment. An update's delivery is acknowledged
+only once its effect is durable: rejections at once (the verdict is final),
+accepted updates when the round's new model version is in the store, so a
+worker that dies mid-round has every counted update redelivered to its
+successor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aggregator_service.config import build_strategy
+from aggregator_service.strategies import Strategy, WeightedSum
+from aggregator_service.types import ClientUpdate, Weights
+from aggregator_service.validation import (
+    Rejected,
+    check_examples,
+    check_finite,
+    decode_update_weights,
+)
+from broker import (
+    CloseRound,
+    CodecError,
+    Delivery,
+    ErrorReply,
+    ModelRef,
+    ModelUpdate,
+    RejectReason,
+    RoundAbandoned,
+    RoundCommitted,
+    RoundOpened,
+    Transport,
+    UpdateRejected,
+    decode,
+    decode_weights,
+    encode,
+    encode_weights,
+    topics,
+    weights_spec,
+)
+from model_store import Artifact, Manifest, ModelStore
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_ARTIFACT = "weights.safetensors"
+WEIGHTS_MEDIA_TYPE = "application/vnd.fedmq.safetensors"
+
+
+@dataclass
+class _OpenRound:
+    """Everything the worker tracks about the round it is aggregating."""
+
+    opened: RoundOpened
+    current: Weights
+    strategy: Strategy
+    state: WeightedSum
+    accepted: list[str] = field(default_factory=list)
+    accepted_devices: set[str] = field(default_factory=set)
+    rejected: Counter[str] = field(default_factory=Counter)
+    reported: int = 0
+    examples: int = 0
+    loss_sum: float = 0.0
+    pending: list[Delivery] = field(default_factory=list)
+
+    @property
+    def spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Return the names, shapes and dtypes every update must have."""
+        return weights_spec(self.current)
+
+
+class AggregatorWorker:
+    """Folds the updates of every open round into a running aggregate."""
+
+    def __init__(self, transport: Transport, store: ModelStore, *, name: str = "worker") -> None:
+        self._transport = transport
+        self._store = store
+        self._name = name
+        self._lock = threading.RLock()
+        self._rounds: dict[str, _OpenRound] = {}
+        self._last_closed: dict[str, int] = {}
+
+    def start(self) -> None:
+        """Subscribe to round control and to the shared update queue."""
+        self._transport.subscribe(topics.ALL_CONTROL, self._on_control)
+        self._transport.subscribe(topics.ALL_UPDATES, self._on_update, group=topics.UPDATES_GROUP)
+
+    def _on_control(self, delivery: Delivery) -> None:
+        try:
+            message = decode(delivery.body)
+        except CodecError:
+            log.warning("undecodable control message on %s", delivery.topic)
+            delivery.nack(requeue=False)
+            return
+        with self._lock:
+            if isinstance(message, RoundOpened):
+                self._open(message)
+            elif isinstance(message, CloseRound):
+                self._close(message.experiment_id, message.round, deadline=True)
+        delivery.ack()
+
+    def _open(self, opened: RoundOpened) -> None:
+        exp = opened.experiment_id
+        if self._last_closed.get(exp, -1) >= opened.round:
+            return  # a redelivered announcement of a round already closed
+        existing = self._rounds.get(exp)
+        if existing is not None and existing.opened.round >= opened.round:
+            return
+        current = decode_weights(self._store.get_blob(opened.model.sha256))
+        strategy = build_strategy(opened.strategy)
+        self._rounds[exp] = _OpenRound(
+            opened, current, strategy, strategy.begin(opened.round, current)
+        )
+
+    def _on_update(self, delivery: Delivery) -> None:
+        try:
+            update = decode(delivery.body)
+        except CodecError as exc:
+            log.warning("dead-lettering undecodable update: %s", exc)
+            delivery.nack(requeue=False)
+            return
+        with self._lock:
+            if isinstance(update, ModelUpdate):
+                self._handle_update(update, delivery)
+                return
+            if isinstance(update, ErrorReply):
+                self._device_failed(delivery.topic, update)
+                delivery.ack()
+                return
+        delivery.nack(requeue=False)
+
+    def _device_failed(self, topic: str, reply: ErrorReply) -> None:
+        """Count a device's refusal of its task against the experiment's open round."""
+        experiment_id = topic.rsplit("/", 1)[-1]
+        log.info("device %s could not train: %s %s", reply.sender, reply.code, reply.detail)
+        rnd = self._rounds.get(experiment_id)
+        if rnd is not None:
+            rnd.reported += 1
+            rnd.rejected[f"device_{reply.code}"] += 1
+            self._close_if_complete(rnd)
+
+    def _handle_update(self, update: ModelUpdate, delivery: Delivery) -> None:
+        rnd = self._rounds.get(update.experiment_id)
+        try:
+            if rnd is None or update.round != rnd.opened.round:
+                last = self._last_closed.get(update.experiment_id, -1)
+                late = update.round <= last
+                reason = RejectReason.ROUND_CLOSED if late else RejectReason.UNKNOWN_ROUND
+                raise Rejected(reason, f"round {update.round} is not open")
+            rnd.reported += 1
+            self._fold(rnd, update)
+        except Rejected as rejection:
+            if rnd is not None and update.round == rnd.opened.round:
+                rnd.rejected[rejection.reason.value] += 1
+            self._reject(update, rejection)
+            delivery.ack()
+            if rnd is not None:
+                self._close_if_complete(rnd)
+            return
+        rnd.pending.append(delivery)
+        self._close_if_complete(rnd)
+
+    def _close_if_complete(self, rnd: _OpenRound) -> None:
+        """Close the round once the target is met or every selected device has answered."""
+        if len(rnd.accepted) >= rnd.opened.target_reports or rnd.reported >= len(
+            rnd.opened.selected
+        ):
+            self._close(rnd.opened.experiment_id, rnd.opened.round, deadline=False)
+
+    def _fold(self, rnd: _OpenRound, update: ModelUpdate) -> None:
+        """Validate ``update`` against the open round and fold it, or raise ``Rejected``."""
+        if update.device_id in rnd.accepted_devices or update.message_id in rnd.accepted:
+            raise Rejected(RejectReason.DUPLICATE, f"{update.device_id} already reported")
+        if update.device_id not in rnd.opened.selected:
+            raise Rejected(RejectReason.NOT_SELECTED, f"{update.device_id} was not selected")
+        if update.base_version != rnd.opened.base_version:
+            raise Rejected(
+                RejectReason.STALE,
+                f"trained on v{update.base_version}, round is on v{rnd.opened.base_version}",
+            )
+        check_examples(update.num_examples)
+        weights = decode_update_weights(self._update_bytes(update), rnd.spec)
+        check_finite(weights)
+        client = ClientUpdate(update.device_id, weights, update.num_examples, update.metrics)
+        rnd.strategy.fold(rnd.state, client)
+        rnd.accepted.append(update.message_id)
+        rnd.accepted_devices.add(update.device_id)
+        rnd.examples += update.num_examples
+        rnd.loss_sum += float(update.metrics.get("loss", 0.0)) * update.num_examples
+
+    def _update_bytes(self, update: ModelUpdate) -> bytes:
+        """Return the update's weights bytes, inline or from the store by reference."""
+        if update.inline_weights is not None:
+            return update.inline_weights
+        if update.weights is None:
+            raise Rejected(RejectReason.UNDECODABLE, "update carries no weights")
+        try:
+            return self._store.get_blob(update.weights.sha256)
+        except Exception as exc:  # the store's own errors: missing or corrupt blob
+            raise Rejected(RejectReason.FETCH_FAILED, str(exc)) from exc
+
+    def _reject(self, update: ModelUpdate, rejection: Rejected) -> None:
+        log.info("rejected update %s from %s: %s", update.message_id, update.device_id, rejection)
+        notice = UpdateRejected(
+            experiment_id=update.experiment_id,
+            round=update.round,
+            update_id=update.message_id,
+            reason=rejection.reason,
+            detail=rejection.detail,
+            sender=self._name,
+        )
+        self._transport.publish(topics.device(update.device_id), encode(notice))
+
+    def _close(self, experiment_id: str, round_number: int, *, deadline: bool) -> None:
+        rnd = self._rounds.get(experiment_id)
+        if rnd is None or rnd.opened.round != round_number:
+            return
+        del self._rounds[experiment_id]
+        self._last_closed[experiment_id] = round_number
+        if len(rnd.accepted) < max(rnd.opened.min_reports, 1):
+            outcome: RoundCommitted | RoundAbandoned = RoundAbandoned(
+                experiment_id=experiment_id,
+                round=round_number,
+                reason=f"{len(rnd.accepted)} accepted reports, {rnd.opened.min_reports} needed",
+                reported=rnd.reported,
+                accepted=len(rnd.accepted),
+                rejected=dict(rnd.rejected),
+                sender=self._name,
+            )
+        else:
+            outcome = self._commit(rnd)
+        self._transport.publish(topics.events(experiment_id), encode(outcome))
+        for delivery in rnd.pending:
+            delivery.ack()
+        log.info(
+            "closed %s round %d (%s)",
+            experiment_id,
+            round_number,
+            "deadline" if deadline else "target reached",
+        )
+
+    def _commit(self, rnd: _OpenRound) -> RoundCommitted:
+        """Write the round's aggregate as the next model version and describe it."""
+        opened = rnd.opened
+        new = rnd.strategy.finish(opened.round, rnd.current, rnd.state)
+        assert new is not None, "a round with accepted updates always aggregates"
+        version = opened.base_version + 1
+        ref = self._write_version(opened.experiment_id, opened.base_version, version, new)
+        return RoundCommitted(
+            experiment_id=opened.experiment_id,
+            round=opened.round,
+            version=version,
+            model=ref,
+            reported=rnd.reported,
+            accepted=tuple(rnd.accepted),
+            accepted_devices=tuple(sorted(rnd.accepted_devices)),
+            rejected=dict(rnd.rejected),
+            num_examples=rnd.examples,
+            metrics={"train_loss": rnd.loss_sum / rnd.examples} if rnd.examples else {},
+            sender=self._name,
+        )
+
+    def _write_version(
+        self, model_id: str, parent: int, version: int, weights: Weights
+    ) -> ModelRef:
+        """Store ``weights`` as ``version``, reusing the parent's other artifacts."""
+        data = encode_weights(weights)
+        sha = self._store.put_blob(data)
+        base = self._store.get_manifest(model_id, parent)
+        artifacts = dict(base.artifacts)
+        artifacts[WEIGHTS_ARTIFACT] = Artifact(WEIGHTS_ARTIFACT, sha, len(data), WEIGHTS_MEDIA_TYPE)
+        manifest = Manifest(
+            model_id=model_id,
+            version=version,
+            parent=parent,
+            artifacts=artifacts,
+            created_at=_now_iso(),
+            metadata=dict(base.metadata),
+        )
+        self._store.put_manifest(manifest)
+        return ModelRef(self._store.blob_url(sha), sha, len(data))
+
+
+def _now_iso() -> str:
+    """Return the current UTC time in ISO 8601."""
+    return datetime.now(UTC).isoformat()
+
+
+__all__ = ["AggregatorWorker"]

@@ -1,0 +1,177 @@
+"""One codec for every platform: a JSON header followed by an optional binary payload.
+
+Frame layout (all integers big-endian)::
+
+    b"FMQ" | version byte | u32 header length | header (UTF-8 JSON) | payload
+
+The header holds ``schema_version``, ``kind``, the envelope fields and the
+message ``body``; a message's single ``bytes`` field (an update's inline
+weights) travels as the payload so it is never base64-inflated. Weights are
+safetensors bytes, checked against the expected names, shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import types
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as _st_load
+from safetensors.numpy import save as _st_save
+
+from broker.errors import CodecError, SchemaVersionError, WeightsMismatch
+from broker.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message, MessageKind
+
+Weights = dict[str, np.ndarray]
+"""Named float tensors, in the model's parameter order."""
+
+WeightsSpec = Mapping[str, tuple[tuple[int, ...], str]]
+"""Expected ``name -> (shape, dtype name)`` of a model's weights."""
+
+_MAGIC = b"FMQ"
+_FRAME_VERSION = 1
+_PREFIX = struct.Struct(">3sBI")
+_ENVELOPE_FIELDS = ("message_id", "sender", "sent_at", "reply_to")
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message to one frame."""
+    body: dict[str, Any] = {}
+    payload = b""
+    payload_field: str | None = None
+    for f in dataclasses.fields(message):
+        if f.name in _ENVELOPE_FIELDS:
+            continue
+        value = getattr(message, f.name)
+        if isinstance(value, bytes):
+            if payload_field is not None:
+                raise CodecError(f"{type(message).__name__} has more than one bytes field")
+            payload, payload_field = value, f.name
+            continue
+        body[f.name] = _to_json(value)
+    header = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": message.KIND.value,
+        **{name: getattr(message, name) for name in _ENVELOPE_FIELDS},
+        "body": body,
+        "payload_field": payload_field,
+    }
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return _PREFIX.pack(_MAGIC, _FRAME_VERSION, len(raw)) + raw + payload
+
+
+def decode(frame: bytes) -> Message:
+    """Parse one frame back into its typed message; raise ``CodecError`` if it is not one."""
+    if len(frame) < _PREFIX.size:
+        raise CodecError("frame shorter than its prefix")
+    magic, version, length = _PREFIX.unpack_from(frame)
+    if magic != _MAGIC or version != _FRAME_VERSION:
+        raise CodecError("not a FedMQ frame")
+    end = _PREFIX.size + length
+    if end > len(frame):
+        raise CodecError("frame truncated inside its header")
+    try:
+        header = json.loads(frame[_PREFIX.size : end])
+        kind = MessageKind(header["kind"])
+        schema = int(header["schema_version"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CodecError(f"bad header: {exc}") from exc
+    if schema > SCHEMA_VERSION:
+        raise SchemaVersionError(f"schema {schema} is newer than {SCHEMA_VERSION}")
+    cls = MESSAGE_TYPES[kind]
+    kwargs = _from_json_fields(cls, header.get("body", {}))
+    if header.get("payload_field"):
+        kwargs[header["payload_field"]] = frame[end:]
+    for name in _ENVELOPE_FIELDS:
+        if name in header:
+            kwargs[name] = header[name]
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise CodecError(f"bad {kind.value} body: {exc}") from exc
+
+
+def _to_json(value: Any) -> Any:
+    """Turn a field value into JSON-ready data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json_fields(cls: type[Message], body: Mapping[str, Any]) -> dict[str, Any]:
+    """Rebuild a message's keyword arguments from its JSON body using its type hints."""
+    hints = get_type_hints(cls)
+    try:
+        return {name: _from_json(hints[name], value) for name, value in body.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CodecError(f"bad {cls.__name__} body: {exc}") from exc
+
+
+def _from_json(hint: Any, value: Any) -> Any:
+    """Convert JSON data back to the annotated type (dataclasses, enums, tuples, mappings)."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        options = [a for a in get_args(hint) if a is not type(None)]
+        return _from_json(options[0], value) if len(options) == 1 else value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        inner = get_type_hints(hint)
+        return hint(**{k: _from_json(inner[k], v) for k, v in value.items()})
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return hint(value)
+    if origin is tuple:
+        return tuple(value)
+    if origin is Mapping or origin is dict:
+        args = get_args(hint)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _from_json(item, v) for k, v in value.items()}
+    return value
+
+
+def encode_weights(weights: Mapping[str, np.ndarray]) -> bytes:
+    """Serialise named tensors to safetensors bytes, keeping their order."""
+    return bytes(_st_save({name: np.ascontiguousarray(t) for name, t in weights.items()}))
+
+
+def decode_weights(data: bytes, expected: WeightsSpec | None = None) -> Weights:
+    """Parse safetensors bytes; with ``expected``, insist on its names, shapes and dtypes."""
+    try:
+        weights = _st_load(bytes(data))
+    except (SafetensorError, ValueError) as exc:
+        raise CodecError(f"not a safetensors blob: {exc}") from exc
+    if expected is None:
+        return dict(weights)
+    check_weights(weights, expected)
+    return {name: weights[name] for name in expected}
+
+
+def check_weights(weights: Mapping[str, np.ndarray], expected: WeightsSpec) -> None:
+    """Raise ``WeightsMismatch`` (with ``reason``) unless names, shapes and dtypes match."""
+    if set(weights) != set(expected):
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        raise WeightsMismatch(f"names differ: missing {missing}, unexpected {extra}", "names")
+    for name, (shape, dtype) in expected.items():
+        tensor = weights[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise WeightsMismatch(f"{name}: shape {tensor.shape} != {tuple(shape)}", "shape")
+        if tensor.dtype != np.dtype(dtype):
+            raise WeightsMismatch(f"{name}: dtype {tensor.dtype} != {dtype}", "dtype")
+
+
+def weights_spec(weights: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Return the names, shapes and dtypes of ``weights``."""
+    return {name: (tuple(t.shape), t.dtype.name) for name, t in weights.items()}

@@ -1,0 +1,152 @@
+"""The device client: check in, take a task, fetch what it lacks, train, push the update."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from broker import (
+    BrokerError,
+    CheckIn,
+    CodecError,
+    ComeBackLater,
+    Delivery,
+    ModelUpdate,
+    TrainTask,
+    Transport,
+    UpdateRejected,
+    decode,
+    decode_weights,
+    encode,
+    encode_weights,
+    topics,
+)
+from device_sdk.app import DeviceApp, DeviceContext
+from device_sdk.errors import DeviceError, TaskError
+from device_sdk.fetch import ArtifactFetcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceStats:
+    """What happened to this device so far (for tests, logs and the fleet's summary)."""
+
+    tasks: int = 0
+    updates_sent: int = 0
+    failures: int = 0
+    rejections: list[UpdateRejected] = field(default_factory=list)
+    come_back_after_s: float | None = None
+
+
+class DeviceClient:
+    """One device on the bus, running a ``DeviceApp``'s training handler.
+
+    Parameters
+    ----------
+    app
+        The application whose ``on_train`` handler trains.
+    transport
+        The bus to the coordinator.
+    device_id
+        This device's id (letters, digits, ``-`` and ``_``).
+    fetcher
+        Fetches task artifacts by reference (share one across a fleet).
+    platform
+        Reported at check-in (``python``, ``android``, ``ios``, ``emulated``).
+    experiment_id
+        Join only this experiment (default: any).
+    """
+
+    def __init__(
+        self,
+        app: DeviceApp,
+        transport: Transport,
+        device_id: str,
+        fetcher: ArtifactFetcher,
+        *,
+        platform: str = "python",
+        experiment_id: str | None = None,
+        run: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
+        if not topics.is_valid_segment(device_id):
+            raise ValueError(f"invalid device id {device_id!r}")
+        if app.train_handler is None:
+            raise TaskError("the device app has no @on_train handler")
+        self.device_id = device_id
+        self.stats = DeviceStats()
+        self._app = app
+        self._transport = transport
+        self._fetcher = fetcher
+        self._platform = platform
+        self._experiment_id = experiment_id
+        # Where training runs: inline by default; a fleet on a real broker passes
+        # an executor so long training never blocks the connection's thread.
+        self._run = run or (lambda job: job())
+
+    def start(self) -> None:
+        """Subscribe to this device's topic and check in."""
+        self._transport.subscribe(topics.device(self.device_id), self._on_message)
+        self.check_in()
+
+    def check_in(self) -> None:
+        """Tell the coordinator this device is online."""
+        message = CheckIn(
+            device_id=self.device_id,
+            platform=self._platform,
+            experiment_id=self._experiment_id,
+            sender=self.device_id,
+        )
+        self._transport.publish(topics.CHECKINS, encode(message))
+
+    def _on_message(self, delivery: Delivery) -> None:
+        try:
+            message = decode(delivery.body)
+        except CodecError:
+            log.warning("%s: undecodable message dropped", self.device_id)
+            delivery.ack()
+            return
+        if isinstance(message, TrainTask):
+            self.stats.tasks += 1
+            self._run(lambda: self.serve(message))
+        elif isinstance(message, UpdateRejected):
+            log.info(
+                "%s: update %s rejected: %s %s",
+                self.device_id,
+                message.update_id,
+                message.reason.value,
+                message.detail,
+            )
+            self.stats.rejections.append(message)
+        elif isinstance(message, ComeBackLater):
+            self.stats.come_back_after_s = message.retry_after_s
+        delivery.ack()
+
+    def serve(self, task: TrainTask) -> None:
+        """Train on ``task`` and publish the update, or an error reply if that fails."""
+        reply_to = task.reply_to or topics.updates(task.experiment_id)
+        try:
+            weights = decode_weights(self._fetcher.fetch(task.model))
+            ctx = DeviceContext(self.device_id, weights, task.artifacts, self._fetcher)
+            assert self._app.train_handler is not None
+            result = self._app.train_handler(task, ctx)
+        except (BrokerError, DeviceError) as exc:
+            self.stats.failures += 1
+            log.warning("%s: task %s refused: %s", self.device_id, task.message_id, exc)
+            reply = task.error_reply(exc.code, str(exc), sender=self.device_id)
+            self._transport.publish(reply_to, encode(reply))
+            return
+        update = ModelUpdate(
+            experiment_id=task.experiment_id,
+            round=task.round,
+            device_id=self.device_id,
+            base_version=task.base_version,
+            task_id=task.message_id,
+            num_examples=result.num_examples,
+            inline_weights=encode_weights(result.weights),
+            metrics=dict(result.metrics),
+            sender=self.device_id,
+        )
+        self._transport.publish(reply_to, encode(update))
+        self.stats.updates_sent += 1

@@ -1,0 +1,14 @@
+"""Data sets and partitioners for emulated devices; numpy only, never downloads.
+
+``load_dataset("digits" | "mnist" | "mnist1d")`` returns a :class:`Dataset` with a
+fixed train/test split, and ``partition(labels, num_devices, scheme, seed=...)``
+splits its training examples across devices (``"iid"``, ``"dirichlet"``,
+``"shards"``). Errors derive from :class:`device_sdk.data.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+from device_sdk.data._datasets import DATASETS, Dataset, load_dataset
+from device_sdk.data._partition import PARTITIONS, partition
+
+__all__ = ["DATASETS", "PARTITIONS", "Dataset", "load_dataset", "partition"]

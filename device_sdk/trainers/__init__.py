@@ -1,0 +1,5 @@
+"""Local trainers a device app can register as its ``on_train`` handler."""
+
+from device_sdk.trainers.torchscript import TorchScriptTrainer
+
+__all__ = ["TorchScriptTrainer"]

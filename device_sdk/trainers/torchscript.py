@@ -1,0 +1,123 @@
+"""Train the task's TorchScript artifact on local data: the device needs no model code."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from broker import TrainTask
+from device_sdk.app import DeviceContext, TrainResult
+from device_sdk.errors import TaskError, TrainingError
+
+if TYPE_CHECKING:
+    import torch
+
+TORCHSCRIPT_ARTIFACT = "model.torchscript.pt"
+
+
+class ModuleCache:
+    """Loaded TorchScript modules by artifact hash, one copy per thread.
+
+    A module is loaded once and reused across tasks and devices; each thread
+    gets its own copy because training overwrites the module's parameters.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, data: bytes) -> torch.jit.ScriptModule:
+        """Return the module serialised in ``data``, loading it on first use."""
+        import torch
+
+        cache: dict[str, Any] = self._local.__dict__.setdefault("modules", {})
+        key = hashlib.sha256(data).hexdigest()
+        if key not in cache:
+            try:
+                cache[key] = torch.jit.load(io.BytesIO(data), map_location="cpu")  # type: ignore[no-untyped-call]
+            except RuntimeError as exc:
+                raise TaskError(f"the TorchScript artifact does not load: {exc}") from exc
+        module: torch.jit.ScriptModule = cache[key]
+        return module
+
+
+class TorchScriptTrainer:
+    """A training handler: SGD or Adam with cross-entropy on the device's examples.
+
+    Parameters
+    ----------
+    x, y
+        The device's local examples and integer labels.
+    seed
+        Seeds the batch order together with the device id and the round, so a
+        device trains identically wherever it runs.
+    modules
+        Loaded-module cache to share across a fleet.
+    """
+
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, *, seed: int = 0, modules: ModuleCache | None = None
+    ) -> None:
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError("a trainer needs as many labels as examples, and at least one")
+        self._x = np.ascontiguousarray(x, dtype=np.float32)
+        self._y = np.asarray(y, dtype=np.int64)
+        self._seed = seed
+        self._modules = modules or ModuleCache()
+
+    def __call__(self, task: TrainTask, ctx: DeviceContext) -> TrainResult:
+        """Train the task's module from the global weights; return the new weights."""
+        import torch
+
+        module = self._modules.get(ctx.artifact(TORCHSCRIPT_ARTIFACT))
+        state = module.state_dict()
+        if set(state) != set(ctx.weights):
+            raise TaskError("the weights do not match the TorchScript module's parameters")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                tensor.copy_(torch.from_numpy(ctx.weights[name]))
+        settings = task.training
+        optimizer = _optimizer(module, settings)
+        epochs = int(settings.get("epochs", 1))
+        batch = int(settings.get("batch_size", 32))
+        rng = np.random.default_rng([self._seed, task.round, _stable_int(ctx.device_id)])
+        x, y = torch.from_numpy(self._x), torch.from_numpy(self._y)
+        module.train()
+        loss_sum, seen = 0.0, 0
+        for _ in range(epochs):
+            loss_sum, seen = 0.0, 0
+            for idx in np.array_split(rng.permutation(len(x)), max(1, -(-len(x) // batch))):
+                index = torch.from_numpy(idx)
+                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(module(x[index]), y[index])
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                seen += len(idx)
+        if not np.isfinite(loss_sum):
+            raise TrainingError(f"training diverged (loss {loss_sum})")
+        new = {name: state[name].detach().numpy().copy() for name in ctx.weights}
+        return TrainResult(new, len(x), {"loss": loss_sum / max(seen, 1)})
+
+
+def _optimizer(module: Any, settings: Any) -> torch.optim.Optimizer:
+    """Build the optimizer a task's training settings name."""
+    import torch
+
+    name = str(settings.get("optimizer", "sgd"))
+    lr = float(settings.get("lr", 0.05))
+    decay = float(settings.get("weight_decay", 0.0))
+    if name == "sgd":
+        momentum = float(settings.get("momentum", 0.0))
+        return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=decay)
+    if name == "adam":
+        return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=decay)
+    raise TaskError(f"unknown optimizer {name!r}")
+
+
+def _stable_int(text: str) -> int:
+    """Return an integer derived from ``text`` that is the same in every process."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")

@@ -1,0 +1,1 @@
+"""FedMQ's front door: the `fedmq` command and the in-process compositions."""

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggregator_service.strategies import FedAvg, WeightedSum, weighted_mean
+from aggregator_service.types import ClientUpdate
+
+
+def _update(device: str, value: float, n: int) -> ClientUpdate:
+    return ClientUpdate(
+        device,
+        {"w": np.full((2, 2), value, np.float32), "b": np.array([value, -value], np.float32)},
+        n,
+    )
+
+
+def test_fedavg_weights_each_client_by_its_examples() -> None:
+    current = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    updates = [_update("a", 1.0, 10), _update("b", 4.0, 30)]
+
+    new = FedAvg().aggregate(1, current, updates)
+
+    # (10 * 1 + 30 * 4) / 40 = 3.25, not the unweighted 2.5
+    assert new is not None
+    np.testing.assert_allclose(new["w"], np.full((2, 2), 3.25))
+    np.testing.assert_allclose(new["b"], [3.25, -3.25])
+    assert new["w"].dtype == np.float32
+
+
+def test_streaming_fold_equals_the_batch_mean_in_any_order() -> None:
+    rng = np.random.default_rng(0)
+    current = {"w": np.zeros((5, 3), np.float32)}
+    updates = [
+        ClientUpdate(
+            f"d{i}", {"w": rng.normal(size=(5, 3)).astype(np.float32)}, int(rng.integers(1, 100))
+        )
+        for i in range(12)
+    ]
+    strategy = FedAvg()
+
+    state = strategy.begin(1, current)
+    for update in reversed(updates):
+        strategy.fold(state, update)
+    streamed = strategy.finish(1, current, state)
+    batch = weighted_mean([(u.weights, float(u.num_examples)) for u in updates])
+
+    assert streamed is not None
+    np.testing.assert_array_equal(streamed["w"], batch["w"])
+
+
+def test_a_round_with_no_updates_produces_no_model() -> None:
+    current = {"w": np.ones(3, np.float32)}
+
+    assert FedAvg().aggregate(1, current, []) is None
+
+
+def test_weighted_sum_keeps_memory_independent_of_the_number_of_updates() -> None:
+    like = {"w": np.zeros(1000, np.float32)}
+    acc = WeightedSum(like)
+    buffers = [id(acc.sums["w"])]
+
+    for i in range(50):
+        acc.add({"w": np.full(1000, float(i), np.float32)}, 1.0)
+
+    assert [id(acc.sums["w"])] == buffers  # folded in place, never reallocated
+    assert acc.count == 50
+    np.testing.assert_allclose(acc.mean()["w"], np.full(1000, 24.5))
+
+
+def test_fedavg_refuses_unknown_settings() -> None:
+    with pytest.raises(TypeError):
+        FedAvg(momentum=0.9)

@@ -1,0 +1,225 @@
+"""The worker's validation: bad updates are rejected with a reason and never touch the model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from aggregator_service import AggregatorWorker
+from broker import (
+    CloseRound,
+    Delivery,
+    MemoryTransport,
+    Message,
+    ModelRef,
+    ModelUpdate,
+    RejectReason,
+    RoundAbandoned,
+    RoundCommitted,
+    RoundOpened,
+    UpdateRejected,
+    decode,
+    decode_weights,
+    encode,
+    encode_weights,
+    topics,
+)
+from model_store import MemoryStore
+
+EXP = "exp1"
+BASE = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+
+
+@dataclass
+class Bench:
+    transport: MemoryTransport
+    store: MemoryStore
+    base_ref: ModelRef
+    events: list[Message]
+    notices: list[UpdateRejected]
+
+
+@pytest.fixture
+def bench() -> Iterator[Bench]:
+    transport = MemoryTransport()
+    store = MemoryStore()
+    data = encode_weights(BASE)
+    store.publish(
+        EXP, 0, {"weights.safetensors": (data, "application/vnd.fedmq.safetensors")}, parent=None
+    )
+    manifest = store.get_manifest(EXP, 0)
+    sha = manifest.artifacts["weights.safetensors"].sha256
+    events: list[Message] = []
+    notices: list[UpdateRejected] = []
+
+    def record(into: list) -> object:  # type: ignore[type-arg]
+        def handler(delivery: Delivery) -> None:
+            into.append(decode(delivery.body))
+            delivery.ack()
+
+        return handler
+
+    transport.subscribe(topics.events(EXP), record(events))  # type: ignore[arg-type]
+    transport.subscribe("fedmq/device/+", record(notices))  # type: ignore[arg-type]
+    AggregatorWorker(transport, store).start()
+    yield Bench(transport, store, ModelRef(store.blob_url(sha), sha, len(data)), events, notices)
+    transport.close()
+
+
+def _open(
+    bench: Bench, *, target: int = 2, minimum: int = 1, selected: tuple[str, ...] = ("a", "b", "c")
+) -> None:
+    opened = RoundOpened(
+        experiment_id=EXP,
+        round=1,
+        base_version=0,
+        model=bench.base_ref,
+        selected=selected,
+        target_reports=target,
+        min_reports=minimum,
+        deadline_at=0.0,
+        strategy={"name": "fedavg"},
+    )
+    bench.transport.publish(topics.control(EXP), encode(opened))
+
+
+def _send(
+    bench: Bench,
+    device: str,
+    weights: dict[str, np.ndarray],
+    n: int = 10,
+    *,
+    base_version: int = 0,
+    round_number: int = 1,
+) -> ModelUpdate:
+    update = ModelUpdate(
+        experiment_id=EXP,
+        round=round_number,
+        device_id=device,
+        base_version=base_version,
+        task_id="t",
+        num_examples=n,
+        inline_weights=encode_weights(weights),
+    )
+    bench.transport.publish(topics.updates(EXP), encode(update))
+    return update
+
+
+def _good(value: float) -> dict[str, np.ndarray]:
+    return {"w": np.full((3, 2), value, np.float32), "b": np.full(2, value, np.float32)}
+
+
+def _nan() -> dict[str, np.ndarray]:
+    weights = _good(1.0)
+    weights["w"][1, 1] = np.nan
+    return weights
+
+
+def _inf() -> dict[str, np.ndarray]:
+    weights = _good(1.0)
+    weights["b"][0] = -np.inf
+    return weights
+
+
+BAD_UPDATES = [
+    ({"w": np.ones((3, 2), np.float32)}, RejectReason.NAMES_MISMATCH),
+    ({**_good(1.0), "extra": np.ones(1, np.float32)}, RejectReason.NAMES_MISMATCH),
+    ({"w": np.ones((2, 3), np.float32), "b": np.ones(2, np.float32)}, RejectReason.SHAPE_MISMATCH),
+    ({"w": np.ones((3, 2), np.float64), "b": np.ones(2, np.float32)}, RejectReason.DTYPE_MISMATCH),
+    (_nan(), RejectReason.NON_FINITE),
+    (_inf(), RejectReason.NON_FINITE),
+]
+
+
+@pytest.mark.parametrize(
+    ("weights", "reason"), BAD_UPDATES, ids=["missing", "extra", "shape", "dtype", "nan", "inf"]
+)
+def test_a_bad_update_is_rejected_with_its_reason_and_leaves_the_model_untouched(
+    bench: Bench, weights: dict[str, np.ndarray], reason: RejectReason
+) -> None:
+    _open(bench, target=2)
+    _send(bench, "a", _good(2.0), n=10)
+    bad = _send(bench, "b", weights, n=1000)
+    _send(bench, "c", _good(4.0), n=30)
+    bench.transport.join(timeout=10)
+
+    assert [(n.update_id, n.reason) for n in bench.notices] == [(bad.message_id, reason)]
+    (committed,) = bench.events
+    assert isinstance(committed, RoundCommitted)
+    assert committed.accepted_devices == ("a", "c")
+    assert committed.rejected == {reason.value: 1}
+    new = decode_weights(bench.store.get_blob(committed.model.sha256))
+    np.testing.assert_allclose(new["w"], np.full((3, 2), 3.5))  # (10*2 + 30*4) / 40
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"device": "zz"}, RejectReason.NOT_SELECTED),
+        ({"base_version": 7}, RejectReason.STALE),
+        ({"n": 0}, RejectReason.BAD_EXAMPLE_COUNT),
+        ({"round_number": 5}, RejectReason.UNKNOWN_ROUND),
+    ],
+)
+def test_protocol_violations_are_rejected_with_their_reason(
+    bench: Bench, kwargs: dict[str, object], reason: RejectReason
+) -> None:
+    _open(bench, target=2)
+    device = str(kwargs.pop("device", "a"))
+
+    _send(bench, device, _good(1.0), **kwargs)  # type: ignore[arg-type]
+    bench.transport.join(timeout=10)
+
+    assert [n.reason for n in bench.notices] == [reason]
+    assert bench.events == []
+
+
+def test_a_second_update_from_the_same_device_is_a_duplicate(bench: Bench) -> None:
+    _open(bench, target=2)
+    _send(bench, "a", _good(1.0))
+    _send(bench, "a", _good(9.0))
+    _send(bench, "b", _good(3.0))
+    bench.transport.join(timeout=10)
+
+    assert [n.reason for n in bench.notices] == [RejectReason.DUPLICATE]
+    (committed,) = bench.events
+    assert isinstance(committed, RoundCommitted)
+    new = decode_weights(bench.store.get_blob(committed.model.sha256))
+    np.testing.assert_allclose(new["b"], [2.0, 2.0])
+
+
+def test_updates_after_commit_are_late(bench: Bench) -> None:
+    _open(bench, target=1)
+    _send(bench, "a", _good(1.0))
+    _send(bench, "b", _good(2.0))
+    bench.transport.join(timeout=10)
+
+    assert [n.reason for n in bench.notices] == [RejectReason.ROUND_CLOSED]
+
+
+def test_closing_below_the_minimum_abandons_the_round_and_writes_no_version(bench: Bench) -> None:
+    _open(bench, target=3, minimum=2)
+    _send(bench, "a", _good(1.0))
+    bench.transport.publish(topics.control(EXP), encode(CloseRound(experiment_id=EXP, round=1)))
+    bench.transport.join(timeout=10)
+
+    (abandoned,) = bench.events
+    assert isinstance(abandoned, RoundAbandoned)
+    assert abandoned.accepted == 1
+    assert bench.store.latest_version(EXP) == 0
+
+
+def test_closing_at_the_minimum_commits_what_arrived(bench: Bench) -> None:
+    _open(bench, target=3, minimum=2)
+    _send(bench, "a", _good(1.0))
+    _send(bench, "b", _good(3.0))
+    bench.transport.publish(topics.control(EXP), encode(CloseRound(experiment_id=EXP, round=1)))
+    bench.transport.join(timeout=10)
+
+    (committed,) = bench.events
+    assert isinstance(committed, RoundCommitted)
+    assert committed.version == 1
+    assert bench.store.latest_version(EXP) == 1

@@ -1,0 +1,66 @@
+"""Shared fixtures: small configs and an in-process stack."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator_service import AggregatorWorker, Database, ExperimentConfig, RoundService
+from aggregator_service.evaluation import held_out_evaluator
+from broker import MemoryTransport
+from model_store import LocalStore
+
+SMALL_CONFIG: dict[str, Any] = {
+    "name": "small",
+    "seed": 3,
+    "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 10, "hidden": [16]},
+    "data": {"dataset": "digits", "devices": 6, "partition": "dirichlet", "alpha": 0.5},
+    "strategy": {"name": "fedavg"},
+    "rounds": {"count": 2, "devices_per_round": 4, "min_reports": 3, "deadline_s": 60.0},
+    "training": {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.1},
+}
+
+
+def _small_config(**sections: Any) -> ExperimentConfig:
+    """Return SMALL_CONFIG with some sections' fields replaced."""
+    raw = copy.deepcopy(SMALL_CONFIG)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw.get(key, {}), **value}
+        else:
+            raw[key] = value
+    return ExperimentConfig.from_dict(raw)
+
+
+@pytest.fixture
+def small_config() -> Any:
+    """Return a factory of small, fast experiment configs (override sections by keyword)."""
+    return _small_config
+
+
+@dataclass
+class Stack:
+    """Service and worker wired on an in-process bus."""
+
+    transport: MemoryTransport
+    store: LocalStore
+    db: Database
+    service: RoundService
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    transport = MemoryTransport()
+    store = LocalStore(tmp_path / "store")
+    db = Database("sqlite://")
+    service = RoundService(transport, store, db, evaluator_factory=held_out_evaluator)
+    service.start()
+    AggregatorWorker(transport, store).start()
+    yield Stack(transport, store, db, service)
+    transport.close()
+    db.close()

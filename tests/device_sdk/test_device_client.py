@@ -1,0 +1,125 @@
+"""The device refuses corrupted artifacts and caches good ones by checksum."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker import (
+    ChecksumMismatch,
+    Delivery,
+    ErrorReply,
+    FetchError,
+    MemoryTransport,
+    Message,
+    ModelRef,
+    ModelUpdate,
+    TrainTask,
+    decode,
+    decode_weights,
+    encode,
+    encode_weights,
+    topics,
+)
+from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient, DeviceContext, TrainResult
+
+
+def _file_ref(path: Path, data: bytes, *, sha256: str | None = None) -> ModelRef:
+    path.write_bytes(data)
+    return ModelRef(path.as_uri(), sha256 or hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_fetch_verifies_the_checksum_and_refuses_a_corrupted_artifact(tmp_path: Path) -> None:
+    good = b"weights" * 100
+    ref = _file_ref(tmp_path / "a", good)
+    (tmp_path / "a").write_bytes(b"tampered" * 100)
+
+    with pytest.raises(ChecksumMismatch, match="refused"):
+        ArtifactFetcher().fetch(ref)
+
+
+def test_fetch_caches_by_checksum(tmp_path: Path) -> None:
+    data = b"x" * 1000
+    ref = _file_ref(tmp_path / "a", data)
+    fetcher = ArtifactFetcher(tmp_path / "cache")
+
+    first = fetcher.fetch(ref)
+    (tmp_path / "a").unlink()  # a cache hit must not touch the origin
+    second = fetcher.fetch(ref)
+
+    assert first == second == data
+    assert fetcher.downloads == 1
+    assert (tmp_path / "cache" / ref.sha256).read_bytes() == data
+
+
+def test_a_damaged_disk_cache_entry_is_dropped_and_fetched_again(tmp_path: Path) -> None:
+    data = b"y" * 1000
+    ref = _file_ref(tmp_path / "a", data)
+    ArtifactFetcher(tmp_path / "cache").fetch(ref)
+    (tmp_path / "cache" / ref.sha256).write_bytes(b"rot")
+
+    fresh = ArtifactFetcher(tmp_path / "cache")
+
+    assert fresh.fetch(ref) == data
+    assert fresh.downloads == 1
+
+
+def test_unreachable_artifacts_raise_fetch_error(tmp_path: Path) -> None:
+    with pytest.raises(FetchError):
+        ArtifactFetcher().fetch(ModelRef((tmp_path / "missing").as_uri(), "0" * 64, 1))
+    with pytest.raises(FetchError, match="unsupported scheme"):
+        ArtifactFetcher().fetch(ModelRef("gopher://x/y", "0" * 64, 1))
+
+
+def _run_device(tmp_path: Path, model_ref: ModelRef) -> tuple[list[Message], list[str]]:
+    """Send one task to a device whose handler adds 1 to every weight; return its replies."""
+    transport = MemoryTransport()
+    replies: list[Message] = []
+    trained: list[str] = []
+    app = DeviceApp()
+
+    @app.on_train
+    def train(task: TrainTask, ctx: DeviceContext) -> TrainResult:
+        trained.append(ctx.device_id)
+        return TrainResult({k: v + 1 for k, v in ctx.weights.items()}, 5, {"loss": 0.25})
+
+    def collect(delivery: Delivery) -> None:
+        replies.append(decode(delivery.body))
+        delivery.ack()
+
+    transport.subscribe(topics.updates("e1"), collect)
+    DeviceClient(app, transport, "phone-1", ArtifactFetcher()).start()
+    task = TrainTask(
+        experiment_id="e1", round=1, base_version=0, model=model_ref, reply_to=topics.updates("e1")
+    )
+    transport.publish(topics.device("phone-1"), encode(task))
+    transport.join(timeout=10)
+    transport.close()
+    return replies, trained
+
+
+def test_the_device_trains_and_publishes_its_update(tmp_path: Path) -> None:
+    weights = {"w": np.zeros(3, np.float32)}
+    ref = _file_ref(tmp_path / "w", encode_weights(weights))
+
+    replies, trained = _run_device(tmp_path, ref)
+
+    (update,) = replies
+    assert isinstance(update, ModelUpdate) and trained == ["phone-1"]
+    assert update.num_examples == 5 and update.metrics == {"loss": 0.25}
+    np.testing.assert_array_equal(decode_weights(update.inline_weights or b"")["w"], np.ones(3))
+
+
+def test_a_device_refuses_a_task_whose_model_fails_its_checksum(tmp_path: Path) -> None:
+    data = encode_weights({"w": np.zeros(3, np.float32)})
+    ref = _file_ref(tmp_path / "w", data, sha256=hashlib.sha256(b"other").hexdigest())
+
+    replies, trained = _run_device(tmp_path, ref)
+
+    (reply,) = replies
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "checksum_mismatch"
+    assert trained == []  # never trained on unverified weights

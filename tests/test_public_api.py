@@ -1,0 +1,76 @@
+"""Each package's public surface is exactly its ``__all__``, and every name resolves."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+PACKAGES = {
+    "broker": {
+        "connect",
+        "MemoryTransport",
+        "Transport",
+        "TrainTask",
+        "ModelUpdate",
+        "encode",
+        "decode",
+        "encode_weights",
+        "decode_weights",
+        "ModelRef",
+        "topics",
+    },
+    "model_store": {
+        "LocalStore",
+        "MemoryStore",
+        "ModelStore",
+        "open_store",
+        "ModelSpec",
+        "build_initial_artifacts",
+        "export_onnx",
+        "export_torchscript",
+    },
+    "aggregator_service": {
+        "RoundService",
+        "AggregatorWorker",
+        "ExperimentConfig",
+        "Database",
+        "OnnxEvaluator",
+        "load_config",
+    },
+    "device_sdk": {"DeviceApp", "DeviceClient", "DeviceContext", "TrainResult", "ArtifactFetcher"},
+    "device_sdk.data": {"load_dataset", "partition", "Dataset", "DATASETS", "PARTITIONS"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_all_lists_resolvable_names_including_the_core_ones(package: str) -> None:
+    module = importlib.import_module(package)
+
+    exported = set(module.__all__)
+
+    assert PACKAGES[package] <= exported
+    assert len(module.__all__) == len(exported), "duplicates in __all__"
+    for name in exported:
+        assert hasattr(module, name), f"{package}.{name} is in __all__ but missing"
+
+
+def test_the_aggregation_path_and_device_sdk_never_import_torch_at_import_time() -> None:
+    code = (
+        "import sys, broker, aggregator_service, device_sdk, model_store;"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_l0_packages_import_no_project_package() -> None:
+    code = (
+        "import sys, broker, model_store;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'aggregator_service','device_sdk','fedmq','android_bridge','ios_bridge'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
