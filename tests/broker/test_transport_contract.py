@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
 
 import pytest
 
-from broker import Delivery, MemoryTransport, Transport
-
-Drain = Callable[[], None]
-
-
-@pytest.fixture(params=["memory"])
-def bus(request: pytest.FixtureRequest) -> Iterator[tuple[Transport, Drain, str]]:
-    """A transport, a function that waits for in-flight messages, and a unique topic root."""
-    transport = MemoryTransport()
-    yield transport, lambda: transport.join(timeout=10), f"test/{uuid.uuid4().hex[:10]}"
-    transport.close()
+from broker import Delivery, MemoryTransport
+from tests.broker.conftest import Bus, wait_until
 
 
 class Inbox:
@@ -28,11 +19,12 @@ class Inbox:
         self.bodies: list[bytes] = []
         self.redelivered: list[bool] = []
         self.settle = settle
-        self.event = threading.Event()
+        self.lock = threading.Lock()
 
     def __call__(self, delivery: Delivery) -> None:
-        self.bodies.append(delivery.body)
-        self.redelivered.append(delivery.redelivered)
+        with self.lock:
+            self.bodies.append(delivery.body)
+            self.redelivered.append(delivery.redelivered)
         if self.settle == "ack":
             delivery.ack()
         elif self.settle == "requeue-once":
@@ -42,97 +34,151 @@ class Inbox:
                 delivery.nack(requeue=True)
         elif self.settle == "dead":
             delivery.nack(requeue=False)
-        self.event.set()
+        # "hold": never settle, as a consumer that dies mid-message
+
+    def wait(self, count: int, timeout: float = 10.0) -> list[bytes]:
+        assert wait_until(lambda: len(self.bodies) >= count, timeout), (
+            f"expected {count} messages, got {len(self.bodies)}"
+        )
+        return list(self.bodies)
 
 
-def test_published_messages_reach_a_subscriber_in_order(bus: tuple[Transport, Drain, str]) -> None:
-    transport, drain, root = bus
+def _group() -> str:
+    return f"g-{uuid.uuid4().hex[:8]}"
+
+
+def _settle_time(bus: Bus) -> None:
+    """Give a real broker a moment to (not) deliver extra messages."""
+    if bus.kind != "memory":
+        time.sleep(0.3)
+
+
+def test_published_messages_reach_a_subscriber_in_order(bus: Bus) -> None:
+    transport = bus.connect()
     inbox = Inbox()
-    transport.subscribe(f"{root}/a", inbox)
+    transport.subscribe(f"{bus.root}/a", inbox)
 
     for i in range(50):
-        transport.publish(f"{root}/a", f"m{i}".encode())
-    drain()
+        transport.publish(f"{bus.root}/a", f"m{i}".encode())
 
-    assert inbox.bodies == [f"m{i}".encode() for i in range(50)]
+    assert inbox.wait(50) == [f"m{i}".encode() for i in range(50)]
 
 
-def test_wildcards_match_one_segment_or_the_rest(bus: tuple[Transport, Drain, str]) -> None:
-    transport, drain, root = bus
+def test_wildcards_match_one_segment_or_the_rest(bus: Bus) -> None:
+    transport = bus.connect()
     one, rest = Inbox(), Inbox()
-    transport.subscribe(f"{root}/+/x", one)
-    transport.subscribe(f"{root}/#", rest)
+    transport.subscribe(f"{bus.root}/+/x", one)
+    transport.subscribe(f"{bus.root}/#", rest)
 
-    transport.publish(f"{root}/a/x", b"1")
-    transport.publish(f"{root}/a/y", b"2")
-    transport.publish(f"{root}/a/b/x", b"3")
-    drain()
+    transport.publish(f"{bus.root}/a/x", b"1")
+    transport.publish(f"{bus.root}/a/y", b"2")
+    transport.publish(f"{bus.root}/a/b/x", b"3")
 
+    assert sorted(rest.wait(3)) == [b"1", b"2", b"3"]
+    _settle_time(bus)
     assert one.bodies == [b"1"]
-    assert sorted(rest.bodies) == [b"1", b"2", b"3"]
 
 
-def test_group_members_share_messages_and_plain_subscribers_get_copies(
-    bus: tuple[Transport, Drain, str],
-) -> None:
-    transport, drain, root = bus
+def test_group_members_share_messages_and_plain_subscribers_get_copies(bus: Bus) -> None:
+    transport = bus.connect()
     first, second, observer = Inbox(), Inbox(), Inbox()
-    group = f"g-{uuid.uuid4().hex[:6]}"
-    transport.subscribe(f"{root}/u", first, group=group)
-    transport.subscribe(f"{root}/u", second, group=group)
-    transport.subscribe(f"{root}/u", observer)
+    group = _group()
+    transport.subscribe(f"{bus.root}/u", first, group=group)
+    transport.subscribe(f"{bus.root}/u", second, group=group)
+    transport.subscribe(f"{bus.root}/u", observer)
 
     for i in range(20):
-        transport.publish(f"{root}/u", bytes([i]))
-    drain()
+        transport.publish(f"{bus.root}/u", bytes([i]))
 
+    assert len(observer.wait(20)) == 20
+    assert wait_until(lambda: len(first.bodies) + len(second.bodies) >= 20)
+    _settle_time(bus)
     assert sorted(first.bodies + second.bodies) == [bytes([i]) for i in range(20)]
-    assert len(observer.bodies) == 20
 
 
-def test_a_requeued_message_comes_back_marked_redelivered(
-    bus: tuple[Transport, Drain, str],
-) -> None:
-    transport, drain, root = bus
+def test_a_requeued_message_comes_back_marked_redelivered(bus: Bus) -> None:
+    transport = bus.connect()
     inbox = Inbox("requeue-once")
-    transport.subscribe(f"{root}/r", inbox, group=f"g-{uuid.uuid4().hex[:6]}")
+    transport.subscribe(f"{bus.root}/r", inbox, group=_group())
 
-    transport.publish(f"{root}/r", b"again")
-    drain()
+    transport.publish(f"{bus.root}/r", b"again")
 
-    assert inbox.bodies == [b"again", b"again"]
+    assert inbox.wait(2) == [b"again", b"again"]
     assert inbox.redelivered == [False, True]
 
 
-def test_a_group_queue_keeps_messages_published_while_no_one_consumes(
-    bus: tuple[Transport, Drain, str],
-) -> None:
-    transport, drain, root = bus
-    group = f"g-{uuid.uuid4().hex[:6]}"
-    early = Inbox()
-    sub = transport.subscribe(f"{root}/q", early, group=group)
-    drain()
-    sub.cancel()
+def test_an_unsettled_message_is_redelivered_to_the_next_consumer(bus: Bus) -> None:
+    if bus.kind == "memory":
+        pytest.skip("the in-process bus has no connection to lose")
+    group = _group()
+    first = bus.connect()
+    holder = Inbox("hold")
+    first.subscribe(f"{bus.root}/w", holder, group=group)
+    first.publish(f"{bus.root}/w", b"work")
+    holder.wait(1)
 
-    transport.publish(f"{root}/q", b"kept")
+    first.close()  # dies without acking
+    second = bus.connect()
+    taker = Inbox()
+    second.subscribe(f"{bus.root}/w", taker, group=group)
+
+    assert taker.wait(1, timeout=15) == [b"work"]
+    assert taker.redelivered == [True]
+
+
+def test_a_group_keeps_messages_published_while_its_consumer_is_offline(bus: Bus) -> None:
+    if bus.kind == "memory":
+        pytest.skip("the in-process bus lives and dies with its process")
+    group = _group()
+    first = bus.connect()
+    first.subscribe(f"{bus.root}/q", Inbox(), group=group)
+    first.close()
+
+    publisher = bus.connect() if bus.kind == "amqp" else _other_client(bus)
+    publisher.publish(f"{bus.root}/q", b"kept")
+    second = bus.connect()
     late = Inbox()
-    transport.subscribe(f"{root}/q", late, group=group)
-    drain()
+    second.subscribe(f"{bus.root}/q", late, group=group)
 
-    assert early.bodies == []
-    assert late.bodies == [b"kept"]
+    assert late.wait(1, timeout=15) == [b"kept"]
 
 
-def test_large_payloads_arrive_intact(bus: tuple[Transport, Drain, str]) -> None:
-    transport, drain, root = bus
+def _other_client(bus: Bus) -> object:
+    """An MQTT publisher with its own client id (the group's id is offline)."""
+    from broker import connect
+    from tests.brokers import mqtt_url
+
+    assert bus.proxy is not None
+    transport = connect(mqtt_url(bus.proxy.port, client_id=f"pub-{uuid.uuid4().hex[:6]}"))
+    bus.opened.append(transport)
+    return transport
+
+
+def test_the_transport_reconnects_after_the_broker_drops_it(bus: Bus) -> None:
+    if bus.proxy is None:
+        pytest.skip("the in-process bus has no connection to drop")
+    transport = bus.connect()
     inbox = Inbox()
-    transport.subscribe(f"{root}/big", inbox)
+    transport.subscribe(f"{bus.root}/c", inbox, group=_group())
+    transport.publish(f"{bus.root}/c", b"before")
+    inbox.wait(1)
+
+    bus.proxy.cut()
+    transport.publish(f"{bus.root}/c", b"after")  # blocks until reconnected, then confirms
+
+    assert inbox.wait(2, timeout=30) == [b"before", b"after"]
+    assert bus.proxy.connections >= 2
+
+
+def test_large_payloads_arrive_intact(bus: Bus) -> None:
+    transport = bus.connect()
+    inbox = Inbox()
+    transport.subscribe(f"{bus.root}/big", inbox)
     payload = bytes(range(256)) * (4 * 1024 * 4)  # 4 MiB
 
-    transport.publish(f"{root}/big", payload)
-    drain()
+    transport.publish(f"{bus.root}/big", payload)
 
-    assert inbox.bodies == [payload]
+    assert inbox.wait(1, timeout=30) == [payload]
 
 
 def test_memory_dead_letters_refused_messages_and_failing_handlers() -> None:

@@ -1,0 +1,45 @@
+"""Where the real brokers are, and the rule for tests that need them.
+
+A broker-backed test skips when its broker is unreachable on a developer's
+machine, and fails under CI (``CI`` set), where `make test` has started it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+AMQP_PORT = int(os.environ.get("FEDMQ_TEST_AMQP_PORT", "5672"))
+MQTT_PORT = int(os.environ.get("FEDMQ_TEST_MQTT_PORT", "1883"))
+
+
+def amqp_url(port: int = AMQP_PORT) -> str:
+    """Return the test RabbitMQ's URL (through ``port``, e.g. a proxy's)."""
+    return f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+
+
+def mqtt_url(port: int = MQTT_PORT, **options: str) -> str:
+    """Return the test Mosquitto's URL with transport options as query parameters."""
+    query = "&".join(f"{k}={v}" for k, v in options.items())
+    return f"mqtt://127.0.0.1:{port}" + (f"?{query}" if query else "")
+
+
+def reachable(port: int) -> bool:
+    """Return whether something listens on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require(port: int, name: str) -> None:
+    """Skip (or, under CI, fail) when the broker on ``port`` is down."""
+    if reachable(port):
+        return
+    message = f"{name} is not reachable on 127.0.0.1:{port}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI must run broker-backed tests (make test starts it)")
+    pytest.skip(message)
