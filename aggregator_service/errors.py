@@ -6,7 +6,8 @@
     ├── ConfigError          an experiment config that cannot run (bad names, ranges)
     ├── NotFound             no such experiment, round, device or model version
     ├── Conflict             the request clashes with the current state
-    └── Unauthorized         a state-changing call without the admin token
+    ├── Unauthorized         a state-changing call without the admin token
+    └── Forbidden            an expired or tampered signed URL
 """
 
 from __future__ import annotations
@@ -40,3 +41,9 @@ class Unauthorized(ServiceError):
     """A state-changing call without a valid admin token."""
 
     code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """A signed URL that is expired, tampered with, or used for another method."""
+
+    code = "forbidden"

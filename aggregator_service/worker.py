@@ -77,18 +77,30 @@ class _OpenRound:
 class AggregatorWorker:
     """Folds the updates of every open round into a running aggregate."""
 
-    def __init__(self, transport: Transport, store: ModelStore, *, name: str = "worker") -> None:
+    MAX_EARLY = 10_000
+    """Updates held for a round not yet announced, at most."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        store: ModelStore,
+        *,
+        name: str = "worker",
+        group: str = topics.UPDATES_GROUP,
+    ) -> None:
         self._transport = transport
+        self._group = group
         self._store = store
         self._name = name
         self._lock = threading.RLock()
         self._rounds: dict[str, _OpenRound] = {}
+        self._early: list[tuple[ModelUpdate, Delivery]] = []
         self._last_closed: dict[str, int] = {}
 
     def start(self) -> None:
         """Subscribe to round control and to the shared update queue."""
         self._transport.subscribe(topics.ALL_CONTROL, self._on_control)
-        self._transport.subscribe(topics.ALL_UPDATES, self._on_update, group=topics.UPDATES_GROUP)
+        self._transport.subscribe(topics.ALL_UPDATES, self._on_update, group=self._group)
 
     def _on_control(self, delivery: Delivery) -> None:
         try:
@@ -116,6 +128,16 @@ class AggregatorWorker:
         self._rounds[exp] = _OpenRound(
             opened, current, strategy, strategy.begin(opened.round, current)
         )
+        held, self._early = self._early, []
+        for update, delivery in held:
+            self._handle_update(update, delivery)
+
+    def _is_next_round(self, update: ModelUpdate) -> bool:
+        """Return whether ``update`` belongs to the round after the one open (or last closed)."""
+        rnd = self._rounds.get(update.experiment_id)
+        if rnd is not None:
+            return update.round == rnd.opened.round + 1
+        return update.round == self._last_closed.get(update.experiment_id, 0) + 1
 
     def _on_update(self, delivery: Delivery) -> None:
         try:
@@ -146,6 +168,11 @@ class AggregatorWorker:
 
     def _handle_update(self, update: ModelUpdate, delivery: Delivery) -> None:
         rnd = self._rounds.get(update.experiment_id)
+        if self._is_next_round(update) and len(self._early) < self.MAX_EARLY:
+            # Updates and round announcements travel on different queues, so a
+            # fast device can overtake its round's RoundOpened; hold it, unacked.
+            self._early.append((update, delivery))
+            return
         try:
             if rnd is None or update.round != rnd.opened.round:
                 last = self._last_closed.get(update.experiment_id, -1)

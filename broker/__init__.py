@@ -27,6 +27,7 @@ from broker.memory import MemoryTransport
 from broker.messages import (
     SCHEMA_VERSION,
     CheckIn,
+    CheckOut,
     CloseRound,
     ComeBackLater,
     ErrorReply,
@@ -49,6 +50,7 @@ __all__ = [
     "TRANSPORT_ALIASES",
     "BrokerError",
     "CheckIn",
+    "CheckOut",
     "ChecksumMismatch",
     "CloseRound",
     "CodecError",

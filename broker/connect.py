@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from broker.errors import UnknownTransport
@@ -17,13 +17,15 @@ TRANSPORT_ALIASES: dict[str, str] = {
 }
 
 
-def connect(url: str) -> Transport:
+def connect(url: str, **options: Any) -> Transport:
     """Return a connected transport for ``url`` (``memory://``, ``amqp://...``, ``mqtt://...``).
 
     Parameters
     ----------
     url
         The broker URL; its scheme chooses the transport.
+    **options
+        Transport-specific keywords (MQTT: ``client_id``, ``will``).
 
     Returns
     -------
@@ -40,4 +42,4 @@ def connect(url: str) -> Transport:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise UnknownTransport(f"the {scheme}:// transport is not available: {exc}") from exc
-    return cast(Transport, getattr(module, class_name).from_url(url))
+    return cast(Transport, getattr(module, class_name).from_url(url, **options))

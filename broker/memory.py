@@ -92,8 +92,8 @@ class MemoryTransport:
         self._thread.start()
 
     @classmethod
-    def from_url(cls, url: str) -> MemoryTransport:
-        """Build from a ``memory://`` URL (it takes no options)."""
+    def from_url(cls, url: str, **_options: object) -> MemoryTransport:
+        """Build from a ``memory://`` URL (connection options do not apply in-process)."""
         return cls()
 
     def publish(self, topic: str, body: bytes) -> None:

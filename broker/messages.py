@@ -29,6 +29,7 @@ class MessageKind(Enum):
     """What a message is; written into the envelope as its ``kind``."""
 
     CHECK_IN = "check_in"
+    CHECK_OUT = "check_out"
     TRAIN_TASK = "train_task"
     COME_BACK_LATER = "come_back_later"
     MODEL_UPDATE = "model_update"
@@ -101,6 +102,15 @@ class CheckIn(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class CheckOut(Message):
+    """A device is gone: sent on a clean stop, or by the broker as its last will."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.CHECK_OUT
+    device_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ComeBackLater(Message):
     """Pace steering: the device was not selected and should check in again later."""
 
@@ -122,6 +132,10 @@ class TrainTask(Message):
     artifacts: Mapping[str, ModelRef] = field(default_factory=dict)
     training: Mapping[str, Scalar] = field(default_factory=dict)
     deadline_at: float = 0.0
+    upload_url: str | None = None
+    """Where to PUT an update too large to travel inline (claim check)."""
+    max_inline_bytes: int = 0
+    """Largest update that may travel inside the message; 0 means no limit."""
 
     def error_reply(self, code: str, detail: str, *, sender: str) -> ErrorReply:
         """Return the reply a device sends when it cannot do this task."""
@@ -216,6 +230,7 @@ MESSAGE_TYPES: Mapping[MessageKind, type[Message]] = {
     for cls in (
         ErrorReply,
         CheckIn,
+        CheckOut,
         ComeBackLater,
         TrainTask,
         ModelUpdate,

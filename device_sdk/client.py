@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 from broker import (
     BrokerError,
     CheckIn,
+    CheckOut,
     CodecError,
     ComeBackLater,
     Delivery,
+    FetchError,
+    ModelRef,
     ModelUpdate,
     TrainTask,
     Transport,
@@ -24,7 +27,7 @@ from broker import (
 )
 from device_sdk.app import DeviceApp, DeviceContext
 from device_sdk.errors import DeviceError, TaskError
-from device_sdk.fetch import ArtifactFetcher
+from device_sdk.fetch import ArtifactFetcher, upload
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class DeviceStats:
     tasks: int = 0
     updates_sent: int = 0
     failures: int = 0
+    uploads: int = 0
     rejections: list[UpdateRejected] = field(default_factory=list)
     come_back_after_s: float | None = None
 
@@ -100,6 +104,11 @@ class DeviceClient:
         )
         self._transport.publish(topics.CHECKINS, encode(message))
 
+    def stop(self, reason: str = "stopped") -> None:
+        """Tell the coordinator this device is leaving."""
+        message = CheckOut(device_id=self.device_id, reason=reason, sender=self.device_id)
+        self._transport.publish(topics.CHECKINS, encode(message))
+
     def _on_message(self, delivery: Delivery) -> None:
         try:
             message = decode(delivery.body)
@@ -137,6 +146,15 @@ class DeviceClient:
             reply = task.error_reply(exc.code, str(exc), sender=self.device_id)
             self._transport.publish(reply_to, encode(reply))
             return
+        data = encode_weights(result.weights)
+        try:
+            ref = self._claim_check(task, data)
+        except FetchError as exc:
+            self.stats.failures += 1
+            log.warning("%s: upload for task %s failed: %s", self.device_id, task.message_id, exc)
+            reply = task.error_reply(exc.code, str(exc), sender=self.device_id)
+            self._transport.publish(reply_to, encode(reply))
+            return
         update = ModelUpdate(
             experiment_id=task.experiment_id,
             round=task.round,
@@ -144,9 +162,23 @@ class DeviceClient:
             base_version=task.base_version,
             task_id=task.message_id,
             num_examples=result.num_examples,
-            inline_weights=encode_weights(result.weights),
+            weights=ref,
+            inline_weights=None if ref is not None else data,
             metrics=dict(result.metrics),
             sender=self.device_id,
         )
         self._transport.publish(reply_to, encode(update))
         self.stats.updates_sent += 1
+
+    def _claim_check(self, task: TrainTask, data: bytes) -> ModelRef | None:
+        """Upload ``data`` if it may not travel inline; return its reference (None: inline)."""
+        if not task.max_inline_bytes or len(data) <= task.max_inline_bytes:
+            return None
+        if task.upload_url is None:
+            raise FetchError(
+                f"update of {len(data)} bytes exceeds the {task.max_inline_bytes}-byte inline "
+                "limit and the task gives no upload URL"
+            )
+        sha256 = upload(task.upload_url, data)
+        self.stats.uploads += 1
+        return ModelRef(task.upload_url.split("?", 1)[0], sha256, len(data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import urllib.error
@@ -95,3 +96,23 @@ class ArtifactFetcher:
         tmp = self._dir / f".{sha256}.{os.getpid()}.{threading.get_ident()}"
         tmp.write_bytes(data)
         os.replace(tmp, self._dir / sha256)
+
+
+def upload(url: str, data: bytes, *, timeout_s: float = 120.0) -> str:
+    """PUT ``data`` to a signed upload URL; return the sha256 the service stored it under."""
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method="PUT",
+        # urllib's default form content type makes some servers store nothing.
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            reply = json.loads(response.read())
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        raise FetchError(f"upload to {url.split('?', 1)[0]} failed: {exc}") from exc
+    expected = hashlib.sha256(data).hexdigest()
+    if reply.get("sha256") != expected:
+        raise ChecksumMismatch(f"the service stored {reply.get('sha256')!r}, expected {expected}")
+    return expected

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from aggregator_service import ConfigError, ExperimentConfig, ServiceError, load_config
 from aggregator_service.persistence import RoundRecord
-from broker import BrokerError
+from broker import BrokerError, topics
+from broker.embedded import EmbeddedBroker
 from device_sdk import DeviceError
 from device_sdk.data.errors import DataError
-from fedmq.compose import RunResult, simulate
+from fedmq.compose import RunResult, run_experiment
 from fedmq.defaults import DEMO_CONFIG
+from fedmq.processes import run_fleet, run_server, run_worker
 from fedmq.results import round_row, write_results
+from fedmq.settings import ENVIRONMENT, add_location_flags, resolve
 from model_store import StoreError
 
 _HEADER = (
@@ -41,15 +45,18 @@ def _print_round(record: RoundRecord) -> None:
     )
 
 
-def _run_and_report(config: ExperimentConfig, rounds: int | None, out: Path | None) -> RunResult:
-    """Run a simulation with a progress table; write results to ``out``."""
+def _run_and_report(
+    config: ExperimentConfig, rounds: int | None, out: Path | None, broker: str = "memory://"
+) -> RunResult:
+    """Run an experiment with a progress table; write results to ``out``."""
     print(
         f"experiment {config.name}: {config.data.devices} devices, "
         f"{config.data.dataset}/{config.data.partition}, strategy "
-        f"{config.strategy.get('name')}, {rounds or config.rounds.count} rounds"
+        f"{config.strategy.get('name')}, {rounds or config.rounds.count} rounds, "
+        f"broker {broker.split('?')[0]}"
     )
     print(_HEADER, flush=True)
-    result = simulate(config, rounds=rounds, progress=_print_round)
+    result = run_experiment(config, broker_url=broker, rounds=rounds, progress=_print_round)
     final = result.final_metrics
     print(
         f"done in {result.wall_time_s:.1f} s; final accuracy "
@@ -82,12 +89,55 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "devices_per_round": per_round,
             "min_reports": min(raw["rounds"]["min_reports"], per_round),
         }
-    _run_and_report(ExperimentConfig.from_dict(raw), args.rounds, args.out)
+    config = ExperimentConfig.from_dict(raw)
+    url = args.broker or os.environ.get(ENVIRONMENT["broker"])
+    if url:
+        _run_and_report(config, args.rounds, args.out, url)
+        return 0
+    with EmbeddedBroker() as embedded:
+        _run_and_report(config, args.rounds, args.out, embedded.url)
     return 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     _run_and_report(load_config(args.config), args.rounds, args.out)
+    return 0
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    run_server(
+        host=args.host,
+        port=args.port,
+        broker=resolve(args, "broker"),
+        store_url=resolve(args, "store"),
+        db_url=resolve(args, "db"),
+        public_url=args.public_url,
+    )
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    run_worker(
+        broker=resolve(args, "broker"),
+        store_url=resolve(args, "store"),
+        group=args.group or os.environ.get("FEDMQ_WORKER_GROUP") or topics.UPDATES_GROUP,
+        health_file=args.health_file,
+    )
+    return 0
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    run_fleet(
+        broker=resolve(args, "broker"),
+        server=resolve(args, "server"),
+        devices=args.devices,
+        experiment_id=args.experiment,
+        seed=args.seed,
+        first=args.first,
+        prefix=args.prefix,
+        concurrency=args.concurrency,
+        health_file=args.health_file,
+    )
     return 0
 
 
@@ -110,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=_positive, help="rounds to run (default 10)")
     demo.add_argument("--devices", type=_positive, help="emulated devices (default 20)")
     demo.add_argument("--out", type=Path, help="write rounds.csv, results.json, models, plot")
+    demo.add_argument(
+        "--broker",
+        metavar="URL",
+        help="broker URL (default: $FEDMQ_BROKER_URL, else an embedded MQTT broker; "
+        "memory:// runs on the in-process bus)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     simulate_cmd = sub.add_parser("simulate", help="simulate an experiment config in-process")
@@ -117,16 +173,43 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cmd.add_argument("--rounds", type=_positive, help="override rounds.count")
     simulate_cmd.add_argument("--out", type=Path, help="write results into this folder")
     simulate_cmd.set_defaults(func=_cmd_simulate)
+
+    server = sub.add_parser("server", help="the REST API, dashboard and round coordinator")
+    server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    server.add_argument("--public-url", help="URL devices reach this service at (signed links)")
+    add_location_flags(server, "broker", "store", "db")
+    server.set_defaults(func=_cmd_server)
+
+    worker = sub.add_parser("worker", help="an aggregator worker")
+    worker.add_argument("--health-file", type=Path, help="touch this file every 5 s")
+    worker.add_argument(
+        "--group",
+        help=f"update queue shared by this deployment's workers "
+        f"(default: $FEDMQ_WORKER_GROUP, else {topics.UPDATES_GROUP})",
+    )
+    add_location_flags(worker, "broker", "store")
+    worker.set_defaults(func=_cmd_worker)
+
+    fleet = sub.add_parser("fleet", help="an emulated device fleet")
+    fleet.add_argument("--devices", type=_positive, required=True, help="how many devices")
+    fleet.add_argument("--experiment", help="experiment id (default: the newest)")
+    fleet.add_argument("--seed", type=int, help="partition seed (default: the experiment's)")
+    fleet.add_argument("--first", type=int, default=0, help="index of the first device")
+    fleet.add_argument("--prefix", default="emu", help="device id prefix (default emu)")
+    fleet.add_argument("--concurrency", type=_positive, default=2, help="devices training at once")
+    fleet.add_argument("--health-file", type=Path, help="touch this file every 5 s")
+    add_location_flags(fleet, "broker", "server")
+    fleet.set_defaults(func=_cmd_fleet)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `fedmq` command; return its exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("werkzeug").setLevel(level)  # it sets INFO on itself otherwise
     try:
         return int(args.func(args))
     except ConfigError as exc:

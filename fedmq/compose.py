@@ -1,18 +1,34 @@
-"""In-process compositions: service, worker and an emulated fleet wired on one bus."""
+"""In-process compositions: service, worker and an emulated fleet wired in one process."""
 
 from __future__ import annotations
 
+import secrets
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator_service import AggregatorWorker, Database, ExperimentConfig, RoundService
+from aggregator_service.api.app import create_app
 from aggregator_service.evaluation import held_out_evaluator
+from aggregator_service.links import SignedLinks
 from aggregator_service.persistence import RoundRecord
-from broker import MemoryTransport
-from device_sdk.emulator import Fleet
+from broker import MemoryTransport, Transport
+from device_sdk.emulator import Fleet, TrainerFactory
+from fedmq.wiring import (
+    DEFAULT_MAX_INLINE_BYTES,
+    Ticker,
+    TransportPool,
+    executor_runner,
+    free_port,
+    is_in_process,
+    start_http,
+    unique_client_id,
+)
 from model_store import LocalStore
 
 Progress = Callable[[RoundRecord], None]
@@ -28,6 +44,8 @@ class RunResult:
     initial_weights: bytes
     final_weights: bytes
     wall_time_s: float
+    fleet: dict[str, int]
+    """The fleet's totals: tasks, updates sent, uploads (claim checks), failures, rejections."""
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -43,11 +61,7 @@ def simulate(
     workdir: Path | None = None,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Run an experiment in one process on the in-process transport.
-
-    Every message goes through the same service, worker and device code as a
-    distributed run; the in-process bus delivers in publish order, so a config
-    and seed determine the result bit for bit.
+    """Run an experiment on the in-process bus: deterministic for a config and seed.
 
     Parameters
     ----------
@@ -65,27 +79,89 @@ def simulate(
     RunResult
         The experiment id, every round's record, and the initial and final weights.
     """
+    return run_experiment(config, rounds=rounds, workdir=workdir, progress=progress)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    broker_url: str = "memory://",
+    rounds: int | None = None,
+    workdir: Path | None = None,
+    progress: Progress | None = None,
+    timeout_s: float | None = None,
+    make_trainer: TrainerFactory | None = None,
+    evaluate: bool = True,
+) -> RunResult:
+    """Run service, worker and fleet in this process over ``broker_url``.
+
+    On ``memory://`` one dispatcher thread delivers every message in publish
+    order, so the run is a deterministic function of config and seed. On a
+    real broker each component opens its own connection (each device its own
+    MQTT session) exactly as separate processes would. ``make_trainer`` swaps
+    the devices' trainer (benchmarks use a no-op one); ``evaluate=False``
+    skips the held-out evaluation of each version.
+    """
     started = time.perf_counter()
+    count = rounds or config.rounds.count
+    # This run's devices live only as long as the run: short MQTT sessions.
+    track = TransportPool(broker_url, session_expiry_s=60)
+    in_process = is_in_process(broker_url)
+    ended = _RoundCounter(count, progress)
+
     with tempfile.TemporaryDirectory(prefix="fedmq-") as tmp:
-        root = workdir or Path(tmp)
-        transport = MemoryTransport()
-        store = LocalStore(root / "store")
+        store = LocalStore((workdir or Path(tmp)) / "store")
         db = Database("sqlite://")
+        executor = None if in_process else ThreadPoolExecutor(2, thread_name_prefix="fedmq-train")
+        ticker = http = None
         try:
-            service = RoundService(transport, store, db, evaluator_factory=held_out_evaluator)
-            if progress is not None:
-                service.add_listener(progress)
+            # Off the in-process bus, devices reach the store as they would remotely:
+            # signed URLs served over HTTP, and large updates uploaded, not inlined.
+            port = free_port()
+            links = (
+                None
+                if in_process
+                else SignedLinks(secrets.token_bytes(32), f"http://127.0.0.1:{port}")
+            )
+            service = RoundService(
+                track(unique_client_id("coordinator")),
+                store,
+                db,
+                evaluator_factory=held_out_evaluator if evaluate else None,
+                links=links,
+                max_inline_bytes=0 if in_process else DEFAULT_MAX_INLINE_BYTES,
+            )
+            if links is not None:
+                app = create_app(
+                    {"ADMIN_TOKEN": secrets.token_urlsafe(24)},
+                    service=service,
+                    store=store,
+                    links=links,
+                )
+                http = start_http(app, "127.0.0.1", port)
+            service.add_listener(ended)
             service.start()
-            AggregatorWorker(transport, store).start()
+            # A private update queue: this run's worker must not share a broker-wide
+            # group with other deployments' workers.
+            group = unique_client_id("aggregators")
+            AggregatorWorker(track(unique_client_id("worker")), store, group=group).start()
             experiment_id = service.create_experiment(config)
-            Fleet(
-                transport, config.to_dict()["data"], seed=config.seed, experiment_id=experiment_id
-            ).start()
-            transport.join()
-            service.request_rounds(experiment_id, rounds or config.rounds.count)
-            transport.join()
-            if transport.dead_letters:
-                raise RuntimeError(f"{len(transport.dead_letters)} message(s) failed; see the log")
+            fleet = Fleet(
+                track,
+                config.to_dict()["data"],
+                seed=config.seed,
+                experiment_id=experiment_id,
+                run=None if executor is None else executor_runner(executor),
+                make_trainer=make_trainer,
+                # Fresh ids per run, so no broker session of an earlier run is resumed.
+                prefix="emu" if in_process else f"emu{uuid.uuid4().hex[:4]}",
+            )
+            fleet.start()
+            _wait_for_devices(service, len(fleet.devices), track.opened, timeout_s)
+            service.request_rounds(experiment_id, count)
+            if not in_process:
+                ticker = Ticker(service.tick).start()
+            _wait_for_rounds(ended, track.opened, timeout_s)
             _, initial = service.model_weights(experiment_id, 0)
             _, final = service.model_weights(experiment_id)
             return RunResult(
@@ -95,7 +171,58 @@ def simulate(
                 initial,
                 final,
                 time.perf_counter() - started,
+                fleet.summary(),
             )
         finally:
-            transport.close()
+            if ticker is not None:
+                ticker.stop()
+            if http is not None:
+                http.shutdown()
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+            track.close()
             db.close()
+
+
+class _RoundCounter:
+    """Round listener that reports progress and signals when the last round ended."""
+
+    def __init__(self, count: int, progress: Progress | None) -> None:
+        self.count = count
+        self.ended = 0
+        self.done = threading.Event()
+        self._progress = progress
+
+    def __call__(self, record: RoundRecord) -> None:
+        if self._progress is not None:
+            self._progress(record)
+        self.ended += 1
+        if self.ended >= self.count:
+            self.done.set()
+
+
+def _wait_for_devices(
+    service: RoundService, expected: int, opened: list[Transport], timeout_s: float | None
+) -> None:
+    """Wait until every device's check-in has reached the coordinator."""
+    if isinstance(opened[0], MemoryTransport):
+        opened[0].join(timeout_s)
+        return
+    deadline = time.monotonic() + (timeout_s or 60.0)
+    while len(service.devices()) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(service.devices())} of {expected} devices checked in")
+        time.sleep(0.05)
+
+
+def _wait_for_rounds(
+    ended: _RoundCounter, opened: list[Transport], timeout_s: float | None
+) -> None:
+    """Wait until the requested rounds have ended."""
+    if isinstance(opened[0], MemoryTransport):
+        bus = opened[0]
+        bus.join(timeout_s)
+        if bus.dead_letters:
+            raise RuntimeError(f"{len(bus.dead_letters)} message(s) failed; see the log")
+    if not ended.done.wait(timeout_s):
+        raise TimeoutError(f"{ended.ended} of {ended.count} rounds ended in {timeout_s} s")

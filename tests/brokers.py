@@ -43,3 +43,16 @@ def require(port: int, name: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{message}; CI must run broker-backed tests (make test starts it)")
     pytest.skip(message)
+
+
+def delete_amqp_groups(groups: list[str]) -> None:
+    """Delete the durable queues a test's groups left on the shared RabbitMQ."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url()))
+    try:
+        channel = connection.channel()
+        for group in groups:
+            channel.queue_delete(f"fedmq.group.{group}")
+    finally:
+        connection.close()

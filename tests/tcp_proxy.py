@@ -26,11 +26,18 @@ class TcpProxy:
                 client, _ = self._server.accept()
             except OSError:
                 return
+            if self._closed:
+                client.close()
+                return
             try:
                 upstream = socket.create_connection(self._target, timeout=5)
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # the connect timeout must not cut idle connections
+            for s in (client, upstream):
+                # Without it, Nagle delays every small frame (a confirm) by ~40 ms.
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._sockets += [client, upstream]
                 self.connections += 1

@@ -9,14 +9,22 @@ from typing import Any
 
 from flask import Flask
 
-from aggregator_service.api import devices, experiments, meta, models
+from aggregator_service.api import blobs, devices, experiments, meta, models
 from aggregator_service.api.errors import register_error_handlers
+from aggregator_service.links import SignedLinks
 from aggregator_service.rounds import RoundService
+from model_store import ModelStore
 
 log = logging.getLogger(__name__)
 
 
-def create_app(config: Mapping[str, Any] | None = None, *, service: RoundService) -> Flask:
+def create_app(
+    config: Mapping[str, Any] | None = None,
+    *,
+    service: RoundService,
+    store: ModelStore | None = None,
+    links: SignedLinks | None = None,
+) -> Flask:
     """Build the Flask app around a running ``RoundService``.
 
     Parameters
@@ -27,6 +35,9 @@ def create_app(config: Mapping[str, Any] | None = None, *, service: RoundService
         token is generated and logged once.
     service
         The round coordinator the views call.
+    store, links
+        With both, the app serves signed blob downloads and update uploads
+        (``/api/v1/blobs``, ``/api/v1/uploads``) for a local-folder store.
 
     Returns
     -------
@@ -44,5 +55,9 @@ def create_app(config: Mapping[str, Any] | None = None, *, service: RoundService
     app.extensions["fedmq.rounds"] = service
     for blueprint in (experiments.bp, models.bp, devices.bp, meta.bp):
         app.register_blueprint(blueprint)
+    if store is not None and links is not None:
+        app.extensions["fedmq.store"] = store
+        app.extensions["fedmq.links"] = links
+        app.register_blueprint(blobs.bp)
     register_error_handlers(app)
     return app

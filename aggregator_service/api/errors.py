@@ -10,11 +10,19 @@ from typing import Any, TypeVar, cast
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from aggregator_service.errors import ConfigError, Conflict, NotFound, ServiceError, Unauthorized
+from aggregator_service.errors import (
+    ConfigError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceError,
+    Unauthorized,
+)
 
 _STATUS: dict[type[ServiceError], int] = {
     ConfigError: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
 }
@@ -38,7 +46,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError) -> tuple[Response, int]:
-        status = 400 if isinstance(exc, BadRequest) else _STATUS.get(type(exc), 500)
+        status = _STATUS.get(type(exc), 500)
+        if isinstance(exc, BadRequest):
+            status = 400
+        elif exc.code == "payload_too_large":
+            status = 413
         if status == 500:
             current_app.logger.exception("internal error")
         return error_response(exc.code, str(exc), status)

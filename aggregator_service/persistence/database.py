@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Connection, create_engine, event, insert, select, update
@@ -30,17 +31,22 @@ class Database:
             self._engine: Engine = _engine(url)
         except (SQLAlchemyError, ImportError) as exc:
             raise DatabaseError(f"cannot open database {url!r}: {exc}") from exc
-        if self._engine.dialect.name == "sqlite":
+        sqlite = self._engine.dialect.name == "sqlite"
+        if sqlite:
             event.listen(self._engine, "connect", _sqlite_pragmas)
+        self._lock: AbstractContextManager[Any] = threading.RLock() if sqlite else nullcontext()
         schema.metadata.create_all(self._engine)
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            raise DatabaseError(str(exc)) from exc
+        # SQLite serialises writers anyway, and an in-memory database is one
+        # connection shared by every thread: one transaction at a time.
+        with self._lock:
+            try:
+                with self._engine.begin() as conn:
+                    yield conn
+            except SQLAlchemyError as exc:
+                raise DatabaseError(str(exc)) from exc
 
     def close(self) -> None:
         """Release pooled connections."""

@@ -21,9 +21,11 @@ import numpy as np
 
 from aggregator_service.config import ExperimentConfig, build_strategy
 from aggregator_service.errors import Conflict, NotFound
+from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
 from broker import (
     CheckIn,
+    CheckOut,
     CloseRound,
     CodecError,
     ComeBackLater,
@@ -69,6 +71,8 @@ class RoundService:
         db: Database,
         *,
         evaluator_factory: EvaluatorFactory | None = None,
+        links: ArtifactLinks | None = None,
+        max_inline_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         name: str = "coordinator",
     ) -> None:
@@ -76,6 +80,8 @@ class RoundService:
         self._store = store
         self._db = db
         self._evaluator_factory = evaluator_factory
+        self._links = links or StoreLinks(store)
+        self._max_inline = max_inline_bytes
         self._clock = clock
         self._name = name
         self._lock = threading.RLock()
@@ -173,6 +179,10 @@ class RoundService:
                 self._db.device_seen(message.device_id, message.platform, self._clock())
                 self._online[message.device_id] = message.experiment_id or ""
                 self._start_waiting(message.experiment_id)
+        elif isinstance(message, CheckOut):
+            with self._lock:
+                if self._online.pop(message.device_id, None) is not None:
+                    log.info("device %s went offline (%s)", message.device_id, message.reason)
         delivery.ack()
 
     def _start_waiting(self, experiment_id: str | None) -> None:
@@ -204,7 +214,7 @@ class RoundService:
         deadline = now + config.rounds.deadline_s
         manifest = self._store.get_manifest(experiment_id, exp.model_version)
         refs = {
-            name: ModelRef(self._store.blob_url(a.sha256), a.sha256, a.size, _format(name))
+            name: ModelRef(self._links.download(a.sha256), a.sha256, a.size, _format(name))
             for name, a in manifest.artifacts.items()
         }
         strategy = build_strategy(config.strategy)
@@ -252,6 +262,8 @@ class RoundService:
                 artifacts={k: v for k, v in refs.items() if k in (ONNX, TORCHSCRIPT)},
                 training=training,
                 deadline_at=deadline,
+                upload_url=self._links.upload(f"{experiment_id}-{number}-{device_id}"),
+                max_inline_bytes=self._max_inline,
                 reply_to=topics.updates(experiment_id),
                 sender=self._name,
             )

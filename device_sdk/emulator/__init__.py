@@ -1,5 +1,5 @@
 """The emulated device fleet: the real SDK, many devices, one process."""
 
-from device_sdk.emulator.fleet import Fleet, device_name
+from device_sdk.emulator.fleet import Fleet, TrainerFactory, device_name, torchscript_trainers
 
-__all__ = ["Fleet", "device_name"]
+__all__ = ["Fleet", "TrainerFactory", "device_name", "torchscript_trainers"]

@@ -5,14 +5,35 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from broker import Transport
-from device_sdk.app import DeviceApp
+from device_sdk.app import DeviceApp, TrainHandler
 from device_sdk.client import DeviceClient
 from device_sdk.data import load_dataset, partition
 from device_sdk.fetch import ArtifactFetcher
 from device_sdk.trainers.torchscript import ModuleCache, TorchScriptTrainer
 
 Runner = Callable[[Callable[[], None]], None]
+TransportFor = Callable[[str], Transport]
+"""Returns the transport a device (by id) speaks on: shared, or one connection each."""
+TrainerFactory = Callable[[np.ndarray, np.ndarray, int], TrainHandler]
+"""Builds device ``i``'s training handler from its examples, labels and index."""
+
+
+def torchscript_trainers(seed: int) -> TrainerFactory:
+    """Return a factory of TorchScript trainers sharing one loaded-module cache."""
+    import torch
+
+    # One intra-op thread per training: a fleet trains devices side by side,
+    # and a fixed thread count keeps float results identical across runs.
+    torch.set_num_threads(1)
+    modules = ModuleCache()
+
+    def make(x: np.ndarray, y: np.ndarray, index: int) -> TrainHandler:
+        return TorchScriptTrainer(x, y, seed=seed, stream=index, modules=modules)
+
+    return make
 
 
 def device_name(index: int, prefix: str = "emu") -> str:
@@ -21,15 +42,16 @@ def device_name(index: int, prefix: str = "emu") -> str:
 
 
 class Fleet:
-    """Emulated devices sharing one transport, one artifact cache and one module cache.
+    """Emulated devices sharing one artifact cache and one loaded-module cache.
 
-    Device ``i`` holds partition ``i`` of the experiment's data set, so the same
-    device id trains on the same examples in every run and every process.
+    Device ``i`` holds partition ``i`` of the experiment's data set and seeds
+    its batch order with ``i``, so the same device trains on the same examples
+    the same way in every run and every process.
 
     Parameters
     ----------
-    transport
-        The bus every device uses.
+    transport_for
+        The transport each device uses, by device id.
     data
         The experiment config's ``data`` section (dataset, devices, partition, alpha, ...).
     seed
@@ -38,11 +60,17 @@ class Fleet:
         Which of the partition's devices to run (default: all of them).
     experiment_id
         Restrict the devices to one experiment.
+    run
+        Where devices train (default: on the delivering thread).
+    prefix
+        Device ids are ``<prefix>-0000``, ``<prefix>-0001``, ...
+    make_trainer
+        Builds each device's training handler (default: the TorchScript trainer).
     """
 
     def __init__(
         self,
-        transport: Transport,
+        transport_for: TransportFor,
         data: Mapping[str, Any],
         *,
         seed: int,
@@ -51,6 +79,7 @@ class Fleet:
         fetcher: ArtifactFetcher | None = None,
         run: Runner | None = None,
         prefix: str = "emu",
+        make_trainer: TrainerFactory | None = None,
     ) -> None:
         dataset = load_dataset(str(data.get("dataset", "digits")))
         size = int(data.get("devices", 20))
@@ -63,21 +92,18 @@ class Fleet:
             shards_per_device=int(data.get("shards_per_device", 2)),
         )
         self.fetcher = fetcher or ArtifactFetcher()
-        modules = ModuleCache()
+        make_trainer = make_trainer or torchscript_trainers(seed)
         self.devices: list[DeviceClient] = []
         for i in indices if indices is not None else range(size):
             idx = parts[i]
             app = DeviceApp()
-            app.on_train(
-                TorchScriptTrainer(
-                    dataset.x_train[idx], dataset.y_train[idx], seed=seed, modules=modules
-                )
-            )
+            app.on_train(make_trainer(dataset.x_train[idx], dataset.y_train[idx], i))
+            device_id = device_name(i, prefix)
             self.devices.append(
                 DeviceClient(
                     app,
-                    transport,
-                    device_name(i, prefix),
+                    transport_for(device_id),
+                    device_id,
                     self.fetcher,
                     platform="emulated",
                     experiment_id=experiment_id,
@@ -91,11 +117,12 @@ class Fleet:
             device.start()
 
     def summary(self) -> dict[str, int]:
-        """Return the fleet's totals: tasks, updates sent, failures, rejections."""
+        """Return the fleet's totals: tasks, updates sent, uploads, failures, rejections."""
         return {
             "devices": len(self.devices),
             "tasks": sum(d.stats.tasks for d in self.devices),
             "updates_sent": sum(d.stats.updates_sent for d in self.devices),
+            "uploads": sum(d.stats.uploads for d in self.devices),
             "failures": sum(d.stats.failures for d in self.devices),
             "rejections": sum(len(d.stats.rejections) for d in self.devices),
         }

@@ -52,20 +52,31 @@ class TorchScriptTrainer:
     x, y
         The device's local examples and integer labels.
     seed
-        Seeds the batch order together with the device id and the round, so a
-        device trains identically wherever it runs.
+        Seeds the batch order together with ``stream`` and the round.
+    stream
+        Separates this device's random stream from others with the same seed
+        (the fleet passes the device's partition index, so an emulated device
+        trains identically in every process, whatever its id's prefix; default:
+        derived from the device id).
     modules
         Loaded-module cache to share across a fleet.
     """
 
     def __init__(
-        self, x: np.ndarray, y: np.ndarray, *, seed: int = 0, modules: ModuleCache | None = None
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        seed: int = 0,
+        stream: int | None = None,
+        modules: ModuleCache | None = None,
     ) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError("a trainer needs as many labels as examples, and at least one")
         self._x = np.ascontiguousarray(x, dtype=np.float32)
         self._y = np.asarray(y, dtype=np.int64)
         self._seed = seed
+        self._stream = stream
         self._modules = modules or ModuleCache()
 
     def __call__(self, task: TrainTask, ctx: DeviceContext) -> TrainResult:
@@ -83,7 +94,8 @@ class TorchScriptTrainer:
         optimizer = _optimizer(module, settings)
         epochs = int(settings.get("epochs", 1))
         batch = int(settings.get("batch_size", 32))
-        rng = np.random.default_rng([self._seed, task.round, _stable_int(ctx.device_id)])
+        stream = _stable_int(ctx.device_id) if self._stream is None else self._stream
+        rng = np.random.default_rng([self._seed, task.round, stream])
         x, y = torch.from_numpy(self._x), torch.from_numpy(self._y)
         module.train()
         loss_sum, seen = 0.0, 0

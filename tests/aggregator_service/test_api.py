@@ -163,7 +163,9 @@ def test_rounds_requested_through_the_api_run_and_are_reported(
     client: FlaskClient, stack: Any, config: dict[str, Any]
 ) -> None:
     experiment_id = _create(client, config)
-    Fleet(stack.transport, config["data"], seed=config["seed"], experiment_id=experiment_id).start()
+    Fleet(
+        lambda _: stack.transport, config["data"], seed=config["seed"], experiment_id=experiment_id
+    ).start()
     stack.transport.join(timeout=30)
 
     response = client.post(

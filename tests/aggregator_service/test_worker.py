@@ -223,3 +223,18 @@ def test_closing_at_the_minimum_commits_what_arrived(bench: Bench) -> None:
     assert isinstance(committed, RoundCommitted)
     assert committed.version == 1
     assert bench.store.latest_version(EXP) == 1
+
+
+def test_an_update_that_overtakes_its_round_announcement_is_held_then_folded(
+    bench: Bench,
+) -> None:
+    _send(bench, "a", _good(1.0))  # round 1 is not open yet
+    bench.transport.join(timeout=10)
+    assert bench.notices == [] and bench.events == []
+
+    _open(bench, target=1)
+    bench.transport.join(timeout=10)
+
+    (committed,) = bench.events
+    assert isinstance(committed, RoundCommitted)
+    assert committed.accepted_devices == ("a",)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from broker import MemoryTransport, Transport, connect
-from tests.brokers import AMQP_PORT, MQTT_PORT, amqp_url, mqtt_url, require
+from tests.brokers import AMQP_PORT, MQTT_PORT, amqp_url, delete_amqp_groups, mqtt_url, require
 from tests.tcp_proxy import TcpProxy
 
 
@@ -24,6 +24,13 @@ class Bus:
     root: str = field(default_factory=lambda: f"test/{uuid.uuid4().hex[:10]}")
     proxy: TcpProxy | None = None
     opened: list[Transport] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+
+    def group(self) -> str:
+        """Return a fresh group name, removed from the broker after the test."""
+        name = f"g-{uuid.uuid4().hex[:8]}"
+        self.groups.append(name)
+        return name
 
     def connect(self) -> Transport:
         """Open a transport and remember to close it."""
@@ -62,3 +69,5 @@ def bus(request: pytest.FixtureRequest) -> Iterator[Bus]:
         transport.close()
     if bus.proxy is not None:
         bus.proxy.close()
+    if kind == "amqp":
+        delete_amqp_groups(bus.groups)

@@ -8,6 +8,7 @@ import pytest
 
 from broker import (
     CheckIn,
+    CheckOut,
     CloseRound,
     CodecError,
     ComeBackLater,
@@ -45,6 +46,7 @@ SAMPLES: list[Message] = [
         deadline_at=12.5,
         reply_to="fedmq/updates/e",
     ),
+    CheckOut(device_id="d1", reason="connection lost"),
     ComeBackLater(experiment_id="e", retry_after_s=30.0, reason="busy"),
     ModelUpdate(
         experiment_id="e",

@@ -22,9 +22,14 @@ class Inbox:
         self.lock = threading.Lock()
 
     def __call__(self, delivery: Delivery) -> None:
+        self._settle(delivery)
+        # Recorded after settling, so a test that acts on what arrived never
+        # races the settlement of it.
         with self.lock:
             self.bodies.append(delivery.body)
             self.redelivered.append(delivery.redelivered)
+
+    def _settle(self, delivery: Delivery) -> None:
         if self.settle == "ack":
             delivery.ack()
         elif self.settle == "requeue-once":
@@ -41,10 +46,6 @@ class Inbox:
             f"expected {count} messages, got {len(self.bodies)}"
         )
         return list(self.bodies)
-
-
-def _group() -> str:
-    return f"g-{uuid.uuid4().hex[:8]}"
 
 
 def _settle_time(bus: Bus) -> None:
@@ -82,7 +83,7 @@ def test_wildcards_match_one_segment_or_the_rest(bus: Bus) -> None:
 def test_group_members_share_messages_and_plain_subscribers_get_copies(bus: Bus) -> None:
     transport = bus.connect()
     first, second, observer = Inbox(), Inbox(), Inbox()
-    group = _group()
+    group = bus.group()
     transport.subscribe(f"{bus.root}/u", first, group=group)
     transport.subscribe(f"{bus.root}/u", second, group=group)
     transport.subscribe(f"{bus.root}/u", observer)
@@ -99,7 +100,7 @@ def test_group_members_share_messages_and_plain_subscribers_get_copies(bus: Bus)
 def test_a_requeued_message_comes_back_marked_redelivered(bus: Bus) -> None:
     transport = bus.connect()
     inbox = Inbox("requeue-once")
-    transport.subscribe(f"{bus.root}/r", inbox, group=_group())
+    transport.subscribe(f"{bus.root}/r", inbox, group=bus.group())
 
     transport.publish(f"{bus.root}/r", b"again")
 
@@ -110,7 +111,7 @@ def test_a_requeued_message_comes_back_marked_redelivered(bus: Bus) -> None:
 def test_an_unsettled_message_is_redelivered_to_the_next_consumer(bus: Bus) -> None:
     if bus.kind == "memory":
         pytest.skip("the in-process bus has no connection to lose")
-    group = _group()
+    group = bus.group()
     first = bus.connect()
     holder = Inbox("hold")
     first.subscribe(f"{bus.root}/w", holder, group=group)
@@ -129,7 +130,7 @@ def test_an_unsettled_message_is_redelivered_to_the_next_consumer(bus: Bus) -> N
 def test_a_group_keeps_messages_published_while_its_consumer_is_offline(bus: Bus) -> None:
     if bus.kind == "memory":
         pytest.skip("the in-process bus lives and dies with its process")
-    group = _group()
+    group = bus.group()
     first = bus.connect()
     first.subscribe(f"{bus.root}/q", Inbox(), group=group)
     first.close()
@@ -159,7 +160,7 @@ def test_the_transport_reconnects_after_the_broker_drops_it(bus: Bus) -> None:
         pytest.skip("the in-process bus has no connection to drop")
     transport = bus.connect()
     inbox = Inbox()
-    transport.subscribe(f"{bus.root}/c", inbox, group=_group())
+    transport.subscribe(f"{bus.root}/c", inbox, group=bus.group())
     transport.publish(f"{bus.root}/c", b"before")
     inbox.wait(1)
 

@@ -1,0 +1,59 @@
+"""Signed blob downloads and update uploads, for devices of a local-folder store."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from aggregator_service.api.errors import BadRequest
+from aggregator_service.errors import NotFound, ServiceError
+from aggregator_service.links import SignedLinks
+from model_store import ArtifactNotFound, ModelStore
+
+bp = Blueprint("blobs", __name__, url_prefix="/api/v1")
+
+
+class PayloadTooLarge(ServiceError):
+    """An upload above the service's size limit."""
+
+    code = "payload_too_large"
+
+
+def _links() -> SignedLinks:
+    links: SignedLinks = current_app.extensions["fedmq.links"]
+    return links
+
+
+def _store() -> ModelStore:
+    store: ModelStore = current_app.extensions["fedmq.store"]
+    return store
+
+
+def _verify(method: str) -> None:
+    _links().verify(
+        method, request.path, request.args.get("expires"), request.args.get("signature")
+    )
+
+
+@bp.get("/blobs/<sha256>")
+def download(sha256: str) -> Response:
+    """Return a blob's bytes (checksum-verified by the store on the way out)."""
+    _verify("GET")
+    try:
+        data = _store().get_blob(sha256)
+    except ArtifactNotFound as exc:
+        raise NotFound(str(exc)) from exc
+    return Response(data, mimetype="application/octet-stream")
+
+
+@bp.put("/uploads/<nonce>")
+def upload(nonce: str) -> tuple[Response, int]:
+    """Store an uploaded update; answer with its sha256 for the device's claim check."""
+    _verify("PUT")
+    limit = int(current_app.config.get("MAX_UPLOAD_BYTES", 1 << 30))
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
+    data = request.get_data(cache=False)
+    if not data:
+        raise BadRequest("empty upload (send the bytes as application/octet-stream)")
+    sha256 = _store().put_blob(data)
+    return jsonify({"sha256": sha256, "size": len(data)}), 201

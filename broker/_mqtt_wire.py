@@ -1,0 +1,88 @@
+"""MQTT packet details the transport needs from paho: properties, sizes, incoming messages."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from broker._mqtt_options import MqttOptions
+from broker._mqtt_routing import REDELIVERED_PROPERTY, Inbound
+
+RECEIVE_MAXIMUM = 65_535
+"""Unacked messages the broker may have in flight to us (the MQTT 5 maximum)."""
+
+# CONNACK refusals worth retrying; any other one (bad credentials, banned,
+# unsupported protocol) will not change by asking again.
+TRANSIENT_REFUSALS = frozenset({0x88, 0x89, 0x97, 0x9F})
+
+
+def properties(packet_type: int) -> Properties:
+    """Return empty MQTT 5 properties for one packet type."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
+
+
+def connect_options(opts: MqttOptions) -> dict[str, Any]:
+    """Return the MQTT 5 ``connect_async`` keywords: session and flow control."""
+    props = properties(PacketTypes.CONNECT)
+    # The default Receive Maximum lets Mosquitto have only 20 unacked messages in
+    # flight; the aggregator holds a whole round's updates until it commits.
+    props.ReceiveMaximum = RECEIVE_MAXIMUM
+    props.SessionExpiryInterval = opts.session_expiry if opts.persistent else 0
+    return {"clean_start": not opts.persistent, "properties": props}
+
+
+def redelivered_marker() -> Properties:
+    """Return PUBLISH properties that mark a requeued message."""
+    props = properties(PacketTypes.PUBLISH)
+    props.UserProperty = (REDELIVERED_PROPERTY, "1")
+    return props
+
+
+def subscribe_properties(sub_id: int) -> Properties:
+    """Return SUBSCRIBE properties carrying a subscription identifier."""
+    props = properties(PacketTypes.SUBSCRIBE)
+    props.SubscriptionIdentifier = sub_id
+    return props
+
+
+def publish_size(topic: str, body: bytes, props: Properties | None) -> int:
+    """Return the size in bytes of the QoS 1 PUBLISH packet paho will send."""
+    props_size = len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
+    remaining = 2 + len(topic.encode()) + 2 + props_size + len(body)
+    return 1 + _varint_size(remaining) + remaining
+
+
+def read_inbound(message: paho.MQTTMessage, epoch: int) -> Inbound:
+    """Return the transport's view of a received PUBLISH."""
+    payload = message.payload
+    body = payload if isinstance(payload, bytes) else bytes(payload)  # no copy of a model
+    props: Any = message.properties  # None under MQTT 3
+    sub_ids = getattr(props, "SubscriptionIdentifier", None) or []
+    user_props = getattr(props, "UserProperty", None) or []
+    marked = any(key == REDELIVERED_PROPERTY for key, _ in user_props)
+    return Inbound(
+        mid=message.mid,
+        qos=message.qos,
+        topic=message.topic,
+        body=body,
+        redelivered=bool(message.dup) or marked,
+        epoch=epoch,
+        sub_ids=tuple(sub_ids),
+    )
+
+
+def no_delay(sock: Any) -> None:
+    """Turn off Nagle's algorithm on a TCP socket."""
+    # Small packets (acks, control messages) otherwise wait behind the peer's
+    # delayed ACK: measured 40 ms per publish when a PUBACK follows a delivery.
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _varint_size(value: int) -> int:
+    """Return how many bytes MQTT's variable-length integer takes for ``value``."""
+    return 1 if value < 128 else 2 if value < 16_384 else 3 if value < 2_097_152 else 4

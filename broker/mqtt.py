@@ -1,0 +1,462 @@
+"""The MQTT transport (``mqtt://``): paho-mqtt, MQTT 5, QoS 1 for everything.
+
+Threads: paho's network thread (``loop_start``, owned here) runs every
+``_on_*`` callback and reconnects; one dispatcher thread runs the handlers in
+arrival order, so a handler that trains for minutes never stalls the network
+loop. Acks travel back through paho's thread-safe packet queue.
+
+How the ``Transport`` promises map onto MQTT:
+
+- ``publish`` waits for the PUBACK. paho keeps a QoS 1 message across a lost
+  connection and sends it again after reconnecting, so a publish made while the
+  connection is down completes once it is back (bounded by ``publish_timeout``).
+  A message above the broker's announced Maximum Packet Size is refused here.
+- Reconnecting is paho's loop with ``broker.retry.backoff`` delays, for as long
+  as the transport is open; subscriptions are renewed in ``on_connect``. An ack
+  for a message received on an earlier connection is dropped (its packet id
+  may be reused); the broker redelivers that message instead.
+- Acks are manual, and the CONNECT asks for Receive Maximum 65535: a consumer
+  may hold many unacked messages (the aggregator acks a round's updates at
+  commit) without the broker pausing delivery at its default of 20 in flight.
+- A ``group`` is an MQTT 5 shared subscription (``$share/<group>/<topic>``).
+  Every subscription carries an identifier derived from its filter, which tells
+  a group's copy of a message from a plain subscriber's copy of the same one.
+- A ``client_id`` in the URL makes the session persistent (clean start off, a
+  session expiry): a process that reconnects with that id gets what was queued
+  and what it left unacked, with the DUP flag set. Messages that arrive before
+  their handler is subscribed again wait until it is.
+- MQTT has no negative ack: ``nack(requeue=True)`` republishes the message with
+  the user property ``fedmq-redelivered`` and acks the original;
+  ``nack(requeue=False)`` republishes it to ``fedmq/dead-letters/<topic>``.
+- ``?protocol=3.1.1`` (for amqtt) has no shared subscriptions, subscription
+  identifiers or user properties: group members compete only within one
+  transport, overlapping filters may deliver a message twice, and a requeued
+  message is not marked redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+from urllib.parse import quote
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from broker._mqtt_options import MqttOptions
+from broker._mqtt_routing import (
+    Dispatcher,
+    Inbound,
+    MqttDelivery,
+    MqttSubscription,
+    Route,
+    RouteTable,
+)
+from broker._mqtt_wire import (
+    TRANSIENT_REFUSALS,
+    connect_options,
+    no_delay,
+    publish_size,
+    read_inbound,
+    redelivered_marker,
+    subscribe_properties,
+)
+from broker.errors import ConnectionLost, TransportError
+from broker.retry import backoff
+from broker.transport import Handler
+
+__all__ = ["MqttDelivery", "MqttSubscription", "MqttTransport"]
+
+log = logging.getLogger(__name__)
+
+
+def _not_a_shutdown_race(record: logging.LogRecord) -> bool:
+    """Drop paho's error for its network loop noticing a socket ``close()`` just shut."""
+    return not record.getMessage().startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger(f"{__name__}.paho")
+_PAHO_LOG.addFilter(_not_a_shutdown_race)
+
+SUBACK_TIMEOUT = 10.0
+STABLE_AFTER = 10.0
+"""Seconds a connection must last before reconnect back-off starts again from zero."""
+
+
+class MqttTransport:
+    """The MQTT transport; build it with ``from_url`` or ``broker.connect``.
+
+    Parameters
+    ----------
+    url
+        ``mqtt://[user:password@]host[:port][?option=value...]``; options are
+        ``client_id`` (makes the session persistent), ``session_expiry``
+        (seconds, default 3600), ``keepalive``, ``protocol`` (``5`` or ``3.1.1``),
+        ``connect_timeout`` (default 5 s) and ``publish_timeout`` (default 60 s).
+    will
+        ``(topic, payload)`` the broker publishes (QoS 1, not retained) if this
+        client vanishes without closing; a clean ``close()`` does not send it.
+
+    Raises
+    ------
+    ConnectionLost
+        No broker accepted the connection within ``connect_timeout``.
+    TransportError
+        The URL is malformed, or the broker refused the client for good.
+    """
+
+    def __init__(
+        self, url: str = "mqtt://127.0.0.1:1883", *, will: tuple[str, bytes] | None = None
+    ) -> None:
+        self._options = MqttOptions.parse(url)
+        self._v5 = self._options.protocol == "5"
+        self._lock = threading.Condition()
+        self._table = RouteTable(shared_groups=self._v5)
+        self._connected = False
+        self._closed = False
+        self._epoch = 0
+        self._attempt = 0
+        self._refused: ReasonCode | None = None
+        self._network_thread: int | None = None
+        self._socket_opened = False
+        self._connected_at = 0.0
+        self._max_packet: int | None = None
+        self._subacks: dict[int, list[ReasonCode] | None] = {}
+        self._puback_failures: dict[int, ReasonCode] = {}
+        self._dispatcher = Dispatcher(f"fedmq-mqtt-{self._options.client_id}")
+        self._client = self._make_client(will)
+        self._connect()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, will: tuple[str, bytes] | None = None, client_id: str | None = None
+    ) -> MqttTransport:
+        """Connect to the broker at ``url``; ``client_id`` overrides the URL's one."""
+        if client_id is not None:
+            url = f"{url}{'&' if '?' in url else '?'}client_id={quote(client_id, safe='')}"
+        return cls(url, will=will)
+
+    @property
+    def url(self) -> str:
+        """Return the broker's address, without the password."""
+        return self._options.safe_url
+
+    @property
+    def client_id(self) -> str:
+        """Return the MQTT client id (generated when the URL gave none)."""
+        return self._options.client_id
+
+    def publish(self, topic: str, body: bytes) -> None:
+        """Publish ``body`` at QoS 1; return once the broker acknowledged it."""
+        self._publish(topic, body, redelivered=False)
+
+    def subscribe(
+        self, topic: str, handler: Handler, *, group: str | None = None
+    ) -> MqttSubscription:
+        """Call ``handler`` on the dispatcher thread for each message matching ``topic``."""
+        with self._lock:
+            self._check_open()
+            route, fresh = self._table.add(topic, group, handler)
+            for inbound, handlers in self._table.unpark():
+                self._dispatch(inbound, handlers)
+            mid = self._send_subscribe(route) if fresh and self._connected else None
+            if mid is not None:
+                self._subacks[mid] = None
+        if mid is not None:
+            self._await_suback(mid, route, handler)
+        return MqttSubscription(route, handler, self._cancel)
+
+    def close(self) -> None:
+        """Disconnect cleanly (no will); unacked messages stay with the broker. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._lock.notify_all()
+        # The running handler may still ack before the DISCONNECT goes out.
+        self._dispatcher.stop()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- settling, called by MqttDelivery on the dispatcher thread -------------
+
+    def _settle(self, inbound: Inbound) -> None:
+        """Count one local delivery of ``inbound`` as settled; PUBACK it after the last."""
+        with self._lock:
+            inbound.pending -= 1
+            if inbound.pending > 0 or inbound.qos == 0:
+                return
+            if not self._connected or inbound.epoch != self._epoch:
+                # The packet id may already name another message on the new
+                # connection; the broker redelivers this one instead.
+                log.debug("dropped an ack from an old connection (%s)", inbound.topic)
+                return
+            self._client.ack(inbound.mid, inbound.qos)
+
+    def _republish(self, topic: str, body: bytes, *, redelivered: bool) -> None:
+        """Publish ``body`` again, with the redelivered marker when asked."""
+        self._publish(topic, body, redelivered=redelivered)
+
+    # -- internals -------------------------------------------------------------
+
+    def _make_client(self, will: tuple[str, bytes] | None) -> paho.Client:
+        opts = self._options
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=opts.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._v5 else not opts.persistent,
+            manual_ack=True,
+        )
+        client.enable_logger(_PAHO_LOG)
+        if opts.username is not None:
+            client.username_pw_set(opts.username, opts.password)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=False)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_socket_open = self._on_socket_open
+        return client
+
+    def _connect(self) -> None:
+        """Start the network thread and wait, bounded, for the first CONNACK."""
+        opts = self._options
+        kwargs = connect_options(opts) if self._v5 else {}
+        self._set_reconnect_delay(0)
+        try:
+            self._client.connect_async(opts.host, opts.port, opts.keepalive, **kwargs)
+        except ValueError as exc:
+            self._dispatcher.stop()
+            raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
+        self._client.loop_start()
+        with self._lock:
+            self._lock.wait_for(
+                lambda: self._connected or self._refused is not None, opts.connect_timeout
+            )
+            connected, refused = self._connected, self._refused
+        if connected:
+            return
+        self._closed = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._dispatcher.stop()
+        if refused is not None:
+            hint = "; add ?protocol=3.1.1 for an MQTT 3 broker" if refused.value == 0x84 else ""
+            raise TransportError(f"{self.url} refused the connection: {refused}{hint}")
+        if self._socket_opened and self._v5:
+            raise ConnectionLost(
+                f"{self.url} accepted TCP but sent no CONNACK within {opts.connect_timeout:g} s"
+                " (an MQTT 3 broker such as amqtt needs ?protocol=3.1.1)"
+            )
+        raise ConnectionLost(
+            f"no MQTT broker answered at {self.url} within {opts.connect_timeout:g} s"
+        )
+
+    def _publish(self, topic: str, body: bytes, *, redelivered: bool) -> None:
+        if threading.get_ident() == self._network_thread:
+            raise TransportError("publish from a paho callback would wait on itself")
+        self._check_open()
+        props = redelivered_marker() if redelivered and self._v5 else None
+        self._check_size(topic, body, props)
+        try:
+            info = self._client.publish(topic, body, qos=1, properties=props)
+        except (ValueError, TypeError) as exc:
+            raise TransportError(f"cannot publish to {topic!r}: {exc}") from exc
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise TransportError(f"paho's outgoing queue is full; {topic} not published")
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            # paho queued the message and sends it once reconnected; clear the
+            # code so the wait below waits for that instead of failing at once.
+            info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._await_puback(info, topic)
+
+    def _check_size(self, topic: str, body: bytes, props: Properties | None) -> None:
+        """Refuse what the broker's Maximum Packet Size forbids, before paho queues it."""
+        # Sent anyway, the broker drops the connection and paho resends the
+        # message after every reconnect: a loop no publish_timeout ends.
+        limit = self._max_packet
+        if limit is None:
+            return
+        size = publish_size(topic, body, props)
+        if size > limit:
+            raise TransportError(
+                f"{self.url} takes packets up to {limit} bytes; a {size}-byte message to"
+                f" {topic} is refused (send large payloads by reference)"
+            )
+
+    def _await_puback(self, info: paho.MQTTMessageInfo, topic: str) -> None:
+        timeout = self._options.publish_timeout
+        deadline = time.monotonic() + timeout
+        try:
+            while not info.is_published():
+                remaining = deadline - time.monotonic()
+                if self._closed:
+                    raise TransportError(f"transport closed before {self.url} confirmed {topic}")
+                if remaining <= 0:
+                    if self._connected:
+                        raise TransportError(f"{self.url} did not confirm {topic} in {timeout:g} s")
+                    raise ConnectionLost(f"no connection to {self.url} for {timeout:g} s ({topic})")
+                info.wait_for_publish(min(remaining, 0.25))
+        except (RuntimeError, ValueError) as exc:
+            raise ConnectionLost(f"publishing to {topic} on {self.url} failed: {exc}") from exc
+        failure = self._puback_failures.pop(info.mid, None)
+        if failure is not None:
+            raise TransportError(f"{self.url} refused a message to {topic}: {failure}")
+
+    def _send_subscribe(self, route: Route) -> int | None:
+        """Send one SUBSCRIBE for ``route`` (lock held); return its packet id."""
+        if self._v5:
+            options = SubscribeOptions(qos=1)
+            props = subscribe_properties(route.sub_id)
+            rc, mid = self._client.subscribe(route.broker_filter, options=options, properties=props)
+        else:
+            rc, mid = self._client.subscribe(route.broker_filter, qos=1)
+        return mid if rc == MQTTErrorCode.MQTT_ERR_SUCCESS else None
+
+    def _await_suback(self, mid: int, route: Route, handler: Handler) -> None:
+        with self._lock:
+            self._lock.wait_for(
+                lambda: self._subacks.get(mid) is not None or not self._connected or self._closed,
+                SUBACK_TIMEOUT,
+            )
+            reasons = self._subacks.pop(mid, None) or []
+            failed = [r for r in reasons if r.is_failure]
+            if failed:
+                self._table.remove(route, handler)
+        # No answer means the connection dropped; on_connect subscribes again.
+        if failed:
+            raise TransportError(f"{self.url} refused {route.broker_filter!r}: {failed[0]}")
+
+    def _cancel(self, route: Route, handler: Handler) -> None:
+        with self._lock:
+            if self._table.remove(route, handler) and self._connected and not self._closed:
+                self._client.unsubscribe(route.broker_filter)
+
+    def _dispatch(self, inbound: Inbound, handlers: list[Handler]) -> None:
+        inbound.pending += len(handlers)
+        for handler in handlers:
+            delivery = MqttDelivery(inbound.topic, inbound.body, inbound.redelivered, inbound, self)
+            self._dispatcher.submit(handler, delivery)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"the transport to {self.url} is closed")
+
+    def _set_reconnect_delay(self, attempt: int) -> None:
+        delay = backoff(attempt)
+        # paho annotates the delays as int but computes with floats; min == max
+        # makes its next wait this delay rather than its own doubling.
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+
+    # -- paho callbacks (network thread) -----------------------------------------
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._network_thread = threading.get_ident()
+        if reason.is_failure:
+            log.warning("%s refused the connection: %s", self.url, reason)
+            if reason.value not in TRANSIENT_REFUSALS:
+                with self._lock:
+                    self._refused = reason
+                    self._lock.notify_all()
+            return
+        with self._lock:
+            self._connected = True
+            self._connected_at = time.monotonic()
+            self._max_packet = getattr(properties, "MaximumPacketSize", None)
+            self._epoch += 1
+            # Subscribing here renews every subscription after a reconnect,
+            # also when the broker lost the session (restarted, expired).
+            sent: set[str] = set()
+            for route in self._table.routes():
+                if route.broker_filter not in sent:
+                    sent.add(route.broker_filter)
+                    self._send_subscribe(route)
+            self._lock.notify_all()
+        log.info("connected to %s (session present: %s)", self.url, flags.session_present)
+
+    def _on_socket_open(self, client: paho.Client, userdata: object, sock: Any) -> None:
+        self._socket_opened = True
+        no_delay(sock)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
+        with self._lock:
+            attempt, self._attempt = self._attempt, self._attempt + 1
+        log.info("cannot reach %s (attempt %d); retrying", self.url, attempt + 1)
+        self._set_reconnect_delay(attempt)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            self._connected = False
+            self._epoch += 1
+            # Back-off restarts only after a connection that lasted: a broker that
+            # accepts and then drops us at once must not be hammered.
+            if time.monotonic() - self._connected_at >= STABLE_AFTER:
+                self._attempt = 0
+            attempt, self._attempt = self._attempt, self._attempt + 1
+            self._lock.notify_all()
+            if self._closed:
+                return
+        log.warning("lost the connection to %s (%s); reconnecting", self.url, reason)
+        self._set_reconnect_delay(attempt)
+
+    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        with self._lock:
+            inbound = read_inbound(message, self._epoch)
+            handlers = self._table.targets(inbound)
+            if handlers:
+                self._dispatch(inbound, handlers)
+            else:
+                self._table.park(inbound)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        # 0x10 "no matching subscribers" is a success; only failures are kept.
+        # paho calls this holding its message lock, so ours is not taken here.
+        if reason.is_failure:
+            self._puback_failures[mid] = reason
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties,
+    ) -> None:
+        with self._lock:
+            if mid in self._subacks:
+                self._subacks[mid] = list(reasons)
+                self._lock.notify_all()
+                return
+        for reason in reasons:
+            if reason.is_failure:
+                log.error("%s refused a renewed subscription: %s", self.url, reason)

@@ -1,0 +1,238 @@
+"""Transport benchmark: round overhead, worker intake vs raw consume, memory per device.
+
+Run ``python -m experiments.bench.transport`` (add ``--quick`` for a smoke run).
+Writes ``experiments/results/bench_transport.{md,json}``. Needs RabbitMQ on
+127.0.0.1:5672 and Mosquitto on 127.0.0.1:1883 (``make brokers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator_service import AggregatorWorker, ExperimentConfig
+from broker import (
+    Delivery,
+    ModelRef,
+    ModelUpdate,
+    RoundCommitted,
+    RoundOpened,
+    TrainTask,
+    decode,
+    encode,
+    encode_weights,
+    topics,
+)
+from device_sdk import DeviceContext, TrainResult
+from fedmq.compose import run_experiment
+from fedmq.wiring import transport_factory, unique_client_id
+from model_store import MemoryStore
+
+BROKERS = {
+    "amqp": "amqp://guest:guest@127.0.0.1:5672/%2F",
+    "mqtt": "mqtt://127.0.0.1:1883",
+}
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def hidden_for(params: int) -> int:
+    """Return the MLP hidden width giving about ``params`` parameters on 64 inputs, 10 classes."""
+    return max(1, (params - 10) // 75)
+
+
+def noop_trainers(x: np.ndarray, y: np.ndarray, index: int) -> Any:
+    """Trivial local work: hand the global weights straight back."""
+
+    def train(task: TrainTask, ctx: DeviceContext) -> TrainResult:
+        return TrainResult(ctx.weights, len(x), {"loss": 0.0})
+
+    return train
+
+
+def round_overhead(broker: str, devices: int, params: int, rounds: int) -> dict[str, Any]:
+    """Return the median wall time of a round whose devices do no training."""
+    config = ExperimentConfig.from_dict({
+        "name": "bench", "seed": 0,
+        "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 10,
+                  "hidden": [hidden_for(params)]},
+        "data": {"dataset": "digits", "devices": devices, "partition": "iid"},
+        "rounds": {"count": rounds, "devices_per_round": devices, "deadline_s": 600.0},
+    })
+    result = run_experiment(config, broker_url=BROKERS[broker], timeout_s=900,
+                            make_trainer=noop_trainers, evaluate=False)
+    durations = [r.duration_s or 0.0 for r in result.rounds[1:]]  # round 1 warms caches
+    return {
+        "broker": broker, "devices": devices, "params": params,
+        "round_s_median": statistics.median(durations),
+        "round_s_max": max(durations),
+        "uploads": result.fleet["uploads"],
+    }
+
+
+def intake(broker: str, updates: int, params: int) -> dict[str, Any]:
+    """Return the worker's folds/s and a plain consumer's msgs/s for the same update frames."""
+    weights = {"w": np.random.default_rng(0).normal(size=params).astype(np.float32)}
+    blob = encode_weights(weights)
+    store = MemoryStore()
+    sha = store.publish("bench", 0, {"weights.safetensors": (blob, "application/octet-stream")},
+                        parent=None).artifacts["weights.safetensors"].sha256
+    devices = tuple(f"d{i:05d}" for i in range(updates))
+    experiment = f"bench{uuid.uuid4().hex[:6]}"
+    frames = [
+        encode(ModelUpdate(experiment_id=experiment, round=1, device_id=d, base_version=0,
+                           task_id="t", num_examples=1, inline_weights=blob))
+        for d in devices
+    ]
+    open_transport = transport_factory(BROKERS[broker])
+
+    raw_rate = _raw_consume_rate(open_transport, frames)
+
+    worker_bus = open_transport(unique_client_id("worker"))
+    AggregatorWorker(worker_bus, store).start()
+    driver = open_transport(unique_client_id("driver"))
+    committed = threading.Event()
+
+    def on_event(delivery: Delivery) -> None:
+        if isinstance(decode(delivery.body), RoundCommitted):
+            committed.set()
+        delivery.ack()
+
+    driver.subscribe(topics.events(experiment), on_event)
+    opened = RoundOpened(experiment_id=experiment, round=1, base_version=0,
+                         model=ModelRef("memory://", sha, len(blob)), selected=devices,
+                         target_reports=updates, min_reports=updates, deadline_at=0.0,
+                         strategy={"name": "fedavg"})
+    driver.publish(topics.control(experiment), encode(opened))
+    time.sleep(0.5)  # let the worker open the round before the clock starts
+    start = time.perf_counter()
+    for frame in frames:
+        driver.publish(topics.updates(experiment), frame)
+    if not committed.wait(600):
+        raise TimeoutError("the worker did not commit the intake round")
+    worker_rate = updates / (time.perf_counter() - start)
+    for bus in (driver, worker_bus):
+        bus.close()
+    return {"broker": broker, "updates": updates, "params": params,
+            "bytes": len(frames[0]), "worker_folds_per_s": worker_rate,
+            "raw_consume_per_s": raw_rate, "ratio": worker_rate / raw_rate}
+
+
+def _raw_consume_rate(open_transport: Callable[[str], Any], frames: list[bytes]) -> float:
+    """Publish ``frames`` and time a consumer that only acks them (same path as updates)."""
+    topic = f"bench/raw/{uuid.uuid4().hex[:8]}"
+    got = threading.Event()
+    count = [0]
+
+    def consume(delivery: Delivery) -> None:
+        delivery.ack()
+        count[0] += 1
+        if count[0] == len(frames):
+            got.set()
+
+    consumer = open_transport(unique_client_id("raw"))
+    consumer.subscribe(topic, consume, group=f"bench-raw-{uuid.uuid4().hex[:6]}")
+    publisher = open_transport(unique_client_id("pub"))
+    time.sleep(0.5)
+    start = time.perf_counter()
+    for frame in frames:
+        publisher.publish(topic, frame)
+    if not got.wait(600):
+        raise TimeoutError("raw consumer did not receive every frame")
+    rate = len(frames) / (time.perf_counter() - start)
+    publisher.close()
+    consumer.close()
+    return rate
+
+
+_MEMORY_PROBE = """
+import json, sys, time
+from fedmq.wiring import transport_factory
+from device_sdk.emulator import Fleet
+from experiments.bench.transport import noop_trainers
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+url, n = sys.argv[1], int(sys.argv[2])
+open_transport = transport_factory(url)
+data = {"dataset": "digits", "devices": max(n, 1), "partition": "iid"}
+Fleet(lambda _d: None, data, seed=0, indices=range(0), make_trainer=noop_trainers)  # warm imports
+time.sleep(0.5)
+before = rss()
+fleet = Fleet(open_transport, data, seed=0, indices=range(n), make_trainer=noop_trainers,
+              prefix="mem" + str(int(time.time())))
+fleet.start()
+time.sleep(2.0)
+print(json.dumps({"before": before, "after": rss()}))
+"""
+
+
+def memory_per_device(broker: str, devices: int) -> dict[str, Any]:
+    """Return the resident memory one emulated device adds (connections included)."""
+    url = BROKERS.get(broker, "memory://")
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, url, str(devices)],
+                         capture_output=True, text=True, check=True, timeout=300)
+    sample = json.loads(out.stdout.strip().splitlines()[-1])
+    per = (sample["after"] - sample["before"]) / devices
+    return {"broker": broker, "devices": devices, "bytes_per_device": per}
+
+
+def main() -> None:
+    """Run every measurement and write the tables."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = parser.parse_args()
+    sizes = [(10, 100_000)] if args.quick else [
+        (n, p) for p in (100_000, 4_000_000) for n in (10, 50, 100)
+    ]
+    results: dict[str, list[dict[str, Any]]] = {"overhead": [], "intake": [], "memory": []}
+    for broker in BROKERS:
+        for devices, params in sizes:
+            rounds = 4 if params <= 100_000 else 3
+            row = round_overhead(broker, devices, params, rounds)
+            print(json.dumps(row), flush=True)
+            results["overhead"].append(row)
+        row = intake(broker, 50 if args.quick else 300, 100_000)
+        print(json.dumps(row), flush=True)
+        results["intake"].append(row)
+    for broker in ("memory", *BROKERS):
+        row = memory_per_device(broker, 20 if args.quick else 100)
+        print(json.dumps(row), flush=True)
+        results["memory"].append(row)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_transport.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "bench_transport.md").write_text(render(results))
+    print(render(results))
+
+
+def render(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Return the results as markdown tables."""
+    lines = ["# Transport benchmark", "", "## Round overhead (no local training)", "",
+             "| broker | devices | parameters | median round (s) | max round (s) | uploads |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['broker']} | {r['devices']} | {r['params']:,} | {r['round_s_median']:.3f} "
+              f"| {r['round_s_max']:.3f} | {r['uploads']} |" for r in results["overhead"]]
+    lines += ["", "## Worker intake vs raw consume (same frames, same run)", "",
+              "| broker | updates | frame bytes | worker folds/s | raw consume msg/s | ratio |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['broker']} | {r['updates']} | {r['bytes']:,} | {r['worker_folds_per_s']:.0f} "
+              f"| {r['raw_consume_per_s']:.0f} | {r['ratio']:.2f} |" for r in results["intake"]]
+    lines += ["", "## Memory per emulated device (beyond model and data)", "",
+              "| transport | devices | KiB per device |", "| --- | ---: | ---: |"]
+    lines += [f"| {r['broker']} | {r['devices']} | {r['bytes_per_device'] / 1024:.0f} |"
+              for r in results["memory"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

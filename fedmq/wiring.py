@@ -1,0 +1,139 @@
+"""Opening transports for the compositions: one shared bus in-process, connections otherwise."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from flask import Flask
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from broker import CheckOut, MemoryTransport, Transport, connect, encode, topics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_INLINE_BYTES = 1 << 20
+"""Updates above 1 MiB go to the store and travel by reference (claim check)."""
+
+
+def is_in_process(broker_url: str) -> bool:
+    """Return whether ``broker_url`` names the in-process bus."""
+    return urlsplit(broker_url).scheme == "memory"
+
+
+def transport_factory(
+    broker_url: str, *, session_expiry_s: int | None = None
+) -> Callable[[str], Transport]:
+    """Return ``open(client_id)``: every caller shares one bus for ``memory://``.
+
+    MQTT connections get the client id (persistent sessions, and a last will
+    that checks a device out when its connection dies); AMQP ones ignore it.
+    ``session_expiry_s`` shortens how long the broker keeps an MQTT session of
+    a client that went away (the URL's own setting otherwise).
+    """
+    if is_in_process(broker_url):
+        shared = MemoryTransport()
+        return lambda _client_id: shared
+    scheme = urlsplit(broker_url).scheme
+
+    def open_transport(client_id: str) -> Transport:
+        if scheme != "mqtt":
+            return connect(broker_url)
+        will = (topics.CHECKINS, encode(CheckOut(device_id=client_id, reason="connection lost")))
+        options = {"client_id": client_id}
+        if session_expiry_s is not None:
+            options["session_expiry"] = str(session_expiry_s)
+        return connect(with_query(broker_url, **options), will=will)
+
+    return open_transport
+
+
+def unique_client_id(role: str) -> str:
+    """Return a fresh client id for a server-side component."""
+    return f"fedmq-{role}-{uuid.uuid4().hex[:8]}"
+
+
+class Ticker:
+    """Calls ``tick`` every ``interval_s`` on a daemon thread until stopped."""
+
+    def __init__(self, tick: Callable[[], None], interval_s: float = 0.25) -> None:
+        self._tick = tick
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedmq-ticker", daemon=True)
+
+    def start(self) -> Ticker:
+        """Start ticking; return self."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop ticking and wait for the thread."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._tick()
+
+
+def executor_runner(executor: Executor) -> Callable[[Callable[[], None]], None]:
+    """Return a runner that trains on ``executor`` and logs what a job raises."""
+
+    def job_failed(future: Future[None]) -> None:
+        error = future.exception() if not future.cancelled() else None
+        if error is not None:
+            log.error("a training job failed", exc_info=error)
+
+    def run(job: Callable[[], None]) -> None:
+        executor.submit(job).add_done_callback(job_failed)
+
+    return run
+
+
+def start_http(app: Flask, host: str, port: int) -> BaseWSGIServer:
+    """Serve ``app`` on a daemon thread; return the server (``.port``, ``.shutdown()``)."""
+    server = make_server(host, port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, name="fedmq-http", daemon=True).start()
+    return server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free a moment ago (for in-process HTTP services)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def with_query(url: str, **params: str) -> str:
+    """Return ``url`` with query parameters added (existing ones are kept unless overridden)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.update(params)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+class TransportPool:
+    """Opens transports by client id (see ``transport_factory``) and closes them all at the end."""
+
+    def __init__(self, broker_url: str, *, session_expiry_s: int | None = None) -> None:
+        self._open = transport_factory(broker_url, session_expiry_s=session_expiry_s)
+        self.opened: list[Transport] = []
+
+    def __call__(self, client_id: str) -> Transport:
+        """Return the transport for ``client_id`` (the shared one in-process)."""
+        transport = self._open(client_id)
+        if transport not in self.opened:
+            self.opened.append(transport)
+        return transport
+
+    def close(self) -> None:
+        """Close every transport opened, last first."""
+        for transport in reversed(self.opened):
+            transport.close()
+        self.opened.clear()

@@ -1,0 +1,379 @@
+"""What the AMQP transport promises beyond the shared contract."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pika
+import pytest
+
+from broker import ConnectionLost, Delivery, TransportError, connect
+from broker._amqp_options import parse_url, routing_key, topic_of
+from broker.amqp import DEAD_LETTERS, GROUP_PREFIX, AmqpTransport
+from tests.broker.conftest import wait_until
+from tests.brokers import AMQP_PORT, amqp_url, require
+from tests.tcp_proxy import TcpProxy
+
+
+class Held:
+    """A handler that keeps every delivery unsettled, for the test to settle."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.threads: list[str] = []
+
+    def __call__(self, delivery: Delivery) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.deliveries.append(delivery)
+
+    def wait(self, count: int, timeout: float = 10.0) -> list[Delivery]:
+        assert wait_until(lambda: len(self.deliveries) >= count, timeout), (
+            f"expected {count} deliveries, got {len(self.deliveries)}"
+        )
+        return list(self.deliveries)
+
+
+@pytest.fixture
+def root() -> str:
+    return f"test/amqp-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def admin() -> Iterator[Any]:
+    """A plain pika channel to inspect the broker; group queues named in ``groups`` are deleted."""
+    require(AMQP_PORT, "RabbitMQ")
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url()))
+    channel = conn.channel()
+    channel.groups = []
+    yield channel
+    cleanup = conn.channel() if not channel.is_open else channel
+    for group in channel.groups:
+        cleanup.queue_delete(GROUP_PREFIX + group)
+    conn.close()
+
+
+def _group(admin: Any) -> str:
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    admin.groups.append(group)
+    return group
+
+
+def _take_dead_letters(admin: Any, bodies: set[bytes], timeout: float = 5.0) -> dict[bytes, Any]:
+    """Remove ``bodies`` from the shared dead-letter queue; return their properties."""
+    found: dict[bytes, Any] = {}
+    end = time.monotonic() + timeout
+    while set(found) != bodies and time.monotonic() < end:
+        method, properties, body = admin.basic_get(DEAD_LETTERS, auto_ack=False)
+        if method is None:
+            time.sleep(0.05)
+        elif body in bodies:
+            admin.basic_ack(method.delivery_tag)
+            found[body] = properties
+        # Others' dead letters stay unacked here and go back when the channel closes.
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _take_broker_down(proxy: TcpProxy) -> None:
+    """Drop the proxy's connections and fail every new one, as if RabbitMQ were down."""
+    # TcpProxy.close() cannot be used: an accept() already in flight lets one more through.
+    proxy._target = ("127.0.0.1", _free_port())
+    proxy.cut()
+
+
+def _amqp_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("fedmq-amqp")]
+
+
+# -- pure: no broker needed -----------------------------------------------------------
+
+
+def test_topics_map_to_routing_keys_and_back() -> None:
+    assert routing_key("fedmq/updates/exp-1") == "fedmq.updates.exp-1"
+    assert routing_key("fedmq/+/x/#", pattern=True) == "fedmq.*.x.#"
+    assert routing_key("v1.2/a") == "v1/2.a"  # '.' and '/' swap, as in RabbitMQ's MQTT plugin
+    assert topic_of("v1/2.a") == "v1.2/a"
+    assert topic_of(routing_key("a/b-c/d_e")) == "a/b-c/d_e"
+
+
+def test_publishing_to_a_wildcard_topic_is_refused() -> None:
+    with pytest.raises(TransportError, match="wildcard"):
+        routing_key("a/+/b")
+
+
+def test_url_options_are_split_from_pikas_and_the_password_is_hidden() -> None:
+    options = parse_url("amqp://u:secret@h:5673/v?prefetch=7&publish_timeout=2.5&heartbeat=10")
+
+    assert (options.prefetch, options.publish_timeout) == (7, 2.5)
+    assert options.params.heartbeat == 10
+    assert options.params.blocked_connection_timeout == 60
+    assert options.params.virtual_host == "v"
+    assert "secret" not in options.safe_url
+
+
+def test_a_bad_url_option_raises_connection_lost_without_the_password() -> None:
+    with pytest.raises(ConnectionLost, match="prefetch") as caught:
+        parse_url("amqp://u:secret@h/?prefetch=many")
+    assert "secret" not in str(caught.value)
+    with pytest.raises(ConnectionLost, match="Unknown URL parameter"):
+        parse_url("amqp://u:secret@h/?prefech=1")
+
+
+# -- against RabbitMQ -----------------------------------------------------------------
+
+
+def test_an_unreachable_broker_raises_connection_lost_quickly() -> None:
+    start = time.monotonic()
+
+    with pytest.raises(ConnectionLost, match="3 attempts") as caught:
+        connect(f"amqp://guest:hunter2@127.0.0.1:{_free_port()}/%2F")
+
+    assert time.monotonic() - start < 3
+    assert "hunter2" not in str(caught.value)
+
+
+def test_wrong_credentials_fail_at_once() -> None:
+    require(AMQP_PORT, "RabbitMQ")
+    start = time.monotonic()
+
+    with pytest.raises(ConnectionLost, match="refused the login"):
+        connect(f"amqp://guest:wrong@127.0.0.1:{AMQP_PORT}/%2F")
+
+    assert time.monotonic() - start < 3
+
+
+def test_refused_and_failing_messages_land_in_the_dead_letter_queue(admin: Any, root: str) -> None:
+    transport = AmqpTransport.from_url(amqp_url())
+    transport.subscribe(f"{root}/dead", lambda d: d.nack(requeue=False))
+
+    def explode(delivery: Delivery) -> None:
+        raise RuntimeError("boom")
+
+    transport.subscribe(f"{root}/boom", explode, group=_group(admin))
+    refused, failed = f"{root}-x".encode(), f"{root}-y".encode()
+    transport.publish(f"{root}/dead", refused)
+    transport.publish(f"{root}/boom", failed)
+
+    found = _take_dead_letters(admin, {refused, failed})
+    transport.close()
+    assert set(found) == {refused, failed}
+    assert found[refused].headers["x-death"][0]["reason"] == "rejected"
+    assert found[failed].headers["x-death"][0]["routing-keys"] == [routing_key(f"{root}/boom")]
+
+
+def test_group_queues_are_durable_and_messages_persistent(admin: Any, root: str) -> None:
+    group = _group(admin)
+    transport = AmqpTransport.from_url(amqp_url())
+    transport.subscribe(f"{root}/q", Held(), group=group).cancel()
+
+    transport.publish(f"{root}/q", b"kept")
+    transport.close()
+
+    declared = admin.queue_declare(GROUP_PREFIX + group, passive=True)
+    assert declared.method.message_count == 1
+    method, properties, body = admin.basic_get(GROUP_PREFIX + group, auto_ack=True)
+    assert body == b"kept"
+    assert properties.delivery_mode == 2
+
+
+def test_handlers_run_on_their_own_threads_so_a_slow_one_holds_up_nobody(root: str) -> None:
+    require(AMQP_PORT, "RabbitMQ")
+    transport = AmqpTransport.from_url(amqp_url())
+    release = threading.Event()
+    fast = Held()
+    transport.subscribe(f"{root}/slow", lambda d: release.wait(5))
+    transport.subscribe(f"{root}/fast", fast)
+
+    transport.publish(f"{root}/slow", b"train for a while")
+    transport.publish(f"{root}/fast", b"meanwhile")
+
+    fast.wait(1, timeout=2)
+    release.set()
+    transport.close()
+    assert fast.threads == [f"fedmq-amqp-sub:{root}/fast"]
+
+
+def test_prefetch_bounds_the_unacked_messages_a_consumer_holds(root: str) -> None:
+    require(AMQP_PORT, "RabbitMQ")
+    transport = AmqpTransport.from_url(amqp_url() + "?prefetch=2")
+    held = Held()
+    transport.subscribe(f"{root}/p", held)
+    for i in range(5):
+        transport.publish(f"{root}/p", bytes([i]))
+
+    first = held.wait(2)
+    time.sleep(0.3)
+    assert len(held.deliveries) == 2
+    for delivery in first:
+        delivery.ack()
+
+    assert [d.body for d in held.wait(4)] == [bytes([i]) for i in range(4)]
+    transport.close()
+
+
+def test_a_message_is_settled_only_once() -> None:
+    require(AMQP_PORT, "RabbitMQ")
+    transport = AmqpTransport.from_url(amqp_url())
+    held = Held()
+    topic = f"test/amqp-{uuid.uuid4().hex[:8]}"
+    transport.subscribe(topic, held)
+    transport.publish(topic, b"once")
+    (delivery,) = held.wait(1)
+
+    delivery.ack()
+
+    with pytest.raises(TransportError, match="already settled"):
+        delivery.nack()
+    transport.close()
+
+
+def test_cancel_returns_unsettled_messages_to_the_group(admin: Any, root: str) -> None:
+    group = _group(admin)
+    transport = AmqpTransport.from_url(amqp_url())
+    holder, taker = Held(), Held()
+    subscription = transport.subscribe(f"{root}/w", holder, group=group)
+    transport.publish(f"{root}/w", b"work")
+    holder.wait(1)
+
+    subscription.cancel()
+    transport.subscribe(f"{root}/w", taker, group=group)
+
+    (again,) = taker.wait(1)
+    assert (again.body, again.redelivered) == (b"work", True)
+    again.ack()
+    transport.close()
+
+
+def test_a_subscription_outlives_its_queue_being_deleted(admin: Any, root: str) -> None:
+    group = _group(admin)
+    transport = AmqpTransport.from_url(amqp_url())
+    held = Held()
+    transport.subscribe(f"{root}/d", held, group=group)
+
+    admin.queue_delete(GROUP_PREFIX + group)  # the broker cancels the consumer
+
+    def arrived() -> bool:
+        transport.publish(f"{root}/d", b"ping")  # unroutable until the queue is back
+        return bool(held.deliveries)
+
+    assert wait_until(arrived, timeout=5)
+    transport.close()
+
+
+def test_a_subscription_outlives_its_channel_being_closed(admin: Any, root: str) -> None:
+    group = _group(admin)
+    transport = AmqpTransport.from_url(amqp_url())
+    held = Held()
+    subscription = transport.subscribe(f"{root}/k", held, group=group)
+    io = subscription._io
+
+    # An ack of an unknown tag makes RabbitMQ close the channel (as consumer_timeout does).
+    io.call(lambda: subscription.channel.basic_ack(12345), retry=False)
+    transport.publish(f"{root}/k", b"kept in the group queue")
+
+    (delivery,) = held.wait(1, timeout=5)
+    delivery.ack()
+    transport.close()
+    assert admin.queue_declare(GROUP_PREFIX + group, passive=True).method.message_count == 0
+
+
+def test_settling_a_delivery_from_a_dropped_connection_is_harmless(admin: Any, root: str) -> None:
+    group = _group(admin)
+    proxy = TcpProxy(AMQP_PORT)
+    transport = AmqpTransport.from_url(amqp_url(proxy.port))
+    held = Held()
+    transport.subscribe(f"{root}/s", held, group=group)
+    transport.publish(f"{root}/s", b"work")
+    (stale,) = held.wait(1)
+
+    proxy.cut()
+    copy = held.wait(2)[1]
+    stale.ack()  # its channel is gone: a logged no-op, not an error
+    copy.ack()
+
+    assert (copy.body, copy.redelivered) == (b"work", True)
+    transport.close()
+    proxy.close()
+    assert admin.queue_declare(GROUP_PREFIX + group, passive=True).method.message_count == 0
+
+
+def test_a_settle_lost_with_the_connection_applies_to_the_redelivered_copy(
+    admin: Any, root: str
+) -> None:
+    group = _group(admin)
+    proxy = TcpProxy(AMQP_PORT)
+    transport = AmqpTransport.from_url(amqp_url(proxy.port))
+    held = Held()
+    transport.subscribe(f"{root}/l", held, group=group)
+    transport.publish(f"{root}/l", b"done")
+    (delivery,) = held.wait(1)
+
+    proxy.cut()
+    delivery.ack()  # lost with the connection; the broker will redeliver
+    transport.publish(f"{root}/l", b"after")
+
+    held.wait(2)
+    time.sleep(0.3)
+    assert [d.body for d in held.deliveries] == [b"done", b"after"]
+    held.deliveries[1].ack()
+    transport.close()
+    proxy.close()
+    assert admin.queue_declare(GROUP_PREFIX + group, passive=True).method.message_count == 0
+
+
+def test_publish_during_an_outage_gives_up_after_publish_timeout(root: str) -> None:
+    require(AMQP_PORT, "RabbitMQ")
+    proxy = TcpProxy(AMQP_PORT)
+    before = _amqp_threads()
+    transport = AmqpTransport.from_url(amqp_url(proxy.port) + "?publish_timeout=1&max_attempts=0")
+    _take_broker_down(proxy)
+    start = time.monotonic()
+
+    with pytest.raises(ConnectionLost, match="within 1 s"):
+        transport.publish(f"{root}/x", b"lost")
+
+    assert time.monotonic() - start < 2
+    transport.close()
+    proxy.close()
+    assert _amqp_threads() == before
+
+
+def test_after_max_attempts_every_call_raises_connection_lost(root: str) -> None:
+    require(AMQP_PORT, "RabbitMQ")
+    proxy = TcpProxy(AMQP_PORT)
+    before = _amqp_threads()
+    transport = AmqpTransport.from_url(amqp_url(proxy.port) + "?max_attempts=2")
+    transport.subscribe(f"{root}/x", Held())
+
+    _take_broker_down(proxy)
+
+    assert wait_until(lambda: _amqp_threads() == before, timeout=5)
+    with pytest.raises(ConnectionLost, match="after 2 attempts"):
+        transport.publish(f"{root}/x", b"lost")
+    transport.close()
+    proxy.close()
+
+
+def test_close_is_idempotent_and_leaves_no_threads_behind(root: str) -> None:
+    require(AMQP_PORT, "RabbitMQ")
+    before = _amqp_threads()
+    transport = AmqpTransport.from_url(amqp_url())
+    transport.subscribe(f"{root}/a", Held())
+    transport.subscribe(f"{root}/b", Held(), group=None)
+
+    transport.close()
+    transport.close()
+
+    assert _amqp_threads() == before
+    with pytest.raises(TransportError, match="closed"):
+        transport.publish(f"{root}/a", b"late")

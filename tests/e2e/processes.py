@@ -1,0 +1,120 @@
+"""Start FedMQ's commands as real processes and talk to the service over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+TOKEN = "e2e-admin-token"
+
+
+def free_port() -> int:
+    """Return a TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Processes:
+    """Started child processes, their logs, and teardown."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = {**os.environ, **env, "FEDMQ_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``fedmq ARGS`` with its output in ``workdir/<name>.log``."""
+        log = (self.workdir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedmq", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+        )
+        self.children[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        """Return what a child printed so far."""
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def logs(self) -> str:
+        """Return every child's output, for assertion messages."""
+        return "\n".join(f"--- {n} ---\n{self.log(n)[-3000:]}" for n in self.children)
+
+    def stop(self) -> None:
+        """Terminate every child (SIGTERM, then SIGKILL)."""
+        for proc in self.children.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.children.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def processes(workdir: Path, env: dict[str, str]) -> Iterator[Processes]:
+    """Yield a process group that is torn down whatever happens."""
+    group = Processes(workdir, env)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+class Api:
+    """A tiny client of the service's REST API."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base.rstrip("/")
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.base}/api/v1{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+            kind = response.headers.get("Content-Type", "")
+            return json.loads(raw) if kind.startswith("application/json") else raw
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if self.call("GET", "/health") == {"status": "ok"}:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"{self.base} did not become healthy")
+
+
+def wait_until(condition: Any, timeout: float, what: str, group: Processes) -> Any:
+    """Poll ``condition()`` until truthy; fail with every child's log on timeout."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        for name, proc in group.children.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {proc.returncode}\n{group.logs()}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n{group.logs()}")

@@ -1,0 +1,95 @@
+"""Server, worker and a 20-device fleet as separate processes over RabbitMQ and Mosquitto."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load
+
+from aggregator_service import ExperimentConfig
+from fedmq.compose import simulate
+from fedmq.defaults import DEMO_CONFIG
+from tests.brokers import AMQP_PORT, MQTT_PORT, amqp_url, delete_amqp_groups, mqtt_url, require
+from tests.e2e.processes import Api, free_port, processes, wait_until
+
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    raw = copy.deepcopy(DEMO_CONFIG)
+    raw["rounds"]["count"] = ROUNDS
+    return raw
+
+
+@pytest.fixture(scope="module")
+def in_process(config: dict[str, Any]) -> Any:
+    return simulate(ExperimentConfig.from_dict(config))
+
+
+@pytest.mark.parametrize("broker", ["amqp", "mqtt"])
+def test_distributed_run_commits_the_same_model_as_simulation(
+    broker: str, tmp_path: Path, config: dict[str, Any], in_process: Any
+) -> None:
+    require(AMQP_PORT if broker == "amqp" else MQTT_PORT, broker)
+    url = amqp_url() if broker == "amqp" else mqtt_url()
+    port = free_port()
+    env = {
+        "FEDMQ_BROKER_URL": url,
+        "FEDMQ_STORE_URL": (tmp_path / "store").as_uri(),
+        "FEDMQ_DB_URL": f"sqlite:///{tmp_path / 'fedmq.db'}",
+        "FEDMQ_SERVER_URL": f"http://127.0.0.1:{port}",
+        "FEDMQ_WORKER_GROUP": f"e2e-{uuid.uuid4().hex[:8]}",
+    }
+    api = Api(env["FEDMQ_SERVER_URL"])
+    with processes(tmp_path, env) as group:
+        group.start("server", "server", "--port", str(port))
+        group.start("worker", "worker")
+        api.wait_healthy()
+        experiment_id = api.call("POST", "/experiments", config)["id"]
+        group.start(
+            "fleet",
+            "fleet",
+            "--devices",
+            "20",
+            "--experiment",
+            experiment_id,
+            "--prefix",
+            f"e2e{uuid.uuid4().hex[:6]}",
+        )
+        wait_until(
+            lambda: len(api.call("GET", "/devices")["devices"]) == 20,
+            90,
+            "20 devices to check in",
+            group,
+        )
+
+        api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
+        rounds = wait_until(
+            lambda: _finished(api.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]),
+            240,
+            f"{ROUNDS} rounds",
+            group,
+        )
+        final = load(api.call("GET", f"/experiments/{experiment_id}/model"))
+    if broker == "amqp":
+        delete_amqp_groups([env["FEDMQ_WORKER_GROUP"]])
+
+    assert [r["state"] for r in rounds] == ["committed"] * ROUNDS, group.logs()
+    assert all(r["accepted"] == 20 for r in rounds)
+    expected = load(in_process.final_weights)
+    assert set(final) == set(expected)
+    worst = max(float(np.abs(final[k] - expected[k]).max()) for k in expected)
+    assert worst <= 1e-6, f"distributed and simulated models differ by {worst}"
+    simulated_accuracy = in_process.final_metrics["accuracy"]
+    assert rounds[-1]["metrics"]["accuracy"] == pytest.approx(simulated_accuracy, abs=1e-3)
+
+
+def _finished(rounds: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    done = [r for r in rounds if r["state"] != "training"]
+    return rounds if len(done) == ROUNDS else None
