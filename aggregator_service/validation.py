@@ -24,7 +24,7 @@ class Rejected(Exception):
         self.detail = detail
 
 
-def decode_update_weights(data: bytes, spec: WeightsSpec) -> dict[str, np.ndarray]:
+def decode_update_weights(data: bytes | memoryview, spec: WeightsSpec) -> dict[str, np.ndarray]:
     """Decode an update's weights against the model's spec, or raise ``Rejected``."""
     try:
         return decode_weights(data, spec)

@@ -220,7 +220,7 @@ class AggregatorWorker:
         rnd.examples += update.num_examples
         rnd.loss_sum += float(update.metrics.get("loss", 0.0)) * update.num_examples
 
-    def _update_bytes(self, update: ModelUpdate) -> bytes:
+    def _update_bytes(self, update: ModelUpdate) -> bytes | memoryview:
         """Return the update's weights bytes, inline or from the store by reference."""
         if update.inline_weights is not None:
             return update.inline_weights

@@ -1,16 +1,7 @@
 """The wire: typed messages, their codec, topic names and the transports that carry them."""
 
 from broker import topics
-from broker.codec import (
-    Weights,
-    WeightsSpec,
-    check_weights,
-    decode,
-    decode_weights,
-    encode,
-    encode_weights,
-    weights_spec,
-)
+from broker.codec import decode, encode
 from broker.connect import TRANSPORT_ALIASES, connect
 from broker.errors import (
     BrokerError,
@@ -44,6 +35,14 @@ from broker.messages import (
     new_message_id,
 )
 from broker.transport import Delivery, Handler, Subscription, Transport, topic_matches
+from broker.weights import (
+    Weights,
+    WeightsSpec,
+    check_weights,
+    decode_weights,
+    encode_weights,
+    weights_spec,
+)
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -20,19 +20,8 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as _st_load
-from safetensors.numpy import save as _st_save
-
-from broker.errors import CodecError, SchemaVersionError, WeightsMismatch
+from broker.errors import CodecError, SchemaVersionError
 from broker.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message, MessageKind
-
-Weights = dict[str, np.ndarray]
-"""Named float tensors, in the model's parameter order."""
-
-WeightsSpec = Mapping[str, tuple[tuple[int, ...], str]]
-"""Expected ``name -> (shape, dtype name)`` of a model's weights."""
 
 _MAGIC = b"FMQ"
 _FRAME_VERSION = 1
@@ -43,13 +32,13 @@ _ENVELOPE_FIELDS = ("message_id", "sender", "sent_at", "reply_to")
 def encode(message: Message) -> bytes:
     """Serialise a message to one frame."""
     body: dict[str, Any] = {}
-    payload = b""
+    payload: bytes | memoryview = b""
     payload_field: str | None = None
     for f in dataclasses.fields(message):
         if f.name in _ENVELOPE_FIELDS:
             continue
         value = getattr(message, f.name)
-        if isinstance(value, bytes):
+        if isinstance(value, bytes | memoryview):
             if payload_field is not None:
                 raise CodecError(f"{type(message).__name__} has more than one bytes field")
             payload, payload_field = value, f.name
@@ -63,7 +52,7 @@ def encode(message: Message) -> bytes:
         "payload_field": payload_field,
     }
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    return _PREFIX.pack(_MAGIC, _FRAME_VERSION, len(raw)) + raw + payload
+    return b"".join((_PREFIX.pack(_MAGIC, _FRAME_VERSION, len(raw)), raw, payload))
 
 
 def decode(frame: bytes) -> Message:
@@ -87,7 +76,8 @@ def decode(frame: bytes) -> Message:
     cls = MESSAGE_TYPES[kind]
     kwargs = _from_json_fields(cls, header.get("body", {}))
     if header.get("payload_field"):
-        kwargs[header["payload_field"]] = frame[end:]
+        # A view, not a copy: a large inline update is read in place by the weights codec.
+        kwargs[header["payload_field"]] = memoryview(frame)[end:]
     for name in _ENVELOPE_FIELDS:
         if name in header:
             kwargs[name] = header[name]
@@ -110,9 +100,20 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Return a class's resolved type hints, cached: resolving them costs more than a decode."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = get_type_hints(cls)
+    return hints
+
+
 def _from_json_fields(cls: type[Message], body: Mapping[str, Any]) -> dict[str, Any]:
     """Rebuild a message's keyword arguments from its JSON body using its type hints."""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     try:
         return {name: _from_json(hints[name], value) for name, value in body.items()}
     except (KeyError, TypeError, ValueError) as exc:
@@ -128,7 +129,7 @@ def _from_json(hint: Any, value: Any) -> Any:
         options = [a for a in get_args(hint) if a is not type(None)]
         return _from_json(options[0], value) if len(options) == 1 else value
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        inner = get_type_hints(hint)
+        inner = _hints(hint)
         return hint(**{k: _from_json(inner[k], v) for k, v in value.items()})
     if isinstance(hint, type) and issubclass(hint, Enum):
         return hint(value)
@@ -139,39 +140,3 @@ def _from_json(hint: Any, value: Any) -> Any:
         item = args[1] if len(args) == 2 else Any
         return {k: _from_json(item, v) for k, v in value.items()}
     return value
-
-
-def encode_weights(weights: Mapping[str, np.ndarray]) -> bytes:
-    """Serialise named tensors to safetensors bytes, keeping their order."""
-    return bytes(_st_save({name: np.ascontiguousarray(t) for name, t in weights.items()}))
-
-
-def decode_weights(data: bytes, expected: WeightsSpec | None = None) -> Weights:
-    """Parse safetensors bytes; with ``expected``, insist on its names, shapes and dtypes."""
-    try:
-        weights = _st_load(bytes(data))
-    except (SafetensorError, ValueError) as exc:
-        raise CodecError(f"not a safetensors blob: {exc}") from exc
-    if expected is None:
-        return dict(weights)
-    check_weights(weights, expected)
-    return {name: weights[name] for name in expected}
-
-
-def check_weights(weights: Mapping[str, np.ndarray], expected: WeightsSpec) -> None:
-    """Raise ``WeightsMismatch`` (with ``reason``) unless names, shapes and dtypes match."""
-    if set(weights) != set(expected):
-        missing = sorted(set(expected) - set(weights))
-        extra = sorted(set(weights) - set(expected))
-        raise WeightsMismatch(f"names differ: missing {missing}, unexpected {extra}", "names")
-    for name, (shape, dtype) in expected.items():
-        tensor = weights[name]
-        if tuple(tensor.shape) != tuple(shape):
-            raise WeightsMismatch(f"{name}: shape {tensor.shape} != {tuple(shape)}", "shape")
-        if tensor.dtype != np.dtype(dtype):
-            raise WeightsMismatch(f"{name}: dtype {tensor.dtype} != {dtype}", "dtype")
-
-
-def weights_spec(weights: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Return the names, shapes and dtypes of ``weights``."""
-    return {name: (tuple(t.shape), t.dtype.name) for name, t in weights.items()}

@@ -154,7 +154,7 @@ class ModelUpdate(Message):
     task_id: str
     num_examples: int
     weights: ModelRef | None = None
-    inline_weights: bytes | None = None
+    inline_weights: bytes | memoryview | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 

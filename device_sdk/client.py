@@ -136,7 +136,7 @@ class DeviceClient:
         """Train on ``task`` and publish the update, or an error reply if that fails."""
         reply_to = task.reply_to or topics.updates(task.experiment_id)
         try:
-            weights = decode_weights(self._fetcher.fetch(task.model))
+            weights = decode_weights(self._fetcher.fetch(task.model), copy=True)
             ctx = DeviceContext(self.device_id, weights, task.artifacts, self._fetcher)
             assert self._app.train_handler is not None
             result = self._app.train_handler(task, ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         broker=resolve(args, "broker"),
         store_url=resolve(args, "store"),
         group=args.group or os.environ.get("FEDMQ_WORKER_GROUP") or topics.UPDATES_GROUP,
+        name=args.name or f"fedmq-worker-{socket.gethostname()}",
         health_file=args.health_file,
     )
     return 0
@@ -183,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="an aggregator worker")
     worker.add_argument("--health-file", type=Path, help="touch this file every 5 s")
+    worker.add_argument(
+        "--name",
+        help="stable worker identity (MQTT client id; default fedmq-worker-<hostname>)",
+    )
     worker.add_argument(
         "--group",
         help=f"update queue shared by this deployment's workers "

@@ -80,10 +80,15 @@ def run_server(
         db.close()
 
 
-def run_worker(*, broker: str, store_url: str, group: str, health_file: Path | None = None) -> None:
-    """Aggregate updates until signalled."""
+def run_worker(
+    *, broker: str, store_url: str, group: str, name: str, health_file: Path | None = None
+) -> None:
+    """Aggregate updates until signalled.
+
+    ``name`` is the worker's MQTT client id: a restarted worker with the same
+    name resumes its session, and with it the updates it had not acked.
+    """
     transports = TransportPool(broker)
-    name = unique_client_id("worker")
     AggregatorWorker(transports(name), open_store(store_url), name=name, group=group).start()
     print(f"fedmq worker on {_safe(broker)}", flush=True)
     try:

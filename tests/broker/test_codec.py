@@ -200,3 +200,49 @@ def test_weights_that_do_not_match_the_spec_are_refused(mutate: object, what: st
 def test_non_safetensors_bytes_are_a_codec_error() -> None:
     with pytest.raises(CodecError):
         decode_weights(b"not safetensors at all")
+
+
+def _blob(header: dict[str, object], data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"\x01\x00",
+        struct.pack("<Q", 10**9) + b"{}",
+        _blob({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\x00" * 4),
+        _blob({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\x00" * 8),
+        _blob({"w": {"dtype": "Q99", "shape": [2], "data_offsets": [0, 8]}}, b"\x00" * 8),
+        _blob({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\x00" * 8),
+        _blob({"w": "nope"}),
+        struct.pack("<Q", 2) + b"[]",
+    ],
+    ids=["short", "huge-header", "truncated", "size", "dtype", "offsets", "entry", "not-object"],
+)
+def test_malformed_safetensors_are_codec_errors(blob: bytes) -> None:
+    with pytest.raises(CodecError):
+        decode_weights(blob)
+
+
+def test_decoded_weights_are_views_of_the_frame_unless_copied() -> None:
+    weights = _weights()
+    update = ModelUpdate(
+        experiment_id="e",
+        round=1,
+        device_id="d",
+        base_version=0,
+        task_id="t",
+        num_examples=1,
+        inline_weights=encode_weights(weights),
+    )
+    received = decode(encode(update))
+    assert isinstance(received, ModelUpdate) and received.inline_weights is not None
+
+    view = decode_weights(received.inline_weights)
+    owned = decode_weights(received.inline_weights, copy=True)
+
+    assert not view["w"].flags.owndata and not view["w"].flags.writeable
+    assert owned["w"].flags.writeable
+    np.testing.assert_array_equal(view["w"], weights["w"])
