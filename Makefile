@@ -22,7 +22,7 @@ brokers:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check broker model_store aggregator_service device_sdk fedmq
+	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

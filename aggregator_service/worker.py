@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
 from aggregator_service.config import build_strategy
 from aggregator_service.strategies import Strategy, WeightedSum
 from aggregator_service.types import ClientUpdate, Weights
@@ -63,10 +64,16 @@ class _OpenRound:
     accepted: list[str] = field(default_factory=list)
     accepted_devices: set[str] = field(default_factory=set)
     rejected: Counter[str] = field(default_factory=Counter)
-    reported: int = 0
+    reporters: set[str] = field(default_factory=set)
     examples: int = 0
     loss_sum: float = 0.0
     pending: list[Delivery] = field(default_factory=list)
+    checkpoints: int = 0
+
+    @property
+    def reported(self) -> int:
+        """Return how many selected devices have answered (an update or a refusal)."""
+        return len(self.reporters)
 
     @property
     def spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -87,8 +94,11 @@ class AggregatorWorker:
         *,
         name: str = "worker",
         group: str = topics.UPDATES_GROUP,
+        checkpoint_every: int = 32,
     ) -> None:
         self._transport = transport
+        self._checkpoints = Checkpoints(store)
+        self._checkpoint_every = checkpoint_every
         self._group = group
         self._store = store
         self._name = name
@@ -125,12 +135,60 @@ class AggregatorWorker:
             return
         current = decode_weights(self._store.get_blob(opened.model.sha256))
         strategy = build_strategy(opened.strategy)
-        self._rounds[exp] = _OpenRound(
-            opened, current, strategy, strategy.begin(opened.round, current)
-        )
+        rnd = _OpenRound(opened, current, strategy, strategy.begin(opened.round, current))
+        self._resume(rnd)
+        self._rounds[exp] = rnd
         held, self._early = self._early, []
         for update, delivery in held:
             self._handle_update(update, delivery)
+
+    def _resume(self, rnd: _OpenRound) -> None:
+        """Restore the round's newest checkpoint, if another worker left one."""
+        checkpoint = self._checkpoints.latest(rnd.opened.experiment_id, rnd.opened.round)
+        if checkpoint is None or not isinstance(rnd.state, WeightedSum):
+            return
+        rnd.state.sums = checkpoint.sums
+        rnd.state.total_weight = checkpoint.total_weight
+        rnd.state.count = checkpoint.count
+        rnd.accepted = checkpoint.accepted
+        rnd.accepted_devices = set(checkpoint.accepted_devices)
+        rnd.rejected = Counter(checkpoint.rejected)
+        rnd.reporters = set(checkpoint.reporters)
+        rnd.examples = checkpoint.examples
+        rnd.loss_sum = checkpoint.loss_sum
+        rnd.checkpoints = checkpoint.sequence + 1
+        log.info(
+            "resumed %s round %d from checkpoint %d (%d updates)",
+            rnd.opened.experiment_id,
+            rnd.opened.round,
+            checkpoint.sequence,
+            checkpoint.count,
+        )
+
+    def _checkpoint(self, rnd: _OpenRound) -> None:
+        """Make the folded updates durable, then ack them (bounds what is held unacked)."""
+        if not isinstance(rnd.state, WeightedSum):
+            return  # a state the worker cannot checkpoint keeps its acks until the commit
+        self._checkpoints.save(
+            rnd.opened.experiment_id,
+            rnd.opened.round,
+            RoundCheckpoint(
+                sequence=rnd.checkpoints,
+                sums=rnd.state.sums,
+                total_weight=rnd.state.total_weight,
+                count=rnd.state.count,
+                accepted=list(rnd.accepted),
+                accepted_devices=sorted(rnd.accepted_devices),
+                rejected=dict(rnd.rejected),
+                reporters=sorted(rnd.reporters),
+                examples=rnd.examples,
+                loss_sum=rnd.loss_sum,
+            ),
+        )
+        rnd.checkpoints += 1
+        for delivery in rnd.pending:
+            delivery.ack()
+        rnd.pending.clear()
 
     def _is_next_round(self, update: ModelUpdate) -> bool:
         """Return whether ``update`` belongs to the round after the one open (or last closed)."""
@@ -161,8 +219,8 @@ class AggregatorWorker:
         experiment_id = topic.rsplit("/", 1)[-1]
         log.info("device %s could not train: %s %s", reply.sender, reply.code, reply.detail)
         rnd = self._rounds.get(experiment_id)
-        if rnd is not None:
-            rnd.reported += 1
+        if rnd is not None and reply.sender in rnd.opened.selected:
+            rnd.reporters.add(reply.sender)
             rnd.rejected[f"device_{reply.code}"] += 1
             self._close_if_complete(rnd)
 
@@ -179,7 +237,6 @@ class AggregatorWorker:
                 late = update.round <= last
                 reason = RejectReason.ROUND_CLOSED if late else RejectReason.UNKNOWN_ROUND
                 raise Rejected(reason, f"round {update.round} is not open")
-            rnd.reported += 1
             self._fold(rnd, update)
         except Rejected as rejection:
             if rnd is not None and update.round == rnd.opened.round:
@@ -190,14 +247,16 @@ class AggregatorWorker:
                 self._close_if_complete(rnd)
             return
         rnd.pending.append(delivery)
-        self._close_if_complete(rnd)
+        if not self._close_if_complete(rnd) and len(rnd.pending) >= self._checkpoint_every:
+            self._checkpoint(rnd)
 
-    def _close_if_complete(self, rnd: _OpenRound) -> None:
+    def _close_if_complete(self, rnd: _OpenRound) -> bool:
         """Close the round once the target is met or every selected device has answered."""
-        if len(rnd.accepted) >= rnd.opened.target_reports or rnd.reported >= len(
-            rnd.opened.selected
-        ):
-            self._close(rnd.opened.experiment_id, rnd.opened.round, deadline=False)
+        opened = rnd.opened
+        if len(rnd.accepted) >= opened.target_reports or rnd.reported >= len(opened.selected):
+            self._close(opened.experiment_id, opened.round, deadline=False)
+            return True
+        return False
 
     def _fold(self, rnd: _OpenRound, update: ModelUpdate) -> None:
         """Validate ``update`` against the open round and fold it, or raise ``Rejected``."""
@@ -205,6 +264,8 @@ class AggregatorWorker:
             raise Rejected(RejectReason.DUPLICATE, f"{update.device_id} already reported")
         if update.device_id not in rnd.opened.selected:
             raise Rejected(RejectReason.NOT_SELECTED, f"{update.device_id} was not selected")
+        # Counted before validation: a device whose update is refused has answered.
+        rnd.reporters.add(update.device_id)
         if update.base_version != rnd.opened.base_version:
             raise Rejected(
                 RejectReason.STALE,

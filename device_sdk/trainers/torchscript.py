@@ -80,7 +80,13 @@ class TorchScriptTrainer:
         self._modules = modules or ModuleCache()
 
     def __call__(self, task: TrainTask, ctx: DeviceContext) -> TrainResult:
-        """Train the task's module from the global weights; return the new weights."""
+        """Train the task's module from the global weights; return the new weights.
+
+        Besides ``loss`` the result's metrics carry ``loss_before`` (the global
+        model's loss on this device's data, for q-FFL) and ``local_steps`` (the
+        optimizer steps taken, for FedNova). A positive ``proximal_mu`` in the
+        task's training settings adds FedProx's proximal term.
+        """
         import torch
 
         module = self._modules.get(ctx.artifact(TORCHSCRIPT_ARTIFACT))
@@ -90,29 +96,61 @@ class TorchScriptTrainer:
         with torch.no_grad():
             for name, tensor in state.items():
                 tensor.copy_(torch.from_numpy(ctx.weights[name]))
-        settings = task.training
+        x, y = torch.from_numpy(self._x), torch.from_numpy(self._y)
+        loss_before = _mean_loss(module, x, y)
+        stream = _stable_int(ctx.device_id) if self._stream is None else self._stream
+        rng = np.random.default_rng([self._seed, task.round, stream])
+        loss, steps = self._train(module, task.training, x, y, rng)
+        if not np.isfinite(loss):
+            raise TrainingError(f"training diverged (loss {loss})")
+        new = {name: state[name].detach().numpy().copy() for name in ctx.weights}
+        metrics = {"loss": loss, "loss_before": loss_before, "local_steps": float(steps)}
+        return TrainResult(new, len(x), metrics)
+
+    def _train(
+        self,
+        module: Any,
+        settings: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rng: np.random.Generator,
+    ) -> tuple[float, int]:
+        """Run the local epochs; return the last epoch's mean loss and the steps taken."""
+        import torch
+
         optimizer = _optimizer(module, settings)
         epochs = int(settings.get("epochs", 1))
         batch = int(settings.get("batch_size", 32))
-        stream = _stable_int(ctx.device_id) if self._stream is None else self._stream
-        rng = np.random.default_rng([self._seed, task.round, stream])
-        x, y = torch.from_numpy(self._x), torch.from_numpy(self._y)
+        mu = float(settings.get("proximal_mu", 0.0))
+        params = list(module.parameters())
+        anchor = [p.detach().clone() for p in params] if mu > 0 else []
         module.train()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, steps = 0.0, 0, 0
         for _ in range(epochs):
             loss_sum, seen = 0.0, 0
             for idx in np.array_split(rng.permutation(len(x)), max(1, -(-len(x) // batch))):
                 index = torch.from_numpy(idx)
                 optimizer.zero_grad()
                 loss = torch.nn.functional.cross_entropy(module(x[index]), y[index])
-                loss.backward()  # type: ignore[no-untyped-call]
+                objective = loss
+                if mu > 0:  # FedProx: keep local weights near the global ones
+                    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    objective = loss + mu / 2 * drift
+                objective.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 loss_sum += float(loss.detach()) * len(idx)
                 seen += len(idx)
-        if not np.isfinite(loss_sum):
-            raise TrainingError(f"training diverged (loss {loss_sum})")
-        new = {name: state[name].detach().numpy().copy() for name in ctx.weights}
-        return TrainResult(new, len(x), {"loss": loss_sum / max(seen, 1)})
+                steps += 1
+        return loss_sum / max(seen, 1), steps
+
+
+def _mean_loss(module: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Return the module's mean cross-entropy on ``x, y`` without training."""
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(module(x), y))
 
 
 def _optimizer(module: Any, settings: Any) -> torch.optim.Optimizer:

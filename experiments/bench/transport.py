@@ -132,16 +132,6 @@ def intake(broker: str, updates: int, params: int) -> dict[str, Any]:
 
     open_transport = transport_factory(BROKERS[broker])
     group, worker_id = unique_client_id("bench-aggregators"), unique_client_id("worker")
-    _backlog(open_transport, worker_id, topics.updates(experiment), group, frames)
-    driver = open_transport(unique_client_id("driver"))
-    committed = threading.Event()
-
-    def on_event(delivery: Delivery) -> None:
-        if isinstance(decode(delivery.body), RoundCommitted):
-            committed.set()
-        delivery.ack()
-
-    driver.subscribe(topics.events(experiment), on_event)
     opened = RoundOpened(
         experiment_id=experiment,
         round=1,
@@ -153,10 +143,32 @@ def intake(broker: str, updates: int, params: int) -> dict[str, Any]:
         deadline_at=0.0,
         strategy={"name": "fedavg"},
     )
+    # An MQTT session keeps the worker's control subscription, so the announcement
+    # can wait in it ahead of the updates; an AMQP control queue lives only while
+    # its consumer does, so there the announcement follows the worker's start.
+    announce_first = broker == "mqtt"
+    _backlog(
+        open_transport,
+        worker_id,
+        topics.updates(experiment),
+        group,
+        frames,
+        first=(topics.control(experiment), encode(opened)) if announce_first else None,
+    )
+    driver = open_transport(unique_client_id("driver"))
+    committed = threading.Event()
+
+    def on_event(delivery: Delivery) -> None:
+        if isinstance(decode(delivery.body), RoundCommitted):
+            committed.set()
+        delivery.ack()
+
+    driver.subscribe(topics.events(experiment), on_event)
     start = time.perf_counter()
     worker_bus = open_transport(worker_id)  # resumes the session holding the backlog
     AggregatorWorker(worker_bus, store, group=group).start()
-    driver.publish(topics.control(experiment), encode(opened))
+    if not announce_first:
+        driver.publish(topics.control(experiment), encode(opened))
     if not committed.wait(600):
         raise TimeoutError("the worker did not commit the intake round")
     worker_rate = updates / (time.perf_counter() - start)
@@ -175,17 +187,27 @@ def intake(broker: str, updates: int, params: int) -> dict[str, Any]:
 
 
 def _backlog(
-    open_transport: Any, client_id: str, topic: str, group: str, frames: list[bytes]
+    open_transport: Any,
+    client_id: str,
+    topic: str,
+    group: str,
+    frames: list[bytes],
+    first: tuple[str, bytes] | None = None,
 ) -> None:
-    """Leave ``frames`` queued for ``group`` while its consumer ``client_id`` is offline."""
+    """Leave ``frames`` queued for ``group`` while its consumer ``client_id`` is offline.
+
+    ``first``, a (topic, frame) published before the backlog, reaches a resumed
+    MQTT session ahead of it, as a round's announcement precedes its updates.
+    """
     holder = open_transport(client_id)
-    holder.subscribe(
-        topics.ALL_UPDATES if topic.startswith("fedmq/updates/") else topic,
-        lambda delivery: None,
-        group=group,
-    )
+    updates = topic.startswith("fedmq/updates/")
+    holder.subscribe(topics.ALL_UPDATES if updates else topic, lambda d: None, group=group)
+    if first is not None:
+        holder.subscribe(topics.ALL_CONTROL, lambda d: None)
     holder.close()
     publisher = open_transport(unique_client_id("pub"))
+    if first is not None:
+        publisher.publish(*first)
     for frame in frames:
         publisher.publish(topic, frame)
     publisher.close()

@@ -1,0 +1,142 @@
+"""Checkpointed acks: a worker acks folded updates once a checkpoint holds them,
+and a successor resumes from the checkpoint, counting every update exactly once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggregator_service import AggregatorWorker
+from broker import (
+    ModelRef,
+    ModelUpdate,
+    RoundCommitted,
+    RoundOpened,
+    decode,
+    decode_weights,
+    encode,
+    encode_weights,
+    topics,
+)
+from model_store import MemoryStore
+
+EXP = "exp-ckpt"
+DEVICES = ("a", "b", "c", "d")
+
+
+@dataclass
+class FakeDelivery:
+    body: bytes
+    topic: str
+    redelivered: bool = False
+    settled: list[str] = field(default_factory=list)
+
+    def ack(self) -> None:
+        self.settled.append("ack")
+
+    def nack(self, requeue: bool = False) -> None:
+        self.settled.append("requeue" if requeue else "dead")
+
+
+class Bus:
+    """Records what the worker publishes; deliveries are handed in by the test."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.handlers: dict[str, object] = {}
+
+    def publish(self, topic: str, body: bytes) -> None:
+        self.published.append((topic, body))
+
+    def subscribe(self, topic: str, handler: object, *, group: str | None = None) -> object:
+        self.handlers[topic] = handler
+        return object()
+
+    def close(self) -> None:
+        pass
+
+    def deliver(self, topic: str, message: object, pattern: str) -> FakeDelivery:
+        delivery = FakeDelivery(encode(message), topic)  # type: ignore[arg-type]
+        self.handlers[pattern](delivery)  # type: ignore[operator]
+        return delivery
+
+
+def _setup() -> tuple[MemoryStore, RoundOpened]:
+    store = MemoryStore()
+    base = encode_weights({"w": np.zeros(3, np.float32)})
+    manifest = store.publish(EXP, 0, {"weights.safetensors": (base, "x")}, parent=None)
+    sha = manifest.artifacts["weights.safetensors"].sha256
+    opened = RoundOpened(
+        experiment_id=EXP,
+        round=1,
+        base_version=0,
+        model=ModelRef("memory://", sha, len(base)),
+        selected=DEVICES,
+        target_reports=4,
+        min_reports=4,
+        deadline_at=0.0,
+        strategy={"name": "fedavg"},
+    )
+    return store, opened
+
+
+def _update(device: str, value: float, message_id: str | None = None) -> ModelUpdate:
+    extra = {"message_id": message_id} if message_id else {}
+    return ModelUpdate(
+        experiment_id=EXP,
+        round=1,
+        device_id=device,
+        base_version=0,
+        task_id="t",
+        num_examples=1,
+        inline_weights=encode_weights({"w": np.full(3, value, np.float32)}),
+        **extra,
+    )
+
+
+def _start(store: MemoryStore) -> tuple[AggregatorWorker, Bus]:
+    bus = Bus()
+    worker = AggregatorWorker(bus, store, checkpoint_every=2)  # type: ignore[arg-type]
+    worker.start()
+    return worker, bus
+
+
+def test_folded_updates_are_acked_once_a_checkpoint_holds_them() -> None:
+    store, opened = _setup()
+    _, bus = _start(store)
+    bus.deliver(topics.control(EXP), opened, topics.ALL_CONTROL)
+
+    first = bus.deliver(topics.updates(EXP), _update("a", 1.0), topics.ALL_UPDATES)
+    assert first.settled == []  # held: its contribution is only in memory
+    second = bus.deliver(topics.updates(EXP), _update("b", 2.0), topics.ALL_UPDATES)
+
+    assert first.settled == ["ack"] and second.settled == ["ack"]
+    assert store.latest_version(f"{EXP}.r1.ckpt") == 0
+
+
+def test_a_successor_resumes_the_checkpoint_and_counts_each_update_once() -> None:
+    store, opened = _setup()
+    _, dying = _start(store)
+    dying.deliver(topics.control(EXP), opened, topics.ALL_CONTROL)
+    a, b, c = _update("a", 1.0), _update("b", 2.0), _update("c", 4.0)
+    for update in (a, b, c):
+        dying.deliver(topics.updates(EXP), update, topics.ALL_UPDATES)
+    # the worker dies here: a and b are checkpointed and acked, c was never acked
+
+    _, successor = _start(store)
+    successor.deliver(topics.control(EXP), opened, topics.ALL_CONTROL)
+    replayed_c = successor.deliver(topics.updates(EXP), c, topics.ALL_UPDATES)
+    duplicate_a = successor.deliver(topics.updates(EXP), a, topics.ALL_UPDATES)
+    successor.deliver(topics.updates(EXP), _update("d", 8.0), topics.ALL_UPDATES)
+
+    events = [decode(body) for topic, body in successor.published if topic == topics.events(EXP)]
+    (committed,) = events
+    assert isinstance(committed, RoundCommitted)
+    assert sorted(committed.accepted) == sorted(
+        [a.message_id, b.message_id, c.message_id, committed.accepted[-1]]
+    )
+    assert len(set(committed.accepted)) == 4 and committed.rejected == {"duplicate": 1}
+    new = decode_weights(store.get_blob(committed.model.sha256))
+    np.testing.assert_allclose(new["w"], np.full(3, (1 + 2 + 4 + 8) / 4))
+    assert replayed_c.settled == ["ack"] and duplicate_a.settled == ["ack"]
