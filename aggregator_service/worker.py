@@ -9,11 +9,11 @@ successor.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
 from aggregator_service.config import build_strategy
@@ -25,12 +25,12 @@ from aggregator_service.validation import (
     check_finite,
     decode_update_weights,
 )
+from aggregator_service.versions import read_strategy_state, write_version
 from broker import (
     CloseRound,
     CodecError,
     Delivery,
     ErrorReply,
-    ModelRef,
     ModelUpdate,
     RejectReason,
     RoundAbandoned,
@@ -41,16 +41,12 @@ from broker import (
     decode,
     decode_weights,
     encode,
-    encode_weights,
     topics,
     weights_spec,
 )
-from model_store import Artifact, Manifest, ModelStore
+from model_store import ModelStore
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_ARTIFACT = "weights.safetensors"
-WEIGHTS_MEDIA_TYPE = "application/vnd.fedmq.safetensors"
 
 
 @dataclass
@@ -104,6 +100,8 @@ class AggregatorWorker:
         self._name = name
         self._lock = threading.RLock()
         self._rounds: dict[str, _OpenRound] = {}
+        # experiment -> (strategy config, instance, model version its state belongs to)
+        self._strategies: dict[str, tuple[str, Strategy, int]] = {}
         self._early: list[tuple[ModelUpdate, Delivery]] = []
         self._last_closed: dict[str, int] = {}
 
@@ -134,13 +132,27 @@ class AggregatorWorker:
         if existing is not None and existing.opened.round >= opened.round:
             return
         current = decode_weights(self._store.get_blob(opened.model.sha256))
-        strategy = build_strategy(opened.strategy)
+        strategy = self._strategy_for(opened)
         rnd = _OpenRound(opened, current, strategy, strategy.begin(opened.round, current))
         self._resume(rnd)
         self._rounds[exp] = rnd
         held, self._early = self._early, []
         for update, delivery in held:
             self._handle_update(update, delivery)
+
+    def _strategy_for(self, opened: RoundOpened) -> Strategy:
+        """Return the experiment's strategy, carrying its server state across rounds."""
+        key = json.dumps(opened.strategy, sort_keys=True)
+        cached = self._strategies.get(opened.experiment_id)
+        if cached is not None and cached[0] == key and cached[2] == opened.base_version:
+            return cached[1]
+        # A new worker, or a round after an abandoned one: rebuild from the store.
+        strategy = build_strategy(opened.strategy)
+        strategy.load_state_dict(
+            read_strategy_state(self._store, opened.experiment_id, opened.base_version)
+        )
+        self._strategies[opened.experiment_id] = (key, strategy, opened.base_version)
+        return strategy
 
     def _resume(self, rnd: _OpenRound) -> None:
         """Restore the round's newest checkpoint, if another worker left one."""
@@ -274,8 +286,17 @@ class AggregatorWorker:
         check_examples(update.num_examples)
         weights = decode_update_weights(self._update_bytes(update), rnd.spec)
         check_finite(weights)
-        client = ClientUpdate(update.device_id, weights, update.num_examples, update.metrics)
-        rnd.strategy.fold(rnd.state, client)
+        client = ClientUpdate(
+            update.device_id,
+            weights,
+            update.num_examples,
+            update.metrics,
+            base_version=update.base_version,
+        )
+        try:
+            rnd.strategy.fold(rnd.state, client)
+        except ValueError as exc:  # the rule refuses it: a missing metric, too many updates
+            raise Rejected(RejectReason.STRATEGY_REFUSED, str(exc)) from exc
         rnd.accepted.append(update.message_id)
         rnd.accepted_devices.add(update.device_id)
         rnd.examples += update.num_examples
@@ -321,7 +342,20 @@ class AggregatorWorker:
                 sender=self._name,
             )
         else:
-            outcome = self._commit(rnd)
+            try:
+                outcome = self._commit(rnd)
+            except (
+                ValueError
+            ) as exc:  # the rule cannot aggregate these updates (e.g. Krum, n <= 2f+2)
+                outcome = RoundAbandoned(
+                    experiment_id=experiment_id,
+                    round=round_number,
+                    reason=f"{rnd.strategy.name} could not aggregate: {exc}",
+                    reported=rnd.reported,
+                    accepted=len(rnd.accepted),
+                    rejected=dict(rnd.rejected),
+                    sender=self._name,
+                )
         self._transport.publish(topics.events(experiment_id), encode(outcome))
         for delivery in rnd.pending:
             delivery.ack()
@@ -338,7 +372,16 @@ class AggregatorWorker:
         new = rnd.strategy.finish(opened.round, rnd.current, rnd.state)
         assert new is not None, "a round with accepted updates always aggregates"
         version = opened.base_version + 1
-        ref = self._write_version(opened.experiment_id, opened.base_version, version, new)
+        ref = write_version(
+            self._store,
+            opened.experiment_id,
+            opened.base_version,
+            version,
+            new,
+            rnd.strategy.state_dict(),
+        )
+        key, strategy, _ = self._strategies[opened.experiment_id]
+        self._strategies[opened.experiment_id] = (key, strategy, version)
         return RoundCommitted(
             experiment_id=opened.experiment_id,
             round=opened.round,
@@ -352,31 +395,3 @@ class AggregatorWorker:
             metrics={"train_loss": rnd.loss_sum / rnd.examples} if rnd.examples else {},
             sender=self._name,
         )
-
-    def _write_version(
-        self, model_id: str, parent: int, version: int, weights: Weights
-    ) -> ModelRef:
-        """Store ``weights`` as ``version``, reusing the parent's other artifacts."""
-        data = encode_weights(weights)
-        sha = self._store.put_blob(data)
-        base = self._store.get_manifest(model_id, parent)
-        artifacts = dict(base.artifacts)
-        artifacts[WEIGHTS_ARTIFACT] = Artifact(WEIGHTS_ARTIFACT, sha, len(data), WEIGHTS_MEDIA_TYPE)
-        manifest = Manifest(
-            model_id=model_id,
-            version=version,
-            parent=parent,
-            artifacts=artifacts,
-            created_at=_now_iso(),
-            metadata=dict(base.metadata),
-        )
-        self._store.put_manifest(manifest)
-        return ModelRef(self._store.blob_url(sha), sha, len(data))
-
-
-def _now_iso() -> str:
-    """Return the current UTC time in ISO 8601."""
-    return datetime.now(UTC).isoformat()
-
-
-__all__ = ["AggregatorWorker"]

@@ -56,6 +56,7 @@ class RejectReason(Enum):
     DUPLICATE = "duplicate"
     NOT_SELECTED = "not_selected"
     FETCH_FAILED = "fetch_failed"
+    STRATEGY_REFUSED = "strategy_refused"
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
+import numpy as np
+
 from aggregator_service.strategies.ops import WeightedSum
 from aggregator_service.types import ClientUpdate, Scalar, Weights
+
+StateValue = np.ndarray | float | int
+"""One entry of a strategy's checkpointable server state."""
 
 
 class Strategy:
@@ -15,27 +20,44 @@ class Strategy:
     ``begin`` returns the round's running state, ``fold`` adds one update to it
     and ``finish`` turns it into the next global model. ``aggregate`` is the
     batch form, defined by the streaming one so both always agree.
+
+    A strategy object lives across rounds and may carry server state (momentum,
+    moments, control variates) that ``finish`` advances, so ``finish`` is called
+    once per round. ``state_dict`` and ``load_state_dict`` checkpoint that state.
+    Each subclass types its own round state; the base leaves it ``Any``.
+
+    Parameters
+    ----------
+    **settings
+        The base strategy takes none; an unknown setting is a ``TypeError``.
     """
 
     name: ClassVar[str] = "base"
+
+    takes_deltas: ClassVar[bool] = False
+    """Whether ``ClientUpdate.weights`` must be the client's delta, not its model."""
 
     def __init__(self, **settings: Any) -> None:
         if settings:
             raise TypeError(f"{self.name} takes no setting(s) {sorted(settings)}")
 
+    def settings(self) -> dict[str, Scalar | None]:
+        """Return the strategy's settings as given (after validation)."""
+        return {}
+
     def configure_round(self, rnd: int) -> Mapping[str, Scalar]:
         """Return extra training settings sent to every device this round."""
         return {}
 
-    def begin(self, rnd: int, current: Weights) -> WeightedSum:
+    def begin(self, rnd: int, current: Weights) -> Any:
         """Return the empty running state for a round starting from ``current``."""
         return WeightedSum(current)
 
-    def fold(self, state: WeightedSum, update: ClientUpdate) -> None:
+    def fold(self, state: Any, update: ClientUpdate) -> None:
         """Fold one validated update into the running state."""
         raise NotImplementedError
 
-    def finish(self, rnd: int, current: Weights, state: WeightedSum) -> Weights | None:
+    def finish(self, rnd: int, current: Weights, state: Any) -> Weights | None:
         """Return the next global model, or ``None`` when nothing was folded."""
         raise NotImplementedError
 
@@ -50,4 +72,13 @@ class Strategy:
 
     def summary(self) -> dict[str, Any]:
         """Return the strategy's name and settings, for records and logs."""
-        return {"name": self.name}
+        return {"name": self.name, **self.settings()}
+
+    def state_dict(self) -> dict[str, StateValue]:
+        """Return a copy of the server state carried between rounds (empty when stateless)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
+        """Restore server state saved by ``state_dict``."""
+        if state:
+            raise ValueError(f"{self.name} keeps no server state, got {sorted(state)}")
