@@ -32,7 +32,15 @@ def write_version(
     weights: Weights,
     strategy_state: Mapping[str, StateValue],
 ) -> ModelRef:
-    """Store ``weights`` as ``version`` of ``model_id``, with the strategy's state."""
+    """Store ``weights`` as ``version`` of ``model_id``, with the strategy's state.
+
+    If ``version`` already exists (a worker committed it, then died before
+    announcing it), the stored version wins and its reference is returned.
+    """
+    latest = store.latest_version(model_id)
+    if latest is not None and latest >= version:
+        existing = store.get_manifest(model_id, version).artifacts[WEIGHTS_ARTIFACT]
+        return ModelRef(store.blob_url(existing.sha256), existing.sha256, existing.size)
     data = encode_weights(weights)
     sha = store.put_blob(data)
     base = store.get_manifest(model_id, parent)

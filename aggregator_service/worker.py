@@ -65,6 +65,8 @@ class _OpenRound:
     loss_sum: float = 0.0
     pending: list[Delivery] = field(default_factory=list)
     checkpoints: int = 0
+    counted: set[str] = field(default_factory=set)
+    """Message ids already folded (the ledger's fast lookup)."""
 
     @property
     def reported(self) -> int:
@@ -136,7 +138,8 @@ class AggregatorWorker:
         rnd = _OpenRound(opened, current, strategy, strategy.begin(opened.round, current))
         self._resume(rnd)
         self._rounds[exp] = rnd
-        held, self._early = self._early, []
+        held = [(u, d) for u, d in self._early if u.experiment_id == exp]
+        self._early = [(u, d) for u, d in self._early if u.experiment_id != exp]
         for update, delivery in held:
             self._handle_update(update, delivery)
 
@@ -163,6 +166,7 @@ class AggregatorWorker:
         rnd.state.total_weight = checkpoint.total_weight
         rnd.state.count = checkpoint.count
         rnd.accepted = checkpoint.accepted
+        rnd.counted = set(checkpoint.accepted)
         rnd.accepted_devices = set(checkpoint.accepted_devices)
         rnd.rejected = Counter(checkpoint.rejected)
         rnd.reporters = set(checkpoint.reporters)
@@ -202,12 +206,18 @@ class AggregatorWorker:
             delivery.ack()
         rnd.pending.clear()
 
-    def _is_next_round(self, update: ModelUpdate) -> bool:
-        """Return whether ``update`` belongs to the round after the one open (or last closed)."""
+    def _should_hold(self, update: ModelUpdate) -> bool:
+        """Return whether ``update`` may belong to a round this worker has not heard of yet.
+
+        That is the round after the open one (its update overtook the
+        announcement), or any round of an experiment this worker knows nothing
+        about (it started mid-round; the coordinator re-announces open rounds).
+        """
         rnd = self._rounds.get(update.experiment_id)
         if rnd is not None:
             return update.round == rnd.opened.round + 1
-        return update.round == self._last_closed.get(update.experiment_id, 0) + 1
+        last = self._last_closed.get(update.experiment_id)
+        return last is None or update.round == last + 1
 
     def _on_update(self, delivery: Delivery) -> None:
         try:
@@ -238,15 +248,18 @@ class AggregatorWorker:
 
     def _handle_update(self, update: ModelUpdate, delivery: Delivery) -> None:
         rnd = self._rounds.get(update.experiment_id)
-        if self._is_next_round(update) and len(self._early) < self.MAX_EARLY:
-            # Updates and round announcements travel on different queues, so a
-            # fast device can overtake its round's RoundOpened; hold it, unacked.
-            self._early.append((update, delivery))
+        if self._should_hold(update) and len(self._early) < self.MAX_EARLY:
+            self._early.append((update, delivery))  # unacked, until its round is announced
+            return
+        if rnd is not None and update.message_id in rnd.counted:
+            delivery.ack()  # a redelivered copy of an update already counted
             return
         try:
             if rnd is None or update.round != rnd.opened.round:
-                last = self._last_closed.get(update.experiment_id, -1)
-                late = update.round <= last
+                past = self._last_closed.get(update.experiment_id, -1)
+                if rnd is not None:
+                    past = max(past, rnd.opened.round - 1)
+                late = update.round <= past
                 reason = RejectReason.ROUND_CLOSED if late else RejectReason.UNKNOWN_ROUND
                 raise Rejected(reason, f"round {update.round} is not open")
             self._fold(rnd, update)
@@ -272,7 +285,7 @@ class AggregatorWorker:
 
     def _fold(self, rnd: _OpenRound, update: ModelUpdate) -> None:
         """Validate ``update`` against the open round and fold it, or raise ``Rejected``."""
-        if update.device_id in rnd.accepted_devices or update.message_id in rnd.accepted:
+        if update.device_id in rnd.accepted_devices:
             raise Rejected(RejectReason.DUPLICATE, f"{update.device_id} already reported")
         if update.device_id not in rnd.opened.selected:
             raise Rejected(RejectReason.NOT_SELECTED, f"{update.device_id} was not selected")
@@ -298,6 +311,7 @@ class AggregatorWorker:
         except ValueError as exc:  # the rule refuses it: a missing metric, too many updates
             raise Rejected(RejectReason.STRATEGY_REFUSED, str(exc)) from exc
         rnd.accepted.append(update.message_id)
+        rnd.counted.add(update.message_id)
         rnd.accepted_devices.add(update.device_id)
         rnd.examples += update.num_examples
         rnd.loss_sum += float(update.metrics.get("loss", 0.0)) * update.num_examples
@@ -330,40 +344,49 @@ class AggregatorWorker:
         if rnd is None or rnd.opened.round != round_number:
             return
         del self._rounds[experiment_id]
-        self._last_closed[experiment_id] = round_number
-        if len(rnd.accepted) < max(rnd.opened.min_reports, 1):
-            outcome: RoundCommitted | RoundAbandoned = RoundAbandoned(
-                experiment_id=experiment_id,
-                round=round_number,
-                reason=f"{len(rnd.accepted)} accepted reports, {rnd.opened.min_reports} needed",
-                reported=rnd.reported,
-                accepted=len(rnd.accepted),
-                rejected=dict(rnd.rejected),
-                sender=self._name,
+        try:
+            outcome = self._outcome(rnd)
+            self._transport.publish(topics.events(experiment_id), encode(outcome))
+        except Exception:
+            # Nothing is lost: checkpointed updates stay in the store, the rest go
+            # back to the broker, and the coordinator announces the round again.
+            log.exception(
+                "could not close %s round %d; it will be retried", experiment_id, round_number
             )
-        else:
-            try:
-                outcome = self._commit(rnd)
-            except (
-                ValueError
-            ) as exc:  # the rule cannot aggregate these updates (e.g. Krum, n <= 2f+2)
-                outcome = RoundAbandoned(
-                    experiment_id=experiment_id,
-                    round=round_number,
-                    reason=f"{rnd.strategy.name} could not aggregate: {exc}",
-                    reported=rnd.reported,
-                    accepted=len(rnd.accepted),
-                    rejected=dict(rnd.rejected),
-                    sender=self._name,
-                )
-        self._transport.publish(topics.events(experiment_id), encode(outcome))
+            self._strategies.pop(experiment_id, None)  # finish() may have advanced it
+            for delivery in rnd.pending:
+                delivery.nack(requeue=True)
+            return
+        self._last_closed[experiment_id] = round_number
         for delivery in rnd.pending:
             delivery.ack()
         log.info(
-            "closed %s round %d (%s)",
+            "closed %s round %d (%s): %s",
             experiment_id,
             round_number,
-            "deadline" if deadline else "target reached",
+            "deadline" if deadline else "complete",
+            type(outcome).__name__,
+        )
+
+    def _outcome(self, rnd: _OpenRound) -> RoundCommitted | RoundAbandoned:
+        """Commit the round, or describe why it is abandoned."""
+        opened = rnd.opened
+        reason = None
+        if len(rnd.accepted) < max(opened.min_reports, 1):
+            reason = f"{len(rnd.accepted)} accepted reports, {opened.min_reports} needed"
+        else:
+            try:
+                return self._commit(rnd)
+            except ValueError as exc:  # the rule cannot aggregate these (Krum with n <= 2f+2)
+                reason = f"{rnd.strategy.name} could not aggregate: {exc}"
+        return RoundAbandoned(
+            experiment_id=opened.experiment_id,
+            round=opened.round,
+            reason=reason,
+            reported=rnd.reported,
+            accepted=len(rnd.accepted),
+            rejected=dict(rnd.rejected),
+            sender=self._name,
         )
 
     def _commit(self, rnd: _OpenRound) -> RoundCommitted:

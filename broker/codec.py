@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 import types
 from collections.abc import Mapping
@@ -66,7 +67,7 @@ def decode(frame: bytes) -> Message:
     if end > len(frame):
         raise CodecError("frame truncated inside its header")
     try:
-        header = json.loads(frame[_PREFIX.size : end])
+        header = json.loads(frame[_PREFIX.size : end], parse_constant=_refuse_constant)
         kind = MessageKind(header["kind"])
         schema = int(header["schema_version"])
     except (ValueError, KeyError, TypeError) as exc:
@@ -74,13 +75,17 @@ def decode(frame: bytes) -> Message:
     if schema > SCHEMA_VERSION:
         raise SchemaVersionError(f"schema {schema} is newer than {SCHEMA_VERSION}")
     cls = MESSAGE_TYPES[kind]
-    kwargs = _from_json_fields(cls, header.get("body", {}))
-    if header.get("payload_field"):
+    envelope = {name: header[name] for name in _ENVELOPE_FIELDS if name in header}
+    body = header.get("body", {})
+    if not isinstance(body, dict):
+        raise CodecError(f"bad {kind.value} body: not an object")
+    kwargs = _from_json_fields(cls, {**body, **envelope})
+    payload_field = header.get("payload_field")
+    if payload_field:
+        if "bytes" not in str(_hints(cls).get(payload_field)):
+            raise CodecError(f"{cls.__name__} has no binary field {payload_field!r}")
         # A view, not a copy: a large inline update is read in place by the weights codec.
-        kwargs[header["payload_field"]] = memoryview(frame)[end:]
-    for name in _ENVELOPE_FIELDS:
-        if name in header:
-            kwargs[name] = header[name]
+        kwargs[payload_field] = memoryview(frame)[end:]
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -116,27 +121,67 @@ def _from_json_fields(cls: type[Message], body: Mapping[str, Any]) -> dict[str, 
     hints = _hints(cls)
     try:
         return {name: _from_json(hints[name], value) for name, value in body.items()}
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CodecError(f"bad {cls.__name__} body: {exc}") from exc
 
 
 def _from_json(hint: Any, value: Any) -> Any:
-    """Convert JSON data back to the annotated type (dataclasses, enums, tuples, mappings)."""
+    """Convert JSON data back to the annotated type, refusing values of the wrong type."""
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
-        if value is None:
+        if value is None and type(None) in get_args(hint):
             return None
         options = [a for a in get_args(hint) if a is not type(None)]
-        return _from_json(options[0], value) if len(options) == 1 else value
+        if len(options) == 1:
+            return _from_json(options[0], value)
+        return _scalar(value, tuple(o for o in options if o in _SCALARS))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         inner = _hints(hint)
-        return hint(**{k: _from_json(inner[k], v) for k, v in value.items()})
+        return hint(**{k: _from_json(inner[k], v) for k, v in _object(value).items()})
     if isinstance(hint, type) and issubclass(hint, Enum):
         return hint(value)
     if origin is tuple:
-        return tuple(value)
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        item = get_args(hint)[0]
+        return tuple(_from_json(item, v) for v in value)
     if origin is Mapping or origin is dict:
         args = get_args(hint)
         item = args[1] if len(args) == 2 else Any
-        return {k: _from_json(item, v) for k, v in value.items()}
+        return {k: _from_json(item, v) for k, v in _object(value).items()}
+    if hint in _SCALARS:
+        return _scalar(value, (hint,))
     return value
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _scalar(value: Any, allowed: tuple[type, ...]) -> Any:
+    """Return ``value`` if it is one of the ``allowed`` JSON scalars (a finite float)."""
+    if isinstance(value, bool):
+        ok = bool in allowed
+    elif isinstance(value, int):
+        ok = int in allowed or float in allowed
+        if ok and int not in allowed:
+            value = float(value)
+    elif isinstance(value, float):
+        ok = float in allowed and math.isfinite(value)
+    else:
+        ok = isinstance(value, str) and str in allowed
+    if not ok:
+        names = "/".join(t.__name__ for t in allowed)
+        raise TypeError(f"expected {names}, got {value!r}")
+    return value
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """Return ``value`` if it is a JSON object."""
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    """Refuse NaN and Infinity, which JSON does not have but Python's parser accepts."""
+    raise ValueError(f"{name} is not valid JSON")

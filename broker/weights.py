@@ -81,7 +81,11 @@ def _parse(buffer: memoryview) -> Weights:
         begin, end = _offsets(info)
         dtype = _DTYPES.get(str(info.get("dtype")))
         shape = info.get("shape")
-        if dtype is None or not isinstance(shape, list):
+        if (
+            dtype is None
+            or not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise CodecError(f"not a safetensors blob: bad entry for {name!r}")
         count = int(np.prod(shape)) if shape else 1
         if end - begin != count * dtype.itemsize or start + end > len(buffer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -141,19 +142,19 @@ class DeviceClient:
             assert self._app.train_handler is not None
             result = self._app.train_handler(task, ctx)
         except (BrokerError, DeviceError) as exc:
-            self.stats.failures += 1
-            log.warning("%s: task %s refused: %s", self.device_id, task.message_id, exc)
-            reply = task.error_reply(exc.code, str(exc), sender=self.device_id)
-            self._transport.publish(reply_to, encode(reply))
+            self._refuse(task, reply_to, exc.code, exc)
             return
+        except Exception as exc:  # a trainer's own failure (torch, bad settings): say so
+            log.exception("%s: training on task %s failed", self.device_id, task.message_id)
+            self._refuse(task, reply_to, "training_failed", exc)
+            return
+        # Non-finite metrics cannot travel as JSON; the weights are checked by the worker.
+        metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(v)}
         data = encode_weights(result.weights)
         try:
             ref = self._claim_check(task, data)
         except FetchError as exc:
-            self.stats.failures += 1
-            log.warning("%s: upload for task %s failed: %s", self.device_id, task.message_id, exc)
-            reply = task.error_reply(exc.code, str(exc), sender=self.device_id)
-            self._transport.publish(reply_to, encode(reply))
+            self._refuse(task, reply_to, exc.code, exc)
             return
         update = ModelUpdate(
             experiment_id=task.experiment_id,
@@ -164,11 +165,18 @@ class DeviceClient:
             num_examples=result.num_examples,
             weights=ref,
             inline_weights=None if ref is not None else data,
-            metrics=dict(result.metrics),
+            metrics=metrics,
             sender=self.device_id,
         )
         self._transport.publish(reply_to, encode(update))
         self.stats.updates_sent += 1
+
+    def _refuse(self, task: TrainTask, reply_to: str, code: str, error: Exception) -> None:
+        """Tell the aggregator this device cannot serve ``task``, and why."""
+        self.stats.failures += 1
+        log.warning("%s: task %s refused: %s", self.device_id, task.message_id, error)
+        reply = task.error_reply(code, str(error), sender=self.device_id)
+        self._transport.publish(reply_to, encode(reply))
 
     def _claim_check(self, task: TrainTask, data: bytes) -> ModelRef | None:
         """Upload ``data`` if it may not travel inline; return its reference (None: inline)."""

@@ -60,6 +60,7 @@ def simulate(
     rounds: int | None = None,
     workdir: Path | None = None,
     progress: Progress | None = None,
+    stop_when: Callable[[RoundRecord], bool] | None = None,
 ) -> RunResult:
     """Run an experiment on the in-process bus: deterministic for a config and seed.
 
@@ -73,13 +74,17 @@ def simulate(
         Where the model store lives (default: a temporary folder).
     progress
         Called with each round's record as the round ends.
+    stop_when
+        End early after the first round for which this returns True.
 
     Returns
     -------
     RunResult
         The experiment id, every round's record, and the initial and final weights.
     """
-    return run_experiment(config, rounds=rounds, workdir=workdir, progress=progress)
+    return run_experiment(
+        config, rounds=rounds, workdir=workdir, progress=progress, stop_when=stop_when
+    )
 
 
 def run_experiment(
@@ -92,6 +97,7 @@ def run_experiment(
     timeout_s: float | None = None,
     make_trainer: TrainerFactory | None = None,
     evaluate: bool = True,
+    stop_when: Callable[[RoundRecord], bool] | None = None,
 ) -> RunResult:
     """Run service, worker and fleet in this process over ``broker_url``.
 
@@ -100,14 +106,16 @@ def run_experiment(
     real broker each component opens its own connection (each device its own
     MQTT session) exactly as separate processes would. ``make_trainer`` swaps
     the devices' trainer (benchmarks use a no-op one); ``evaluate=False``
-    skips the held-out evaluation of each version.
+    skips the held-out evaluation of each version. ``stop_when`` ends the run
+    early, after the first round for which it returns True (e.g. a target
+    accuracy reached).
     """
     started = time.perf_counter()
     count = rounds or config.rounds.count
     # This run's devices live only as long as the run: short MQTT sessions.
     track = TransportPool(broker_url, session_expiry_s=60)
     in_process = is_in_process(broker_url)
-    ended = _RoundCounter(count, progress)
+    ended = _RoundCounter(count, progress, stop_when)
 
     with tempfile.TemporaryDirectory(prefix="fedmq-") as tmp:
         store = LocalStore((workdir or Path(tmp)) / "store")
@@ -146,6 +154,7 @@ def run_experiment(
             group = unique_client_id("aggregators")
             AggregatorWorker(track(unique_client_id("worker")), store, group=group).start()
             experiment_id = service.create_experiment(config)
+            ended.on_stop = lambda: service.stop_after_current_round(experiment_id)
             fleet = Fleet(
                 track,
                 config.to_dict()["data"],
@@ -187,16 +196,26 @@ def run_experiment(
 class _RoundCounter:
     """Round listener that reports progress and signals when the last round ended."""
 
-    def __init__(self, count: int, progress: Progress | None) -> None:
+    def __init__(
+        self,
+        count: int,
+        progress: Progress | None,
+        stop_when: Callable[[RoundRecord], bool] | None = None,
+    ) -> None:
         self.count = count
         self.ended = 0
         self.done = threading.Event()
+        self.on_stop: Callable[[], None] = lambda: None
         self._progress = progress
+        self._stop_when = stop_when
 
     def __call__(self, record: RoundRecord) -> None:
         if self._progress is not None:
             self._progress(record)
         self.ended += 1
+        if self._stop_when is not None and self._stop_when(record):
+            self.on_stop()
+            self.count = self.ended
         if self.ended >= self.count:
             self.done.set()
 

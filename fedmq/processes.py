@@ -19,6 +19,7 @@ from aggregator_service.api.app import create_app
 from aggregator_service.evaluation import held_out_evaluator
 from aggregator_service.links import SignedLinks
 from device_sdk.emulator import Fleet
+from fedmq.settings import home
 from fedmq.wiring import (
     DEFAULT_MAX_INLINE_BYTES,
     Ticker,
@@ -69,7 +70,9 @@ def run_server(
     )
     service.start()
     ticker = Ticker(service.tick).start()
-    server = start_http(create_app(service=service, store=store, links=links), host, port)
+    token = os.environ.get("FEDMQ_ADMIN_TOKEN") or _generated_token()
+    app = create_app({"ADMIN_TOKEN": token}, service=service, store=store, links=links)
+    server = start_http(app, host, port)
     print(f"fedmq server on http://{host}:{server.port} (broker {_safe(broker)})", flush=True)
     try:
         wait_for_signal()
@@ -156,6 +159,18 @@ def _experiment(server: str, experiment_id: str | None) -> dict[str, Any]:
         raise ServiceError(f"{server} has no experiments yet; create one or pass --experiment")
     newest: dict[str, Any] = body["experiments"][-1]
     return newest
+
+
+def _generated_token() -> str:
+    """Create an admin token, readable only by this user, and say where it is."""
+    path = home() / "admin-token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(token + "\n")
+    print(f"FEDMQ_ADMIN_TOKEN is not set; generated one in {path}", flush=True)
+    return token
 
 
 def _reachable(host: str) -> str:

@@ -79,7 +79,10 @@ class Ticker:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self._tick()
+            try:
+                self._tick()
+            except Exception:  # one failed tick must not end deadline enforcement
+                log.exception("periodic task failed; retrying at the next tick")
 
 
 def executor_runner(executor: Executor) -> Callable[[Callable[[], None]], None]:

@@ -31,10 +31,10 @@ def create_app(
     ----------
     config
         Flask settings; ``ADMIN_TOKEN`` guards state-changing calls. Without
-        one, ``FEDMQ_ADMIN_TOKEN`` from the environment is used, else a random
-        token is generated and logged once.
+        one, ``FEDMQ_ADMIN_TOKEN`` from the environment is used.
     service
-        The round coordinator the views call.
+        The round coordinator the views call. Without an admin token a random
+        one nobody knows is set, so state-changing calls are refused.
     store, links
         With both, the app serves signed blob downloads and update uploads
         (``/api/v1/blobs``, ``/api/v1/uploads``) for a local-folder store.
@@ -50,7 +50,9 @@ def create_app(
         app.config.update(config)
     if not app.config.get("ADMIN_TOKEN"):
         app.config["ADMIN_TOKEN"] = secrets.token_urlsafe(24)
-        log.warning("no admin token configured; generated one: %s", app.config["ADMIN_TOKEN"])
+        log.warning(
+            "no admin token configured: state-changing calls are refused (set FEDMQ_ADMIN_TOKEN)"
+        )
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["fedmq.rounds"] = service
     for blueprint in (experiments.bp, models.bp, devices.bp, meta.bp):

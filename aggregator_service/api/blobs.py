@@ -52,7 +52,10 @@ def upload(nonce: str) -> tuple[Response, int]:
     limit = int(current_app.config.get("MAX_UPLOAD_BYTES", 1 << 30))
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
-    data = request.get_data(cache=False)
+    # Read at most one byte past the limit: a chunked body has no length to check first.
+    data = request.stream.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
     if not data:
         raise BadRequest("empty upload (send the bytes as application/octet-stream)")
     sha256 = _store().put_blob(data)

@@ -62,6 +62,27 @@ OPENAPI: dict[str, Any] = {
             "get": _op("List devices", "200"),
         },
         "/health": {"get": _op("Liveness", "200")},
+        "/blobs/{sha256}": {
+            "get": {
+                "summary": "Download an artifact through a signed URL",
+                "responses": {
+                    "200": {"description": "bytes", "content": {"application/octet-stream": {}}},
+                    "403": _ERROR,
+                    "404": _ERROR,
+                },
+            },
+        },
+        "/uploads/{nonce}": {
+            "put": {
+                "summary": "Upload an update through a signed URL",
+                "responses": {
+                    "201": {"description": "stored", "content": _JSON},
+                    "400": _ERROR,
+                    "403": _ERROR,
+                    "413": _ERROR,
+                },
+            },
+        },
         "/openapi.json": {"get": _op("This document", "200")},
     },
     "components": {

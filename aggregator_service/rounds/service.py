@@ -64,6 +64,9 @@ EvaluatorFactory = Callable[[ExperimentConfig, bytes], Evaluator | None]
 class RoundService:
     """Coordinates experiments and their rounds over a transport."""
 
+    REPEAT_S = 5.0
+    """How often a training round is re-announced, or its overdue close re-sent."""
+
     def __init__(
         self,
         transport: Transport,
@@ -87,7 +90,10 @@ class RoundService:
         self._lock = threading.RLock()
         self._online: dict[str, str] = {}  # device id -> experiment id ("" for any)
         self._evaluators: dict[str, Evaluator | None] = {}
-        self._closing: set[tuple[str, int]] = set()
+        # Rounds in training, by (experiment, round): their announcement, and when
+        # the last announcement or close was sent.
+        self._announced: dict[tuple[str, int], RoundOpened] = {}
+        self._last_sent: dict[tuple[str, int], float] = {}
         self._listeners: list[RoundListener] = []
 
     def start(self) -> None:
@@ -131,6 +137,12 @@ class RoundService:
             if exp.state == "idle":
                 self._db.update_experiment(experiment_id, state="running")
                 self._start_round(experiment_id)
+
+    def stop_after_current_round(self, experiment_id: str) -> None:
+        """Drop the rounds still queued; the round in progress finishes normally."""
+        with self._lock:
+            exp = self._db.experiment(experiment_id)
+            self._db.update_experiment(experiment_id, rounds_requested=exp.current_round)
 
     def experiment(self, experiment_id: str) -> ExperimentRecord:
         """Return an experiment's state."""
@@ -189,7 +201,10 @@ class RoundService:
         """Start rounds that were waiting for enough devices to check in."""
         for exp in self._db.experiments():
             if exp.state == "waiting" and experiment_id in (None, exp.id):
-                self._start_round(exp.id)
+                if exp.current_round < exp.rounds_requested:
+                    self._start_round(exp.id)
+                else:
+                    self._db.update_experiment(exp.id, state="idle")
 
     # -- rounds -------------------------------------------------------------------
 
@@ -252,6 +267,8 @@ class RoundService:
             sender=self._name,
         )
         self._transport.publish(topics.control(experiment_id), encode(opened))
+        self._announced[(experiment_id, number)] = opened
+        self._last_sent[(experiment_id, number)] = now
         training = {**config.training_settings(), **strategy.configure_round(number)}
         for device_id in selected:
             task = TrainTask(
@@ -279,24 +296,24 @@ class RoundService:
         log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
 
     def tick(self) -> None:
-        """Close rounds whose deadline has passed; call this periodically."""
+        """Re-announce training rounds and close those past their deadline; call periodically.
+
+        Both are repeated every ``REPEAT_S`` until the round's outcome arrives:
+        a worker that starts mid-round learns of it, and a close lost with a
+        worker's connection is sent again. Workers ignore repeats.
+        """
         now = self._clock()
         with self._lock:
-            for exp in self._db.experiments():
-                if exp.state != "running":
+            for (experiment_id, number), opened in list(self._announced.items()):
+                if now - self._last_sent.get((experiment_id, number), 0.0) < self.REPEAT_S:
                     continue
-                for rnd in self._db.rounds(exp.id)[-1:]:
-                    key = (exp.id, rnd.number)
-                    if (
-                        rnd.state == "training"
-                        and now >= rnd.deadline_at
-                        and key not in self._closing
-                    ):
-                        self._closing.add(key)
-                        close = CloseRound(
-                            experiment_id=exp.id, round=rnd.number, sender=self._name
-                        )
-                        self._transport.publish(topics.control(exp.id), encode(close))
+                self._last_sent[(experiment_id, number)] = now
+                message: RoundOpened | CloseRound = opened
+                if now >= opened.deadline_at:
+                    message = CloseRound(
+                        experiment_id=experiment_id, round=number, sender=self._name
+                    )
+                self._transport.publish(topics.control(experiment_id), encode(message))
 
     def _on_event(self, delivery: Delivery) -> None:
         try:
@@ -323,10 +340,17 @@ class RoundService:
         if rnd is None:
             return
         metrics: dict[str, float] = dict(event.metrics)
-        evaluator = self._evaluator(event.experiment_id)
+        try:
+            evaluator = self._evaluator(event.experiment_id)
+        except Exception:
+            log.exception("building the evaluator of %s failed", event.experiment_id)
+            evaluator = None
         if evaluator is not None:
-            weights = decode_weights(self._store.get_blob(event.model.sha256))
-            metrics.update(evaluator.evaluate(weights))
+            try:
+                weights = decode_weights(self._store.get_blob(event.model.sha256))
+                metrics.update(evaluator.evaluate(weights))
+            except Exception:  # a failed evaluation must not lose the committed round
+                log.exception("evaluating %s v%d failed", event.experiment_id, event.version)
         self._db.update_round(
             event.experiment_id,
             event.round,
@@ -362,6 +386,8 @@ class RoundService:
 
     def _round_ended(self, experiment_id: str, number: int) -> None:
         """Tell listeners, then start the next requested round or go idle."""
+        self._announced.pop((experiment_id, number), None)
+        self._last_sent.pop((experiment_id, number), None)
         record = next(r for r in self._db.rounds(experiment_id) if r.number == number)
         for listener in self._listeners:
             listener(record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,9 +120,16 @@ def test_uploads_above_the_limit_and_empty_uploads_are_refused(
     client: FlaskClient, links: SignedLinks
 ) -> None:
     too_big = client.put(_local(links.upload("n")), data=b"z" * 1001)
+    chunked = client.put(
+        _local(links.upload("n")),
+        input_stream=io.BytesIO(b"z" * 1200),  # streamed without a Content-Length
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
     empty = client.put(_local(links.upload("n")), data=b"")
 
     assert too_big.status_code == 413
+    assert chunked.status_code == 413
     assert empty.status_code == 400
 
 

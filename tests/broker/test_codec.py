@@ -246,3 +246,61 @@ def test_decoded_weights_are_views_of_the_frame_unless_copied() -> None:
     assert not view["w"].flags.owndata and not view["w"].flags.writeable
     assert owned["w"].flags.writeable
     np.testing.assert_array_equal(view["w"], weights["w"])
+
+
+def _frame(kind: str, body: object, **envelope: object) -> bytes:
+    header = json.dumps({"schema_version": 1, "kind": kind, "body": body, **envelope}).encode()
+    return struct.pack(">3sBI", b"FMQ", 1, len(header)) + header
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _frame("close_round", {"experiment_id": "e", "round": "1"}),
+        _frame("close_round", {"experiment_id": "e", "round": True}),
+        _frame("close_round", {"experiment_id": 7, "round": 1}),
+        _frame("close_round", {"experiment_id": "e", "round": 1}, message_id=["x"]),
+        _frame("check_in", {"device_id": "d", "platform": "p", "capabilities": [1]}),
+        _frame("close_round", "not an object"),
+        _frame(
+            "round_abandoned",
+            {"experiment_id": "e", "round": 1, "reason": "r", "rejected": {"x": "many"}},
+        ),
+        _frame("close_round", {"experiment_id": "e", "round": 1}, payload_field="round"),
+        b"FMQ\x01\x00\x00\x00\x2d" + b'{"schema_version":1,"kind":"x","body":NaN}'.ljust(45),
+    ],
+    ids=[
+        "str-int",
+        "bool-int",
+        "int-str",
+        "list-id",
+        "list-map",
+        "body",
+        "map-values",
+        "payload-field",
+        "nan",
+    ],
+)
+def test_fields_of_the_wrong_type_are_codec_errors(frame: bytes) -> None:
+    with pytest.raises(CodecError):
+        decode(frame)
+
+
+def test_non_finite_metrics_are_refused_on_the_wire() -> None:
+    header = json.dumps(
+        {
+            "schema_version": 1,
+            "kind": "model_update",
+            "body": {
+                "experiment_id": "e",
+                "round": 1,
+                "device_id": "d",
+                "base_version": 0,
+                "task_id": "t",
+                "num_examples": 1,
+                "metrics": {"loss": 1e999},
+            },
+        }
+    ).encode()  # json.dumps writes Infinity
+    with pytest.raises(CodecError):
+        decode(struct.pack(">3sBI", b"FMQ", 1, len(header)) + header)

@@ -49,8 +49,9 @@ def test_distributed_run_commits_the_same_model_as_simulation(
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group:
         group.start("server", "server", "--port", str(port))
-        group.start("worker", "worker")
+        group.start("worker", "worker", "--name", f"e2e-worker-{uuid.uuid4().hex[:8]}")
         api.wait_healthy()
+        wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
         experiment_id = api.call("POST", "/experiments", config)["id"]
         group.start(
             "fleet",

@@ -99,3 +99,10 @@ def test_cli_reads_toml_configs(tmp_path: Path, capsys: Any) -> None:
 def test_cli_missing_config_file_is_an_error(tmp_path: Path, capsys: Any) -> None:
     assert main(["simulate", str(tmp_path / "nope.json")]) == 2
     assert "cannot read config" in capsys.readouterr().err
+
+
+def test_a_run_stops_early_once_its_stop_condition_holds(small_config: Any) -> None:
+    result = simulate(small_config(rounds={"count": 5}), stop_when=lambda r: r.number == 2)
+
+    assert [r.number for r in result.rounds] == [1, 2]
+    assert all(r.state == "committed" for r in result.rounds)
