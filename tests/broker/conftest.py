@@ -51,7 +51,18 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 @pytest.fixture(params=["memory", "amqp", "mqtt"])
 def bus(request: pytest.FixtureRequest) -> Iterator[Bus]:
-    kind = request.param
+    """Every transport, the in-process one included."""
+    yield from _bus(request.param)
+
+
+@pytest.fixture(params=["amqp", "mqtt"])
+def network_bus(request: pytest.FixtureRequest) -> Iterator[Bus]:
+    """The transports with a connection that can be lost."""
+    yield from _bus(request.param)
+
+
+def _bus(kind: str) -> Iterator[Bus]:
+    """Open a bus of ``kind`` and clean up after the test."""
     if kind == "memory":
         shared = MemoryTransport()
         bus = Bus(kind, lambda: shared)

@@ -6,8 +6,6 @@ import threading
 import time
 import uuid
 
-import pytest
-
 from broker import Delivery, MemoryTransport
 from tests.broker.conftest import Bus, wait_until
 
@@ -108,9 +106,8 @@ def test_a_requeued_message_comes_back_marked_redelivered(bus: Bus) -> None:
     assert inbox.redelivered == [False, True]
 
 
-def test_an_unsettled_message_is_redelivered_to_the_next_consumer(bus: Bus) -> None:
-    if bus.kind == "memory":
-        pytest.skip("the in-process bus has no connection to lose")
+def test_an_unsettled_message_is_redelivered_to_the_next_consumer(network_bus: Bus) -> None:
+    bus = network_bus
     group = bus.group()
     first = bus.connect()
     holder = Inbox("hold")
@@ -127,9 +124,8 @@ def test_an_unsettled_message_is_redelivered_to_the_next_consumer(bus: Bus) -> N
     assert taker.redelivered == [True]
 
 
-def test_a_group_keeps_messages_published_while_its_consumer_is_offline(bus: Bus) -> None:
-    if bus.kind == "memory":
-        pytest.skip("the in-process bus lives and dies with its process")
+def test_a_group_keeps_messages_published_while_its_consumer_is_offline(network_bus: Bus) -> None:
+    bus = network_bus
     group = bus.group()
     first = bus.connect()
     first.subscribe(f"{bus.root}/q", Inbox(), group=group)
@@ -155,15 +151,15 @@ def _other_client(bus: Bus) -> object:
     return transport
 
 
-def test_the_transport_reconnects_after_the_broker_drops_it(bus: Bus) -> None:
-    if bus.proxy is None:
-        pytest.skip("the in-process bus has no connection to drop")
+def test_the_transport_reconnects_after_the_broker_drops_it(network_bus: Bus) -> None:
+    bus = network_bus
     transport = bus.connect()
     inbox = Inbox()
     transport.subscribe(f"{bus.root}/c", inbox, group=bus.group())
     transport.publish(f"{bus.root}/c", b"before")
     inbox.wait(1)
 
+    assert bus.proxy is not None
     bus.proxy.cut()
     transport.publish(f"{bus.root}/c", b"after")  # blocks until reconnected, then confirms
 
