@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,85 +113,101 @@ def run_experiment(
     """
     started = time.perf_counter()
     count = rounds or config.rounds.count
-    # This run's devices live only as long as the run: short MQTT sessions.
-    track = TransportPool(broker_url, session_expiry_s=60)
     in_process = is_in_process(broker_url)
     ended = _RoundCounter(count, progress, stop_when)
-
-    with tempfile.TemporaryDirectory(prefix="fedmq-") as tmp:
-        store = LocalStore((workdir or Path(tmp)) / "store")
+    with ExitStack() as stack:
+        root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmq-")))
+        store = LocalStore(root / "store")
         db = Database("sqlite://")
-        executor = None if in_process else ThreadPoolExecutor(2, thread_name_prefix="fedmq-train")
-        ticker = http = None
-        try:
-            # Off the in-process bus, devices reach the store as they would remotely:
-            # signed URLs served over HTTP, and large updates uploaded, not inlined.
-            port = free_port()
-            links = (
-                None
-                if in_process
-                else SignedLinks(secrets.token_bytes(32), f"http://127.0.0.1:{port}")
-            )
-            service = RoundService(
-                track(unique_client_id("coordinator")),
-                store,
-                db,
-                evaluator_factory=held_out_evaluator if evaluate else None,
-                links=links,
-                max_inline_bytes=0 if in_process else DEFAULT_MAX_INLINE_BYTES,
-            )
-            if links is not None:
-                app = create_app(
-                    {"ADMIN_TOKEN": secrets.token_urlsafe(24)},
-                    service=service,
-                    store=store,
-                    links=links,
-                )
-                http = start_http(app, "127.0.0.1", port)
-            service.add_listener(ended)
-            service.start()
-            # A private update queue: this run's worker must not share a broker-wide
-            # group with other deployments' workers.
-            group = unique_client_id("aggregators")
-            AggregatorWorker(track(unique_client_id("worker")), store, group=group).start()
-            experiment_id = service.create_experiment(config)
-            ended.on_stop = lambda: service.stop_after_current_round(experiment_id)
-            fleet = Fleet(
-                track,
-                config.to_dict()["data"],
-                seed=config.seed,
-                experiment_id=experiment_id,
-                run=None if executor is None else executor_runner(executor),
-                make_trainer=make_trainer,
-                # Fresh ids per run, so no broker session of an earlier run is resumed.
-                prefix="emu" if in_process else f"emu{uuid.uuid4().hex[:4]}",
-            )
-            fleet.start()
-            _wait_for_devices(service, len(fleet.devices), track.opened, timeout_s)
-            service.request_rounds(experiment_id, count)
-            if not in_process:
-                ticker = Ticker(service.tick).start()
-            _wait_for_rounds(ended, track.opened, timeout_s)
-            _, initial = service.model_weights(experiment_id, 0)
-            _, final = service.model_weights(experiment_id)
-            return RunResult(
-                experiment_id,
-                config,
-                service.rounds(experiment_id),
-                initial,
-                final,
-                time.perf_counter() - started,
-                fleet.summary(),
-            )
-        finally:
-            if ticker is not None:
-                ticker.stop()
-            if http is not None:
-                http.shutdown()
-            if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
-            track.close()
-            db.close()
+        stack.callback(db.close)
+        # This run's devices live only as long as the run: short MQTT sessions.
+        track = TransportPool(broker_url, session_expiry_s=60)
+        stack.callback(track.close)
+        service = _coordinator(stack, track, store, db, in_process=in_process, evaluate=evaluate)
+        service.add_listener(ended)
+        service.start()
+        # A private update queue: this run's worker must not share a broker-wide
+        # group with other deployments' workers.
+        group = unique_client_id("aggregators")
+        AggregatorWorker(track(unique_client_id("worker")), store, group=group).start()
+        experiment_id = service.create_experiment(config)
+        ended.on_stop = lambda: service.stop_after_current_round(experiment_id)
+        fleet = _fleet(stack, track, config, experiment_id, in_process, make_trainer)
+        fleet.start()
+        _wait_for_devices(service, len(fleet.devices), track.opened, timeout_s)
+        service.request_rounds(experiment_id, count)
+        if not in_process:
+            stack.callback(Ticker(service.tick).start().stop)
+        _wait_for_rounds(ended, track.opened, timeout_s)
+        _, initial = service.model_weights(experiment_id, 0)
+        _, final = service.model_weights(experiment_id)
+        elapsed = time.perf_counter() - started
+        return RunResult(
+            experiment_id,
+            config,
+            service.rounds(experiment_id),
+            initial,
+            final,
+            elapsed,
+            fleet.summary(),
+        )
+
+
+def _coordinator(
+    stack: ExitStack,
+    track: TransportPool,
+    store: LocalStore,
+    db: Database,
+    *,
+    in_process: bool,
+    evaluate: bool,
+) -> RoundService:
+    """Build the coordinator; off the in-process bus, with its HTTP blob service.
+
+    Devices then reach the store as they would remotely: signed URLs served
+    over HTTP, and large updates uploaded, not inlined.
+    """
+    port = free_port()
+    links = None if in_process else SignedLinks(secrets.token_bytes(32), f"http://127.0.0.1:{port}")
+    service = RoundService(
+        track(unique_client_id("coordinator")),
+        store,
+        db,
+        evaluator_factory=held_out_evaluator if evaluate else None,
+        links=links,
+        max_inline_bytes=0 if in_process else DEFAULT_MAX_INLINE_BYTES,
+    )
+    if links is not None:
+        token = secrets.token_urlsafe(24)
+        app = create_app({"ADMIN_TOKEN": token}, service=service, store=store, links=links)
+        stack.callback(start_http(app, "127.0.0.1", port).shutdown)
+    return service
+
+
+def _fleet(
+    stack: ExitStack,
+    track: TransportPool,
+    config: ExperimentConfig,
+    experiment_id: str,
+    in_process: bool,
+    make_trainer: TrainerFactory | None,
+) -> Fleet:
+    """Build the emulated fleet of the experiment's data section."""
+    run = None
+    if not in_process:
+        executor = ThreadPoolExecutor(2, thread_name_prefix="fedmq-train")
+        stack.callback(executor.shutdown, wait=True, cancel_futures=True)
+        run = executor_runner(executor)
+    return Fleet(
+        track,
+        config.to_dict()["data"],
+        seed=config.seed,
+        experiment_id=experiment_id,
+        run=run,
+        make_trainer=make_trainer,
+        # Fresh ids per run, so no broker session of an earlier run is resumed.
+        prefix="emu" if in_process else f"emu{uuid.uuid4().hex[:4]}",
+    )
 
 
 class _RoundCounter:

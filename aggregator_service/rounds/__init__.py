@@ -1,5 +1,6 @@
 """Round coordination: experiments, selection, and the round state machine."""
 
-from aggregator_service.rounds.service import Evaluator, EvaluatorFactory, RoundService, describe
+from aggregator_service.rounds.records import describe
+from aggregator_service.rounds.service import Evaluator, EvaluatorFactory, RoundService
 
 __all__ = ["Evaluator", "EvaluatorFactory", "RoundService", "describe"]

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from aggregator_service.config import ExperimentConfig, build_strategy
 from aggregator_service.errors import Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
+from aggregator_service.rounds.records import new_round_record
 from broker import (
     CheckIn,
     CheckOut,
@@ -209,6 +210,7 @@ class RoundService:
     # -- rounds -------------------------------------------------------------------
 
     def _start_round(self, experiment_id: str) -> None:
+        """Select the next round's cohort, record the round, and send its tasks."""
         exp = self._db.experiment(experiment_id)
         config = ExperimentConfig.from_dict(exp.config)
         pool = sorted(d for d, e in self._online.items() if e in ("", experiment_id))
@@ -222,38 +224,17 @@ class RoundService:
             )
             return
         number = exp.current_round + 1
+        # The seed and the round number fix the draw: the same devices online
+        # give the same cohort in every run.
         rng = np.random.default_rng([config.seed, number])
         k = min(config.rounds.selection_size, len(pool))
         selected = tuple(str(d) for d in rng.choice(pool, size=k, replace=False))
         now = self._clock()
-        deadline = now + config.rounds.deadline_s
         manifest = self._store.get_manifest(experiment_id, exp.model_version)
         refs = {
             name: ModelRef(self._links.download(a.sha256), a.sha256, a.size, _format(name))
             for name, a in manifest.artifacts.items()
         }
-        strategy = build_strategy(config.strategy)
-        self._db.add_round(
-            RoundRecord(
-                experiment_id=experiment_id,
-                number=number,
-                state="training",
-                base_version=exp.model_version,
-                version=None,
-                selected=selected,
-                reported=0,
-                accepted=(),
-                accepted_devices=(),
-                rejected={},
-                dropped=0,
-                metrics={},
-                reason=None,
-                started_at=now,
-                deadline_at=deadline,
-                ended_at=None,
-            )
-        )
-        self._db.update_experiment(experiment_id, state="running", current_round=number)
         opened = RoundOpened(
             experiment_id=experiment_id,
             round=number,
@@ -262,38 +243,55 @@ class RoundService:
             selected=selected,
             target_reports=min(config.rounds.devices_per_round, k),
             min_reports=min(config.rounds.minimum, k),
-            deadline_at=deadline,
+            deadline_at=now + config.rounds.deadline_s,
             strategy=dict(config.strategy),
             sender=self._name,
         )
+        self._db.add_round(new_round_record(opened, started_at=now))
+        self._db.update_experiment(experiment_id, state="running", current_round=number)
         self._transport.publish(topics.control(experiment_id), encode(opened))
         self._announced[(experiment_id, number)] = opened
         self._last_sent[(experiment_id, number)] = now
+        self._send_tasks(opened, config, refs, later=sorted(set(pool) - set(selected)))
+        log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
+
+    def _send_tasks(
+        self,
+        opened: RoundOpened,
+        config: ExperimentConfig,
+        refs: dict[str, ModelRef],
+        *,
+        later: list[str],
+    ) -> None:
+        """Send each participant its task and tell the others when to come back."""
+        exp, number = opened.experiment_id, opened.round
+        strategy = build_strategy(config.strategy)
         training = {**config.training_settings(), **strategy.configure_round(number)}
-        for device_id in selected:
+        artifacts = {k: v for k, v in refs.items() if k in (ONNX, TORCHSCRIPT)}
+        for device_id in opened.selected:
             task = TrainTask(
-                experiment_id=experiment_id,
+                experiment_id=exp,
                 round=number,
-                base_version=exp.model_version,
-                model=refs[WEIGHTS],
-                artifacts={k: v for k, v in refs.items() if k in (ONNX, TORCHSCRIPT)},
+                base_version=opened.base_version,
+                model=opened.model,
+                artifacts=artifacts,
                 training=training,
-                deadline_at=deadline,
-                upload_url=self._links.upload(f"{experiment_id}-{number}-{device_id}"),
+                deadline_at=opened.deadline_at,
+                upload_url=self._links.upload(f"{exp}-{number}-{device_id}"),
                 max_inline_bytes=self._max_inline,
-                reply_to=topics.updates(experiment_id),
+                reply_to=topics.updates(exp),
                 sender=self._name,
             )
             self._transport.publish(topics.device(device_id), encode(task))
-        for device_id in sorted(set(pool) - set(selected)):
-            later = ComeBackLater(
-                experiment_id=experiment_id,
-                retry_after_s=deadline - now,
+        retry_after = max(opened.deadline_at - self._clock(), 0.0)
+        for device_id in later:
+            message = ComeBackLater(
+                experiment_id=exp,
+                retry_after_s=retry_after,
                 reason="not selected this round",
                 sender=self._name,
             )
-            self._transport.publish(topics.device(device_id), encode(later))
-        log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
+            self._transport.publish(topics.device(device_id), encode(message))
 
     def tick(self) -> None:
         """Re-announce training rounds and close those past their deadline; call periodically.
@@ -421,26 +419,3 @@ def _format(artifact_name: str) -> str:
 def _slug(text: str) -> str:
     """Return ``text`` reduced to a short topic-safe slug."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "x"
-
-
-def describe(record: RoundRecord) -> dict[str, Any]:
-    """Return a round record as the JSON the API and results files use."""
-    return {
-        "round": record.number,
-        "state": record.state,
-        "base_version": record.base_version,
-        "version": record.version,
-        "selected": len(record.selected),
-        "selected_devices": list(record.selected),
-        "reported": record.reported,
-        "accepted": len(record.accepted),
-        "accepted_updates": list(record.accepted),
-        "rejected": dict(record.rejected),
-        "dropped": record.dropped,
-        "metrics": dict(record.metrics),
-        "reason": record.reason,
-        "started_at": record.started_at,
-        "deadline_at": record.deadline_at,
-        "ended_at": record.ended_at,
-        "duration_s": record.duration_s,
-    }
