@@ -141,9 +141,9 @@ class ExperimentConfig:
 
 
 # Strategies whose protocol the worker and devices do not carry yet: FedBuff needs
-# asynchronous rounds fed with deltas from older versions, SCAFFOLD needs control
-# variates sent to and returned by devices. They exist as tested library code.
-NOT_YET_DISTRIBUTED = ("fedbuff", "scaffold")
+# asynchronous rounds fed with deltas from older versions. It exists as tested
+# library code.
+NOT_YET_DISTRIBUTED = ("fedbuff",)
 
 
 def strategy_classes() -> dict[str, type[Strategy]]:

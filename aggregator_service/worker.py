@@ -48,6 +48,9 @@ from model_store import ModelStore
 
 log = logging.getLogger(__name__)
 
+CONTROL_DELTA = "control_delta"
+"""Prefix of the control-variate delta tensors a SCAFFOLD update carries."""
+
 
 @dataclass
 class _OpenRound:
@@ -297,14 +300,22 @@ class AggregatorWorker:
                 f"trained on v{update.base_version}, round is on v{rnd.opened.base_version}",
             )
         check_examples(update.num_examples)
-        weights = decode_update_weights(self._update_bytes(update), rnd.spec)
+        with_control = rnd.strategy.takes_control_delta
+        spec = rnd.spec
+        if with_control:  # SCAFFOLD: the update also carries the device's control delta
+            spec = {**spec, **{f"{CONTROL_DELTA}/{k}": v for k, v in spec.items()}}
+        weights = decode_update_weights(self._update_bytes(update), spec)
         check_finite(weights)
+        control = None
+        if with_control:
+            control = {k: weights.pop(f"{CONTROL_DELTA}/{k}") for k in rnd.spec}
         client = ClientUpdate(
             update.device_id,
             weights,
             update.num_examples,
             update.metrics,
             base_version=update.base_version,
+            control_delta=control,
         )
         try:
             rnd.strategy.fold(rnd.state, client)

@@ -24,6 +24,7 @@ from aggregator_service.errors import Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
 from aggregator_service.rounds.records import new_round_record
+from aggregator_service.versions import STATE_ARTIFACT
 from broker import (
     CheckIn,
     CheckOut,
@@ -267,7 +268,9 @@ class RoundService:
         exp, number = opened.experiment_id, opened.round
         strategy = build_strategy(config.strategy)
         training = {**config.training_settings(), **strategy.configure_round(number)}
-        artifacts = {k: v for k, v in refs.items() if k in (ONNX, TORCHSCRIPT)}
+        # The strategy's saved state rides along by reference: SCAFFOLD devices
+        # read the server control variate from it; others never fetch it.
+        artifacts = {k: v for k, v in refs.items() if k in (ONNX, TORCHSCRIPT, STATE_ARTIFACT)}
         for device_id in opened.selected:
             task = TrainTask(
                 experiment_id=exp,

@@ -35,6 +35,8 @@ class Strategy:
     name: ClassVar[str] = "base"
 
     takes_deltas: ClassVar[bool] = False
+    takes_control_delta: ClassVar[bool] = False
+    """Whether updates carry a control-variate delta (``control_delta/<name>`` tensors)."""
     """Whether ``ClientUpdate.weights`` must be the client's delta, not its model."""
 
     def __init__(self, **settings: Any) -> None:

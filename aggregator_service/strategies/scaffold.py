@@ -51,6 +51,7 @@ class Scaffold(Strategy):
     """
 
     name = "scaffold"
+    takes_control_delta = True
 
     def __init__(self, *, num_clients: int, server_lr: float = 1.0) -> None:
         super().__init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ from safetensors.numpy import load
 
 from aggregator_service import ConfigError
 from fedmq.compose import simulate
+from model_store import LocalStore
 
 STRATEGIES: list[dict[str, Any]] = [
     {"name": "fedavg"},
@@ -59,9 +61,21 @@ def test_fedavgm_momentum_carries_over_between_rounds(small_config: Any) -> None
     assert momentum.final_weights != plain.final_weights
 
 
-@pytest.mark.parametrize("name", ["fedbuff", "scaffold"])
-def test_library_only_strategies_are_refused_with_a_clear_error(
-    small_config: Any, name: str
-) -> None:
+def test_library_only_strategies_are_refused_with_a_clear_error(small_config: Any) -> None:
     with pytest.raises(ConfigError, match="cannot run in an experiment yet"):
-        small_config(strategy={"name": name})
+        small_config(strategy={"name": "fedbuff"})
+
+
+def test_scaffold_server_control_variate_is_saved_with_each_version(
+    small_config: Any, tmp_path: Path
+) -> None:
+    config = small_config(strategy={"name": "scaffold", "num_clients": 6}, rounds={"count": 2})
+
+    result = simulate(config, workdir=tmp_path)
+
+    store = LocalStore(tmp_path / "store")
+    manifest = store.get_manifest(result.experiment_id, 2)
+    assert "strategy_state.safetensors" in manifest.artifacts
+    state = load(store.get_blob(manifest.artifacts["strategy_state.safetensors"].sha256))
+    assert {k.split("/", 1)[0] for k in state} == {"control"}
+    assert any(np.abs(v).max() > 0 for v in state.values())  # c moved away from zero
