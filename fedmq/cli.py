@@ -20,7 +20,7 @@ from fedmq.compose import RunResult, run_experiment
 from fedmq.defaults import DEMO_CONFIG
 from fedmq.processes import run_fleet, run_server, run_worker
 from fedmq.results import round_row, write_results
-from fedmq.settings import ENVIRONMENT, add_location_flags, resolve
+from fedmq.settings import ENVIRONMENT, add_location_flags, redact, resolve
 from model_store import StoreError
 
 _HEADER = (
@@ -28,7 +28,7 @@ _HEADER = (
     f"{'accuracy':>8} {'seconds':>8}"
 )
 
-_USER_ERRORS = (ServiceError, BrokerError, DeviceError, DataError, StoreError)
+_USER_ERRORS = (ServiceError, BrokerError, DeviceError, DataError, StoreError, TimeoutError)
 
 
 def _print_round(record: RoundRecord) -> None:
@@ -54,10 +54,15 @@ def _run_and_report(
         f"experiment {config.name}: {config.data.devices} devices, "
         f"{config.data.dataset}/{config.data.partition}, strategy "
         f"{config.strategy.get('name')}, {rounds or config.rounds.count} rounds, "
-        f"broker {broker.split('?')[0]}"
+        f"broker {redact(broker)}"
     )
     print(_HEADER, flush=True)
-    result = run_experiment(config, broker_url=broker, rounds=rounds, progress=_print_round)
+    count = rounds or config.rounds.count
+    # Every round ends by its deadline; past that margin something is stuck.
+    timeout = count * (config.rounds.deadline_s + 30.0) + 120.0
+    result = run_experiment(
+        config, broker_url=broker, rounds=rounds, progress=_print_round, timeout_s=timeout
+    )
     final = result.final_metrics
     print(
         f"done in {result.wall_time_s:.1f} s; final accuracy "

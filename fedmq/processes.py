@@ -19,7 +19,7 @@ from aggregator_service.api.app import create_app
 from aggregator_service.evaluation import held_out_evaluator
 from aggregator_service.links import SignedLinks
 from device_sdk.emulator import Fleet
-from fedmq.settings import home
+from fedmq.settings import home, redact
 from fedmq.wiring import (
     DEFAULT_MAX_INLINE_BYTES,
     Ticker,
@@ -73,7 +73,7 @@ def run_server(
     token = os.environ.get("FEDMQ_ADMIN_TOKEN") or _generated_token()
     app = create_app({"ADMIN_TOKEN": token}, service=service, store=store, links=links)
     server = start_http(app, host, port)
-    print(f"fedmq server on http://{host}:{server.port} (broker {_safe(broker)})", flush=True)
+    print(f"fedmq server on http://{host}:{server.port} (broker {redact(broker)})", flush=True)
     try:
         wait_for_signal()
     finally:
@@ -93,7 +93,7 @@ def run_worker(
     """
     transports = TransportPool(broker)
     AggregatorWorker(transports(name), open_store(store_url), name=name, group=group).start()
-    print(f"fedmq worker on {_safe(broker)}", flush=True)
+    print(f"fedmq worker on {redact(broker)}", flush=True)
     try:
         wait_for_signal(health_file)
     finally:
@@ -132,7 +132,7 @@ def run_fleet(
         prefix=prefix,
     )
     fleet.start()
-    print(f"fedmq fleet: {devices} devices for {experiment['id']} on {_safe(broker)}", flush=True)
+    print(f"fedmq fleet: {devices} devices for {experiment['id']} on {redact(broker)}", flush=True)
     try:
         wait_for_signal(health_file)
     finally:
@@ -176,11 +176,3 @@ def _generated_token() -> str:
 def _reachable(host: str) -> str:
     """Return an address devices can use for a server bound to ``host``."""
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def _safe(url: str) -> str:
-    """Return ``url`` without its password."""
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 ENVIRONMENT = {
     "broker": "FEDMQ_BROKER_URL",
@@ -51,3 +52,12 @@ def resolve(args: argparse.Namespace, name: str) -> str:
     if flag:
         return str(flag)
     return os.environ.get(ENVIRONMENT[name]) or defaults()[name]
+
+
+def redact(url: str) -> str:
+    """Return ``url`` without its query and with any password masked, for printing."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
