@@ -128,6 +128,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         store_url=resolve(args, "store"),
         group=args.group or os.environ.get("FEDMQ_WORKER_GROUP") or topics.UPDATES_GROUP,
         name=args.name or f"fedmq-worker-{socket.gethostname()}",
+        checkpoint_every=args.checkpoint_every,
         health_file=args.health_file,
     )
     return 0
@@ -191,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="an aggregator worker")
     worker.add_argument("--health-file", type=Path, help="touch this file every 5 s")
     worker.add_argument(
+        "--checkpoint-every",
+        type=_positive,
+        default=32,
+        help="checkpoint a round's aggregate and ack its updates every N folds (default 32)",
+    )
+    worker.add_argument(
         "--name",
         help="stable worker identity (MQTT client id; default fedmq-worker-<hostname>)",
     )
@@ -219,7 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `fedmq` command; return its exit status."""
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: onnxruntime configures the root logger when it is imported
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     logging.getLogger("werkzeug").setLevel(level)  # it sets INFO on itself otherwise
     try:
         return int(args.func(args))

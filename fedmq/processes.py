@@ -84,7 +84,13 @@ def run_server(
 
 
 def run_worker(
-    *, broker: str, store_url: str, group: str, name: str, health_file: Path | None = None
+    *,
+    broker: str,
+    store_url: str,
+    group: str,
+    name: str,
+    checkpoint_every: int = 32,
+    health_file: Path | None = None,
 ) -> None:
     """Aggregate updates until signalled.
 
@@ -92,7 +98,14 @@ def run_worker(
     name resumes its session, and with it the updates it had not acked.
     """
     transports = TransportPool(broker)
-    AggregatorWorker(transports(name), open_store(store_url), name=name, group=group).start()
+    worker = AggregatorWorker(
+        transports(name),
+        open_store(store_url),
+        name=name,
+        group=group,
+        checkpoint_every=checkpoint_every,
+    )
+    worker.start()
     print(f"fedmq worker on {redact(broker)}", flush=True)
     try:
         wait_for_signal(health_file)
