@@ -105,6 +105,7 @@ class AggregatorWorker:
         self._name = name
         self._lock = threading.RLock()
         self._rounds: dict[str, _OpenRound] = {}
+        self._outcomes: dict[str, RoundCommitted | RoundAbandoned] = {}
         # experiment -> (strategy config, instance, model version its state belongs to)
         self._strategies: dict[str, tuple[str, Strategy, int]] = {}
         self._early: list[tuple[ModelUpdate, Delivery]] = []
@@ -123,11 +124,23 @@ class AggregatorWorker:
             delivery.nack(requeue=False)
             return
         with self._lock:
-            if isinstance(message, RoundOpened):
+            if isinstance(message, RoundOpened | CloseRound) and self._repeat_outcome(message):
+                pass
+            elif isinstance(message, RoundOpened):
                 self._open(message)
             elif isinstance(message, CloseRound):
                 self._close(message.experiment_id, message.round, deadline=True)
         delivery.ack()
+
+    def _repeat_outcome(self, message: RoundOpened | CloseRound) -> bool:
+        """Publish a closed round's outcome again, for a coordinator that missed it."""
+        outcome = self._outcomes.get(message.experiment_id)
+        if outcome is None or outcome.round != message.round:
+            return False
+        # The coordinator keeps announcing (or closing) a round until it hears how it
+        # ended; it may have been down when the outcome was first published.
+        self._transport.publish(topics.events(message.experiment_id), encode(outcome))
+        return True
 
     def _open(self, opened: RoundOpened) -> None:
         exp = opened.experiment_id
@@ -369,6 +382,7 @@ class AggregatorWorker:
                 delivery.nack(requeue=True)
             return
         self._last_closed[experiment_id] = round_number
+        self._outcomes[experiment_id] = outcome
         for delivery in rnd.pending:
             delivery.ack()
         log.info(

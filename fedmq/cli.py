@@ -118,6 +118,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         store_url=resolve(args, "store"),
         db_url=resolve(args, "db"),
         public_url=args.public_url,
+        recovery_grace_s=args.recovery_grace,
     )
     return 0
 
@@ -144,6 +145,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         first=args.first,
         prefix=args.prefix,
         concurrency=args.concurrency,
+        heartbeat_s=args.heartbeat,
         health_file=args.health_file,
     )
     return 0
@@ -186,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     server.add_argument("--public-url", help="URL devices reach this service at (signed links)")
+    server.add_argument(
+        "--recovery-grace",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="after a restart, wait S seconds for devices to check in before new rounds",
+    )
     add_location_flags(server, "broker", "store", "db")
     server.set_defaults(func=_cmd_server)
 
@@ -217,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--prefix", default="emu", help="device id prefix (default emu)")
     fleet.add_argument("--concurrency", type=_positive, default=2, help="devices training at once")
     fleet.add_argument("--health-file", type=Path, help="touch this file every 5 s")
+    fleet.add_argument(
+        "--heartbeat",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="check every device in again every S seconds (default 30)",
+    )
     add_location_flags(fleet, "broker", "server")
     fleet.set_defaults(func=_cmd_fleet)
     return parser

@@ -50,7 +50,14 @@ def wait_for_signal(health_file: Path | None = None) -> None:
 
 
 def run_server(
-    *, host: str, port: int, broker: str, store_url: str, db_url: str, public_url: str | None
+    *,
+    host: str,
+    port: int,
+    broker: str,
+    store_url: str,
+    db_url: str,
+    public_url: str | None,
+    recovery_grace_s: float = 0.0,
 ) -> None:
     """Serve the REST API and coordinate rounds until signalled."""
     transports = TransportPool(broker)
@@ -68,7 +75,7 @@ def run_server(
         links=links,
         max_inline_bytes=limit,
     )
-    service.start()
+    service.start(recovery_grace_s=recovery_grace_s)
     ticker = Ticker(service.tick).start()
     token = os.environ.get("FEDMQ_ADMIN_TOKEN") or _generated_token()
     app = create_app({"ADMIN_TOKEN": token}, service=service, store=store, links=links)
@@ -123,6 +130,7 @@ def run_fleet(
     first: int,
     prefix: str,
     concurrency: int,
+    heartbeat_s: float = 30.0,
     health_file: Path | None = None,
 ) -> None:
     """Run emulated devices for an experiment until signalled."""
@@ -144,13 +152,12 @@ def run_fleet(
         run=executor_runner(executor),
         prefix=prefix,
     )
-    fleet.start()
+    fleet.start(heartbeat_s=heartbeat_s)
     print(f"fedmq fleet: {devices} devices for {experiment['id']} on {redact(broker)}", flush=True)
     try:
         wait_for_signal(health_file)
     finally:
-        for device in fleet.devices:
-            device.stop()
+        fleet.stop()
         executor.shutdown(wait=False, cancel_futures=True)
         transports.close()
         print(f"fedmq fleet stopped: {fleet.summary()}", flush=True)

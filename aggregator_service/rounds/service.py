@@ -24,6 +24,7 @@ from aggregator_service.errors import Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
 from aggregator_service.rounds.records import new_round_record
+from aggregator_service.rounds.recovery import in_flight_rounds
 from aggregator_service.versions import STATE_ARTIFACT
 from broker import (
     CheckIn,
@@ -91,6 +92,7 @@ class RoundService:
         self._name = name
         self._lock = threading.RLock()
         self._online: dict[str, str] = {}  # device id -> experiment id ("" for any)
+        self._grace_until = 0.0
         self._evaluators: dict[str, Evaluator | None] = {}
         # Rounds in training, by (experiment, round): their announcement, and when
         # the last announcement or close was sent.
@@ -98,8 +100,18 @@ class RoundService:
         self._last_sent: dict[tuple[str, int], float] = {}
         self._listeners: list[RoundListener] = []
 
-    def start(self) -> None:
-        """Listen for device check-ins and for workers' round outcomes."""
+    def start(self, *, recovery_grace_s: float = 0.0) -> None:
+        """Listen for check-ins and round outcomes; pick up rounds left in flight.
+
+        After a restart the online pool is empty until devices check in again,
+        so no new round starts for ``recovery_grace_s`` (rounds in flight are
+        re-announced at once and finish as usual).
+        """
+        self._grace_until = self._clock() + recovery_grace_s
+        with self._lock:
+            for opened in in_flight_rounds(self._db, self._store, self._links, sender=self._name):
+                self._announced[(opened.experiment_id, opened.round)] = opened
+                log.info("recovered %s round %d in flight", opened.experiment_id, opened.round)
         self._transport.subscribe(topics.CHECKINS, self._on_checkin)
         self._transport.subscribe(topics.ALL_EVENTS, self._on_event)
 
@@ -201,6 +213,8 @@ class RoundService:
 
     def _start_waiting(self, experiment_id: str | None) -> None:
         """Start rounds that were waiting for enough devices to check in."""
+        if self._clock() < self._grace_until:
+            return  # devices are still checking in after a restart
         for exp in self._db.experiments():
             if exp.state == "waiting" and experiment_id in (None, exp.id):
                 if exp.current_round < exp.rounds_requested:
@@ -215,7 +229,7 @@ class RoundService:
         exp = self._db.experiment(experiment_id)
         config = ExperimentConfig.from_dict(exp.config)
         pool = sorted(d for d, e in self._online.items() if e in ("", experiment_id))
-        if len(pool) < config.rounds.minimum:
+        if len(pool) < config.rounds.minimum or self._clock() < self._grace_until:
             self._db.update_experiment(experiment_id, state="waiting")
             log.info(
                 "%s waits for devices: %d online, %d needed",
@@ -305,6 +319,9 @@ class RoundService:
         """
         now = self._clock()
         with self._lock:
+            if self._grace_until and now >= self._grace_until:
+                self._grace_until = 0.0
+                self._start_waiting(None)
             for (experiment_id, number), opened in list(self._announced.items()):
                 if now - self._last_sent.get((experiment_id, number), 0.0) < self.REPEAT_S:
                     continue

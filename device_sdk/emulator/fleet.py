@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,6 +15,8 @@ from device_sdk.client import DeviceClient
 from device_sdk.data import load_dataset, partition
 from device_sdk.fetch import ArtifactFetcher
 from device_sdk.trainers.torchscript import ModuleCache, TorchScriptTrainer
+
+log = logging.getLogger(__name__)
 
 Runner = Callable[[Callable[[], None]], None]
 TransportFor = Callable[[str], Transport]
@@ -94,6 +98,7 @@ class Fleet:
         self.fetcher = fetcher or ArtifactFetcher()
         make_trainer = make_trainer or torchscript_trainers(seed)
         self.devices: list[DeviceClient] = []
+        self._stopped = threading.Event()
         for i in indices if indices is not None else range(size):
             idx = parts[i]
             app = DeviceApp()
@@ -111,10 +116,32 @@ class Fleet:
                 )
             )
 
-    def start(self) -> None:
-        """Bring every device online."""
+    def start(self, *, heartbeat_s: float | None = None) -> None:
+        """Bring every device online; with ``heartbeat_s``, check them in again that often.
+
+        Heartbeats keep a coordinator's pool of online devices current, also
+        after the coordinator restarts and has forgotten who is online.
+        """
         for device in self.devices:
             device.start()
+        if heartbeat_s:
+            threading.Thread(
+                target=self._heartbeat, args=(heartbeat_s,), name="fedmq-heartbeat", daemon=True
+            ).start()
+
+    def stop(self) -> None:
+        """Stop the heartbeats and check every device out."""
+        self._stopped.set()
+        for device in self.devices:
+            device.stop()
+
+    def _heartbeat(self, interval_s: float) -> None:
+        while not self._stopped.wait(interval_s):
+            for device in self.devices:
+                try:
+                    device.check_in()
+                except Exception:  # a broker outage: the next beat tries again
+                    log.warning("heartbeat check-in of %s failed", device.device_id)
 
     def summary(self) -> dict[str, int]:
         """Return the fleet's totals: tasks, updates sent, uploads, failures, rejections."""

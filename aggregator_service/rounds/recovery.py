@@ -1,0 +1,45 @@
+"""What a restarted coordinator needs to pick up the rounds that were in flight."""
+
+from __future__ import annotations
+
+from aggregator_service.config import ExperimentConfig
+from aggregator_service.links import ArtifactLinks
+from aggregator_service.persistence import Database
+from broker import ModelRef, RoundOpened
+from model_store import WEIGHTS, ModelStore
+
+
+def in_flight_rounds(
+    db: Database, store: ModelStore, links: ArtifactLinks, *, sender: str
+) -> list[RoundOpened]:
+    """Return the announcements of every round still training, rebuilt from the records.
+
+    A coordinator that restarts mid-round re-announces them; a worker that
+    still aggregates such a round ignores the repeat, and one that already
+    closed it publishes its outcome again.
+    """
+    announcements = []
+    for exp in db.experiments():
+        if exp.state != "running":
+            continue
+        for rnd in db.rounds(exp.id)[-1:]:
+            if rnd.state != "training":
+                continue
+            config = ExperimentConfig.from_dict(exp.config)
+            weights = store.get_manifest(exp.id, rnd.base_version).artifacts[WEIGHTS]
+            k = len(rnd.selected)
+            announcements.append(
+                RoundOpened(
+                    experiment_id=exp.id,
+                    round=rnd.number,
+                    base_version=rnd.base_version,
+                    model=ModelRef(links.download(weights.sha256), weights.sha256, weights.size),
+                    selected=rnd.selected,
+                    target_reports=min(config.rounds.devices_per_round, k),
+                    min_reports=min(config.rounds.minimum, k),
+                    deadline_at=rnd.deadline_at,
+                    strategy=dict(config.strategy),
+                    sender=sender,
+                )
+            )
+    return announcements
