@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from aggregator_service.errors import NotFound, ServiceError
-from aggregator_service.persistence import schema
+from aggregator_service.persistence import migrate, schema
 from aggregator_service.persistence.records import DeviceRecord, ExperimentRecord, RoundRecord
 
 
@@ -35,7 +35,11 @@ class Database:
         if sqlite:
             event.listen(self._engine, "connect", _sqlite_pragmas)
         self._lock: AbstractContextManager[Any] = threading.RLock() if sqlite else nullcontext()
-        schema.metadata.create_all(self._engine)
+        try:
+            with self._engine.begin() as conn:
+                migrate.upgrade(conn)
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot migrate database {url!r}: {exc}") from exc
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
