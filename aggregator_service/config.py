@@ -35,7 +35,7 @@ class RoundsConfig:
 
     count: int = 10
     devices_per_round: int = 10
-    over_selection: float = 1.0
+    over_selection: float = 1.3
     min_reports: int = 0
     deadline_s: float = 60.0
 
