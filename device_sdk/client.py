@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -130,8 +131,19 @@ class DeviceClient:
             )
             self.stats.rejections.append(message)
         elif isinstance(message, ComeBackLater):
+            # Pace steering: not picked this round; offer ourselves again when told.
             self.stats.come_back_after_s = message.retry_after_s
+            timer = threading.Timer(max(message.retry_after_s, 0.0), self._come_back)
+            timer.daemon = True
+            timer.start()
         delivery.ack()
+
+    def _come_back(self) -> None:
+        """Check in again after a ``ComeBackLater`` (a failed publish waits for the next)."""
+        try:
+            self.check_in()
+        except BrokerError as exc:
+            log.warning("%s: check-in after come-back-later failed: %s", self.device_id, exc)
 
     def serve(self, task: TrainTask) -> None:
         """Train on ``task`` and publish the update, or an error reply if that fails."""

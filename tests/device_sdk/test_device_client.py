@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,35 @@ def test_a_device_refuses_a_task_whose_model_fails_its_checksum(tmp_path: Path) 
     assert isinstance(reply, ErrorReply)
     assert reply.code == "checksum_mismatch"
     assert trained == []  # never trained on unverified weights
+
+
+def test_a_device_told_to_come_back_later_checks_in_again(tmp_path: Path) -> None:
+    from broker import CheckIn, ComeBackLater
+
+    transport = MemoryTransport()
+    checkins: list[float] = []
+
+    def record(delivery: Delivery) -> None:
+        if isinstance(decode(delivery.body), CheckIn):
+            checkins.append(time.monotonic())
+        delivery.ack()
+
+    transport.subscribe(topics.CHECKINS, record)
+    app = DeviceApp()
+    app.on_train(lambda task, ctx: TrainResult({}, 1))
+    DeviceClient(app, transport, "phone-2", ArtifactFetcher()).start()
+    transport.join(timeout=5)
+    transport.publish(
+        topics.device("phone-2"), encode(ComeBackLater(experiment_id="e", retry_after_s=0.2))
+    )
+    transport.join(timeout=5)
+    told = time.monotonic()
+
+    deadline = time.monotonic() + 5
+    while len(checkins) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        transport.join(timeout=5)
+
+    assert len(checkins) == 2  # the first check-in, then one more when told
+    assert checkins[1] - told >= 0.15
+    transport.close()
