@@ -6,13 +6,19 @@ import hashlib
 import json
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from broker import ChecksumMismatch, FetchError, ModelRef
+from broker.retry import backoff
+
+T = TypeVar("T")
 
 
 class ArtifactFetcher:
@@ -29,15 +35,25 @@ class ArtifactFetcher:
         How many recent artifacts to keep in memory.
     timeout_s
         Network timeout for http(s) downloads.
+    retry_for_s
+        How long to keep retrying a download that fails for a transient reason
+        (service unreachable, 5xx): a coordinator restarting mid-round is back
+        within seconds.
     """
 
     def __init__(
-        self, cache_dir: Path | None = None, *, memory_items: int = 16, timeout_s: float = 60.0
+        self,
+        cache_dir: Path | None = None,
+        *,
+        memory_items: int = 16,
+        timeout_s: float = 60.0,
+        retry_for_s: float = 30.0,
     ) -> None:
         self._dir = cache_dir
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._limit = memory_items
         self._timeout = timeout_s
+        self._retry_for = retry_for_s
         self._lock = threading.Lock()
         self.downloads = 0
 
@@ -65,14 +81,13 @@ class ArtifactFetcher:
 
     def _download(self, uri: str) -> bytes:
         parts = urlsplit(uri)
-        try:
-            if parts.scheme == "file":
+        if parts.scheme == "file":
+            try:
                 return Path(unquote(parts.path)).read_bytes()
-            if parts.scheme in ("http", "https"):
-                with urllib.request.urlopen(uri, timeout=self._timeout) as response:
-                    return bytes(response.read())
-        except (OSError, urllib.error.URLError) as exc:
-            raise FetchError(f"cannot fetch {uri}: {exc}") from exc
+            except OSError as exc:
+                raise FetchError(f"cannot fetch {uri}: {exc}") from exc
+        if parts.scheme in ("http", "https"):
+            return with_retries(lambda: _get(uri, self._timeout), self._retry_for, uri)
         raise FetchError(f"cannot fetch {uri}: unsupported scheme {parts.scheme!r}")
 
     def _from_disk(self, sha256: str) -> bytes | None:
@@ -98,8 +113,13 @@ class ArtifactFetcher:
         os.replace(tmp, self._dir / sha256)
 
 
-def upload(url: str, data: bytes, *, timeout_s: float = 120.0) -> str:
+def upload(url: str, data: bytes, *, timeout_s: float = 120.0, retry_for_s: float = 30.0) -> str:
     """PUT ``data`` to a signed upload URL; return the sha256 the service stored it under."""
+    return with_retries(lambda: _put(url, data, timeout_s), retry_for_s, url.split("?", 1)[0])
+
+
+def _put(url: str, data: bytes, timeout_s: float) -> str:
+    """PUT once; return the stored sha256 after checking it."""
     request = urllib.request.Request(
         url,
         data=data,
@@ -107,12 +127,38 @@ def upload(url: str, data: bytes, *, timeout_s: float = 120.0) -> str:
         # urllib's default form content type makes some servers store nothing.
         headers={"Content-Type": "application/octet-stream"},
     )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            reply = json.loads(response.read())
-    except (OSError, urllib.error.URLError, ValueError) as exc:
-        raise FetchError(f"upload to {url.split('?', 1)[0]} failed: {exc}") from exc
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        reply = json.loads(response.read())
     expected = hashlib.sha256(data).hexdigest()
     if reply.get("sha256") != expected:
         raise ChecksumMismatch(f"the service stored {reply.get('sha256')!r}, expected {expected}")
     return expected
+
+
+def _get(uri: str, timeout_s: float) -> bytes:
+    """GET once."""
+    with urllib.request.urlopen(uri, timeout=timeout_s) as response:
+        return bytes(response.read())
+
+
+def with_retries(call: Callable[[], T], retry_for_s: float, what: str) -> T:
+    """Run ``call``, retrying transient failures with back-off for up to ``retry_for_s``.
+
+    Connection failures and 5xx answers are transient; 4xx answers (an expired
+    or tampered URL, a missing blob) and checksum mismatches are final.
+    """
+    deadline = time.monotonic() + retry_for_s
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 or time.monotonic() >= deadline:
+                raise FetchError(f"{what}: HTTP {exc.code} {exc.reason}") from exc
+        except ChecksumMismatch:
+            raise
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise FetchError(f"{what}: {exc}") from exc
+        time.sleep(min(backoff(attempt, base=0.2, cap=5.0), max(deadline - time.monotonic(), 0)))
+        attempt += 1

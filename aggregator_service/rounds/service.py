@@ -112,6 +112,9 @@ class RoundService:
             for opened in in_flight_rounds(self._db, self._store, self._links, sender=self._name):
                 self._announced[(opened.experiment_id, opened.round)] = opened
                 log.info("recovered %s round %d in flight", opened.experiment_id, opened.round)
+                # The crash may have cut the task dispatch short; a device that
+                # already reported is refused as a duplicate, so sending all is safe.
+                self._resend_tasks(opened)
         self._transport.subscribe(topics.CHECKINS, self._on_checkin)
         self._transport.subscribe(topics.ALL_EVENTS, self._on_event)
 
@@ -245,11 +248,7 @@ class RoundService:
         k = min(config.rounds.selection_size, len(pool))
         selected = tuple(str(d) for d in rng.choice(pool, size=k, replace=False))
         now = self._clock()
-        manifest = self._store.get_manifest(experiment_id, exp.model_version)
-        refs = {
-            name: ModelRef(self._links.download(a.sha256), a.sha256, a.size, _format(name))
-            for name, a in manifest.artifacts.items()
-        }
+        refs = self._refs(experiment_id, exp.model_version)
         opened = RoundOpened(
             experiment_id=experiment_id,
             round=number,
@@ -269,6 +268,20 @@ class RoundService:
         self._last_sent[(experiment_id, number)] = now
         self._send_tasks(opened, config, refs, later=sorted(set(pool) - set(selected)))
         log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
+
+    def _resend_tasks(self, opened: RoundOpened) -> None:
+        """Send a recovered round's tasks again."""
+        exp = self._db.experiment(opened.experiment_id)
+        refs = self._refs(opened.experiment_id, opened.base_version)
+        self._send_tasks(opened, ExperimentConfig.from_dict(exp.config), refs, later=[])
+
+    def _refs(self, experiment_id: str, version: int) -> dict[str, ModelRef]:
+        """Return signed references to every artifact of a model version."""
+        manifest = self._store.get_manifest(experiment_id, version)
+        return {
+            name: ModelRef(self._links.download(a.sha256), a.sha256, a.size, _format(name))
+            for name, a in manifest.artifacts.items()
+        }
 
     def _send_tasks(
         self,

@@ -156,3 +156,54 @@ def test_a_device_told_to_come_back_later_checks_in_again(tmp_path: Path) -> Non
     assert len(checkins) == 2  # the first check-in, then one more when told
     assert checkins[1] - told >= 0.15
     transport.close()
+
+
+def _serve_after(delay_s: float, port: int, body: bytes) -> None:
+    """Start an HTTP server on ``port`` after ``delay_s`` (a service coming back up)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.startswith("/missing"):
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    def run() -> None:
+        time.sleep(delay_s)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_downloads_retry_while_the_service_is_briefly_unreachable() -> None:
+    from tests.e2e.processes import free_port
+
+    body = b"weights" * 50
+    port = free_port()
+    _serve_after(0.5, port, body)
+    ref = ModelRef(f"http://127.0.0.1:{port}/blob", hashlib.sha256(body).hexdigest(), len(body))
+
+    assert ArtifactFetcher(retry_for_s=10).fetch(ref) == body
+
+
+def test_a_missing_artifact_is_not_retried() -> None:
+    from tests.e2e.processes import free_port
+
+    port = free_port()
+    _serve_after(0.0, port, b"")
+    time.sleep(0.3)
+    ref = ModelRef(f"http://127.0.0.1:{port}/missing", "0" * 64, 1)
+    started = time.monotonic()
+
+    with pytest.raises(FetchError, match="HTTP 404"):
+        ArtifactFetcher(retry_for_s=10).fetch(ref)
+    assert time.monotonic() - started < 5
