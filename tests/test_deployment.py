@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.brokers import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,9 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_docker_compose_file_validates() -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-compose is missing; make test installs it with apt")
-        pytest.skip("docker-compose is not installed")
+        skip_or_fail("docker-compose is not installed (make test installs it with apt)")
+        return
 
     result = subprocess.run(
         [binary, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],

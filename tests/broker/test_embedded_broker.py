@@ -13,6 +13,7 @@ from broker import Delivery, TransportError
 from broker.embedded import EmbeddedBroker, find_mosquitto
 from broker.mqtt import MqttTransport
 from tests.broker.conftest import wait_until
+from tests.brokers import skip_or_fail
 
 
 def _accepts(port: int) -> bool:
@@ -26,7 +27,7 @@ def _accepts(port: int) -> bool:
 @pytest.fixture(params=["mosquitto", "amqtt"])
 def embedded(request: pytest.FixtureRequest) -> Iterator[EmbeddedBroker]:
     if request.param == "mosquitto" and find_mosquitto() is None:
-        pytest.skip("no mosquitto binary installed")
+        skip_or_fail("no mosquitto binary installed")
     if request.param == "amqtt":
         pytest.importorskip("amqtt")
     broker = EmbeddedBroker(request.param).start()
@@ -77,7 +78,7 @@ def test_stop_releases_the_port_and_can_be_repeated(embedded: EmbeddedBroker) ->
 
 def test_stop_reaps_the_mosquitto_child_and_removes_its_files() -> None:
     if find_mosquitto() is None:
-        pytest.skip("no mosquitto binary installed")
+        skip_or_fail("no mosquitto binary installed")
     broker = EmbeddedBroker("mosquitto").start()
     process = broker._server._proc  # type: ignore[union-attr]
     assert process is not None and process.poll() is None

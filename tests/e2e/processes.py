@@ -118,3 +118,35 @@ def wait_until(condition: Any, timeout: float, what: str, group: Processes) -> A
                 raise AssertionError(f"{name} exited with {proc.returncode}\n{group.logs()}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}\n{group.logs()}")
+
+
+def deployment_env(
+    workdir: Path, broker_url: str, port: int, group: str, **extra: str
+) -> dict[str, str]:
+    """Return the FEDMQ_* environment of one test deployment in ``workdir``."""
+    return {
+        "FEDMQ_BROKER_URL": broker_url,
+        "FEDMQ_STORE_URL": (workdir / "store").as_uri(),
+        "FEDMQ_DB_URL": f"sqlite:///{workdir / 'fedmq.db'}",
+        "FEDMQ_SERVER_URL": f"http://127.0.0.1:{port}",
+        "FEDMQ_WORKER_GROUP": group,
+        **extra,
+    }
+
+
+def start_fleet(group: Processes, api: Api, experiment_id: str, *flags: str) -> None:
+    """Start a 20-device fleet for the experiment and wait until every device checked in."""
+    group.start("fleet", "fleet", "--devices", "20", "--experiment", experiment_id, *flags)
+    wait_until(
+        lambda: len(api.call("GET", "/devices")["devices"]) == 20,
+        90,
+        "20 devices to check in",
+        group,
+    )
+
+
+def rounds_when_done(api: Api, experiment_id: str, count: int) -> list[dict[str, Any]] | None:
+    """Return the experiment's rounds once ``count`` of them have ended, else None."""
+    rounds: list[dict[str, Any]] = api.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]
+    done = [r for r in rounds if r["state"] != "training"]
+    return rounds if len(done) == count else None

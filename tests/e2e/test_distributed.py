@@ -15,7 +15,15 @@ from aggregator_service import ExperimentConfig
 from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import AMQP_PORT, MQTT_PORT, amqp_url, delete_amqp_groups, mqtt_url, require
-from tests.e2e.processes import Api, free_port, processes, wait_until
+from tests.e2e.processes import (
+    Api,
+    deployment_env,
+    free_port,
+    processes,
+    rounds_when_done,
+    start_fleet,
+    wait_until,
+)
 
 ROUNDS = 5
 
@@ -39,13 +47,7 @@ def test_distributed_run_commits_the_same_model_as_simulation(
     require(AMQP_PORT if broker == "amqp" else MQTT_PORT, broker)
     url = amqp_url() if broker == "amqp" else mqtt_url()
     port = free_port()
-    env = {
-        "FEDMQ_BROKER_URL": url,
-        "FEDMQ_STORE_URL": (tmp_path / "store").as_uri(),
-        "FEDMQ_DB_URL": f"sqlite:///{tmp_path / 'fedmq.db'}",
-        "FEDMQ_SERVER_URL": f"http://127.0.0.1:{port}",
-        "FEDMQ_WORKER_GROUP": f"e2e-{uuid.uuid4().hex[:8]}",
-    }
+    env = deployment_env(tmp_path, url, port, f"e2e-{uuid.uuid4().hex[:8]}")
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group:
         group.start("server", "server", "--port", str(port))
@@ -53,26 +55,10 @@ def test_distributed_run_commits_the_same_model_as_simulation(
         api.wait_healthy()
         wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
         experiment_id = api.call("POST", "/experiments", config)["id"]
-        group.start(
-            "fleet",
-            "fleet",
-            "--devices",
-            "20",
-            "--experiment",
-            experiment_id,
-            "--prefix",
-            f"e2e{uuid.uuid4().hex[:6]}",
-        )
-        wait_until(
-            lambda: len(api.call("GET", "/devices")["devices"]) == 20,
-            90,
-            "20 devices to check in",
-            group,
-        )
-
+        start_fleet(group, api, experiment_id, "--prefix", f"e2e{uuid.uuid4().hex[:6]}")
         api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
         rounds = wait_until(
-            lambda: _finished(api.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]),
+            lambda: rounds_when_done(api, experiment_id, ROUNDS),
             240,
             f"{ROUNDS} rounds",
             group,
@@ -89,8 +75,3 @@ def test_distributed_run_commits_the_same_model_as_simulation(
     assert worst <= 1e-6, f"distributed and simulated models differ by {worst}"
     simulated_accuracy = in_process.final_metrics["accuracy"]
     assert rounds[-1]["metrics"]["accuracy"] == pytest.approx(simulated_accuracy, abs=1e-3)
-
-
-def _finished(rounds: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    done = [r for r in rounds if r["state"] != "training"]
-    return rounds if len(done) == ROUNDS else None

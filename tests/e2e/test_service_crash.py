@@ -15,7 +15,15 @@ from aggregator_service import ExperimentConfig
 from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import AMQP_PORT, amqp_url, delete_amqp_groups, require
-from tests.e2e.processes import Api, free_port, processes, wait_until
+from tests.e2e.processes import (
+    Api,
+    deployment_env,
+    free_port,
+    processes,
+    rounds_when_done,
+    start_fleet,
+    wait_until,
+)
 
 ROUNDS = 3
 
@@ -28,14 +36,9 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
     raw["rounds"]["count"] = ROUNDS
     port = free_port()
     group = f"svc-crash-{uuid.uuid4().hex[:8]}"
-    env = {
-        "FEDMQ_BROKER_URL": amqp_url(),
-        "FEDMQ_STORE_URL": (tmp_path / "store").as_uri(),
-        "FEDMQ_DB_URL": f"sqlite:///{tmp_path / 'fedmq.db'}",
-        "FEDMQ_SERVER_URL": f"http://127.0.0.1:{port}",
-        "FEDMQ_WORKER_GROUP": group,
-        "FEDMQ_SIGNING_KEY": "a-signing-key-that-survives-restarts",
-    }
+    env = deployment_env(
+        tmp_path, amqp_url(), port, group, FEDMQ_SIGNING_KEY="a-signing-key-that-survives-restarts"
+    )
     server_args = ("server", "--port", str(port), "--recovery-grace", "3")
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group_of:
@@ -44,12 +47,9 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
         api.wait_healthy()
         wait_until(lambda: "fedmq worker on" in group_of.log("worker"), 60, "the worker", group_of)
         experiment_id = api.call("POST", "/experiments", raw)["id"]
-        group_of.start(
-            "fleet",
-            "fleet",
-            "--devices",
-            "20",
-            "--experiment",
+        start_fleet(
+            group_of,
+            api,
             experiment_id,
             "--concurrency",
             "1",
@@ -57,12 +57,6 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
             "1",
             "--prefix",
             f"svc{uuid.uuid4().hex[:4]}",
-        )
-        wait_until(
-            lambda: len(api.call("GET", "/devices")["devices"]) == 20,
-            90,
-            "20 devices to check in",
-            group_of,
         )
         api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
 
@@ -74,7 +68,7 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
         api.wait_healthy()
 
         rounds = wait_until(
-            lambda: _finished(api.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]),
+            lambda: rounds_when_done(api, experiment_id, ROUNDS),
             240,
             f"{ROUNDS} rounds after the restart",
             group_of,
@@ -95,8 +89,3 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
 def _round_training(api: Api, experiment_id: str, number: int) -> bool:
     rounds = api.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]
     return any(r["round"] == number and r["state"] == "training" for r in rounds)
-
-
-def _finished(rounds: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    done = [r for r in rounds if r["state"] != "training"]
-    return rounds if len(done) == ROUNDS else None

@@ -15,7 +15,15 @@ from aggregator_service import ExperimentConfig
 from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import AMQP_PORT, amqp_url, delete_amqp_groups, require
-from tests.e2e.processes import Api, free_port, processes, wait_until
+from tests.e2e.processes import (
+    Api,
+    deployment_env,
+    free_port,
+    processes,
+    rounds_when_done,
+    start_fleet,
+    wait_until,
+)
 
 ROUNDS = 3
 
@@ -28,13 +36,7 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
     raw["rounds"]["count"] = ROUNDS
     port = free_port()
     group = f"crash-{uuid.uuid4().hex[:8]}"
-    env = {
-        "FEDMQ_BROKER_URL": amqp_url(),
-        "FEDMQ_STORE_URL": (tmp_path / "store").as_uri(),
-        "FEDMQ_DB_URL": f"sqlite:///{tmp_path / 'fedmq.db'}",
-        "FEDMQ_SERVER_URL": f"http://127.0.0.1:{port}",
-        "FEDMQ_WORKER_GROUP": group,
-    }
+    env = deployment_env(tmp_path, amqp_url(), port, group)
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group_of:
         group_of.start("server", "server", "--port", str(port))
@@ -45,23 +47,14 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
         wait_until(lambda: "fedmq worker on" in group_of.log("worker-1"), 60, "worker 1", group_of)
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         # One training at a time, so a round lasts long enough to die in.
-        group_of.start(
-            "fleet",
-            "fleet",
-            "--devices",
-            "20",
-            "--experiment",
+        start_fleet(
+            group_of,
+            api,
             experiment_id,
             "--concurrency",
             "1",
             "--prefix",
             f"crash{uuid.uuid4().hex[:4]}",
-        )
-        wait_until(
-            lambda: len(api.call("GET", "/devices")["devices"]) == 20,
-            90,
-            "20 devices to check in",
-            group_of,
         )
         api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
 
@@ -80,7 +73,7 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
         )
 
         rounds = wait_until(
-            lambda: _finished(api.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]),
+            lambda: rounds_when_done(api, experiment_id, ROUNDS),
             240,
             f"{ROUNDS} rounds after the crash",
             group_of,
@@ -97,8 +90,3 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
     expected = load(simulate(ExperimentConfig.from_dict(raw)).final_weights)
     worst = max(float(np.abs(final[k] - expected[k]).max()) for k in expected)
     assert worst <= 1e-6, f"the crash changed the model by {worst}"
-
-
-def _finished(rounds: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    done = [r for r in rounds if r["state"] != "training"]
-    return rounds if len(done) == ROUNDS else None
