@@ -9,12 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from safetensors.numpy import load
 
 from aggregator_service import ExperimentConfig
 from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
-from tests.brokers import AMQP_PORT, amqp_url, delete_amqp_groups, require
+from tests.brokers import (
+    AMQP_PORT,
+    MQTT_PORT,
+    amqp_url,
+    delete_amqp_groups,
+    mqtt_url,
+    require,
+)
 from tests.e2e.processes import (
     Api,
     deployment_env,
@@ -28,16 +36,21 @@ from tests.e2e.processes import (
 ROUNDS = 3
 
 
+@pytest.mark.parametrize("broker", ["amqp", "mqtt"])
 def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
-    tmp_path: Path,
+    tmp_path: Path, broker: str
 ) -> None:
-    require(AMQP_PORT, "RabbitMQ")
+    require(AMQP_PORT if broker == "amqp" else MQTT_PORT, broker)
     raw: dict[str, Any] = copy.deepcopy(DEMO_CONFIG)
     raw["rounds"]["count"] = ROUNDS
     port = free_port()
     group = f"svc-crash-{uuid.uuid4().hex[:8]}"
     env = deployment_env(
-        tmp_path, amqp_url(), port, group, FEDMQ_SIGNING_KEY="a-signing-key-that-survives-restarts"
+        tmp_path,
+        amqp_url() if broker == "amqp" else mqtt_url(),
+        port,
+        group,
+        FEDMQ_SIGNING_KEY="a-signing-key-that-survives-restarts",
     )
     server_args = ("server", "--port", str(port), "--recovery-grace", "3")
     api = Api(env["FEDMQ_SERVER_URL"])
@@ -75,7 +88,8 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
         )
         final = load(api.call("GET", f"/experiments/{experiment_id}/model"))
         recovered = "recovered" in group_of.log("server-2")
-    delete_amqp_groups([group])
+    if broker == "amqp":
+        delete_amqp_groups([group])
 
     assert recovered, "the restarted service should have picked up round 2"
     assert [r["state"] for r in rounds] == ["committed"] * ROUNDS
