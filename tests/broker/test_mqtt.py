@@ -17,7 +17,7 @@ from broker import ConnectionLost, Delivery, TransportError, connect
 from broker.embedded import EmbeddedBroker, find_mosquitto
 from broker.mqtt import MqttTransport
 from tests.broker.conftest import wait_until
-from tests.brokers import MQTT_PORT, mqtt_url, require
+from tests.brokers import MQTT_PORT, mqtt_url, require, skip_or_fail
 from tests.tcp_proxy import TcpProxy
 
 Open = Callable[..., MqttTransport]
@@ -236,7 +236,7 @@ def small_packet_broker(tmp_path: Path) -> Iterator[int]:
     """A Mosquitto child that announces a Maximum Packet Size of 2000 bytes."""
     binary = find_mosquitto()
     if binary is None:
-        pytest.skip("no mosquitto binary installed")
+        skip_or_fail("no mosquitto binary installed")
     port = _free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(

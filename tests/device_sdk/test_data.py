@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from device_sdk.data.errors import (
     PartitionError,
     UnknownDataset,
 )
+from tests.brokers import skip_or_fail
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -43,9 +43,8 @@ def mnist() -> Dataset:
     try:
         return load_dataset("mnist")
     except DataNotFound as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"MNIST files not available locally: {exc}")
+        skip_or_fail(f"MNIST files not available: {exc}")
+        raise
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -150,3 +150,9 @@ def rounds_when_done(api: Api, experiment_id: str, count: int) -> list[dict[str,
     rounds: list[dict[str, Any]] = api.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]
     done = [r for r in rounds if r["state"] != "training"]
     return rounds if len(done) == count else None
+
+
+def max_difference(actual: Mapping[str, Any], expected: Mapping[str, Any]) -> float:
+    """Return the largest absolute difference between two weight sets with the same names."""
+    assert set(actual) == set(expected), "the models have different tensors"
+    return max(float(abs(actual[k] - expected[k]).max()) for k in expected)

@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from safetensors.numpy import load
 
@@ -19,6 +18,7 @@ from tests.e2e.processes import (
     Api,
     deployment_env,
     free_port,
+    max_difference,
     processes,
     rounds_when_done,
     start_fleet,
@@ -71,7 +71,7 @@ def test_distributed_run_commits_the_same_model_as_simulation(
     assert all(r["accepted"] == 20 for r in rounds)
     expected = load(in_process.final_weights)
     assert set(final) == set(expected)
-    worst = max(float(np.abs(final[k] - expected[k]).max()) for k in expected)
+    worst = max_difference(final, expected)
     assert worst <= 1e-6, f"distributed and simulated models differ by {worst}"
     simulated_accuracy = in_process.final_metrics["accuracy"]
     assert rounds[-1]["metrics"]["accuracy"] == pytest.approx(simulated_accuracy, abs=1e-3)

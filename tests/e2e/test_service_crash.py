@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from safetensors.numpy import load
 
@@ -27,6 +26,7 @@ from tests.e2e.processes import (
     Api,
     deployment_env,
     free_port,
+    max_difference,
     processes,
     rounds_when_done,
     start_fleet,
@@ -96,7 +96,7 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
     for record in rounds:
         assert record["accepted"] == 20 and len(set(record["accepted_updates"])) == 20
     expected = load(simulate(ExperimentConfig.from_dict(raw)).final_weights)
-    worst = max(float(np.abs(final[k] - expected[k]).max()) for k in expected)
+    worst = max_difference(final, expected)
     assert worst <= 1e-6, f"the restart changed the model by {worst}"
 
 

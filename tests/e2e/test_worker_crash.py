@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from safetensors.numpy import load
 
@@ -27,6 +26,7 @@ from tests.e2e.processes import (
     Api,
     deployment_env,
     free_port,
+    max_difference,
     processes,
     rounds_when_done,
     start_fleet,
@@ -98,5 +98,5 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
         assert len(set(record["accepted_updates"])) == 20  # each update counted once
     assert resumed, "worker 2 should have resumed round 2 from worker 1's checkpoint"
     expected = load(simulate(ExperimentConfig.from_dict(raw)).final_weights)
-    worst = max(float(np.abs(final[k] - expected[k]).max()) for k in expected)
+    worst = max_difference(final, expected)
     assert worst <= 1e-6, f"the crash changed the model by {worst}"
