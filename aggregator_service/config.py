@@ -16,6 +16,7 @@ from device_sdk.data import DATASETS, PARTITIONS
 from model_store import ModelSpec, ModelSpecError
 
 OPTIMIZERS = ("sgd", "adam")
+PLATFORMS = ("python", "android", "ios")
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,28 @@ class ExperimentConfig:
                 raise ConfigError(message)
         build_strategy(self.strategy)
         self.model_spec()
+        self.platforms()
 
     def model_spec(self) -> ModelSpec:
         """Return the zoo model the config names; raise ``ConfigError`` if it cannot exist."""
         try:
-            return ModelSpec.from_config(self.model)
+            return ModelSpec.from_config({k: v for k, v in self.model.items() if k != "platforms"})
         except ModelSpecError as exc:
             raise ConfigError(f"model: {exc}") from exc
+
+    def platforms(self) -> tuple[str, ...]:
+        """Return the device platforms the model is packaged for (``model.platforms``).
+
+        Python devices are always served (they train the TorchScript artifact);
+        ``android`` and ``ios`` add those packages to the model's version 0.
+        """
+        raw = self.model.get("platforms", ["python"])
+        if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+            raise ConfigError(f"model.platforms: a list of names from {PLATFORMS}")
+        unknown = sorted(set(raw) - set(PLATFORMS))
+        if unknown:
+            raise ConfigError(f"model.platforms: unknown {unknown}; known: {list(PLATFORMS)}")
+        return tuple(p for p in PLATFORMS if p in raw or p == "python")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as plain JSON-able data."""
@@ -140,10 +156,18 @@ class ExperimentConfig:
         return {k: v for k, v in asdict(self.training).items()}
 
 
-# Strategies whose protocol the worker and devices do not carry yet: FedBuff needs
-# asynchronous rounds fed with deltas from older versions. It exists as tested
-# library code.
-NOT_YET_DISTRIBUTED = ("fedbuff",)
+ASYNCHRONOUS = ("fedbuff",)
+"""Strategies whose rounds are server steps without a cohort barrier (see ``is_asynchronous``)."""
+
+
+def is_asynchronous(strategy: Mapping[str, Any]) -> bool:
+    """Return whether a ``strategy`` section names an asynchronous (buffered) strategy.
+
+    Such an experiment keeps devices training continuously on whatever model
+    version is current; each of its rounds is one server step that folds
+    ``buffer_size`` updates, stale ones included, into the next version.
+    """
+    return strategy.get("name") in ASYNCHRONOUS
 
 
 def strategy_classes() -> dict[str, type[Strategy]]:
@@ -157,11 +181,6 @@ def build_strategy(config: Mapping[str, Any]) -> Strategy:
     """Return the strategy a config's ``strategy`` section names, with its settings."""
     settings = dict(config)
     name = settings.pop("name", None)
-    if name in NOT_YET_DISTRIBUTED:
-        raise ConfigError(
-            f"strategy.name: {name} is available as a library class but cannot run in an "
-            "experiment yet (its device protocol is not wired)"
-        )
     known = strategy_classes()
     cls = known.get(str(name))
     if cls is None:

@@ -1,9 +1,11 @@
-"""Addresses devices get for artifacts: store URLs in-process, signed service URLs otherwise.
+"""Addresses devices get for artifacts: store URLs in-process, signed or presigned URLs otherwise.
 
 A device never holds store credentials. With the local-folder store the
 service itself serves blobs, through URLs that carry an expiry and an HMAC
 over method, subject and expiry; anything else (a tampered hash, a stretched
-expiry, a GET URL used to PUT) fails verification.
+expiry, a GET URL used to PUT) fails verification. With an object store (S3)
+devices talk to the store directly through its own presigned URLs, and the
+bytes never pass through the service.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from urllib.parse import urlencode
 
 from aggregator_service.errors import Forbidden
 from model_store import ModelStore
+from model_store.store import PresignedAccess
+
+
+def upload_name(experiment_id: str, task_id: str) -> str:
+    """Return the name a device's upload for one task is filed under.
+
+    The coordinator signs an upload URL for this name and the worker claims
+    the upload by it, from the update's own fields; one name per task, since
+    an asynchronous experiment may give a device several tasks in one step.
+    """
+    return f"{experiment_id}-{task_id}"
 
 
 class ArtifactLinks(Protocol):
@@ -44,6 +57,30 @@ class StoreLinks:
     def upload(self, nonce: str) -> str | None:
         """Return None: in-process devices send updates inline."""
         return None
+
+
+class PresignedLinks:
+    """The object store's own presigned URLs: devices GET and PUT without the service.
+
+    Parameters
+    ----------
+    store
+        A store that can presign (``S3Store``).
+    ttl_s
+        How long a URL stays valid; a task's URLs must outlive its deadline.
+    """
+
+    def __init__(self, store: PresignedAccess, *, ttl_s: float = 900.0) -> None:
+        self._store = store
+        self._ttl = ttl_s
+
+    def download(self, sha256: str) -> str:
+        """Return a presigned GET URL for a blob."""
+        return self._store.presign_download(sha256, self._ttl)
+
+    def upload(self, nonce: str) -> str:
+        """Return a presigned PUT URL for one device upload, claimed later by the worker."""
+        return self._store.presign_upload(nonce, self._ttl)
 
 
 class SignedLinks:

@@ -15,8 +15,10 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+from aggregator_service.async_intake import AsyncIntake
 from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
-from aggregator_service.config import build_strategy
+from aggregator_service.config import build_strategy, is_asynchronous
+from aggregator_service.links import upload_name
 from aggregator_service.strategies import Strategy, WeightedSum
 from aggregator_service.types import ClientUpdate, Weights
 from aggregator_service.validation import (
@@ -45,6 +47,7 @@ from broker import (
     weights_spec,
 )
 from model_store import ModelStore
+from model_store.store import PresignedAccess
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,16 @@ class AggregatorWorker:
         self._strategies: dict[str, tuple[str, Strategy, int]] = {}
         self._early: list[tuple[ModelUpdate, Delivery]] = []
         self._last_closed: dict[str, int] = {}
+        # Asynchronous (FedBuff) experiments: server steps over updates from any recent version.
+        self._async = AsyncIntake(
+            transport,
+            store,
+            name=name,
+            checkpoint_every=checkpoint_every,
+            update_bytes=self._update_bytes,
+            reject=self._reject,
+            outcomes=self._outcomes,
+        )
 
     def start(self) -> None:
         """Subscribe to round control and to the shared update queue."""
@@ -126,8 +139,12 @@ class AggregatorWorker:
         with self._lock:
             if isinstance(message, RoundOpened | CloseRound) and self._repeat_outcome(message):
                 pass
+            elif isinstance(message, RoundOpened) and is_asynchronous(message.strategy):
+                self._open_async(message)
             elif isinstance(message, RoundOpened):
                 self._open(message)
+            elif isinstance(message, CloseRound) and self._async.knows(message.experiment_id):
+                self._async.close(message.experiment_id, message.round)
             elif isinstance(message, CloseRound):
                 self._close(message.experiment_id, message.round, deadline=True)
         delivery.ack()
@@ -158,6 +175,15 @@ class AggregatorWorker:
         self._early = [(u, d) for u, d in self._early if u.experiment_id != exp]
         for update, delivery in held:
             self._handle_update(update, delivery)
+
+    def _open_async(self, opened: RoundOpened) -> None:
+        """Open an asynchronous step, with the updates held before the experiment was known."""
+        exp = opened.experiment_id
+        self._async.open(opened)
+        held = [(u, d) for u, d in self._early if u.experiment_id == exp]
+        self._early = [(u, d) for u, d in self._early if u.experiment_id != exp]
+        for update, delivery in held:
+            self._async.handle(update, delivery)
 
     def _strategy_for(self, opened: RoundOpened) -> Strategy:
         """Return the experiment's strategy, carrying its server state across rounds."""
@@ -256,6 +282,9 @@ class AggregatorWorker:
         """Count a device's refusal of its task against the experiment's open round."""
         experiment_id = topic.rsplit("/", 1)[-1]
         log.info("device %s could not train: %s %s", reply.sender, reply.code, reply.detail)
+        if self._async.knows(experiment_id):
+            self._async.device_failed(experiment_id, reply)
+            return
         rnd = self._rounds.get(experiment_id)
         if rnd is not None and reply.sender in rnd.opened.selected:
             rnd.reporters.add(reply.sender)
@@ -263,6 +292,9 @@ class AggregatorWorker:
             self._close_if_complete(rnd)
 
     def _handle_update(self, update: ModelUpdate, delivery: Delivery) -> None:
+        if self._async.knows(update.experiment_id):
+            self._async.handle(update, delivery)
+            return
         rnd = self._rounds.get(update.experiment_id)
         if self._should_hold(update) and len(self._early) < self.MAX_EARLY:
             self._early.append((update, delivery))  # unacked, until its round is announced
@@ -346,8 +378,15 @@ class AggregatorWorker:
             return update.inline_weights
         if update.weights is None:
             raise Rejected(RejectReason.UNDECODABLE, "update carries no weights")
+        sha256 = update.weights.sha256
         try:
-            return self._store.get_blob(update.weights.sha256)
+            if isinstance(self._store, PresignedAccess):
+                # The device PUT its bytes straight to the object store: claim
+                # them (checksum-verified) under the name its task was given;
+                # a repeated claim (a redelivered update) returns the blob.
+                name = upload_name(update.experiment_id, update.task_id)
+                return self._store.claim_upload(name, sha256)
+            return self._store.get_blob(sha256)
         except Exception as exc:  # the store's own errors: missing or corrupt blob
             raise Rejected(RejectReason.FETCH_FAILED, str(exc)) from exc
 

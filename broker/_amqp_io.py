@@ -34,6 +34,14 @@ EXCHANGE = "fedmq"
 DEAD_LETTER_EXCHANGE = "fedmq.dlx"
 DEAD_LETTERS = "fedmq.dead-letters"
 GROUP_PREFIX = "fedmq.group."
+PLAIN_PREFIX = "fedmq.sub."
+PLAIN_QUEUE_EXPIRY_S = 600
+"""Seconds RabbitMQ keeps a plain subscription's queue without a consumer.
+
+Longer than the reconnects of a transport before it gives up (``max_attempts``),
+so a subscriber that reconnects finds what was published meanwhile; short enough
+that the queue of a process killed without closing does not linger for long.
+"""
 # Longest the loop blocks inside pika when idle; a new command wakes it sooner.
 _TICK = 1.0
 _REFUSED = (pe.ProbableAuthenticationError, pe.AuthenticationError, pe.ProbableAccessDeniedError)
@@ -45,6 +53,8 @@ class Consumer(Protocol):
     topic: str
     key: str
     group: str | None
+    queue: str
+    """The queue it consumes: its group's, or its own (``PLAIN_PREFIX`` + a random id)."""
     active: bool
     channel: Channel
     """The live channel; written by the I/O thread only, None while disconnected."""
@@ -163,12 +173,23 @@ class IoThread:
             self.consumers.append(consumer)
 
     def unsubscribe_now(self, consumer: Consumer) -> None:
-        """Forget the consumer and close its channel, which requeues what it had not acked."""
+        """Forget the consumer and release its channel and, for a plain one, its queue."""
         if consumer in self.consumers:
             self.consumers.remove(consumer)
+        self._release(consumer)
+
+    def _release(self, consumer: Consumer) -> None:
+        """Close the consumer's channel, which requeues what it had not acked.
+
+        A plain subscription's queue is deleted too: nobody else reads it.
+        """
         channel, consumer.channel = consumer.channel, None
         if channel is not None and channel.is_open:
             channel.close()
+        if consumer.group is None and self._conn is not None and self._conn.is_open:
+            if self._publisher is None or not self._publisher.is_open:
+                self._declare_topology()
+            self._publisher.queue_delete(consumer.queue)
 
     def _settle_now(
         self, consumer: Consumer, channel: Channel, action: Callable[..., None]
@@ -325,19 +346,17 @@ class IoThread:
         channel = self._conn.channel()
         try:
             channel.basic_qos(prefetch_count=self.options.prefetch)
-            arguments = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+            arguments: dict[str, object] = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
             if consumer.group is None:
-                declared = channel.queue_declare(
-                    "", exclusive=True, auto_delete=True, arguments=arguments
-                )
-                name = declared.method.queue
-            else:
-                name = GROUP_PREFIX + consumer.group
-                channel.queue_declare(name, durable=True, arguments=arguments)
-            channel.queue_bind(name, EXCHANGE, routing_key=consumer.key)
+                # Not exclusive to the connection: a plain subscriber's messages
+                # published while it reconnects, or while the broker restarts, wait
+                # in its durable queue instead of going nowhere.
+                arguments["x-expires"] = PLAIN_QUEUE_EXPIRY_S * 1000
+            channel.queue_declare(consumer.queue, durable=True, arguments=arguments)
+            channel.queue_bind(consumer.queue, EXCHANGE, routing_key=consumer.key)
             channel.add_on_cancel_callback(partial(self._on_cancelled, consumer, channel))
             consumer.channel = channel
-            channel.basic_consume(name, partial(_on_message, consumer), auto_ack=False)
+            channel.basic_consume(consumer.queue, partial(_on_message, consumer), auto_ack=False)
         except pe.AMQPChannelError:
             consumer.channel = None
             if channel.is_open:
@@ -361,6 +380,10 @@ class IoThread:
             # Acks and publishes handed over before close() still go out.
             with contextlib.suppress(pe.AMQPError):
                 self._drain()
+                if self._stopping.is_set():  # closed, so no one resumes the plain queues
+                    for consumer in self.consumers:
+                        if consumer.group is None:
+                            self._release(consumer)
         while self._commands:
             _resolve(self._commands.popleft(), exc=error)
         self._drop_connection()

@@ -21,8 +21,12 @@ control traffic and model references (never tensors) stay far below.
 Topology. A durable topic exchange ``fedmq`` carries every message, persistent
 and confirmed. A group subscription consumes the durable classic queue
 ``fedmq.group.<group>``, shared by the group's members (competing consumers); a
-plain one an exclusive, server-named queue. Both dead-letter to the fanout
-exchange ``fedmq.dlx`` and its durable queue ``fedmq.dead-letters``. Each
+plain one its own durable queue ``fedmq.sub.<random id>``. That queue is not
+tied to the connection, so what is published to the subscriber while it
+reconnects, or while the broker restarts, waits for it; ``cancel`` and
+``close`` delete it, and RabbitMQ drops it after ``PLAIN_QUEUE_EXPIRY_S`` without
+a consumer (a process that died without closing). Both kinds dead-letter to the
+fanout exchange ``fedmq.dlx`` and its durable queue ``fedmq.dead-letters``. Each
 subscription has its own channel, so a broker error on one (say, a group queue
 declared elsewhere with other arguments) cannot take the others down.
 
@@ -47,7 +51,15 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from broker._amqp_io import DEAD_LETTERS, EXCHANGE, GROUP_PREFIX, Channel, IoThread
+from broker._amqp_io import (
+    DEAD_LETTERS,
+    EXCHANGE,
+    GROUP_PREFIX,
+    PLAIN_PREFIX,
+    PLAIN_QUEUE_EXPIRY_S,
+    Channel,
+    IoThread,
+)
 from broker._amqp_options import AmqpOptions, parse_url, routing_key, topic_of
 from broker.errors import TransportError
 from broker.transport import Handler
@@ -56,6 +68,8 @@ __all__ = [
     "DEAD_LETTERS",
     "EXCHANGE",
     "GROUP_PREFIX",
+    "PLAIN_PREFIX",
+    "PLAIN_QUEUE_EXPIRY_S",
     "AmqpDelivery",
     "AmqpSubscription",
     "AmqpTransport",
@@ -108,6 +122,7 @@ class AmqpSubscription:
         self.topic = topic
         self.key = routing_key(topic, pattern=True)
         self.group = group
+        self.queue = GROUP_PREFIX + group if group is not None else PLAIN_PREFIX + uuid.uuid4().hex
         self.active = True
         self.channel: Channel = None
         self._io = io

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import getpass
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -37,6 +39,7 @@ __all__ = ["EmbeddedBroker", "find_mosquitto"]
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "mosquitto", "amqtt"]
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _SBIN = "/usr/sbin:/usr/local/sbin:/opt/homebrew/sbin"
 
 _MOSQUITTO_CONF = """\
@@ -159,6 +162,7 @@ class _MosquittoProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
             )
         # Reap the child even if stop() is never called (e.g. an exception).
         finalizer = weakref.finalize(self, _reap, proc, folder)
@@ -174,6 +178,19 @@ class _MosquittoProcess:
     def stop(self) -> None:
         if self._finalizer is not None:
             self._finalizer()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when its parent dies.
+
+    A process killed with SIGKILL runs no finalizer, and an embedded broker
+    left behind would keep its port and memory until the machine restarts.
+    (Linux ties this to the starting thread: start the broker from a thread
+    that lives as long as it is needed, as the command's main thread does.)
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: finalizers only
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _reap(proc: subprocess.Popen[bytes], folder: Path) -> None:

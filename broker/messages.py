@@ -96,6 +96,8 @@ class CheckIn(Message):
     """A device is online and willing to train."""
 
     KIND: ClassVar[MessageKind] = MessageKind.CHECK_IN
+    TASKS_IN_PROGRESS: ClassVar[str] = "tasks_in_progress"
+    """Capability: tasks the device still works on (0 or absent: idle, ready for one)."""
     device_id: str
     platform: str
     experiment_id: str | None = None
@@ -126,6 +128,8 @@ class TrainTask(Message):
     """A selected device's job for one round: what to train, how, and by when."""
 
     KIND: ClassVar[MessageKind] = MessageKind.TRAIN_TASK
+    CHECK_IN_WHEN_DONE: ClassVar[str] = "check_in_when_done"
+    """Training setting: check in (idle) right after answering, for the next task at once."""
     experiment_id: str
     round: int
     base_version: int

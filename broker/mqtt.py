@@ -14,7 +14,14 @@ How the ``Transport`` promises map onto MQTT:
 - Reconnecting is paho's loop with ``broker.retry.backoff`` delays, for as long
   as the transport is open; subscriptions are renewed in ``on_connect``. An ack
   for a message received on an earlier connection is dropped (its packet id
-  may be reused); the broker redelivers that message instead.
+  may be reused); the broker redelivers that message instead. ``on_reconnect``
+  listeners run after each reconnect.
+- A restarted broker may come back without some subscriptions (Mosquitto 2.0
+  restores a persistent session's plain subscriptions, not its shared ones)
+  until their clients reconnect, and drops what nobody subscribes to. So for
+  ``RESUBSCRIBE_GRACE`` seconds after a reconnect, a publish to a topic that had
+  subscribers before, answered with "no matching subscribers", is sent again
+  after a short back-off.
 - Acks are manual, and the CONNECT asks for Receive Maximum 65535: a consumer
   may hold many unacked messages (the aggregator acks a round's updates at
   commit) without the broker pausing delivery at its default of 20 in flight.
@@ -39,6 +46,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -86,6 +95,15 @@ _PAHO_LOG.addFilter(_not_a_shutdown_race)
 SUBACK_TIMEOUT = 10.0
 STABLE_AFTER = 10.0
 """Seconds a connection must last before reconnect back-off starts again from zero."""
+RESUBSCRIBE_GRACE = 30.0
+"""Seconds after a reconnect that a publish matching no subscription is retried.
+
+The longest reconnect back-off: subscribers cut off by the same broker restart
+are back by then.
+"""
+_NO_MATCHING_SUBSCRIBERS = 0x10
+_MATCHED_TOPICS = 4096
+"""Topics remembered as having had subscribers (the most recently published)."""
 
 
 class MqttTransport:
@@ -125,9 +143,14 @@ class MqttTransport:
         self._network_thread: int | None = None
         self._socket_opened = False
         self._connected_at = 0.0
+        self._session_present = False
+        self._reconnected_at: float | None = None
+        self._reconnect_listeners: list[Callable[[], None]] = []
         self._max_packet: int | None = None
         self._subacks: dict[int, list[ReasonCode] | None] = {}
         self._puback_failures: dict[int, ReasonCode] = {}
+        self._unmatched: set[int] = set()
+        self._matched: OrderedDict[str, None] = OrderedDict()
         self._dispatcher = Dispatcher(f"fedmq-mqtt-{self._options.client_id}")
         self._client = self._make_client(will)
         self._connect()
@@ -165,11 +188,28 @@ class MqttTransport:
             for inbound, handlers in self._table.unpark():
                 self._dispatch(inbound, handlers)
             mid = self._send_subscribe(route) if fresh and self._connected else None
-            if mid is not None:
+            # A resumed session's broker sends its whole backlog before this
+            # SUBACK: waiting for it would leave the backlog parked (0.2 s for
+            # 500 updates of 400 KB) although the session already holds the
+            # subscription. A refusal is then logged when the SUBACK comes.
+            wait = mid is not None and not self._session_present
+            if wait and mid is not None:
                 self._subacks[mid] = None
-        if mid is not None:
+        if wait and mid is not None:
             self._await_suback(mid, route, handler)
         return MqttSubscription(route, handler, self._cancel)
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` on a thread of its own after every reconnect (not the first connect).
+
+        Parameters
+        ----------
+        listener
+            Called with no arguments; it may publish. A device checks in again
+            with it: a broker shutting down publishes every client's last will.
+        """
+        with self._lock:
+            self._reconnect_listeners.append(listener)
 
     def close(self) -> None:
         """Disconnect cleanly (no will); unacked messages stay with the broker. Idempotent."""
@@ -267,6 +307,14 @@ class MqttTransport:
         self._check_open()
         props = redelivered_marker() if redelivered and self._v5 else None
         self._check_size(topic, body, props)
+        attempt = 0
+        while not self._publish_once(topic, body, props) and self._resubscribing(topic):
+            log.info("nobody subscribes to %s yet after a reconnect; publishing again", topic)
+            time.sleep(backoff(attempt, base=0.25, cap=2.0))
+            attempt += 1
+
+    def _publish_once(self, topic: str, body: bytes, props: Properties | None) -> bool:
+        """Publish and wait for the PUBACK; return whether a subscription matched."""
         try:
             info = self._client.publish(topic, body, qos=1, properties=props)
         except (ValueError, TypeError) as exc:
@@ -277,7 +325,25 @@ class MqttTransport:
             # paho queued the message and sends it once reconnected; clear the
             # code so the wait below waits for that instead of failing at once.
             info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-        self._await_puback(info, topic)
+        try:
+            self._await_puback(info, topic)
+        finally:
+            unmatched = info.mid in self._unmatched
+            self._unmatched.discard(info.mid)
+        if not unmatched:
+            with self._lock:
+                self._matched[topic] = None
+                self._matched.move_to_end(topic)
+                if len(self._matched) > _MATCHED_TOPICS:
+                    self._matched.popitem(last=False)
+        return not unmatched
+
+    def _resubscribing(self, topic: str) -> bool:
+        """Return whether ``topic``'s subscribers may still be coming back after a reconnect."""
+        at = self._reconnected_at
+        recent = at is not None and time.monotonic() - at < RESUBSCRIBE_GRACE
+        with self._lock:
+            return recent and not self._closed and topic in self._matched
 
     def _check_size(self, topic: str, body: bytes, props: Properties | None) -> None:
         """Refuse what the broker's Maximum Packet Size forbids, before paho queues it."""
@@ -376,8 +442,12 @@ class MqttTransport:
                     self._lock.notify_all()
             return
         with self._lock:
+            again = self._connected_at > 0.0  # connected before: this is a reconnect
             self._connected = True
             self._connected_at = time.monotonic()
+            self._session_present = bool(flags.session_present)
+            if again:
+                self._reconnected_at = self._connected_at
             self._max_packet = getattr(properties, "MaximumPacketSize", None)
             self._epoch += 1
             # Subscribing here renews every subscription after a reconnect,
@@ -388,7 +458,13 @@ class MqttTransport:
                     sent.add(route.broker_filter)
                     self._send_subscribe(route)
             self._lock.notify_all()
+            listeners = list(self._reconnect_listeners) if again else []
         log.info("connected to %s (session present: %s)", self.url, flags.session_present)
+        if listeners:
+            # Off paho's thread: a listener that publishes waits for the PUBACK.
+            threading.Thread(
+                target=_notify, args=(listeners,), name="fedmq-mqtt-reconnected", daemon=True
+            ).start()
 
     def _on_socket_open(self, client: paho.Client, userdata: object, sock: Any) -> None:
         self._socket_opened = True
@@ -443,6 +519,8 @@ class MqttTransport:
         # paho calls this holding its message lock, so ours is not taken here.
         if reason.is_failure:
             self._puback_failures[mid] = reason
+        elif reason.value == _NO_MATCHING_SUBSCRIBERS:
+            self._unmatched.add(mid)
 
     def _on_subscribe(
         self,
@@ -459,4 +537,13 @@ class MqttTransport:
                 return
         for reason in reasons:
             if reason.is_failure:
-                log.error("%s refused a renewed subscription: %s", self.url, reason)
+                log.error("%s refused a subscription (renewed or resumed): %s", self.url, reason)
+
+
+def _notify(listeners: list[Callable[[], None]]) -> None:
+    """Run reconnect listeners; one that fails does not stop the others."""
+    for listener in listeners:
+        try:
+            listener()
+        except Exception:
+            log.exception("a reconnect listener failed")

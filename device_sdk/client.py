@@ -7,6 +7,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from broker import (
     BrokerError,
@@ -32,6 +33,15 @@ from device_sdk.errors import DeviceError, TaskError
 from device_sdk.fetch import ArtifactFetcher, upload
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class _ReconnectAware(Protocol):
+    """A transport that reports reconnects (``MqttTransport``)."""
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every reconnect."""
+        ...
 
 
 @dataclass
@@ -92,16 +102,24 @@ class DeviceClient:
         self._run = run or (lambda job: job())
 
     def start(self) -> None:
-        """Subscribe to this device's topic and check in."""
+        """Subscribe to this device's topic and check in (again after every reconnect)."""
         self._transport.subscribe(topics.device(self.device_id), self._on_message)
+        if isinstance(self._transport, _ReconnectAware):
+            # A broker shutting down publishes every client's last will, so the
+            # coordinator takes this device for gone until it checks in again.
+            self._transport.on_reconnect(self.check_in)
         self.check_in()
 
     def check_in(self) -> None:
-        """Tell the coordinator this device is online."""
+        """Tell the coordinator this device is online, and whether it is still busy."""
+        stats = self.stats
         message = CheckIn(
             device_id=self.device_id,
             platform=self._platform,
             experiment_id=self._experiment_id,
+            capabilities={
+                CheckIn.TASKS_IN_PROGRESS: max(stats.tasks - stats.updates_sent - stats.failures, 0)
+            },
             sender=self.device_id,
         )
         self._transport.publish(topics.CHECKINS, encode(message))
@@ -138,12 +156,12 @@ class DeviceClient:
             timer.start()
         delivery.ack()
 
-    def _come_back(self) -> None:
-        """Check in again after a ``ComeBackLater`` (a failed publish waits for the next)."""
+    def _come_back(self, why: str = "come-back-later") -> None:
+        """Check in again after a ``ComeBackLater`` or a task (a failed publish waits)."""
         try:
             self.check_in()
         except BrokerError as exc:
-            log.warning("%s: check-in after come-back-later failed: %s", self.device_id, exc)
+            log.warning("%s: check-in after %s failed: %s", self.device_id, why, exc)
 
     def serve(self, task: TrainTask) -> None:
         """Train on ``task`` and publish the update, or an error reply if that fails."""
@@ -182,6 +200,9 @@ class DeviceClient:
         )
         self._transport.publish(reply_to, encode(update))
         self.stats.updates_sent += 1
+        if task.training.get(TrainTask.CHECK_IN_WHEN_DONE):
+            # Ready for more: an asynchronous coordinator hands an idle device its next task.
+            self._come_back("update")
 
     def _refuse(self, task: TrainTask, reply_to: str, code: str, error: Exception) -> None:
         """Tell the aggregator this device cannot serve ``task``, and why."""
@@ -189,6 +210,8 @@ class DeviceClient:
         log.warning("%s: task %s refused: %s", self.device_id, task.message_id, error)
         reply = task.error_reply(code, str(error), sender=self.device_id)
         self._transport.publish(reply_to, encode(reply))
+        if task.training.get(TrainTask.CHECK_IN_WHEN_DONE):
+            self._come_back("refusal")
 
     def _claim_check(self, task: TrainTask, data: bytes) -> ModelRef | None:
         """Upload ``data`` if it may not travel inline; return its reference (None: inline)."""

@@ -87,7 +87,9 @@ class ArtifactFetcher:
             except OSError as exc:
                 raise FetchError(f"cannot fetch {uri}: {exc}") from exc
         if parts.scheme in ("http", "https"):
-            return with_retries(lambda: _get(uri, self._timeout), self._retry_for, uri)
+            # The query of a presigned URL is a credential: keep it out of errors and logs.
+            where = uri.split("?", 1)[0]
+            return with_retries(lambda: _get(uri, self._timeout), self._retry_for, where)
         raise FetchError(f"cannot fetch {uri}: unsupported scheme {parts.scheme!r}")
 
     def _from_disk(self, sha256: str) -> bytes | None:
@@ -114,12 +116,18 @@ class ArtifactFetcher:
 
 
 def upload(url: str, data: bytes, *, timeout_s: float = 120.0, retry_for_s: float = 30.0) -> str:
-    """PUT ``data`` to a signed upload URL; return the sha256 the service stored it under."""
+    """PUT ``data`` to a signed or presigned upload URL; return its sha256 once the receiver has it.
+
+    The FedMQ service answers with the sha256 it stored; an object store
+    (S3's presigned PUT) answers with the MD5 ETag of a single-part object.
+    Either is checked against the bytes sent, so a truncated upload is caught
+    on the device rather than rejected later by the worker.
+    """
     return with_retries(lambda: _put(url, data, timeout_s), retry_for_s, url.split("?", 1)[0])
 
 
 def _put(url: str, data: bytes, timeout_s: float) -> str:
-    """PUT once; return the stored sha256 after checking it."""
+    """PUT once; return the sha256 of ``data`` after checking the receiver's answer."""
     request = urllib.request.Request(
         url,
         data=data,
@@ -128,10 +136,18 @@ def _put(url: str, data: bytes, timeout_s: float) -> str:
         headers={"Content-Type": "application/octet-stream"},
     )
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        reply = json.loads(response.read())
+        body = response.read()
+        etag = (response.headers.get("ETag") or "").strip('"')
     expected = hashlib.sha256(data).hexdigest()
-    if reply.get("sha256") != expected:
-        raise ChecksumMismatch(f"the service stored {reply.get('sha256')!r}, expected {expected}")
+    if body:
+        try:
+            stored = json.loads(body).get("sha256")
+        except (ValueError, AttributeError):
+            stored = None
+        if stored != expected:
+            raise ChecksumMismatch(f"the receiver stored {stored!r}, expected {expected}")
+    elif etag and "-" not in etag and etag != hashlib.md5(data, usedforsecurity=False).hexdigest():
+        raise ChecksumMismatch(f"the object store's ETag {etag} does not match the bytes sent")
     return expected
 
 

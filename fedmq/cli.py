@@ -16,8 +16,11 @@ from broker import BrokerError, topics
 from broker.embedded import EmbeddedBroker
 from device_sdk import DeviceError
 from device_sdk.data.errors import DataError
+from device_sdk.emulator.profiles import PROFILES, load_profile
 from fedmq.compose import RunResult, run_experiment
 from fedmq.defaults import DEMO_CONFIG
+from fedmq.export import EXPORT_PLATFORMS, ExportUsageError, export_package, parse_shape
+from fedmq.platforms import parse_mix
 from fedmq.processes import run_fleet, run_server, run_worker
 from fedmq.results import round_row, write_results
 from fedmq.settings import ENVIRONMENT, add_location_flags, redact, resolve
@@ -47,9 +50,20 @@ def _print_round(record: RoundRecord) -> None:
 
 
 def _run_and_report(
-    config: ExperimentConfig, rounds: int | None, out: Path | None, broker: str = "memory://"
+    config: ExperimentConfig,
+    rounds: int | None,
+    out: Path | None,
+    broker: str = "memory://",
+    profile: str | None = None,
 ) -> RunResult:
-    """Run an experiment with a progress table; write results to ``out``."""
+    """Run an experiment with a progress table; write results to ``out``.
+
+    ``profile`` names device speeds (``--profile``): in-process, the run then
+    goes in emulated time and the seconds column reads emulated seconds.
+    """
+    speed = None
+    if profile is not None:
+        speed = load_profile(profile, seed=config.seed, devices=config.data.devices)
     print(
         f"experiment {config.name}: {config.data.devices} devices, "
         f"{config.data.dataset}/{config.data.partition}, strategy "
@@ -61,7 +75,12 @@ def _run_and_report(
     # Every round ends by its deadline; past that margin something is stuck.
     timeout = count * (config.rounds.deadline_s + 30.0) + 120.0
     result = run_experiment(
-        config, broker_url=broker, rounds=rounds, progress=_print_round, timeout_s=timeout
+        config,
+        broker_url=broker,
+        rounds=rounds,
+        progress=_print_round,
+        timeout_s=timeout,
+        profile=speed,
     )
     final = result.final_metrics
     print(
@@ -106,7 +125,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    _run_and_report(load_config(args.config), args.rounds, args.out)
+    _run_and_report(load_config(args.config), args.rounds, args.out, profile=args.profile)
     return 0
 
 
@@ -131,6 +150,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         name=args.name or f"fedmq-worker-{socket.gethostname()}",
         checkpoint_every=args.checkpoint_every,
         health_file=args.health_file,
+        processes=args.processes,
     )
     return 0
 
@@ -147,8 +167,56 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         heartbeat_s=args.heartbeat,
         health_file=args.health_file,
+        platforms=args.platforms,
+        profile=args.profile,
     )
     return 0
+
+
+def _platform_mix(text: str) -> dict[str, float]:
+    try:
+        return parse_mix(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        written = export_package(
+            platform=args.platform,
+            out=args.out,
+            input_shape=args.input_shape,
+            model=args.model,
+            zoo=args.zoo,
+            num_classes=args.num_classes,
+            hidden=args.hidden or (),
+            seed=args.seed,
+            force=args.force,
+        )
+    except ExportUsageError as exc:
+        print(f"fedmq export: {exc}", file=sys.stderr)
+        return 2
+    for file in written:
+        print(file.summary())
+    print(f"{args.platform} package: {len(written)} files in {args.out}")
+    return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_profile_flag(parser: argparse.ArgumentParser, how: str) -> None:
+    """Add ``--profile NAME|TRACE`` (device speeds) to a subcommand."""
+    parser.add_argument(
+        "--profile",
+        metavar="NAME|TRACE",
+        help=f"device speeds: {' or '.join(PROFILES)} (50%% at 1x, 30%% at 3x, 20%% at 10x), "
+        f'or a JSON trace file {{index: delay seconds | {{"factor": f}}}}; {how}',
+    )
 
 
 def _positive(text: str) -> int:
@@ -182,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cmd.add_argument("config", type=Path, help="experiment config (.json or .toml)")
     simulate_cmd.add_argument("--rounds", type=_positive, help="override rounds.count")
     simulate_cmd.add_argument("--out", type=Path, help="write results into this folder")
+    _add_profile_flag(simulate_cmd, "devices train in emulated time (deterministic)")
     simulate_cmd.set_defaults(func=_cmd_simulate)
 
     server = sub.add_parser("server", help="the REST API, dashboard and round coordinator")
@@ -215,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"update queue shared by this deployment's workers "
         f"(default: $FEDMQ_WORKER_GROUP, else {topics.UPDATES_GROUP})",
     )
+    worker.add_argument(
+        "--processes",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: aggregate in a child process while this one holds the broker connection, "
+        "so receiving and folding updates do not share one interpreter lock; needs a spare "
+        "core (default 1; memory:// always runs in one process)",
+    )
     add_location_flags(worker, "broker", "store")
     worker.set_defaults(func=_cmd_worker)
 
@@ -233,8 +311,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="check every device in again every S seconds (default 30)",
     )
+    fleet.add_argument(
+        "--platforms",
+        type=_platform_mix,
+        default={"python": 1.0},
+        metavar="MIX",
+        help="share of each platform among the experiment's devices, e.g. "
+        "python:2,android:1,ios:1 (android trains with ONNX Runtime only, ios "
+        "evaluates with TorchScript lite; default python)",
+    )
+    _add_profile_flag(fleet, "each device sleeps out its delay after training")
     add_location_flags(fleet, "broker", "server")
     fleet.set_defaults(func=_cmd_fleet)
+
+    export = sub.add_parser("export", help="package a torch model for a device platform")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--model", metavar="MODULE:FACTORY", help="a callable that returns a torch.nn.Module"
+    )
+    source.add_argument("--zoo", metavar="NAME", help="a zoo model (logreg, mlp, ...) instead")
+    export.add_argument(
+        "--input-shape",
+        type=_shape,
+        required=True,
+        metavar="SHAPE",
+        help="one example's shape without the batch axis, comma separated (e.g. 1,28,28)",
+    )
+    export.add_argument(
+        "--platform", choices=EXPORT_PLATFORMS, required=True, help="the devices' platform"
+    )
+    export.add_argument("--out", type=Path, required=True, help="folder to write (created)")
+    export.add_argument(
+        "--num-classes", type=_positive, help="classes (required with --zoo; else checked)"
+    )
+    export.add_argument("--hidden", type=_shape, metavar="SIZES", help="hidden sizes of a zoo mlp")
+    export.add_argument("--seed", type=int, default=0, help="a zoo model's weight seed (default 0)")
+    export.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

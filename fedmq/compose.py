@@ -20,6 +20,8 @@ from aggregator_service.links import SignedLinks
 from aggregator_service.persistence import RoundRecord
 from broker import MemoryTransport, Transport
 from device_sdk.emulator import Fleet, TrainerFactory
+from device_sdk.emulator.profiles import SpeedProfile, VirtualTime
+from fedmq.platforms import platform_packagers
 from fedmq.wiring import (
     DEFAULT_MAX_INLINE_BYTES,
     Ticker,
@@ -62,6 +64,7 @@ def simulate(
     workdir: Path | None = None,
     progress: Progress | None = None,
     stop_when: Callable[[RoundRecord], bool] | None = None,
+    profile: SpeedProfile | None = None,
 ) -> RunResult:
     """Run an experiment on the in-process bus: deterministic for a config and seed.
 
@@ -77,6 +80,10 @@ def simulate(
         Called with each round's record as the round ends.
     stop_when
         End early after the first round for which this returns True.
+    profile
+        Device speeds: the run then goes in emulated time (a 1x device's
+        training lasts one emulated second; round timings are emulated
+        seconds), still deterministic.
 
     Returns
     -------
@@ -84,7 +91,12 @@ def simulate(
         The experiment id, every round's record, and the initial and final weights.
     """
     return run_experiment(
-        config, rounds=rounds, workdir=workdir, progress=progress, stop_when=stop_when
+        config,
+        rounds=rounds,
+        workdir=workdir,
+        progress=progress,
+        stop_when=stop_when,
+        profile=profile,
     )
 
 
@@ -99,6 +111,7 @@ def run_experiment(
     make_trainer: TrainerFactory | None = None,
     evaluate: bool = True,
     stop_when: Callable[[RoundRecord], bool] | None = None,
+    profile: SpeedProfile | None = None,
 ) -> RunResult:
     """Run service, worker and fleet in this process over ``broker_url``.
 
@@ -109,12 +122,16 @@ def run_experiment(
     the devices' trainer (benchmarks use a no-op one); ``evaluate=False``
     skips the held-out evaluation of each version. ``stop_when`` ends the run
     early, after the first round for which it returns True (e.g. a target
-    accuracy reached).
+    accuracy reached). ``profile`` slows devices down: in emulated time on
+    ``memory://`` (``VirtualTime``: trainings complete in the order of their
+    emulated durations, the coordinator's clock reads emulated seconds), by
+    real sleeps on a real broker.
     """
     started = time.perf_counter()
     count = rounds or config.rounds.count
     in_process = is_in_process(broker_url)
     ended = _RoundCounter(count, progress, stop_when)
+    virtual = VirtualTime() if in_process and profile is not None else None
     with ExitStack() as stack:
         root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmq-")))
         store = LocalStore(root / "store")
@@ -123,7 +140,9 @@ def run_experiment(
         # This run's devices live only as long as the run: short MQTT sessions.
         track = TransportPool(broker_url, session_expiry_s=60)
         stack.callback(track.close)
-        service = _coordinator(stack, track, store, db, in_process=in_process, evaluate=evaluate)
+        service = _coordinator(
+            stack, track, store, db, in_process=in_process, evaluate=evaluate, clock=virtual
+        )
         service.add_listener(ended)
         service.start()
         # A private update queue: this run's worker must not share a broker-wide
@@ -132,13 +151,18 @@ def run_experiment(
         AggregatorWorker(track(unique_client_id("worker")), store, group=group).start()
         experiment_id = service.create_experiment(config)
         ended.on_stop = lambda: service.stop_after_current_round(experiment_id)
-        fleet = _fleet(stack, track, config, experiment_id, in_process, make_trainer)
+        fleet = _fleet(
+            stack, track, config, experiment_id, in_process, make_trainer, profile, virtual
+        )
         fleet.start()
         _wait_for_devices(service, len(fleet.devices), track.opened, timeout_s)
         service.request_rounds(experiment_id, count)
         if not in_process:
             stack.callback(Ticker(service.tick).start().stop)
-        _wait_for_rounds(ended, track.opened, timeout_s)
+        if virtual is not None:
+            _run_emulated(virtual, ended, track.opened, service.tick, config, timeout_s)
+        else:
+            _wait_for_rounds(ended, track.opened, timeout_s)
         _, initial = service.model_weights(experiment_id, 0)
         _, final = service.model_weights(experiment_id)
         elapsed = time.perf_counter() - started
@@ -161,6 +185,7 @@ def _coordinator(
     *,
     in_process: bool,
     evaluate: bool,
+    clock: Callable[[], float] | None = None,
 ) -> RoundService:
     """Build the coordinator; off the in-process bus, with its HTTP blob service.
 
@@ -175,7 +200,9 @@ def _coordinator(
         db,
         evaluator_factory=held_out_evaluator if evaluate else None,
         links=links,
+        packagers=platform_packagers(),
         max_inline_bytes=0 if in_process else DEFAULT_MAX_INLINE_BYTES,
+        clock=clock or time.time,
     )
     if links is not None:
         token = secrets.token_urlsafe(24)
@@ -191,11 +218,15 @@ def _fleet(
     experiment_id: str,
     in_process: bool,
     make_trainer: TrainerFactory | None,
+    profile: SpeedProfile | None = None,
+    virtual_time: VirtualTime | None = None,
 ) -> Fleet:
     """Build the emulated fleet of the experiment's data section."""
     run = None
     if not in_process:
-        executor = ThreadPoolExecutor(2, thread_name_prefix="fedmq-train")
+        # Slowed devices sleep out their delays on the pool: a thread for each.
+        threads = 2 if profile is None else max(2, config.data.devices)
+        executor = ThreadPoolExecutor(threads, thread_name_prefix="fedmq-train")
         stack.callback(executor.shutdown, wait=True, cancel_futures=True)
         run = executor_runner(executor)
     return Fleet(
@@ -205,6 +236,8 @@ def _fleet(
         experiment_id=experiment_id,
         run=run,
         make_trainer=make_trainer,
+        speed=profile,
+        virtual_time=virtual_time,
         # Fresh ids per run, so no broker session of an earlier run is resumed.
         prefix="emu" if in_process else f"emu{uuid.uuid4().hex[:4]}",
     )
@@ -262,3 +295,41 @@ def _wait_for_rounds(
             raise RuntimeError(f"{len(bus.dead_letters)} message(s) failed; see the log")
     if not ended.done.wait(timeout_s):
         raise TimeoutError(f"{ended.ended} of {ended.count} rounds ended in {timeout_s} s")
+
+
+def _run_emulated(
+    clock: VirtualTime,
+    ended: _RoundCounter,
+    opened: list[Transport],
+    tick: Callable[[], None],
+    config: ExperimentConfig,
+    timeout_s: float | None,
+) -> None:
+    """Drive an in-process run in emulated time until the requested rounds have ended.
+
+    Between two training completions the bus drains and the coordinator
+    ticks, so every step happens in one order: the run stays deterministic.
+    """
+    bus = opened[0]
+    assert isinstance(bus, MemoryTransport)
+    limit = time.monotonic() + (timeout_s or float("inf"))
+    idle_since = clock.now
+
+    def settled() -> bool:
+        bus.join(timeout_s)
+        if bus.dead_letters:
+            raise RuntimeError(f"{len(bus.dead_letters)} message(s) failed; see the log")
+        return ended.done.is_set()
+
+    while not settled():
+        tick()  # deadlines, expired tasks and repeats, seen with the bus idle
+        if settled():
+            return
+        if clock.advance():
+            idle_since = clock.now
+        elif clock.now - idle_since > 2 * config.rounds.deadline_s + 2 * RoundService.REPEAT_S:
+            raise RuntimeError(f"{ended.ended} of {ended.count} rounds ended; nothing left to run")
+        else:
+            clock.skip(RoundService.REPEAT_S)  # only a deadline can move the run on
+        if time.monotonic() > limit:
+            raise TimeoutError(f"{ended.ended} of {ended.count} rounds ended in {timeout_s} s")

@@ -10,6 +10,7 @@ import signal
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,18 +18,24 @@ from typing import Any
 from aggregator_service import AggregatorWorker, Database, RoundService, ServiceError
 from aggregator_service.api.app import create_app
 from aggregator_service.evaluation import held_out_evaluator
-from aggregator_service.links import SignedLinks
+from aggregator_service.links import PresignedLinks, SignedLinks
+from broker import Transport
+from broker.offload import OffloadedProcess, OffloadError
 from device_sdk.emulator import Fleet
+from device_sdk.emulator.profiles import load_profile
+from fedmq.platforms import assign_platforms, mixed_trainers, platform_packagers
 from fedmq.settings import home, redact
 from fedmq.wiring import (
     DEFAULT_MAX_INLINE_BYTES,
     Ticker,
     TransportPool,
     executor_runner,
+    is_in_process,
     start_http,
     unique_client_id,
 )
 from model_store import open_store
+from model_store.store import PresignedAccess
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,11 @@ def run_server(
     store = open_store(store_url)
     db = Database(db_url)
     key = os.environ.get("FEDMQ_SIGNING_KEY", "").encode() or secrets.token_bytes(32)
-    links = SignedLinks(key, public_url or f"http://{_reachable(host)}:{port}")
+    links: SignedLinks | PresignedLinks
+    if isinstance(store, PresignedAccess):  # devices talk to the object store directly
+        links = PresignedLinks(store)
+    else:
+        links = SignedLinks(key, public_url or f"http://{_reachable(host)}:{port}")
     limit = int(os.environ.get("FEDMQ_MAX_INLINE_BYTES", DEFAULT_MAX_INLINE_BYTES))
     service = RoundService(
         transport,
@@ -73,12 +84,15 @@ def run_server(
         db,
         evaluator_factory=held_out_evaluator,
         links=links,
+        packagers=platform_packagers(),
         max_inline_bytes=limit,
     )
     service.start(recovery_grace_s=recovery_grace_s)
     ticker = Ticker(service.tick).start()
     token = os.environ.get("FEDMQ_ADMIN_TOKEN") or _generated_token()
-    app = create_app({"ADMIN_TOKEN": token}, service=service, store=store, links=links)
+    # Only a local-folder store needs the service's own blob endpoints.
+    served = links if isinstance(links, SignedLinks) else None
+    app = create_app({"ADMIN_TOKEN": token}, service=service, store=store, links=served)
     server = start_http(app, host, port)
     print(f"fedmq server on http://{host}:{server.port} (broker {redact(broker)})", flush=True)
     try:
@@ -98,26 +112,61 @@ def run_worker(
     name: str,
     checkpoint_every: int = 32,
     health_file: Path | None = None,
+    processes: int = 1,
 ) -> None:
     """Aggregate updates until signalled.
 
     ``name`` is the worker's MQTT client id: a restarted worker with the same
     name resumes its session, and with it the updates it had not acked.
+    ``processes=2`` runs the worker in a child process and keeps the broker
+    connection here (``broker.offload``), so receiving and folding updates do
+    not share one interpreter lock; ``memory://`` always runs in-process.
     """
+    settings: dict[str, Any] = {
+        "store_url": store_url,
+        "name": name,
+        "group": group,
+        "checkpoint_every": checkpoint_every,
+    }
+    offload = None
+    if processes > 1 and not is_in_process(broker):
+        # Booted before connecting: a resumed session delivers at once, and what
+        # it delivers before the worker subscribes waits parked in the transport.
+        offload = OffloadedProcess(start_worker, settings, on_exit=_wake_main, name=name)
+        offload.wait_booted()
     transports = TransportPool(broker)
-    worker = AggregatorWorker(
-        transports(name),
+    try:
+        if offload is not None:
+            offload.serve(transports(name))
+        else:
+            start_worker(transports(name), **settings)
+        print(f"fedmq worker on {redact(broker)}", flush=True)
+        wait_for_signal(health_file)
+    finally:
+        if offload is not None:
+            offload.stop()
+        transports.close()
+    if offload is not None and offload.failed:
+        raise OffloadError(f"the worker process exited with status {offload.exitcode}")
+
+
+def start_worker(
+    transport: Transport, *, store_url: str, name: str, group: str, checkpoint_every: int
+) -> None:
+    """Start an aggregator worker on ``transport`` (in this process or an offloaded one)."""
+    AggregatorWorker(
+        transport,
         open_store(store_url),
         name=name,
         group=group,
         checkpoint_every=checkpoint_every,
-    )
-    worker.start()
-    print(f"fedmq worker on {redact(broker)}", flush=True)
-    try:
-        wait_for_signal(health_file)
-    finally:
-        transports.close()
+    ).start()
+
+
+def _wake_main() -> None:
+    """End ``wait_for_signal``: the worker process died, so this one must exit too."""
+    # A process-directed signal reaches the main thread, where the wait runs.
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_fleet(
@@ -132,8 +181,17 @@ def run_fleet(
     concurrency: int,
     heartbeat_s: float = 30.0,
     health_file: Path | None = None,
+    platforms: Mapping[str, float] | None = None,
+    profile: str | None = None,
 ) -> None:
-    """Run emulated devices for an experiment until signalled."""
+    """Run emulated devices for an experiment until signalled.
+
+    ``platforms`` shares the experiment's devices among platforms (contiguous
+    blocks of device indices, see ``assign_platforms``); the model must be
+    packaged for each of them (``model.platforms``). ``profile`` names the
+    devices' speeds (``device_sdk.emulator.profiles``): slowed devices sleep
+    out their delays, each on a thread of its own.
+    """
     experiment = _experiment(server, experiment_id)
     data = experiment["config"]["data"]
     if first + devices > int(data["devices"]):
@@ -141,19 +199,39 @@ def run_fleet(
             f"the experiment partitions its data for {data['devices']} devices; "
             f"devices {first}..{first + devices - 1} do not exist"
         )
+    seed = experiment["config"]["seed"] if seed is None else seed
+    assigned = assign_platforms(platforms or {"python": 1.0}, int(data["devices"]))
+    packaged = set(experiment["config"]["model"].get("platforms", [])) | {"python"}
+    unpackaged = sorted(set(assigned[first : first + devices]) - packaged)
+    if unpackaged:
+        raise ServiceError(
+            f"experiment {experiment['id']} is not packaged for {unpackaged}: "
+            "add them to its model.platforms"
+        )
+    make_trainer, names = mixed_trainers(assigned, seed)
+    speed = None
+    if profile is not None:
+        speed = load_profile(profile, seed=seed, devices=int(data["devices"]))
+        concurrency = max(concurrency, devices)  # a sleeping device holds its thread
     transports = TransportPool(broker)
     executor = ThreadPoolExecutor(concurrency, thread_name_prefix="fedmq-train")
     fleet = Fleet(
         transports,
         data,
-        seed=experiment["config"]["seed"] if seed is None else seed,
+        seed=seed,
         indices=range(first, first + devices),
         experiment_id=experiment["id"],
         run=executor_runner(executor),
         prefix=prefix,
+        make_trainer=make_trainer,
+        platforms=names,
+        speed=speed,
     )
     fleet.start(heartbeat_s=heartbeat_s)
     print(f"fedmq fleet: {devices} devices for {experiment['id']} on {redact(broker)}", flush=True)
+    if speed is not None:
+        tiers = speed.summary(range(first, first + devices))
+        print(f"fedmq fleet: speed profile {speed.name}: {tiers}", flush=True)
     try:
         wait_for_signal(health_file)
     finally:

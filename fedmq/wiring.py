@@ -44,7 +44,10 @@ def transport_factory(
     def open_transport(client_id: str) -> Transport:
         if scheme != "mqtt":
             return connect(broker_url)
-        will = (topics.CHECKINS, encode(CheckOut(device_id=client_id, reason="connection lost")))
+        will = (
+            topics.CHECKINS,
+            encode(CheckOut(device_id=client_id, reason="connection lost", sender=client_id)),
+        )
         options = {"client_id": client_id}
         if session_expiry_s is not None:
             options["session_expiry"] = str(session_expiry_s)

@@ -25,17 +25,20 @@ from model_store.errors import (
     ManifestError,
     ModelSpecError,
     StoreError,
+    StoreUnavailable,
 )
 from model_store.export import (
     ONNX_OPSET,
     export_onnx,
     export_torchscript,
     export_torchscript_lite,
+    export_torchscript_lite_functional,
 )
 from model_store.local import LocalStore
 from model_store.manifest import Artifact, Manifest
 from model_store.memory import MemoryStore
-from model_store.store import STORE_ALIASES, ModelStore, StoreBase, open_store
+from model_store.s3 import S3Store
+from model_store.store import STORE_ALIASES, ModelStore, PresignedAccess, StoreBase, open_store
 from model_store.zoo import ZOO_NAMES, ModelSpec, build_model
 
 __all__ = [
@@ -59,8 +62,11 @@ __all__ = [
     "ModelSpec",
     "ModelSpecError",
     "ModelStore",
+    "PresignedAccess",
+    "S3Store",
     "StoreBase",
     "StoreError",
+    "StoreUnavailable",
     "build_initial_artifacts",
     "build_model",
     "decode_weights",
@@ -68,6 +74,7 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "export_torchscript_lite",
+    "export_torchscript_lite_functional",
     "open_store",
     "state_to_numpy",
 ]

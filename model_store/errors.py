@@ -3,16 +3,18 @@
 Every error the package raises derives from :class:`StoreError`, so a caller
 can catch one type at its boundary::
 
-    StoreError                 root: bad store URL, unsafe model id, I/O failure
+    StoreError                 root: bad store URL, unsafe model id, I/O failure,
+    │                          S3 bucket missing or access denied
+    ├── StoreUnavailable       the store's service cannot be reached now (retry)
     ├── ArtifactNotFound       no blob / manifest under that key
     ├── IntegrityError         a blob's bytes do not match its sha256
     ├── ManifestError          malformed manifest, or a conflicting version
     ├── ModelSpecError         unknown zoo name or a bad shape in a model spec
     └── ExportError            torch could not script / export a model
 
-Lower-library errors (``OSError``, torch's exporter errors, ``json`` errors)
-are translated into this tree where they cross the package boundary, with the
-original kept as ``__cause__``.
+Lower-library errors (``OSError``, botocore's errors, torch's exporter errors,
+``json`` errors) are translated into this tree where they cross the package
+boundary, with the original kept as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ __all__ = [
     "ManifestError",
     "ModelSpecError",
     "StoreError",
+    "StoreUnavailable",
 ]
 
 
 class StoreError(Exception):
     """Root of every error raised by ``model_store``."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's service is unreachable or failing (timeout, 5xx); retrying may help."""
 
 
 class ArtifactNotFound(StoreError):

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from model_store.errors import ArtifactNotFound, IntegrityError, StoreError
+from model_store.errors import ArtifactNotFound, StoreError
 from model_store.manifest import check_sha256
-from model_store.store import StoreBase
+from model_store.store import StoreBase, verified
 
 __all__ = ["LocalStore"]
 
@@ -116,10 +116,7 @@ class LocalStore(StoreBase):
             raise ArtifactNotFound(f"no blob {sha256} in {self.root}") from None
         except OSError as exc:
             raise StoreError(f"cannot read blob {sha256}: {exc}") from exc
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:
-            raise IntegrityError(f"blob {sha256} at {path} hashes to {actual}")
-        return data
+        return verified(data, sha256, f"blob at {path}")
 
     def has_blob(self, sha256: str) -> bool:
         """Tell whether the blob is stored.

@@ -28,6 +28,9 @@ MANIFEST_SCHEMA_VERSION = 1
 # charset that cannot express a path separator, "..", or a hidden file.
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# A platform package's files sit under one folder level ("android/checkpoint");
+# names are manifest keys, never paths, but ".." stays out all the same.
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 def check_model_id(model_id: str) -> str:
@@ -91,7 +94,7 @@ class Artifact:
 
     def __post_init__(self) -> None:
         """Validate the fields so a bad artifact never reaches a store."""
-        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+        if not isinstance(self.name, str) or not _ARTIFACT_NAME.fullmatch(self.name):
             raise ManifestError(f"invalid artifact name {self.name!r}")
         try:
             check_sha256(self.sha256)

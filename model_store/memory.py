@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import threading
 
-from model_store.errors import ArtifactNotFound, IntegrityError
+from model_store.errors import ArtifactNotFound
 from model_store.manifest import check_sha256
-from model_store.store import StoreBase
+from model_store.store import StoreBase, verified
 
 __all__ = ["MemoryStore"]
 
@@ -80,9 +80,7 @@ class MemoryStore(StoreBase):
             raise ArtifactNotFound(f"no blob {sha256} in memory store")
         # Cheap next to the cost of using the blob, and keeps the contract
         # identical to the backends whose storage can rot.
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise IntegrityError(f"blob {sha256} no longer matches its checksum")
-        return data
+        return verified(data, sha256, "blob in memory")
 
     def has_blob(self, sha256: str) -> bool:
         """Tell whether the blob is stored.

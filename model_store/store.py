@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol, cast, runtime_checkable
 from urllib.parse import urlsplit
 
-from model_store.errors import ArtifactNotFound, ManifestError, StoreError
+from model_store.errors import ArtifactNotFound, IntegrityError, ManifestError, StoreError
 from model_store.manifest import Artifact, Manifest, check_model_id, utc_now
 
-__all__ = ["STORE_ALIASES", "ModelStore", "StoreBase", "open_store"]
+__all__ = [
+    "STORE_ALIASES",
+    "ModelStore",
+    "PresignedAccess",
+    "StoreBase",
+    "check_upload_name",
+    "open_store",
+]
+
+# Upload names become object keys and URL path parts: no separators, and not
+# "." or ".." (which an HTTP client may normalise away).
+_UPLOAD_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 @runtime_checkable
@@ -59,6 +71,60 @@ class ModelStore(Protocol):
     ) -> Manifest:
         """Store the artifacts' bytes, then the manifest naming them."""
         ...
+
+
+def verified(data: bytes, sha256: str, what: str) -> bytes:
+    """Return ``data`` if it hashes to ``sha256``; else raise ``IntegrityError`` naming ``what``."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise IntegrityError(f"{what} hashes to {actual}, expected {sha256}")
+    return data
+
+
+@runtime_checkable
+class PresignedAccess(Protocol):
+    """A store devices reach directly through presigned URLs (an object store).
+
+    A device never holds store credentials: it gets a URL that allows one
+    method on one object for a short time (``ttl_s``, the store's default when
+    None). A device PUTs its bytes with ``Content-Type:
+    application/octet-stream``; upload names pass ``check_upload_name``.
+    """
+
+    def presign_download(self, sha256: str, ttl_s: float | None = None) -> str:
+        """Return a presigned GET URL of a blob (``ArtifactNotFound`` if absent)."""
+        ...
+
+    def presign_upload(self, name: str, ttl_s: float | None = None) -> str:
+        """Return a presigned PUT URL for one upload filed under ``name``."""
+        ...
+
+    def claim_upload(self, name: str, sha256: str) -> bytes:
+        """Verify the upload ``name`` against ``sha256``, file it as a blob, return its bytes.
+
+        ``IntegrityError`` if the bytes hash to something else,
+        ``ArtifactNotFound`` if there is neither the upload nor the blob; a
+        repeated claim returns the blob.
+        """
+        ...
+
+
+def check_upload_name(name: str) -> str:
+    """Return ``name`` if it may name a device upload, else raise ``StoreError``.
+
+    Parameters
+    ----------
+    name
+        1-200 of ``[A-Za-z0-9._-]``, not ``.`` or ``..``.
+
+    Returns
+    -------
+    str
+        The same name.
+    """
+    if not isinstance(name, str) or not _UPLOAD_NAME.fullmatch(name) or name in (".", ".."):
+        raise StoreError(f"invalid upload name {name!r}: use 1-200 of [A-Za-z0-9._-]")
+    return name
 
 
 class StoreBase(ABC):
@@ -246,7 +312,7 @@ STORE_ALIASES: Mapping[str, str] = MappingProxyType(
     {
         "file": "model_store.local:LocalStore",
         "memory": "model_store.memory:MemoryStore",
-        # "s3": "model_store.s3:S3Store",
+        "s3": "model_store.s3:S3Store",
     }
 )
 
@@ -258,7 +324,11 @@ def open_store(url: str) -> ModelStore:
     ----------
     url
         ``file:///ABSOLUTE/PATH`` for a local folder, ``memory://`` for a
-        fresh in-process store.
+        fresh in-process store,
+        ``s3://BUCKET/PREFIX?endpoint_url=URL&region=NAME`` for an S3 bucket
+        (``endpoint_url`` for MinIO or moto, both options optional;
+        credentials from boto3's chain, e.g. ``AWS_ACCESS_KEY_ID`` and
+        ``AWS_SECRET_ACCESS_KEY``; boto3 is imported only then).
 
     Returns
     -------

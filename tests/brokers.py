@@ -21,7 +21,13 @@ def amqp_url(port: int = AMQP_PORT) -> str:
 
 
 def mqtt_url(port: int = MQTT_PORT, **options: str) -> str:
-    """Return the test Mosquitto's URL with transport options as query parameters."""
+    """Return the test Mosquitto's URL with transport options as query parameters.
+
+    Sessions expire two minutes after their client goes (not the default
+    hour): a test's worker session subscribed to every experiment's updates
+    would otherwise keep collecting later tests' updates in the broker's memory.
+    """
+    options = {"session_expiry": "120", **options}
     query = "&".join(f"{k}={v}" for k, v in options.items())
     return f"mqtt://127.0.0.1:{port}" + (f"?{query}" if query else "")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from aggregator_service.config import ExperimentConfig
+from aggregator_service.config import ExperimentConfig, is_asynchronous
 from aggregator_service.links import ArtifactLinks
 from aggregator_service.persistence import Database
+from aggregator_service.rounds.asynchronous import step_limits
 from broker import ModelRef, RoundOpened
 from model_store import WEIGHTS, ModelStore
 
@@ -28,6 +29,9 @@ def in_flight_rounds(
             config = ExperimentConfig.from_dict(exp.config)
             weights = store.get_manifest(exp.id, rnd.base_version).artifacts[WEIGHTS]
             k = len(rnd.selected)
+            target, minimum = min(config.rounds.devices_per_round, k), min(config.rounds.minimum, k)
+            if is_asynchronous(config.strategy):  # a server step: K updates from any tasks
+                target, minimum = step_limits(config)
             announcements.append(
                 RoundOpened(
                     experiment_id=exp.id,
@@ -35,8 +39,8 @@ def in_flight_rounds(
                     base_version=rnd.base_version,
                     model=ModelRef(links.download(weights.sha256), weights.sha256, weights.size),
                     selected=rnd.selected,
-                    target_reports=min(config.rounds.devices_per_round, k),
-                    min_reports=min(config.rounds.minimum, k),
+                    target_reports=target,
+                    min_reports=minimum,
                     deadline_at=rnd.deadline_at,
                     strategy=dict(config.strategy),
                     sender=sender,

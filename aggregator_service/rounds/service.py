@@ -19,33 +19,31 @@ from typing import Protocol
 
 import numpy as np
 
-from aggregator_service.config import ExperimentConfig, build_strategy
-from aggregator_service.errors import Conflict, NotFound
+from aggregator_service.config import ExperimentConfig, is_asynchronous
+from aggregator_service.errors import ConfigError, Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
+from aggregator_service.rounds.asynchronous import AsyncRounds
 from aggregator_service.rounds.records import new_round_record
 from aggregator_service.rounds.recovery import in_flight_rounds
-from aggregator_service.versions import STATE_ARTIFACT
+from aggregator_service.rounds.tasks import TaskDispatch
 from broker import (
     CheckIn,
     CheckOut,
     CloseRound,
     CodecError,
-    ComeBackLater,
     Delivery,
-    ModelRef,
     RoundAbandoned,
     RoundCommitted,
     RoundOpened,
-    TrainTask,
     Transport,
     decode,
     decode_weights,
     encode,
     topics,
 )
-from model_store import ModelStore, build_initial_artifacts
-from model_store.artifacts import ONNX, TORCHSCRIPT, WEIGHTS
+from model_store import ModelSpec, ModelStore, build_initial_artifacts
+from model_store.artifacts import ONNX, WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +58,9 @@ class Evaluator(Protocol):
         ...
 
 
+Packager = Callable[[ModelSpec, int], Mapping[str, tuple[bytes, str]]]
+"""Builds a platform's package artifacts (``android/...``) for a zoo spec and seed."""
+
 EvaluatorFactory = Callable[[ExperimentConfig, bytes], Evaluator | None]
 """Builds an experiment's evaluator from its config and ONNX graph (None: no evaluation)."""
 
@@ -69,6 +70,8 @@ class RoundService:
 
     REPEAT_S = 5.0
     """How often a training round is re-announced, or its overdue close re-sent."""
+    SEEN_EVERY_S = 10.0
+    """How stale a device's recorded last check-in may get before it is written again."""
 
     def __init__(
         self,
@@ -78,6 +81,7 @@ class RoundService:
         *,
         evaluator_factory: EvaluatorFactory | None = None,
         links: ArtifactLinks | None = None,
+        packagers: Mapping[str, Packager] | None = None,
         max_inline_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         name: str = "coordinator",
@@ -87,11 +91,21 @@ class RoundService:
         self._db = db
         self._evaluator_factory = evaluator_factory
         self._links = links or StoreLinks(store)
+        self._tasks = TaskDispatch(
+            transport,
+            store,
+            self._links,
+            max_inline_bytes=max_inline_bytes,
+            clock=clock,
+            sender=name,
+        )
+        self._packagers = dict(packagers or {})
         self._max_inline = max_inline_bytes
         self._clock = clock
         self._name = name
         self._lock = threading.RLock()
         self._online: dict[str, str] = {}  # device id -> experiment id ("" for any)
+        self._seen_at: dict[str, float] = {}  # device id -> last check-in written to the db
         self._grace_until = 0.0
         self._evaluators: dict[str, Evaluator | None] = {}
         # Rounds in training, by (experiment, round): their announcement, and when
@@ -99,6 +113,16 @@ class RoundService:
         self._announced: dict[tuple[str, int], RoundOpened] = {}
         self._last_sent: dict[tuple[str, int], float] = {}
         self._listeners: list[RoundListener] = []
+        # Asynchronous (FedBuff) experiments: tasks flow without a cohort barrier.
+        self._async = AsyncRounds(
+            db,
+            clock=clock,
+            announce=self._announce,
+            send_tasks=lambda opened, config, refs: self._tasks.send(
+                opened, config, refs, later=[]
+            ),
+            sender=name,
+        )
 
     def start(self, *, recovery_grace_s: float = 0.0) -> None:
         """Listen for check-ins and round outcomes; pick up rounds left in flight.
@@ -126,7 +150,14 @@ class RoundService:
 
     def create_experiment(self, config: ExperimentConfig) -> str:
         """Publish the initial model as version 0 and record the experiment; return its id."""
-        artifacts, metadata = build_initial_artifacts(config.model_spec(), seed=config.seed)
+        spec = config.model_spec()
+        missing = [p for p in config.platforms() if p != "python" and p not in self._packagers]
+        if missing:
+            raise ConfigError(f"model.platforms: this service cannot package for {missing}")
+        artifacts, metadata = build_initial_artifacts(spec, seed=config.seed)
+        for platform in config.platforms():
+            if platform in self._packagers:
+                artifacts.update(self._packagers[platform](spec, config.seed))
         experiment_id = f"{_slug(config.name)}-{uuid.uuid4().hex[:8]}"
         self._store.publish(experiment_id, 0, artifacts, parent=None, metadata=metadata)
         self._db.add_experiment(
@@ -205,13 +236,25 @@ class RoundService:
             return
         if isinstance(message, CheckIn) and topics.is_valid_segment(message.device_id):
             with self._lock:
-                self._db.device_seen(message.device_id, message.platform, self._clock())
-                self._online[message.device_id] = message.experiment_id or ""
-                self._start_waiting(message.experiment_id)
+                now, device = self._clock(), message.device_id
+                # Devices check in after every update and with each heartbeat: only
+                # news (a device coming online, or a stale last-seen) costs a write
+                # or a look for waiting experiments.
+                known = self._online.get(device)
+                if known is None or now - self._seen_at.get(device, 0.0) >= self.SEEN_EVERY_S:
+                    self._db.device_seen(device, message.platform, now)
+                    self._seen_at[device] = now
+                self._online[device] = message.experiment_id or ""
+                self._async.checked_in(
+                    device, message.capabilities, message.experiment_id or "", self._online
+                )
+                if known != self._online[device]:
+                    self._start_waiting(message.experiment_id)
         elif isinstance(message, CheckOut):
             with self._lock:
                 if self._online.pop(message.device_id, None) is not None:
                     log.info("device %s went offline (%s)", message.device_id, message.reason)
+                self._async.checked_out(message.device_id, self._online)
         delivery.ack()
 
     def _start_waiting(self, experiment_id: str | None) -> None:
@@ -241,6 +284,10 @@ class RoundService:
                 config.rounds.minimum,
             )
             return
+        if is_asynchronous(config.strategy):
+            refs = self._tasks.refs(experiment_id, exp.model_version)
+            self._async.open_step(exp, config, refs, self._online)
+            return
         number = exp.current_round + 1
         # The seed and the round number fix the draw: the same devices online
         # give the same cohort in every run.
@@ -248,7 +295,7 @@ class RoundService:
         k = min(config.rounds.selection_size, len(pool))
         selected = tuple(str(d) for d in rng.choice(pool, size=k, replace=False))
         now = self._clock()
-        refs = self._refs(experiment_id, exp.model_version)
+        refs = self._tasks.refs(experiment_id, exp.model_version)
         opened = RoundOpened(
             experiment_id=experiment_id,
             round=number,
@@ -263,65 +310,25 @@ class RoundService:
         )
         self._db.add_round(new_round_record(opened, started_at=now))
         self._db.update_experiment(experiment_id, state="running", current_round=number)
-        self._transport.publish(topics.control(experiment_id), encode(opened))
-        self._announced[(experiment_id, number)] = opened
-        self._last_sent[(experiment_id, number)] = now
-        self._send_tasks(opened, config, refs, later=sorted(set(pool) - set(selected)))
+        self._announce(opened)
+        self._tasks.send(opened, config, refs, later=sorted(set(pool) - set(selected)))
         log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
 
+    def _announce(self, opened: RoundOpened) -> None:
+        """Tell the workers a round is open; ``tick`` repeats it until the round ends."""
+        self._transport.publish(topics.control(opened.experiment_id), encode(opened))
+        self._announced[(opened.experiment_id, opened.round)] = opened
+        self._last_sent[(opened.experiment_id, opened.round)] = self._clock()
+
     def _resend_tasks(self, opened: RoundOpened) -> None:
-        """Send a recovered round's tasks again."""
+        """Send a recovered round's tasks again (an asynchronous step refills at check-ins)."""
         exp = self._db.experiment(opened.experiment_id)
-        refs = self._refs(opened.experiment_id, opened.base_version)
-        self._send_tasks(opened, ExperimentConfig.from_dict(exp.config), refs, later=[])
-
-    def _refs(self, experiment_id: str, version: int) -> dict[str, ModelRef]:
-        """Return signed references to every artifact of a model version."""
-        manifest = self._store.get_manifest(experiment_id, version)
-        return {
-            name: ModelRef(self._links.download(a.sha256), a.sha256, a.size, _format(name))
-            for name, a in manifest.artifacts.items()
-        }
-
-    def _send_tasks(
-        self,
-        opened: RoundOpened,
-        config: ExperimentConfig,
-        refs: dict[str, ModelRef],
-        *,
-        later: list[str],
-    ) -> None:
-        """Send each participant its task and tell the others when to come back."""
-        exp, number = opened.experiment_id, opened.round
-        strategy = build_strategy(config.strategy)
-        training = {**config.training_settings(), **strategy.configure_round(number)}
-        # The strategy's saved state rides along by reference: SCAFFOLD devices
-        # read the server control variate from it; others never fetch it.
-        artifacts = {k: v for k, v in refs.items() if k in (ONNX, TORCHSCRIPT, STATE_ARTIFACT)}
-        for device_id in opened.selected:
-            task = TrainTask(
-                experiment_id=exp,
-                round=number,
-                base_version=opened.base_version,
-                model=opened.model,
-                artifacts=artifacts,
-                training=training,
-                deadline_at=opened.deadline_at,
-                upload_url=self._links.upload(f"{exp}-{number}-{device_id}"),
-                max_inline_bytes=self._max_inline,
-                reply_to=topics.updates(exp),
-                sender=self._name,
-            )
-            self._transport.publish(topics.device(device_id), encode(task))
-        retry_after = max(opened.deadline_at - self._clock(), 0.0)
-        for device_id in later:
-            message = ComeBackLater(
-                experiment_id=exp,
-                retry_after_s=retry_after,
-                reason="not selected this round",
-                sender=self._name,
-            )
-            self._transport.publish(topics.device(device_id), encode(message))
+        refs = self._tasks.refs(opened.experiment_id, opened.base_version)
+        config = ExperimentConfig.from_dict(exp.config)
+        if is_asynchronous(config.strategy):
+            self._async.resume(opened, config, refs)
+            return
+        self._tasks.send(opened, config, refs, later=[])
 
     def tick(self) -> None:
         """Re-announce training rounds and close those past their deadline; call periodically.
@@ -335,6 +342,7 @@ class RoundService:
             if self._grace_until and now >= self._grace_until:
                 self._grace_until = 0.0
                 self._start_waiting(None)
+            self._async.expire(now, self._online)
             for (experiment_id, number), opened in list(self._announced.items()):
                 if now - self._last_sent.get((experiment_id, number), 0.0) < self.REPEAT_S:
                     continue
@@ -391,7 +399,7 @@ class RoundService:
             accepted=event.accepted,
             accepted_devices=event.accepted_devices,
             rejected=dict(event.rejected),
-            dropped=max(len(rnd.selected) - event.reported, 0),
+            dropped=self._dropped(rnd, event.reported),
             metrics=metrics,
             ended_at=self._clock(),
         )
@@ -410,10 +418,15 @@ class RoundService:
             reason=event.reason,
             reported=event.reported,
             rejected=dict(event.rejected),
-            dropped=max(len(rnd.selected) - event.reported, 0),
+            dropped=self._dropped(rnd, event.reported),
             ended_at=self._clock(),
         )
         self._round_ended(event.experiment_id, event.round)
+
+    def _dropped(self, rnd: RoundRecord, reported: int) -> int:
+        """Return how many of a round's tasks never reported (async steps count their own)."""
+        dropped = self._async.step_ended(rnd.experiment_id, rnd.number)
+        return max(len(rnd.selected) - reported, 0) if dropped is None else dropped
 
     def _round_ended(self, experiment_id: str, number: int) -> None:
         """Tell listeners, then start the next requested round or go idle."""
@@ -440,13 +453,6 @@ class RoundService:
                 evaluator = self._evaluator_factory(ExperimentConfig.from_dict(exp.config), onnx)
             self._evaluators[experiment_id] = evaluator
         return self._evaluators[experiment_id]
-
-
-def _format(artifact_name: str) -> str:
-    """Return the format tag a device sees for an artifact."""
-    return {WEIGHTS: "safetensors", ONNX: "onnx", TORCHSCRIPT: "torchscript"}.get(
-        artifact_name, "binary"
-    )
 
 
 def _slug(text: str) -> str:

@@ -87,19 +87,29 @@ class FedBuff(Strategy):
             raise ValueError(f"{self.name}: call set_version(v) before begin")
         return BufferState(self.version, WeightedSum(current))
 
-    def fold(self, state: BufferState, update: ClientUpdate) -> None:
-        """Add the update's delta weighted by its staleness, or raise ``StaleUpdate``."""
-        staleness = state.version - update.base_version
+    def staleness(self, state: BufferState, base_version: int, device_id: str = "update") -> int:
+        """Return how many versions ``base_version`` is behind the buffer's.
+
+        Raises ``StaleUpdate`` beyond ``max_staleness`` and ``ValueError`` for
+        a version newer than the buffer's; the worker asks before it decodes
+        an update, so a stale one costs no weights transfer.
+        """
+        staleness = state.version - base_version
         if staleness < 0:
             raise ValueError(
-                f"{self.name}: {update.device_id} trained on v{update.base_version}, "
+                f"{self.name}: {device_id} trained on v{base_version}, "
                 f"newer than the current v{state.version}"
             )
         if staleness > self.max_staleness:
             raise StaleUpdate(
-                f"{update.device_id} trained on v{update.base_version}, {staleness} versions "
+                f"{device_id} trained on v{base_version}, {staleness} versions "
                 f"behind v{state.version} (max_staleness={self.max_staleness})"
             )
+        return staleness
+
+    def fold(self, state: BufferState, update: ClientUpdate) -> None:
+        """Add the update's delta weighted by its staleness, or raise ``StaleUpdate``."""
+        staleness = self.staleness(state, update.base_version, update.device_id)
         if state.deltas.count >= self.buffer_size:
             raise ValueError(f"{self.name}: buffer of {self.buffer_size} already full")
         state.deltas.add(update.weights, staleness_weight(staleness))

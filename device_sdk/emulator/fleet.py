@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ from broker import Transport
 from device_sdk.app import DeviceApp, TrainHandler
 from device_sdk.client import DeviceClient
 from device_sdk.data import load_dataset, partition
+from device_sdk.emulator.profiles import SpeedProfile, VirtualTime, paced
 from device_sdk.fetch import ArtifactFetcher
 from device_sdk.trainers.torchscript import ModuleCache, TorchScriptTrainer
 
@@ -70,6 +71,15 @@ class Fleet:
         Device ids are ``<prefix>-0000``, ``<prefix>-0001``, ...
     make_trainer
         Builds each device's training handler (default: the TorchScript trainer).
+    platforms
+        Device ``i``'s platform (``python``, ``android``, ``ios``), reported at
+        check-in as ``emulated-<platform>``; ``make_trainer`` must match it.
+    speed
+        Slows devices down (``device_sdk.emulator.profiles``): each sleeps out
+        its delay after training, or, with ``virtual_time``, completes after its
+        emulated duration.
+    virtual_time
+        Emulated time of an in-process run (its runners replace ``run``).
     """
 
     def __init__(
@@ -84,6 +94,9 @@ class Fleet:
         run: Runner | None = None,
         prefix: str = "emu",
         make_trainer: TrainerFactory | None = None,
+        platforms: Sequence[str] | None = None,
+        speed: SpeedProfile | None = None,
+        virtual_time: VirtualTime | None = None,
     ) -> None:
         dataset = load_dataset(str(data.get("dataset", "digits")))
         size = int(data.get("devices", 20))
@@ -102,7 +115,9 @@ class Fleet:
         for i in indices if indices is not None else range(size):
             idx = parts[i]
             app = DeviceApp()
-            app.on_train(make_trainer(dataset.x_train[idx], dataset.y_train[idx], i))
+            trainer = make_trainer(dataset.x_train[idx], dataset.y_train[idx], i)
+            trainer, device_run = paced(trainer, run, i, speed, virtual_time)
+            app.on_train(trainer)
             device_id = device_name(i, prefix)
             self.devices.append(
                 DeviceClient(
@@ -110,9 +125,9 @@ class Fleet:
                     transport_for(device_id),
                     device_id,
                     self.fetcher,
-                    platform="emulated",
+                    platform=f"emulated-{platforms[i]}" if platforms else "emulated",
                     experiment_id=experiment_id,
-                    run=run,
+                    run=device_run,
                 )
             )
 

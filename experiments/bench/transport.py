@@ -1,13 +1,18 @@
 """Transport benchmark: round overhead, worker intake vs raw consume, memory per device.
 
-Run ``python -m experiments.bench.transport`` (add ``--quick`` for a smoke run).
+Run ``python -m experiments.bench.transport`` (add ``--quick`` for a smoke run,
+``--only intake`` to re-measure one part and keep the others' figures).
 Writes ``experiments/results/bench_transport.{md,json}``. Needs RabbitMQ on
-127.0.0.1:5672 and Mosquitto on 127.0.0.1:1883 (``make brokers``).
+127.0.0.1:5672 and Mosquitto on 127.0.0.1:1883 (``make brokers``); the MQTT
+intake runs on a private Mosquitto of its own when the binary is installed.
+The intake compares the worker in-process with the worker offloaded to a
+child process (``fedmq worker --processes 2``, ``broker.offload``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -28,11 +33,14 @@ from broker import (
     RoundCommitted,
     RoundOpened,
     TrainTask,
+    Transport,
     decode,
     encode,
     encode_weights,
     topics,
 )
+from broker.embedded import EmbeddedBroker, find_mosquitto
+from broker.offload import OffloadedProcess
 from device_sdk import DeviceContext, TrainResult
 from fedmq.compose import run_experiment
 from fedmq.wiring import transport_factory, unique_client_id
@@ -43,6 +51,9 @@ BROKERS = {
     "mqtt": "mqtt://127.0.0.1:1883",
 }
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+SESSION_S = 120
+"""MQTT sessions of bench consumers outlive them this long, not an hour: an offline
+session subscribed to every update would queue a copy of each later trial's backlog."""
 
 
 def hidden_for(params: int) -> int:
@@ -95,25 +106,27 @@ def round_overhead(broker: str, devices: int, params: int, rounds: int) -> dict[
     }
 
 
-def intake(broker: str, updates: int, params: int) -> dict[str, Any]:
-    """Return the worker's folds/s and a plain consumer's msgs/s draining the same backlog.
+WORKERS = ("in-process", "offloaded")
+"""How the intake bench runs the worker: in this process, or in a child (``--processes 2``)."""
 
-    Both consumers start against a queue already holding every frame, so the
+
+def intake(
+    broker: str, updates: int, params: int, *, url: str | None = None, flip: bool = False
+) -> list[dict[str, Any]]:
+    """Return one trial: each worker's folds/s and a plain consumer's msgs/s, same backlog.
+
+    Every consumer starts against a queue already holding every frame, so the
     publisher's speed is out of the measurement: each figure is how fast one
     consumer empties a durable group queue (AMQP) or a resumed session (MQTT).
+    The raw consumer runs first; ``flip`` runs the offloaded worker before the
+    in-process one, so that alternating trials cancel a drifting machine.
+    ``url`` overrides ``BROKERS[broker]`` (a private broker).
     """
+    url = url or BROKERS[broker]
     weights = {"w": np.random.default_rng(0).normal(size=params).astype(np.float32)}
     blob = encode_weights(weights)
-    store = MemoryStore()
     devices = tuple(f"d{i:05d}" for i in range(updates))
     experiment = f"bench{uuid.uuid4().hex[:6]}"
-    sha = (
-        store.publish(
-            experiment, 0, {"weights.safetensors": (blob, "application/octet-stream")}, parent=None
-        )
-        .artifacts["weights.safetensors"]
-        .sha256
-    )
     frames = [
         encode(
             ModelUpdate(
@@ -128,18 +141,56 @@ def intake(broker: str, updates: int, params: int) -> dict[str, Any]:
         )
         for d in devices
     ]
-    raw_rate = _raw_consume_rate(broker, frames)
+    raw_rate = _raw_consume_rate(broker, url, frames)
+    rows = []
+    for worker in reversed(WORKERS) if flip else WORKERS:
+        rate = _worker_rate(broker, url, frames, blob, devices, experiment, worker)
+        rows.append(
+            {
+                "broker": broker,
+                "worker": worker,
+                "updates": updates,
+                "params": params,
+                "bytes": len(frames[0]),
+                "worker_folds_per_s": rate,
+                "raw_consume_per_s": raw_rate,
+                "ratio": rate / raw_rate,
+            }
+        )
+    return sorted(rows, key=lambda row: WORKERS.index(row["worker"]))
 
-    open_transport = transport_factory(BROKERS[broker])
+
+def bench_worker(transport: Transport, *, blob: bytes, experiment: str, group: str) -> None:
+    """Start a worker whose in-memory store holds ``blob`` as ``experiment``'s version 0.
+
+    Module-level, so that an offloaded worker can run it in its own process.
+    """
+    store = MemoryStore()
+    artifacts = {"weights.safetensors": (blob, "application/octet-stream")}
+    store.publish(experiment, 0, artifacts, parent=None)
+    AggregatorWorker(transport, store, group=group).start()
+
+
+def _worker_rate(
+    broker: str,
+    url: str,
+    frames: list[bytes],
+    blob: bytes,
+    devices: tuple[str, ...],
+    experiment: str,
+    worker: str,
+) -> float:
+    """Return how fast a worker (in-process or offloaded) folds ``frames`` from a backlog."""
+    open_transport = transport_factory(url, session_expiry_s=SESSION_S)
     group, worker_id = unique_client_id("bench-aggregators"), unique_client_id("worker")
     opened = RoundOpened(
         experiment_id=experiment,
         round=1,
         base_version=0,
-        model=ModelRef("memory://", sha, len(blob)),
+        model=ModelRef("memory://", hashlib.sha256(blob).hexdigest(), len(blob)),
         selected=devices,
-        target_reports=updates,
-        min_reports=updates,
+        target_reports=len(frames),
+        min_reports=len(frames),
         deadline_at=0.0,
         strategy={"name": "fedavg"},
     )
@@ -164,26 +215,50 @@ def intake(broker: str, updates: int, params: int) -> dict[str, Any]:
         delivery.ack()
 
     driver.subscribe(topics.events(experiment), on_event)
+    settings = {"blob": blob, "experiment": experiment, "group": group}
+    offload = None
+    if worker == "offloaded":
+        # Booted (imports done) before the clock starts, as the in-process worker is.
+        offload = OffloadedProcess(bench_worker, settings).wait_booted()
     start = time.perf_counter()
     worker_bus = open_transport(worker_id)  # resumes the session holding the backlog
-    AggregatorWorker(worker_bus, store, group=group).start()
-    if not announce_first:
-        driver.publish(topics.control(experiment), encode(opened))
-    if not committed.wait(600):
-        raise TimeoutError("the worker did not commit the intake round")
-    worker_rate = updates / (time.perf_counter() - start)
-    for bus in (driver, worker_bus):
-        bus.close()
-    _drop_amqp_queue(broker, f"fedmq.group.{group}")
-    return {
-        "broker": broker,
-        "updates": updates,
-        "params": params,
-        "bytes": len(frames[0]),
-        "worker_folds_per_s": worker_rate,
-        "raw_consume_per_s": raw_rate,
-        "ratio": worker_rate / raw_rate,
-    }
+    try:
+        if offload is not None:
+            offload.serve(worker_bus)
+        else:
+            bench_worker(worker_bus, blob=blob, experiment=experiment, group=group)
+        if not announce_first:
+            driver.publish(topics.control(experiment), encode(opened))
+        if not committed.wait(600):
+            raise TimeoutError(f"the {worker} worker did not commit the intake round")
+        rate = len(frames) / (time.perf_counter() - start)
+    finally:
+        if offload is not None:
+            offload.stop()
+        for bus in (driver, worker_bus):
+            bus.close()
+        _drop_amqp_queue(broker, f"fedmq.group.{group}")
+    return rate
+
+
+def intake_rows(
+    broker: str, updates: int, trials: int, url: str | None = None
+) -> list[dict[str, Any]]:
+    """Return one row per worker kind: the median of ``trials`` interleaved trials."""
+    # Loopback rates on this VM swing 2x between runs: interleave trials, keep the median.
+    runs = [intake(broker, updates, 100_000, url=url, flip=i % 2 == 1) for i in range(trials)]
+    rows = []
+    for kind in WORKERS:
+        mine = [row for run in runs for row in run if row["worker"] == kind]
+        keys = ("worker_folds_per_s", "raw_consume_per_s", "ratio")
+        median = {key: statistics.median(row[key] for row in mine) for key in keys}
+        spread = {
+            "ratio_min": min(r["ratio"] for r in mine),
+            "ratio_max": max(r["ratio"] for r in mine),
+        }
+        rows.append({**mine[0], **median, **spread, "trials": len(mine)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def _backlog(
@@ -213,9 +288,9 @@ def _backlog(
     publisher.close()
 
 
-def _raw_consume_rate(broker: str, frames: list[bytes]) -> float:
+def _raw_consume_rate(broker: str, url: str, frames: list[bytes]) -> float:
     """Return how fast a consumer that only acks drains ``frames`` from a backlog."""
-    open_transport = transport_factory(BROKERS[broker])
+    open_transport = transport_factory(url, session_expiry_s=SESSION_S)
     topic = f"bench/raw/{uuid.uuid4().hex[:8]}"
     group, client_id = f"bench-raw-{uuid.uuid4().hex[:6]}", unique_client_id("raw")
     _backlog(open_transport, client_id, topic, group, frames)
@@ -301,43 +376,71 @@ def memory_per_device(broker: str, devices: int) -> dict[str, Any]:
     return {"broker": broker, "devices": devices, "bytes_per_device": per}
 
 
+PARTS = ("overhead", "intake", "memory")
+
+
 def main() -> None:
-    """Run every measurement and write the tables."""
+    """Run the measurements and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument(
+        "--only",
+        choices=PARTS,
+        action="append",
+        help="run only this part (repeatable); the others keep their figures from the last run",
+    )
+    parser.add_argument(
+        "--trials", type=int, default=7, help="interleaved intake trials per broker (default 7)"
+    )
     args = parser.parse_args()
+    parts = args.only or PARTS
     sizes = (
         [(10, 100_000)]
         if args.quick
         else [(n, p) for p in (100_000, 4_000_000) for n in (10, 50, 100)]
     )
-    results: dict[str, list[dict[str, Any]]] = {"overhead": [], "intake": [], "memory": []}
+    saved = RESULTS / "bench_transport.json"
+    results: dict[str, list[dict[str, Any]]] = {part: [] for part in PARTS}
+    if args.only and saved.exists():
+        results.update(json.loads(saved.read_text()))
+    for part in parts:
+        results[part] = []
     for broker in BROKERS:
-        for devices, params in sizes:
-            rounds = 4 if params <= 100_000 else 3
-            row = round_overhead(broker, devices, params, rounds)
+        if "overhead" in parts:
+            for devices, params in sizes:
+                rounds = 4 if params <= 100_000 else 3
+                row = round_overhead(broker, devices, params, rounds)
+                print(json.dumps(row), flush=True)
+                results["overhead"].append(row)
+        if "intake" in parts:
+            updates, trials = (50, 1) if args.quick else (500, args.trials)
+            results["intake"] += isolated_intake_rows(broker, updates, trials)
+    if "memory" in parts:
+        for broker in ("memory", *BROKERS):
+            row = memory_per_device(broker, 20 if args.quick else 100)
             print(json.dumps(row), flush=True)
-            results["overhead"].append(row)
-        # Loopback rates on this VM swing 2x between runs: interleave trials, keep the median.
-        trials = [intake(broker, 50 if args.quick else 500, 100_000) for _ in range(5)]
-        row = {
-            **trials[0],
-            **{
-                key: statistics.median(t[key] for t in trials)
-                for key in ("worker_folds_per_s", "raw_consume_per_s", "ratio")
-            },
-            "trials": len(trials),
-        }
-        print(json.dumps(row), flush=True)
-        results["intake"].append(row)
-    for broker in ("memory", *BROKERS):
-        row = memory_per_device(broker, 20 if args.quick else 100)
-        print(json.dumps(row), flush=True)
-        results["memory"].append(row)
+            results["memory"].append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_transport.json").write_text(json.dumps(results, indent=2))
+    saved.write_text(json.dumps(results, indent=2))
     (RESULTS / "bench_transport.md").write_text(render(results))
     print(render(results))
+
+
+def isolated_intake_rows(broker: str, updates: int, trials: int) -> list[dict[str, Any]]:
+    """Return ``intake_rows``, on a private Mosquitto for MQTT when one is installed.
+
+    Every worker on a shared broker subscribes to every update topic: the
+    bench's backlogs would reach other deployments' workers and the offline
+    sessions they left, and their traffic would skew the bench. A private
+    broker also lifts a stock Mosquitto's 1,000-message queue limit.
+    """
+    if broker != "mqtt" or find_mosquitto() is None:
+        return intake_rows(broker, updates, trials)
+    with EmbeddedBroker("mosquitto") as private:
+        return [
+            {**row, "private_broker": True}
+            for row in intake_rows(broker, updates, trials, url=private.url)
+        ]
 
 
 def render(results: dict[str, list[dict[str, Any]]]) -> str:
@@ -359,12 +462,22 @@ def render(results: dict[str, list[dict[str, Any]]]) -> str:
         "",
         "## Worker intake vs raw consume (same backlog of frames; median of trials)",
         "",
-        "| broker | updates | frame bytes | worker folds/s | raw consume msg/s | ratio |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "Worker `offloaded` is `fedmq worker --processes 2`: the worker in a child process,",
+        "the broker connection in the parent."
+        + (
+            " MQTT rows ran on a private Mosquitto."
+            if any(r.get("private_broker") for r in results["intake"])
+            else ""
+        ),
+        "",
+        "| broker | worker | updates | frame bytes | worker folds/s | raw consume msg/s | ratio "
+        "| ratio range |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {r['broker']} | {r['updates']} | {r['bytes']:,} | {r['worker_folds_per_s']:.0f} "
-        f"| {r['raw_consume_per_s']:.0f} | {r['ratio']:.2f} |"
+        f"| {r['broker']} | {r.get('worker', 'in-process')} | {r['updates']} | {r['bytes']:,} "
+        f"| {r['worker_folds_per_s']:.0f} | {r['raw_consume_per_s']:.0f} | {r['ratio']:.2f} "
+        f"| {r.get('ratio_min', r['ratio']):.2f}-{r.get('ratio_max', r['ratio']):.2f} |"
         for r in results["intake"]
     ]
     lines += [

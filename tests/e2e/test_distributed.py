@@ -75,3 +75,42 @@ def test_distributed_run_commits_the_same_model_as_simulation(
     assert worst <= 1e-6, f"distributed and simulated models differ by {worst}"
     simulated_accuracy = in_process.final_metrics["accuracy"]
     assert rounds[-1]["metrics"]["accuracy"] == pytest.approx(simulated_accuracy, abs=1e-3)
+
+
+def test_distributed_fedbuff_commits_a_version_every_k_updates_without_a_barrier(
+    tmp_path: Path, config: dict[str, Any]
+) -> None:
+    require(AMQP_PORT, "amqp")
+    raw = copy.deepcopy(config)
+    raw["strategy"] = {"name": "fedbuff", "buffer_size": 5, "max_staleness": 4}
+    raw["rounds"] = {"count": 4, "devices_per_round": 10, "over_selection": 1.0}
+    raw["training"]["epochs"] = 1
+    port = free_port()
+    env = deployment_env(tmp_path, amqp_url(), port, f"e2e-{uuid.uuid4().hex[:8]}")
+    api = Api(env["FEDMQ_SERVER_URL"])
+    with processes(tmp_path, env) as group:
+        group.start("server", "server", "--port", str(port))
+        group.start("worker", "worker", "--name", f"e2e-worker-{uuid.uuid4().hex[:8]}")
+        api.wait_healthy()
+        wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
+        experiment_id = api.call("POST", "/experiments", raw)["id"]
+        prefix = f"fb{uuid.uuid4().hex[:6]}"
+        start_fleet(group, api, experiment_id, "--prefix", prefix, "--profile", "heterogeneous")
+        api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": 4})
+        rounds = wait_until(
+            lambda: rounds_when_done(api, experiment_id, 4), 240, "4 fedbuff steps", group
+        )
+        experiment = api.call("GET", f"/experiments/{experiment_id}")
+        fleet_log = group.log("fleet")
+    delete_amqp_groups([env["FEDMQ_WORKER_GROUP"]])
+
+    assert [(r["state"], r["base_version"], r["version"]) for r in rounds] == [
+        ("committed", n, n + 1) for n in range(4)
+    ], group.logs()
+    assert all(r["accepted"] == 5 for r in rounds)
+    updates = [u for r in rounds for u in r["accepted_updates"]]
+    assert len(set(updates)) == 20  # each update folded into exactly one version
+    assert experiment["model_version"] == 4
+    # 10 tasks went out at once, and devices got new ones as they finished.
+    assert len(rounds[0]["selected_devices"]) >= 10
+    assert "speed profile heterogeneous" in fleet_log

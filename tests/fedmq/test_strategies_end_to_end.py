@@ -34,6 +34,8 @@ STRATEGIES: list[dict[str, Any]] = [
         "num_clients": 6,
         "seed": 1,
     },
+    # Asynchronous: each round is a server step folding K = 4 updates, stale ones included.
+    {"name": "fedbuff", "buffer_size": 4, "max_staleness": 5},
 ]
 
 
@@ -61,9 +63,9 @@ def test_fedavgm_momentum_carries_over_between_rounds(small_config: Any) -> None
     assert momentum.final_weights != plain.final_weights
 
 
-def test_library_only_strategies_are_refused_with_a_clear_error(small_config: Any) -> None:
-    with pytest.raises(ConfigError, match="cannot run in an experiment yet"):
-        small_config(strategy={"name": "fedbuff"})
+def test_unknown_strategies_are_refused_with_a_clear_error(small_config: Any) -> None:
+    with pytest.raises(ConfigError, match="unknown 'fedsgd'; known: .*fedbuff"):
+        small_config(strategy={"name": "fedsgd"})
 
 
 def test_scaffold_server_control_variate_is_saved_with_each_version(

@@ -9,6 +9,10 @@ from pathlib import Path
 import model_store
 
 EXPECTED = {
+    "PresignedAccess",
+    "S3Store",
+    "StoreUnavailable",
+    "export_torchscript_lite_functional",
     "MEDIA_ONNX",
     "MEDIA_SAFETENSORS",
     "MEDIA_TORCHSCRIPT",

@@ -54,6 +54,12 @@ def test_manifest_mappings_are_read_only() -> None:
     assert manifest.metadata["k"] == [1]
 
 
+def test_a_platform_package_file_may_sit_one_folder_down() -> None:
+    artifact = Artifact(name="android/checkpoint", sha256=SHA, size=1, media_type="x/y")
+
+    assert artifact.name == "android/checkpoint"
+
+
 @pytest.mark.parametrize(
     "fields",
     [
@@ -62,7 +68,10 @@ def test_manifest_mappings_are_read_only() -> None:
         {"size": -1},
         {"size": True},
         {"name": ""},
-        {"name": "a/b"},
+        {"name": "a/b/c"},
+        {"name": "../w"},
+        {"name": "android/"},
+        {"name": "/w"},
         {"media_type": ""},
     ],
 )

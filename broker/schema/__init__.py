@@ -1,0 +1,1 @@
+"""The JSON Schema files of the phone-facing messages (read them with ``broker.schemas``)."""

@@ -1,0 +1,550 @@
+"""The mobile protocol's JSON Schemas describe exactly what the Python messages put on the wire.
+
+Frames are split here byte by byte, as a Kotlin or Swift client would, and
+their headers validated against ``broker/schema/``; the schemas' enums, fields
+and defaults are compared with ``broker.messages`` so that neither side can
+change alone; and the worked examples of ``docs/mobile-protocol.md`` are
+checked against the codec.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import numpy as np
+import pytest
+from jsonschema import Draft202012Validator
+
+from aggregator_service.links import SignedLinks
+from broker import (
+    SCHEMA_VERSION,
+    BrokerError,
+    CheckIn,
+    CheckOut,
+    CodecError,
+    ComeBackLater,
+    Delivery,
+    ErrorReply,
+    MemoryTransport,
+    Message,
+    MessageKind,
+    ModelRef,
+    ModelUpdate,
+    RejectReason,
+    TrainTask,
+    UpdateRejected,
+    decode,
+    decode_weights,
+    encode,
+    encode_weights,
+    topics,
+)
+from broker.messages import MESSAGE_TYPES
+from broker.schemas import (
+    DEVICE_KINDS,
+    SERVICE_KINDS,
+    load_schema,
+    schema_names,
+    split_frame,
+    validate_frame,
+    validate_header,
+)
+from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient, DeviceContext, TrainResult
+from device_sdk.errors import DeviceError
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_DIR = ROOT / "broker" / "schema"
+DOC = ROOT / "docs" / "mobile-protocol.md"
+ENVELOPE_FIELDS = ("message_id", "sender", "sent_at", "reply_to")
+
+EXPERIMENT = "digits-fedavg-1a2b3c4d"
+DEVICE = "android-5f0c2e9a7b1d"
+NOW = 1_700_000_000.0
+LINKS = SignedLinks(b"k" * 32, "https://fedmq.example.org", clock=lambda: NOW)
+
+
+def _weights(shift: float = 0.0) -> dict[str, np.ndarray]:
+    """Return a small MLP's named float32 tensors."""
+    rng = np.random.default_rng(0)
+    return {
+        "layers.0.weight": (rng.standard_normal((16, 64)) + shift).astype(np.float32),
+        "layers.0.bias": np.full(16, shift, np.float32),
+        "layers.2.weight": (rng.standard_normal((10, 16)) + shift).astype(np.float32),
+        "layers.2.bias": np.full(10, shift, np.float32),
+    }
+
+
+GLOBAL = encode_weights(_weights())
+GLOBAL_SHA = hashlib.sha256(GLOBAL).hexdigest()
+
+
+def _signed_ref(data: bytes, fmt: str) -> ModelRef:
+    sha = hashlib.sha256(data).hexdigest()
+    return ModelRef(LINKS.download(sha), sha, len(data), fmt)
+
+
+def _s3_ref(data: bytes, fmt: str) -> ModelRef:
+    """Return a reference shaped like an S3 presigned GET (SigV4 query string)."""
+    sha = hashlib.sha256(data).hexdigest()
+    query = (
+        "X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=AKIAEXAMPLE%2F20231114%2Fus-east-1%2Fs3%2Faws4_request"
+        "&X-Amz-Date=20231114T221320Z&X-Amz-Expires=900&X-Amz-SignedHeaders=host"
+        f"&X-Amz-Signature={'5e' * 32}"
+    )
+    url = f"https://fedmq-models.s3.us-east-1.amazonaws.com/fedmq/blobs/{sha}?{query}"
+    return ModelRef(url, sha, len(data), fmt)
+
+
+def _task(**overrides: Any) -> TrainTask:
+    """Return a task shaped like the ones RoundService sends."""
+    fields: dict[str, Any] = {
+        "experiment_id": EXPERIMENT,
+        "round": 4,
+        "base_version": 3,
+        "model": _signed_ref(GLOBAL, "safetensors"),
+        "artifacts": {
+            "model.onnx": _signed_ref(b"onnx graph", "onnx"),
+            "android/training_model.onnx": _s3_ref(b"ort training graph", "binary"),
+            "android/checkpoint": _s3_ref(b"ort checkpoint", "binary"),
+        },
+        "training": {
+            "epochs": 1,
+            "batch_size": 32,
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "proximal_mu": 0.01,
+        },
+        "deadline_at": NOW + 60.0,
+        "upload_url": LINKS.upload(f"{EXPERIMENT}-4-{DEVICE}"),
+        "max_inline_bytes": 1 << 20,
+        "reply_to": topics.updates(EXPERIMENT),
+        "sender": "coordinator",
+    }
+    return TrainTask(**{**fields, **overrides})
+
+
+def _update(**overrides: Any) -> ModelUpdate:
+    fields: dict[str, Any] = {
+        "experiment_id": EXPERIMENT,
+        "round": 4,
+        "device_id": DEVICE,
+        "base_version": 3,
+        "task_id": "0c9d3f7be2a44c1f9e6a5b4c3d2e1f00",
+        "num_examples": 172,
+        "inline_weights": encode_weights(_weights(0.5)),
+        "metrics": {"loss": 0.41, "loss_before": 0.93, "local_steps": 6.0},
+        "sender": DEVICE,
+    }
+    return ModelUpdate(**{**fields, **overrides})
+
+
+def _uploaded_update() -> ModelUpdate:
+    data = encode_weights(_weights(0.25))
+    url = LINKS.upload(f"{EXPERIMENT}-4-{DEVICE}").split("?", 1)[0]
+    ref = ModelRef(url, hashlib.sha256(data).hexdigest(), len(data))
+    return _update(inline_weights=None, weights=ref)
+
+
+CHECK_IN = CheckIn(
+    device_id=DEVICE,
+    platform="android",
+    experiment_id=EXPERIMENT,
+    capabilities={"ram_mb": 3072, "charging": True, "network": "wifi"},
+    sender=DEVICE,
+)
+COME_BACK = ComeBackLater(
+    experiment_id=EXPERIMENT,
+    retry_after_s=57.5,
+    reason="not selected this round",
+    sender="coordinator",
+)
+REJECTED = [
+    UpdateRejected(
+        experiment_id=EXPERIMENT,
+        round=4,
+        update_id="7f1e2d3c4b5a69788796a5b4c3d2e1f0",
+        reason=reason,
+        detail=f"{reason.value} for the test",
+        sender="worker",
+    )
+    for reason in RejectReason
+]
+ERROR = ErrorReply(
+    in_reply_to="0c9d3f7be2a44c1f9e6a5b4c3d2e1f00",
+    code="checksum_mismatch",
+    detail="https://fedmq.example.org/api/v1/blobs/...: sha256 1f2e... != expected 9a8b...",
+    sender=DEVICE,
+)
+SAMPLES: list[Message] = [
+    CHECK_IN,
+    CheckIn(device_id=DEVICE, platform="ios", sender=DEVICE),
+    CheckOut(device_id=DEVICE, reason="stopped", sender=DEVICE),
+    CheckOut(device_id=DEVICE, reason="connection lost"),  # the last will: no sender
+    _task(),
+    _task(upload_url=None, max_inline_bytes=0, artifacts={}, training={"scaffold": True}),
+    COME_BACK,
+    _update(),
+    _uploaded_update(),
+    *REJECTED,
+    ERROR,
+]
+
+
+def split_as_a_phone_would(frame: bytes) -> tuple[dict[str, Any], bytes]:
+    """Read a frame with nothing but byte offsets and a JSON parser."""
+    assert frame[0:3] == b"FMQ"
+    assert frame[3] == 1  # frame version
+    (length,) = struct.unpack(">I", frame[4:8])  # big-endian u32
+    header = json.loads(frame[8 : 8 + length].decode("utf-8"))
+    return header, frame[8 + length :]
+
+
+def read_safetensors_as_a_phone_would(data: bytes) -> dict[str, tuple[str, list[int], bytes]]:
+    """Return ``name -> (dtype, shape, raw little-endian bytes)`` of a safetensors blob."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length].decode("utf-8"))
+    header.pop("__metadata__", None)
+    base = 8 + length
+    return {
+        name: (
+            info["dtype"],
+            info["shape"],
+            data[base + info["data_offsets"][0] : base + info["data_offsets"][1]],
+        )
+        for name, info in header.items()
+    }
+
+
+# -- every phone-facing message validates -----------------------------------------
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.KIND.value)
+def test_every_phone_facing_message_validates_against_its_schema(message: Message) -> None:
+    frame = encode(message)
+
+    header, payload = split_as_a_phone_would(frame)
+    validate_header(header)
+
+    assert header["kind"] == message.KIND.value
+    assert message.KIND in DEVICE_KINDS
+    if isinstance(message, ModelUpdate) and message.inline_weights is not None:
+        assert header["payload_field"] == "inline_weights"
+        tensors = read_safetensors_as_a_phone_would(payload)
+        assert set(tensors) == set(_weights())
+        dtype, shape, raw = tensors["layers.0.bias"]
+        assert (dtype, shape) == ("F32", [16])
+        assert np.frombuffer(raw, "<f4").tolist() == [0.5] * 16
+    else:
+        assert payload == b""
+
+
+def test_split_frame_agrees_with_a_byte_level_reading() -> None:
+    frame = encode(_update())
+
+    header, payload = split_frame(frame)
+
+    assert (header, bytes(payload)) == split_as_a_phone_would(frame)
+    assert validate_frame(frame) == header
+
+
+def test_what_a_real_device_client_sends_validates(tmp_path: Path) -> None:
+    transport = MemoryTransport()
+    frames: list[bytes] = []
+    app = DeviceApp()
+
+    @app.on_train
+    def train(task: TrainTask, ctx: DeviceContext) -> TrainResult:
+        weights = {k: v + 0.5 for k, v in ctx.weights.items()}
+        return TrainResult(weights, 40, {"loss": 0.5, "loss_before": 0.9, "local_steps": 2.0})
+
+    def capture(delivery: Delivery) -> None:
+        frames.append(delivery.body)
+        delivery.ack()
+
+    transport.subscribe(topics.CHECKINS, capture)
+    transport.subscribe(topics.updates(EXPERIMENT), capture)
+    (tmp_path / "w").write_bytes(GLOBAL)
+    good = ModelRef((tmp_path / "w").as_uri(), GLOBAL_SHA, len(GLOBAL))
+    corrupt = ModelRef(good.uri, "0" * 64, len(GLOBAL))
+    device = DeviceClient(app, transport, DEVICE, ArtifactFetcher(), platform="android")
+
+    device.start()
+    for ref in (good, corrupt):
+        transport.publish(topics.device(DEVICE), encode(_task(model=ref, upload_url=None)))
+    transport.join(timeout=10)
+    device.stop()
+    transport.join(timeout=10)
+    transport.close()
+
+    kinds = [validate_frame(frame)["kind"] for frame in frames]
+    assert kinds == ["check_in", "model_update", "error_reply", "check_out"]
+    reply = decode(frames[2])
+    assert isinstance(reply, ErrorReply) and reply.code == "checksum_mismatch"
+
+
+# -- what the schemas refuse ----------------------------------------------------------
+
+
+def _header(message: Message) -> dict[str, Any]:
+    header, _ = split_as_a_phone_would(encode(message))
+    return header
+
+
+def _drop(*path: str) -> Callable[[dict[str, Any]], None]:
+    def change(header: dict[str, Any]) -> None:
+        target = header
+        for key in path[:-1]:
+            target = target[key]
+        del target[path[-1]]
+
+    return change
+
+
+def _put(value: Any, *path: str) -> Callable[[dict[str, Any]], None]:
+    def change(header: dict[str, Any]) -> None:
+        target = header
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return change
+
+
+NEGATIVE: list[tuple[str, Message, Callable[[dict[str, Any]], None]]] = [
+    ("no message_id", _task(), _drop("message_id")),
+    ("empty message_id", _task(), _put("", "message_id")),
+    ("no body", CHECK_IN, _drop("body")),
+    ("task without model", _task(), _drop("body", "model")),
+    ("update without task_id", _update(), _drop("body", "task_id")),
+    ("short sha256", _task(), _put("ab" * 31, "body", "model", "sha256")),
+    ("uppercase sha256", _task(), _put(GLOBAL_SHA.upper(), "body", "model", "sha256")),
+    ("artifact without uri", _task(), _drop("body", "artifacts", "model.onnx", "uri")),
+    ("relative uri", _task(), _put("blobs/abc", "body", "model", "uri")),
+    ("unknown kind", _task(), _put("train", "kind")),
+    ("body of another kind", _task(), _put("check_in", "kind")),
+    ("newer schema", _task(), _put(SCHEMA_VERSION + 1, "schema_version")),
+    ("unknown body field", _task(), _put(3, "body", "priority")),
+    ("unknown header field", _task(), _put("x", "trace_id")),
+    ("round as a string", _task(), _put("4", "body", "round")),
+    ("training setting null", _task(), _put(None, "body", "training", "lr")),
+    ("device id with a slash", CHECK_IN, _put("a/b", "body", "device_id")),
+    ("device id with a wildcard", _update(), _put("#", "body", "device_id")),
+    ("unknown reject reason", REJECTED[0], _put("too_slow", "body", "reason")),
+    ("error code with spaces", ERROR, _put("Checksum Mismatch", "body", "code")),
+    ("error reply without sender", ERROR, _put("", "sender")),
+    ("payload on a check_in", CHECK_IN, _put("capabilities", "payload_field")),
+    ("update with no weights at all", _update(), _put(None, "payload_field")),
+    (
+        "update inline and by reference",
+        _update(),
+        _put(_header(_uploaded_update())["body"]["weights"], "body", "weights"),
+    ),
+    ("metric as a string", _update(), _put("0.4", "body", "metrics", "loss")),
+    ("zero examples", _update(), _put(0, "body", "num_examples")),
+    ("negative retry", COME_BACK, _put(-1, "body", "retry_after_s")),
+]
+
+
+@pytest.mark.parametrize(("case", "message", "change"), NEGATIVE, ids=[n[0] for n in NEGATIVE])
+def test_the_schemas_refuse_malformed_headers(
+    case: str, message: Message, change: Callable[[dict[str, Any]], None]
+) -> None:
+    header = _header(message)
+    validate_header(copy.deepcopy(header))  # valid before the change
+    change(header)
+
+    with pytest.raises(CodecError, match=r"header breaks \w+\.json"):
+        validate_header(header)
+
+
+def test_split_frame_refuses_what_is_not_a_frame() -> None:
+    frame = encode(CHECK_IN)
+
+    def framed(raw: bytes) -> bytes:
+        return struct.pack(">3sBI", b"FMQ", 1, len(raw)) + raw
+
+    nan, array = framed(b'{"kind":"check_in","sent_at":NaN}'), framed(b"[1, 2]")
+    for bad in (
+        b"FMQ",
+        b"XYZ" + frame[3:],
+        frame[:3] + b"\x02" + frame[4:],
+        frame[:20],
+        nan,
+        array,
+    ):
+        with pytest.raises(CodecError):
+            split_frame(bad)
+
+
+# -- the schemas and the Python messages change together ---------------------------
+
+
+def _body(kind: MessageKind) -> dict[str, Any]:
+    body: dict[str, Any] = load_schema(kind)["$defs"]["body"]
+    return body
+
+
+def _payload_fields(cls: type[Message]) -> set[str]:
+    hints = get_type_hints(cls)
+    return {f.name for f in dataclasses.fields(cls) if "bytes" in str(hints[f.name])}
+
+
+def _json_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING
+    return f.default_factory()
+
+
+def test_every_message_kind_is_listed_and_classified() -> None:
+    envelope = load_schema("envelope")
+
+    assert envelope["properties"]["kind"]["enum"] == [kind.value for kind in MessageKind], (
+        "MessageKind changed: envelope.json kind.enum must be "
+        + json.dumps([kind.value for kind in MessageKind])
+    )
+    assert set(MessageKind) == DEVICE_KINDS | SERVICE_KINDS, "classify the new kind in schemas.py"
+    assert not DEVICE_KINDS & SERVICE_KINDS
+
+
+def test_reject_reasons_are_listed() -> None:
+    reasons = [reason.value for reason in RejectReason]
+
+    listed = _body(MessageKind.UPDATE_REJECTED)["properties"]["reason"]["enum"]
+
+    assert listed == reasons, f"update_rejected.json reason.enum must be {json.dumps(reasons)}"
+
+
+@pytest.mark.parametrize("kind", sorted(DEVICE_KINDS, key=lambda k: k.value), ids=str)
+def test_each_body_schema_describes_exactly_the_message_fields(kind: MessageKind) -> None:
+    cls = MESSAGE_TYPES[kind]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ENVELOPE_FIELDS}
+    body = _body(kind)
+    schema = load_schema(kind)
+
+    assert schema["properties"]["kind"] == {"const": kind.value}
+    assert set(body["properties"]) == set(fields), f"{kind.value}.json and {cls.__name__} differ"
+    assert set(body["required"]) == set(fields) - _payload_fields(cls)
+    assert body["additionalProperties"] is False
+    for name, f in fields.items():
+        described = body["properties"][name]
+        assert described.get("description"), f"{kind.value}.{name} needs a description"
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            assert "default" not in described, f"{kind.value}.{name} has no default in Python"
+        else:
+            assert described.get("default", "missing") == _json_default(f), name
+
+
+def test_the_model_ref_schema_describes_exactly_model_ref() -> None:
+    schema = load_schema("model_ref")
+    fields = {f.name: f for f in dataclasses.fields(ModelRef)}
+
+    assert set(schema["properties"]) == set(schema["required"]) == set(fields)
+    assert schema["properties"]["format"]["default"] == fields["format"].default
+    assert schema["additionalProperties"] is False
+
+
+def test_the_envelope_lists_exactly_what_the_codec_writes() -> None:
+    envelope = load_schema("envelope")
+    written = set(_header(CHECK_IN))
+
+    assert set(envelope["properties"]) == set(envelope["required"]) == written
+    assert set(ENVELOPE_FIELDS) <= written
+    assert envelope["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+    assert envelope["$defs"]["segment"]["pattern"] == topics._SEGMENT.pattern
+
+
+def test_the_error_codes_are_those_the_python_device_can_send() -> None:
+    def codes(root: type) -> set[str]:
+        found = {str(root.__dict__["code"])} if "code" in root.__dict__ else set()
+        for sub in root.__subclasses__():
+            found |= codes(sub)
+        return found
+
+    # DeviceClient also writes training_failed for an exception of the trainer itself.
+    sendable = codes(BrokerError) | codes(DeviceError) | {"training_failed"}
+
+    listed = _body(MessageKind.ERROR_REPLY)["properties"]["code"]["examples"]
+
+    assert set(listed) == sendable
+    pattern = re.compile(_body(MessageKind.ERROR_REPLY)["properties"]["code"]["pattern"])
+    assert all(pattern.match(code) for code in sendable)
+
+
+def test_the_schema_files_are_valid_and_named_consistently() -> None:
+    on_disk = {p.stem for p in SCHEMA_DIR.glob("*.json")}
+
+    assert on_disk == set(schema_names())
+    ids = set()
+    for name in schema_names():
+        schema = load_schema(name)
+        Draft202012Validator.check_schema(schema)
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert schema["$id"].endswith(f"/schema/{SCHEMA_VERSION}/{name}.json")
+        ids.add(schema["$id"])
+    assert len(ids) == len(schema_names())
+    with pytest.raises(ValueError, match="no schema"):
+        load_schema(MessageKind.ROUND_OPENED)
+
+
+# -- the document's examples are what the code produces ------------------------------
+
+
+def _hex_block(marker: str) -> bytes:
+    text = DOC.read_text(encoding="utf-8")
+    start = text.index(f"<!-- {marker} -->")
+    block = text[start:].split("```", 2)[1]
+    rows = re.findall(r"^[0-9a-f]{8}: ((?:[0-9a-f]{2} ?)+)", block, flags=re.M)
+    return bytes.fromhex("".join(rows))
+
+
+def test_the_documented_frame_is_what_the_codec_writes() -> None:
+    message = CheckIn(
+        device_id="phone-7f3a",
+        platform="android",
+        experiment_id="digits-fedavg-1a2b3c4d",
+        capabilities={"ram_mb": 2048},
+        message_id="9b1c0f6e2d4a4e8f8a7b6c5d4e3f2a1b",
+        sender="phone-7f3a",
+        sent_at=1700000000.5,
+    )
+
+    documented = _hex_block("example: check_in frame")
+
+    assert documented == encode(message)
+    assert decode(documented) == message
+    validate_frame(documented)
+
+
+def test_the_documented_safetensors_blob_decodes() -> None:
+    documented = _hex_block("example: safetensors")
+
+    weights = decode_weights(documented)
+
+    assert list(weights) == ["fc.bias"]
+    assert weights["fc.bias"].dtype == np.float32
+    assert weights["fc.bias"].tolist() == [0.5, -1.0]
+
+
+def test_the_document_links_every_schema_and_names_the_topics() -> None:
+    text = DOC.read_text(encoding="utf-8")
+
+    for name in schema_names():
+        assert f"../broker/schema/{name}.json" in text, name
+    for topic in (
+        topics.CHECKINS,
+        topics.device("DEVICE").replace("DEVICE", "<device_id>"),
+        topics.updates("EXP").replace("EXP", "<experiment_id>"),
+    ):
+        assert f"`{topic}`" in text, topic

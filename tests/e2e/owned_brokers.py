@@ -1,0 +1,405 @@
+"""Private Mosquitto and RabbitMQ brokers that a fault test starts, stops and restarts itself.
+
+Restarting the machine's shared brokers would cut off every other test using
+them, so a broker-restart test runs its own broker: a child process on free
+loopback ports, with its config, data and log under the test's folder.
+
+How each one stops, and why:
+
+- ``stop(graceful=True)`` is an operator's restart. Mosquitto gets SIGTERM and
+  writes its persistence database (sessions, subscriptions, queued QoS 1
+  messages) on the way out; RabbitMQ gets SIGTERM too, the shutdown that
+  ``rabbitmqctl stop`` runs: it closes connections (unacked deliveries go back
+  to their queues) and keeps durable queues and persistent messages in its
+  data folder.
+- ``stop(graceful=False)`` is a crash: SIGKILL to the broker's process group.
+  RabbitMQ keeps what it confirmed (persistent messages on durable queues are
+  on disk before the confirm). Mosquitto loses whatever changed since its last
+  autosave, PUBACKed messages included, which is Mosquitto's design rather than
+  something a client can make up for.
+
+``start()`` after a stop reuses the ports, node name and data folder, so
+clients reconnect to the same address and find what the broker kept.
+``owned_mosquitto`` and ``owned_rabbitmq`` skip a test when the broker's
+binaries are missing (and fail it under CI, like ``tests.brokers.require``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from tests.brokers import amqp_url, mqtt_url, skip_or_fail
+
+_SBIN = "/usr/sbin:/usr/local/sbin:/opt/homebrew/sbin"
+# Debian's /usr/sbin/rabbitmq* wrappers re-run the scripts as the rabbitmq user,
+# who cannot write to a test's folder; the real scripts live here.
+_RABBITMQ_LIBEXEC = Path("/usr/lib/rabbitmq/bin")
+# Broker ports come from below Linux's ephemeral range (32768-60999): any outgoing
+# connection may get a port in that range as its local port, and a restarting
+# RabbitMQ (whose listener does not set SO_REUSEADDR) then cannot bind it: seen
+# here once in a few restarts. This range also avoids rabbitmqctl's 35672-35682.
+_PORTS = range(20000, 32768)
+
+_MOSQUITTO_CONF = """\
+listener {port} 127.0.0.1
+allow_anonymous true
+# Running as ourselves keeps the broker able to write the test's folder.
+user {user}
+# Sessions and queued QoS 1 messages survive a restart (saved on SIGTERM).
+persistence true
+persistence_location {data}/
+# Mosquitto silently drops QoS 1 messages queued beyond this for one client.
+max_queued_messages 100000
+max_queued_bytes 0
+set_tcp_nodelay true
+log_dest stdout
+log_type error
+log_type warning
+log_type notice
+log_timestamp true
+"""
+
+
+def _free_port() -> int:
+    """Return a free loopback port below the ephemeral range."""
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {_PORTS}")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _wait(condition: Callable[[], bool], timeout: float, alive: Callable[[], bool]) -> bool:
+    """Poll ``condition`` every 50 ms while ``alive``; return whether it held in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _wait_port_free(port: int) -> None:
+    """Wait until nothing listens on ``port`` (a broker stopped a moment ago)."""
+    if not _wait(lambda: not _listening(port), 30, lambda: True):
+        raise RuntimeError(f"port {port} is still taken")
+
+
+def _group_alive(pgid: int) -> bool:
+    """Return whether a process of group ``pgid`` still runs.
+
+    A killed multi-threaded process shows as a zombie while some of its threads
+    still exit (an Erlang VM's I/O threads finishing a write); its sockets and
+    files are released only with the last thread, so threads count too.
+    """
+    for proc in Path("/proc").glob("[0-9]*"):
+        state = _stat(proc / "stat")
+        if state is None or int(state[2]) != pgid:
+            continue
+        threads = [_stat(task / "stat") for task in proc.glob("task/[0-9]*")]
+        if any(t is not None and t[0] not in ("Z", "X") for t in [state, *threads]):
+            return True
+    return False
+
+
+def _stat(path: Path) -> list[str] | None:
+    """Return the fields of a /proc stat file after the command (state, ppid, pgrp, ...)."""
+    try:
+        # The command, in parentheses, may hold spaces; split after it.
+        return path.read_text().rpartition(")")[2].split()
+    except OSError:
+        return None  # it ended while we looked
+
+
+def _find(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path=_SBIN)
+
+
+class _Child:
+    """One broker process in a session of its own, so a kill reaches what it started."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder
+        self.log_path = folder / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.folder,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM to the broker process only: it shuts its helpers down itself."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the process to end; SIGKILL its group past ``timeout``."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal_group(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        # What is left of the group goes too, and a restart waits until it is gone:
+        # the Erlang VM under RabbitMQ's start script can outlive the script for a
+        # while, holding the port and the data folder.
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if not _wait(lambda: not _group_alive(self.proc.pid), 30, lambda: True):
+            raise RuntimeError(f"processes of group {self.proc.pid} outlived SIGKILL")
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class OwnedMosquitto:
+    """A Mosquitto child process with persistence, on its own port.
+
+    Parameters
+    ----------
+    folder
+        Where its config, persistence database and log go.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        binary = _find("mosquitto")
+        if binary is None:
+            raise FileNotFoundError("no mosquitto binary on PATH or in sbin")
+        self.folder = folder
+        self.port = _free_port()
+        self._binary = binary
+        self._child = _Child(folder, "mosquitto")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "data").mkdir(exist_ok=True)
+        self._conf = folder / "mosquitto.conf"
+        self._conf.write_text(
+            _MOSQUITTO_CONF.format(port=self.port, user=getpass.getuser(), data=folder / "data")
+        )
+
+    @property
+    def url(self) -> str:
+        """Return the ``mqtt://`` URL FedMQ's commands connect with."""
+        return mqtt_url(self.port)
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the broker and wait until it accepts connections."""
+        _wait_port_free(self.port)
+        self._child.spawn([self._binary, "-c", str(self._conf)])
+        if not _wait(lambda: _listening(self.port), timeout, self._child.alive):
+            self.close()
+            raise RuntimeError(f"mosquitto did not start on {self.port}:\n{self.log()}")
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """SIGTERM (it saves its database first) or, with ``graceful=False``, SIGKILL."""
+        if graceful:
+            self._child.terminate()
+        else:
+            self._child.signal_group(signal.SIGKILL)
+        self._child.wait(timeout=15)
+
+    def close(self) -> None:
+        """Kill the broker if it still runs; idempotent."""
+        self._child.signal_group(signal.SIGKILL)
+        self._child.wait(timeout=10)
+
+    def log(self) -> str:
+        """Return what the broker logged so far."""
+        return self._child.log()
+
+
+class OwnedRabbitMQ:
+    """A RabbitMQ node of its own (name, ports, Erlang cookie, epmd, data folder).
+
+    Parameters
+    ----------
+    folder
+        Where its config, data (mnesia), logs and Erlang cookie go.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        server, ctl = _rabbitmq_scripts()
+        if server is None or ctl is None or _find("epmd") is None:
+            raise FileNotFoundError("no rabbitmq-server, rabbitmqctl or epmd found")
+        self.folder = folder
+        self.port = _free_port()
+        self.node = f"fedmq-test-{secrets.token_hex(4)}@localhost"
+        self._server, self._ctl = server, ctl
+        self._epmd = str(_find("epmd"))
+        self._child = _Child(folder, "rabbitmq")
+        self._dist_port = str(_free_port())
+        self._base_env = self._prepare(folder)
+
+    @property
+    def url(self) -> str:
+        """Return the ``amqp://`` URL FedMQ's commands connect with."""
+        return amqp_url(self.port)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the node and wait until ``rabbitmqctl await_startup`` says it booted."""
+        env = {
+            **self._base_env,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": self._dist_port,
+            "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.folder / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.folder / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.folder / "rabbitmq.pid"),
+            # The machine's rabbitmq-env.conf names the shared node; ignore it.
+            "RABBITMQ_CONF_ENV_FILE": str(self.folder / "rabbitmq-env.conf"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+        _wait_port_free(self.port)
+        self._child.spawn([self._server], env)
+        # The AMQP port opens near the end of the boot; one CLI call then confirms it
+        # (each call starts an Erlang VM, ~0.7 s of CPU, so polling it is wasteful).
+        booted = _wait(lambda: _listening(self.port), timeout, self._child.alive)
+        if not booted or not self._ctl_ok("await_startup", "--timeout", "30"):
+            self.close()
+            raise RuntimeError(f"RabbitMQ did not start on {self.port}:\n{self.log()[-4000:]}")
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """SIGTERM (RabbitMQ's graceful stop) or, with ``graceful=False``, SIGKILL to the node.
+
+        SIGTERM runs the same shutdown as ``rabbitmqctl stop`` without the CLI's
+        second of start-up, so the broker goes down the moment a test asks. The
+        ``rabbitmq-server`` script passes the signal on to the Erlang VM.
+        """
+        if graceful:
+            self._child.terminate()
+        else:
+            self._child.signal_group(signal.SIGKILL)
+        self._child.wait(timeout=30)
+
+    def close(self) -> None:
+        """Kill the node and the private epmd; idempotent."""
+        self._child.signal_group(signal.SIGKILL)
+        self._child.wait(timeout=10)
+        # epmd refuses -kill while it still lists a node, which it does for a moment
+        # after the node dies.
+        epmd = [self._epmd, "-port", self._base_env["ERL_EPMD_PORT"], "-kill"]
+        for _ in range(50):
+            done = subprocess.run(epmd, env=self._base_env, capture_output=True, timeout=10)
+            if b"living nodes" not in done.stdout + done.stderr:
+                return
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        """Return what the node printed so far."""
+        return self._child.log()
+
+    def _prepare(self, folder: Path) -> dict[str, str]:
+        """Write the node's files; return the environment both the node and the CLI need."""
+        home = folder / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.chmod(0o400)
+        (folder / "rabbitmq.conf").write_text("# FedMQ test node: defaults only\n")
+        # No plugins: the shared node's management plugin already holds port 15672.
+        (folder / "enabled_plugins").write_text("[].\n")
+        (folder / "rabbitmq-env.conf").write_text("")
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        # A private epmd: nothing is registered with, or left running on, the shared one.
+        return {
+            **environment,
+            "HOME": str(home),
+            "ERL_EPMD_PORT": str(_free_port()),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def _ctl_ok(self, *args: str) -> bool:
+        done = subprocess.run(
+            [self._ctl, "-n", self.node, *args],
+            env=self._base_env,
+            cwd=self.folder,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            with self._child.log_path.open("ab") as log:
+                log.write(b"rabbitmqctl " + " ".join(args).encode() + b" failed:\n")
+                log.write(done.stdout + done.stderr)
+        return done.returncode == 0
+
+
+def _rabbitmq_scripts() -> tuple[str | None, str | None]:
+    """Return RabbitMQ's own server and CLI scripts (not Debian's run-as-rabbitmq wrappers)."""
+    if (_RABBITMQ_LIBEXEC / "rabbitmq-server").exists():
+        return str(_RABBITMQ_LIBEXEC / "rabbitmq-server"), str(_RABBITMQ_LIBEXEC / "rabbitmqctl")
+    return _find("rabbitmq-server"), _find("rabbitmqctl")
+
+
+@contextmanager
+def owned_mosquitto(folder: Path) -> Iterator[OwnedMosquitto]:
+    """Yield a started private Mosquitto, killed at the end whatever happens."""
+    try:
+        broker = OwnedMosquitto(folder)
+    except FileNotFoundError as exc:
+        skip_or_fail(str(exc))
+        raise
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
+
+
+@contextmanager
+def owned_rabbitmq(folder: Path) -> Iterator[OwnedRabbitMQ]:
+    """Yield a started private RabbitMQ node, killed (with its epmd) at the end."""
+    try:
+        broker = OwnedRabbitMQ(folder)
+    except FileNotFoundError as exc:
+        skip_or_fail(str(exc))
+        raise
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
