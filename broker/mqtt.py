@@ -181,7 +181,14 @@ class MqttTransport:
     def subscribe(
         self, topic: str, handler: Handler, *, group: str | None = None
     ) -> MqttSubscription:
-        """Call ``handler`` on the dispatcher thread for each message matching ``topic``."""
+        """Call ``handler`` on the dispatcher thread for each message matching ``topic``.
+
+        On a fresh session this returns once the broker has confirmed the
+        subscription. On a resumed one it returns at once (the broker answers
+        only after sending the session's backlog): the session's own
+        subscriptions are already in place, while one new to it may miss what
+        another client publishes in the instant before the broker takes it.
+        """
         with self._lock:
             self._check_open()
             route, fresh = self._table.add(topic, group, handler)

@@ -310,3 +310,48 @@ def test_mqtt_3_mode_round_trips_with_local_groups(open_mqtt: Open, root: str) -
     assert wait_until(lambda: len(plain.bodies) == 4)
     assert wait_until(lambda: len(first.bodies) + len(second.bodies) == 4)
     assert (len(first.bodies), len(second.bodies)) == (2, 2)
+
+
+def test_a_resumed_session_delivers_its_backlog_without_waiting_for_a_new_suback(
+    open_mqtt: Open, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The broker sends a resumed session's backlog before the SUBACK of a new
+    # subscription; waiting for it would leave the backlog parked meanwhile.
+    client_id = f"resume-{uuid.uuid4().hex[:8]}"
+    first = open_mqtt(client_id=client_id)
+    first.subscribe(f"{root}/backlog", Recorder("ack"), group="g")
+    first.close()
+    publisher = open_mqtt()
+    for i in range(20):
+        publisher.publish(f"{root}/backlog", str(i).encode())
+
+    resumed = open_mqtt(client_id=client_id)
+    waited: list[int] = []
+    monkeypatch.setattr(resumed, "_await_suback", lambda mid, *_: waited.append(mid))
+    control, backlog = Recorder("ack"), Recorder("ack")
+    resumed.subscribe(f"{root}/control", control)  # new to the session
+    resumed.subscribe(f"{root}/backlog", backlog, group="g")
+
+    assert waited == []
+    assert wait_until(lambda: len(backlog.deliveries) == 20)
+    assert backlog.bodies == [str(i).encode() for i in range(20)]
+    # The new subscription is in place once the broker has worked through it.
+    publisher.publish(f"{root}/control", b"after")
+    assert wait_until(lambda: len(control.deliveries) == 1)
+
+
+def test_a_fresh_session_still_waits_for_its_suback(
+    open_mqtt: Open, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = open_mqtt(client_id=f"fresh-{uuid.uuid4().hex[:8]}")
+    waited: list[int] = []
+    real = transport._await_suback
+
+    def recording(mid: int, *rest: object) -> None:
+        waited.append(mid)
+        real(mid, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transport, "_await_suback", recording)
+    transport.subscribe(f"{root}/fresh", Recorder("ack"))
+
+    assert len(waited) == 1
