@@ -31,6 +31,7 @@ from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
 from aggregator_service.config import build_strategy
 from aggregator_service.strategies import FedBuff, StaleUpdate
 from aggregator_service.strategies.fedbuff import BufferState
+from aggregator_service.tally import Tally
 from aggregator_service.types import ClientUpdate, Weights
 from aggregator_service.validation import (
     Rejected,
@@ -66,24 +67,16 @@ Reject = Callable[[ModelUpdate, Rejected], None]
 
 
 @dataclass
-class _Step:
+class _Step(Tally):
     """The server step being filled: one FedBuff buffer at the step's base version."""
 
     opened: RoundOpened
     current: Weights
     strategy: FedBuff
     buffer: BufferState
-    accepted: list[str] = field(default_factory=list)
-    counted: set[str] = field(default_factory=set)
-    accepted_devices: set[str] = field(default_factory=set)
     tasks: set[str] = field(default_factory=set)
-    rejected: Counter[str] = field(default_factory=Counter)
     reports: list[str] = field(default_factory=list)
     """The device of every update or refusal received while the step was open."""
-    examples: int = 0
-    loss_sum: float = 0.0
-    pending: list[Delivery] = field(default_factory=list)
-    checkpoints: int = 0
 
     @property
     def full(self) -> bool:
@@ -278,12 +271,8 @@ class AsyncIntake:
             step.strategy.fold(step.buffer, client)
         except ValueError as exc:
             raise Rejected(RejectReason.STRATEGY_REFUSED, str(exc)) from exc
-        step.accepted.append(update.message_id)
-        step.counted.add(update.message_id)
+        step.count_accepted(update)
         step.tasks.add(update.task_id)
-        step.accepted_devices.add(update.device_id)
-        step.examples += update.num_examples
-        step.loss_sum += float(update.metrics.get("loss", 0.0)) * update.num_examples
         log.debug(
             "%s step %d: folded %s (staleness %d)",
             step.opened.experiment_id,
@@ -316,27 +305,7 @@ class AsyncIntake:
 
     def _checkpoint(self, step: _Step) -> None:
         """Make the step's folded updates durable, then ack them."""
-        deltas = step.buffer.deltas
-        self._checkpoints.save(
-            step.opened.experiment_id,
-            step.opened.round,
-            RoundCheckpoint(
-                sequence=step.checkpoints,
-                sums=deltas.sums,
-                total_weight=deltas.total_weight,
-                count=deltas.count,
-                accepted=list(step.accepted),
-                accepted_devices=sorted(step.accepted_devices),
-                rejected=dict(step.rejected),
-                reporters=list(step.reports),
-                examples=step.examples,
-                loss_sum=step.loss_sum,
-            ),
-        )
-        step.checkpoints += 1
-        for delivery in step.pending:
-            delivery.ack()
-        step.pending.clear()
+        step.checkpoint(self._checkpoints, step.opened, step.buffer.deltas, list(step.reports))
 
     def _close(self, step: _Step, *, deadline: bool) -> None:
         """End the step: commit or abandon it, publish the outcome, settle its updates."""

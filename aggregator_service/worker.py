@@ -16,10 +16,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from aggregator_service.async_intake import AsyncIntake
-from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
+from aggregator_service.checkpoints import Checkpoints
 from aggregator_service.config import build_strategy, is_asynchronous
 from aggregator_service.links import upload_name
 from aggregator_service.strategies import Strategy, WeightedSum
+from aggregator_service.tally import Tally
 from aggregator_service.types import ClientUpdate, Weights
 from aggregator_service.validation import (
     Rejected,
@@ -56,23 +57,14 @@ CONTROL_DELTA = "control_delta"
 
 
 @dataclass
-class _OpenRound:
+class _OpenRound(Tally):
     """Everything the worker tracks about the round it is aggregating."""
 
     opened: RoundOpened
     current: Weights
     strategy: Strategy
     state: WeightedSum
-    accepted: list[str] = field(default_factory=list)
-    accepted_devices: set[str] = field(default_factory=set)
-    rejected: Counter[str] = field(default_factory=Counter)
     reporters: set[str] = field(default_factory=set)
-    examples: int = 0
-    loss_sum: float = 0.0
-    pending: list[Delivery] = field(default_factory=list)
-    checkpoints: int = 0
-    counted: set[str] = field(default_factory=set)
-    """Message ids already folded (the ledger's fast lookup)."""
 
     @property
     def reported(self) -> int:
@@ -227,26 +219,7 @@ class AggregatorWorker:
         """Make the folded updates durable, then ack them (bounds what is held unacked)."""
         if not isinstance(rnd.state, WeightedSum):
             return  # a state the worker cannot checkpoint keeps its acks until the commit
-        self._checkpoints.save(
-            rnd.opened.experiment_id,
-            rnd.opened.round,
-            RoundCheckpoint(
-                sequence=rnd.checkpoints,
-                sums=rnd.state.sums,
-                total_weight=rnd.state.total_weight,
-                count=rnd.state.count,
-                accepted=list(rnd.accepted),
-                accepted_devices=sorted(rnd.accepted_devices),
-                rejected=dict(rnd.rejected),
-                reporters=sorted(rnd.reporters),
-                examples=rnd.examples,
-                loss_sum=rnd.loss_sum,
-            ),
-        )
-        rnd.checkpoints += 1
-        for delivery in rnd.pending:
-            delivery.ack()
-        rnd.pending.clear()
+        rnd.checkpoint(self._checkpoints, rnd.opened, rnd.state, sorted(rnd.reporters))
 
     def _should_hold(self, update: ModelUpdate) -> bool:
         """Return whether ``update`` may belong to a round this worker has not heard of yet.
@@ -366,11 +339,7 @@ class AggregatorWorker:
             rnd.strategy.fold(rnd.state, client)
         except ValueError as exc:  # the rule refuses it: a missing metric, too many updates
             raise Rejected(RejectReason.STRATEGY_REFUSED, str(exc)) from exc
-        rnd.accepted.append(update.message_id)
-        rnd.counted.add(update.message_id)
-        rnd.accepted_devices.add(update.device_id)
-        rnd.examples += update.num_examples
-        rnd.loss_sum += float(update.metrics.get("loss", 0.0)) * update.num_examples
+        rnd.count_accepted(update)
 
     def _update_bytes(self, update: ModelUpdate) -> bytes | memoryview:
         """Return the update's weights bytes, inline or from the store by reference."""

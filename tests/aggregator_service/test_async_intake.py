@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,41 +22,15 @@ from broker import (
     topics,
 )
 from model_store import MemoryStore
+from tests.aggregator_service.worker_doubles import Bus as SharedBus
+from tests.aggregator_service.worker_doubles import FakeDelivery
 
 EXP = "exp-async"
 VERSIONS = [np.zeros(2, np.float32), np.full(2, 1.0, np.float32), np.full(2, 2.0, np.float32)]
 
 
-@dataclass
-class FakeDelivery:
-    body: bytes
-    topic: str
-    redelivered: bool = False
-    settled: list[str] = field(default_factory=list)
-
-    def ack(self) -> None:
-        self.settled.append("ack")
-
-    def nack(self, requeue: bool = False) -> None:
-        self.settled.append("requeue" if requeue else "dead")
-
-
-class Bus:
-    """Records what the worker publishes; the test hands in each delivery."""
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-        self.handlers: dict[str, object] = {}
-
-    def publish(self, topic: str, body: bytes) -> None:
-        self.published.append((topic, body))
-
-    def subscribe(self, topic: str, handler: object, *, group: str | None = None) -> object:
-        self.handlers[topic] = handler
-        return object()
-
-    def close(self) -> None:
-        pass
+class Bus(SharedBus):
+    """The shared recording bus, with shortcuts for this experiment's topics."""
 
     def control(self, message: Message) -> None:
         self.handlers[topics.ALL_CONTROL](FakeDelivery(encode(message), topics.control(EXP)))  # type: ignore[operator]

@@ -3,8 +3,6 @@ and a successor resumes from the checkpoint, counting every update exactly once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from aggregator_service import AggregatorWorker
@@ -15,51 +13,14 @@ from broker import (
     RoundOpened,
     decode,
     decode_weights,
-    encode,
     encode_weights,
     topics,
 )
 from model_store import MemoryStore
+from tests.aggregator_service.worker_doubles import Bus
 
 EXP = "exp-ckpt"
 DEVICES = ("a", "b", "c", "d")
-
-
-@dataclass
-class FakeDelivery:
-    body: bytes
-    topic: str
-    redelivered: bool = False
-    settled: list[str] = field(default_factory=list)
-
-    def ack(self) -> None:
-        self.settled.append("ack")
-
-    def nack(self, requeue: bool = False) -> None:
-        self.settled.append("requeue" if requeue else "dead")
-
-
-class Bus:
-    """Records what the worker publishes; deliveries are handed in by the test."""
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-        self.handlers: dict[str, object] = {}
-
-    def publish(self, topic: str, body: bytes) -> None:
-        self.published.append((topic, body))
-
-    def subscribe(self, topic: str, handler: object, *, group: str | None = None) -> object:
-        self.handlers[topic] = handler
-        return object()
-
-    def close(self) -> None:
-        pass
-
-    def deliver(self, topic: str, message: object, pattern: str) -> FakeDelivery:
-        delivery = FakeDelivery(encode(message), topic)  # type: ignore[arg-type]
-        self.handlers[pattern](delivery)  # type: ignore[operator]
-        return delivery
 
 
 def _setup() -> tuple[MemoryStore, RoundOpened]:

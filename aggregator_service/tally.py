@@ -1,0 +1,69 @@
+"""What a worker counts while it folds a round, and how a checkpoint makes it durable.
+
+The synchronous worker and the asynchronous (FedBuff) intake keep the same
+ledger: accepted update ids, the devices behind them, rejections by reason,
+example and loss totals, and the deliveries still to ack. A checkpoint saves
+the ledger with the running sums, then acks those deliveries.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
+from aggregator_service.strategies import WeightedSum
+from broker import Delivery, ModelUpdate, RoundOpened
+
+
+@dataclass(kw_only=True)
+class Tally:
+    """The ledger of one round (or server step) being aggregated."""
+
+    accepted: list[str] = field(default_factory=list)
+    counted: set[str] = field(default_factory=set)
+    """Message ids already folded (the ledger's fast lookup)."""
+    accepted_devices: set[str] = field(default_factory=set)
+    rejected: Counter[str] = field(default_factory=Counter)
+    examples: int = 0
+    loss_sum: float = 0.0
+    pending: list[Delivery] = field(default_factory=list)
+    """Deliveries folded but not yet acked: the next checkpoint acks them."""
+    checkpoints: int = 0
+
+    def count_accepted(self, update: ModelUpdate) -> None:
+        """Record a folded update."""
+        self.accepted.append(update.message_id)
+        self.counted.add(update.message_id)
+        self.accepted_devices.add(update.device_id)
+        self.examples += update.num_examples
+        self.loss_sum += float(update.metrics.get("loss", 0.0)) * update.num_examples
+
+    def checkpoint(
+        self,
+        checkpoints: Checkpoints,
+        opened: RoundOpened,
+        sums: WeightedSum,
+        reporters: list[str],
+    ) -> None:
+        """Save the ledger with the running ``sums``, then ack what they hold."""
+        checkpoints.save(
+            opened.experiment_id,
+            opened.round,
+            RoundCheckpoint(
+                sequence=self.checkpoints,
+                sums=sums.sums,
+                total_weight=sums.total_weight,
+                count=sums.count,
+                accepted=list(self.accepted),
+                accepted_devices=sorted(self.accepted_devices),
+                rejected=dict(self.rejected),
+                reporters=reporters,
+                examples=self.examples,
+                loss_sum=self.loss_sum,
+            ),
+        )
+        self.checkpoints += 1
+        for delivery in self.pending:
+            delivery.ack()
+        self.pending.clear()
