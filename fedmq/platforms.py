@@ -11,12 +11,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from aggregator_service.config import PLATFORMS
 from aggregator_service.rounds.service import Packager
 from device_sdk.app import TrainHandler
 from device_sdk.emulator.fleet import TrainerFactory, torchscript_trainers
 from model_store import ModelSpec, build_model
-
-PLATFORMS = ("python", "android", "ios")
 
 
 def _android(spec: ModelSpec, seed: int) -> Mapping[str, tuple[bytes, str]]:
