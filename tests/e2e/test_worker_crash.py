@@ -43,6 +43,9 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
     require(AMQP_PORT if broker == "amqp" else MQTT_PORT, broker)
     raw: dict[str, Any] = copy.deepcopy(DEMO_CONFIG)
     raw["rounds"]["count"] = ROUNDS
+    # Long enough local training that round 2 is still open when the worker dies:
+    # at the demo's 5 epochs a round could end between the checkpoint and the kill.
+    raw["training"]["epochs"] = 40
     port = free_port()
     group = f"crash-{uuid.uuid4().hex[:8]}"
     url = amqp_url() if broker == "amqp" else mqtt_url()
