@@ -13,11 +13,12 @@ safetensors bytes, checked against the expected names, shapes and dtypes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import struct
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -67,7 +68,7 @@ def decode(frame: bytes) -> Message:
     if end > len(frame):
         raise CodecError("frame truncated inside its header")
     try:
-        header = json.loads(frame[_PREFIX.size : end], parse_constant=_refuse_constant)
+        header = _HEADER.decode(bytes(frame[_PREFIX.size : end]).decode())
         kind = MessageKind(header["kind"])
         schema = int(header["schema_version"])
     except (ValueError, KeyError, TypeError) as exc:
@@ -82,7 +83,7 @@ def decode(frame: bytes) -> Message:
     kwargs = _from_json_fields(cls, {**body, **envelope})
     payload_field = header.get("payload_field")
     if payload_field:
-        if "bytes" not in str(_hints(cls).get(payload_field)):
+        if payload_field not in _binary_fields(cls):
             raise CodecError(f"{cls.__name__} has no binary field {payload_field!r}")
         # A view, not a copy: a large inline update is read in place by the weights codec.
         kwargs[payload_field] = memoryview(frame)[end:]
@@ -116,41 +117,89 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
+_BINARY: dict[type, frozenset[str]] = {}
+
+
+def _binary_fields(cls: type[Message]) -> frozenset[str]:
+    """Return the names of ``cls``'s fields that may carry the frame's binary payload."""
+    names = _BINARY.get(cls)
+    if names is None:
+        hints = _hints(cls).items()
+        names = _BINARY[cls] = frozenset(name for name, hint in hints if "bytes" in str(hint))
+    return names
+
+
 def _from_json_fields(cls: type[Message], body: Mapping[str, Any]) -> dict[str, Any]:
     """Rebuild a message's keyword arguments from its JSON body using its type hints."""
     hints = _hints(cls)
     try:
-        return {name: _from_json(hints[name], value) for name, value in body.items()}
+        return {name: _converter(hints[name])(value) for name, value in body.items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CodecError(f"bad {cls.__name__} body: {exc}") from exc
 
 
-def _from_json(hint: Any, value: Any) -> Any:
-    """Convert JSON data back to the annotated type, refusing values of the wrong type."""
+Convert = Callable[[Any], Any]
+
+
+@functools.cache
+def _converter(hint: Any) -> Convert:
+    """Return a function turning JSON data into ``hint``'s type, refusing values of other types.
+
+    Built once per hint: reading the hint (``get_origin``, ``get_args``, the
+    dataclass's fields) on every field of every frame cost a worker more than
+    the rest of decoding an update.
+    """
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in get_args(hint):
-            return None
         options = [a for a in get_args(hint) if a is not type(None)]
-        if len(options) == 1:
-            return _from_json(options[0], value)
-        return _scalar(value, tuple(o for o in options if o in _SCALARS))
+        inner = (
+            _converter(options[0])
+            if len(options) == 1
+            else _scalar_converter(tuple(o for o in options if o in _SCALARS))
+        )
+        if len(options) == len(get_args(hint)):
+            return inner
+        return lambda value: None if value is None else inner(value)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        inner = _hints(hint)
-        return hint(**{k: _from_json(inner[k], v) for k, v in _object(value).items()})
+        return _dataclass_converter(hint)
     if isinstance(hint, type) and issubclass(hint, Enum):
-        return hint(value)
+        return hint
     if origin is tuple:
-        if not isinstance(value, list):
-            raise TypeError(f"expected a list, got {type(value).__name__}")
-        item = get_args(hint)[0]
-        return tuple(_from_json(item, v) for v in value)
+        item = _converter(get_args(hint)[0])
+        return lambda value: tuple(item(v) for v in _array(value))
     if origin is Mapping or origin is dict:
         args = get_args(hint)
-        item = args[1] if len(args) == 2 else Any
-        return {k: _from_json(item, v) for k, v in _object(value).items()}
+        value_of = _converter(args[1] if len(args) == 2 else Any)
+        return lambda value: {k: value_of(v) for k, v in _object(value).items()}
     if hint in _SCALARS:
-        return _scalar(value, (hint,))
+        return _scalar_converter((hint,))
+    return _identity
+
+
+def _dataclass_converter(cls: type) -> Convert:
+    """Return a converter building ``cls`` from a JSON object (its hints resolved lazily)."""
+
+    def convert(value: Any) -> Any:
+        hints = _hints(cls)
+        return cls(**{k: _converter(hints[k])(v) for k, v in _object(value).items()})
+
+    return convert
+
+
+def _scalar_converter(allowed: tuple[type, ...]) -> Convert:
+    """Return a converter accepting the ``allowed`` JSON scalars, quick on the exact type."""
+    # float is left out: an int is a valid float field (and becomes a float).
+    exact = allowed[0] if len(allowed) == 1 and allowed[0] is not float else None
+
+    def convert(value: Any) -> Any:
+        if type(value) is exact:  # the common case: a str field holding a str
+            return value
+        return _scalar(value, allowed)
+
+    return convert
+
+
+def _identity(value: Any) -> Any:
     return value
 
 
@@ -175,6 +224,13 @@ def _scalar(value: Any, allowed: tuple[type, ...]) -> Any:
     return value
 
 
+def _array(value: Any) -> list[Any]:
+    """Return ``value`` if it is a JSON array."""
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
 def _object(value: Any) -> dict[str, Any]:
     """Return ``value`` if it is a JSON object."""
     if not isinstance(value, dict):
@@ -185,3 +241,6 @@ def _object(value: Any) -> dict[str, Any]:
 def _refuse_constant(name: str) -> Any:
     """Refuse NaN and Infinity, which JSON does not have but Python's parser accepts."""
     raise ValueError(f"{name} is not valid JSON")
+
+
+_HEADER = json.JSONDecoder(parse_constant=_refuse_constant)

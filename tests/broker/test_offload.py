@@ -314,3 +314,28 @@ def test_the_child_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+_UNGUARDED = """
+from broker.offload import OffloadedProcess, OffloadError
+from tests.broker.offload_targets import echo
+# No `if __name__ == "__main__"`: the spawned child re-imports this file,
+# fails to start a process of its own and exits before it boots.
+try:
+    OffloadedProcess(echo, {"topic": "jobs", "replies": "r"}).wait_booted(timeout=60)
+except OffloadError as exc:
+    print("refused:", exc, flush=True)
+"""
+
+
+def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(tmp_path: Path) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=REPO, timeout=90
+    )
+
+    assert "refused: the offloaded process did not boot" in out.stdout
+    assert time.monotonic() - started < 45  # reported when the child died, not at the timeout
