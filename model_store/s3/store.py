@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from model_store.errors import ArtifactNotFound, StoreError
@@ -377,42 +377,36 @@ class S3Store(StoreBase):
         """Return an upload's key after validating its name."""
         return self._key("uploads", check_upload_name(name))
 
+    def _unless_missing(self, operation: Callable[..., Any], key: str) -> Any:
+        """Call a boto3 object operation on ``key``; return None if there is no such object."""
+        try:
+            return operation(Bucket=self.bucket, Key=key)
+        except botocore_errors().ClientError as exc:
+            if error_code(exc) in MISSING:
+                return None
+            raise
+
     def _size(self, key: str) -> int | None:
         """Return an object's size, or None if there is none."""
-        client_error = botocore_errors().ClientError
         with self._errors(f"look up {key}"):
-            try:
-                head = self._client.head_object(Bucket=self.bucket, Key=key)
-            except client_error as exc:
-                if error_code(exc) in MISSING:
-                    return None
-                raise
-            size: int = head["ContentLength"]
-            return size
+            head = self._unless_missing(self._client.head_object, key)
+            return None if head is None else int(head["ContentLength"])
 
     def _get(self, key: str, what: str) -> bytes | None:
         """Return an object's bytes, or None if there is none."""
-        client_error = botocore_errors().ClientError
         with self._errors(what):
-            try:
-                response = self._client.get_object(Bucket=self.bucket, Key=key)
-            except client_error as exc:
-                if error_code(exc) in MISSING:
-                    return None
-                raise
+            response = self._unless_missing(self._client.get_object, key)
+            if response is None:
+                return None
             data: bytes = response["Body"].read()
             return data
 
     def _get_upload(self, key: str, name: str) -> tuple[bytes, str] | None:
         """Return an upload's bytes and ETag, or None if there is none; refuse oversized ones."""
-        client_error = botocore_errors().ClientError
         with self._errors(f"read upload {name!r}"):
-            try:
-                response = self._client.get_object(Bucket=self.bucket, Key=key)
-            except client_error as exc:
-                if error_code(exc) in MISSING:
-                    return None
-                raise
+            response = self._unless_missing(self._client.get_object, key)
+            if response is None:
+                return None
             body = response["Body"]
             if response["ContentLength"] > self._max_upload:
                 body.close()

@@ -36,8 +36,9 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from tests.brokers import amqp_url, mqtt_url, skip_or_fail
 
@@ -375,26 +376,29 @@ def _rabbitmq_scripts() -> tuple[str | None, str | None]:
     return _find("rabbitmq-server"), _find("rabbitmqctl")
 
 
-@contextmanager
-def owned_mosquitto(folder: Path) -> Iterator[OwnedMosquitto]:
-    """Yield a started private Mosquitto, killed at the end whatever happens."""
-    try:
-        broker = OwnedMosquitto(folder)
-    except FileNotFoundError as exc:
-        skip_or_fail(str(exc))
-        raise
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.close()
+class _Ownable(Protocol):
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+
+
+_Broker = TypeVar("_Broker", bound=_Ownable)
+
+
+def owned_mosquitto(folder: Path) -> AbstractContextManager[OwnedMosquitto]:
+    """Return a context yielding a started private Mosquitto, killed at the end whatever happens."""
+    return _started(OwnedMosquitto, folder)
+
+
+def owned_rabbitmq(folder: Path) -> AbstractContextManager[OwnedRabbitMQ]:
+    """Return a context yielding a started private RabbitMQ node, killed with its epmd after."""
+    return _started(OwnedRabbitMQ, folder)
 
 
 @contextmanager
-def owned_rabbitmq(folder: Path) -> Iterator[OwnedRabbitMQ]:
-    """Yield a started private RabbitMQ node, killed (with its epmd) at the end."""
+def _started(kind: Callable[[Path], _Broker], folder: Path) -> Iterator[_Broker]:
+    """Yield a started ``kind`` broker; skip (fail under CI) if it is not installed."""
     try:
-        broker = OwnedRabbitMQ(folder)
+        broker = kind(folder)
     except FileNotFoundError as exc:
         skip_or_fail(str(exc))
         raise
