@@ -57,18 +57,47 @@ def encode(message: Message) -> bytes:
     return b"".join((_PREFIX.pack(_MAGIC, _FRAME_VERSION, len(raw)), raw, payload))
 
 
-def decode(frame: bytes) -> Message:
-    """Parse one frame back into its typed message; raise ``CodecError`` if it is not one."""
-    if len(frame) < _PREFIX.size:
+def split_frame(frame: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
+    """Split a frame into its parsed JSON header and its binary payload, as any client would.
+
+    Parameters
+    ----------
+    frame
+        One message as it travels on the bus.
+
+    Returns
+    -------
+    tuple
+        ``(header, payload)``; the payload is a view of ``frame``, not a copy
+        (empty when the message has no binary field).
+
+    Raises
+    ------
+    CodecError
+        The bytes are not a FedMQ frame, or the header is not a JSON object.
+    """
+    view = memoryview(frame).cast("B")
+    if len(view) < _PREFIX.size:
         raise CodecError("frame shorter than its prefix")
-    magic, version, length = _PREFIX.unpack_from(frame)
+    magic, version, length = _PREFIX.unpack_from(view)
     if magic != _MAGIC or version != _FRAME_VERSION:
         raise CodecError("not a FedMQ frame")
     end = _PREFIX.size + length
-    if end > len(frame):
+    if end > len(view):
         raise CodecError("frame truncated inside its header")
     try:
-        header = _HEADER.decode(bytes(frame[_PREFIX.size : end]).decode())
+        header = _HEADER.decode(bytes(view[_PREFIX.size : end]).decode())
+    except ValueError as exc:
+        raise CodecError(f"bad header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CodecError("bad header: not a JSON object")
+    return header, view[end:]
+
+
+def decode(frame: bytes | memoryview) -> Message:
+    """Parse one frame back into its typed message; raise ``CodecError`` if it is not one."""
+    header, payload = split_frame(frame)
+    try:
         kind = MessageKind(header["kind"])
         schema = int(header["schema_version"])
     except (ValueError, KeyError, TypeError) as exc:
@@ -86,7 +115,7 @@ def decode(frame: bytes) -> Message:
         if payload_field not in _binary_fields(cls):
             raise CodecError(f"{cls.__name__} has no binary field {payload_field!r}")
         # A view, not a copy: a large inline update is read in place by the weights codec.
-        kwargs[payload_field] = memoryview(frame)[end:]
+        kwargs[payload_field] = payload
     try:
         return cls(**kwargs)
     except TypeError as exc:

@@ -16,7 +16,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from broker.codec import _FRAME_VERSION, _MAGIC, _PREFIX
+from broker.codec import split_frame
 from broker.errors import CodecError
 from broker.messages import MessageKind
 
@@ -88,43 +88,6 @@ def load_schema(name: str | MessageKind) -> dict[str, Any]:
         raise ValueError(f"no schema named {key!r}; known: {', '.join(schema_names())}")
     parsed: dict[str, Any] = json.loads(_text(key))
     return parsed
-
-
-def split_frame(frame: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
-    """Split a frame into its parsed JSON header and its binary payload, as any client would.
-
-    Parameters
-    ----------
-    frame
-        One message as it travels on the bus.
-
-    Returns
-    -------
-    tuple
-        ``(header, payload)``; the payload is a view of ``frame`` (empty when
-        the message has no binary field).
-
-    Raises
-    ------
-    CodecError
-        The bytes are not a FedMQ frame, or the header is not a JSON object.
-    """
-    view = memoryview(frame).cast("B")
-    if len(view) < _PREFIX.size:
-        raise CodecError("frame shorter than its prefix")
-    magic, version, length = _PREFIX.unpack_from(view)
-    if magic != _MAGIC or version != _FRAME_VERSION:
-        raise CodecError("not a FedMQ frame")
-    end = _PREFIX.size + length
-    if end > len(view):
-        raise CodecError("frame truncated inside its header")
-    try:
-        header = json.loads(bytes(view[_PREFIX.size : end]), parse_constant=_refuse_constant)
-    except ValueError as exc:
-        raise CodecError(f"bad header: {exc}") from exc
-    if not isinstance(header, dict):
-        raise CodecError("bad header: not a JSON object")
-    return header, view[end:]
 
 
 def validate_header(header: Mapping[str, Any]) -> None:
@@ -204,8 +167,3 @@ def _validator(name: str) -> Any:
         (schema["$id"], Resource.from_contents(schema)) for schema in schemas
     )
     return Draft202012Validator(load_schema(name), registry=registry)
-
-
-def _refuse_constant(name: str) -> Any:
-    """Refuse NaN and Infinity, which JSON does not have but Python's parser accepts."""
-    raise ValueError(f"{name} is not valid JSON")
