@@ -49,10 +49,7 @@ from broker import (
     RoundAbandoned,
     RoundCommitted,
     RoundOpened,
-    Transport,
     decode_weights,
-    encode,
-    topics,
     weights_spec,
 )
 from model_store import ModelStore, StoreError
@@ -64,6 +61,8 @@ UpdateBytes = Callable[[ModelUpdate], bytes | memoryview]
 """Returns an update's weights bytes, inline or claimed from the store (the worker's rule)."""
 Reject = Callable[[ModelUpdate, Rejected], None]
 """Tells a device its update was refused, and why."""
+Publish = Callable[[Outcome], None]
+"""Signs and publishes an outcome on its experiment's event topic (the worker's rule)."""
 
 
 @dataclass
@@ -89,8 +88,8 @@ class AsyncIntake:
 
     Parameters
     ----------
-    transport
-        Where outcomes are published.
+    publish
+        Publishes an outcome.
     store
         The model store: base versions to subtract, checkpoints, new versions.
     name
@@ -114,7 +113,7 @@ class AsyncIntake:
 
     def __init__(
         self,
-        transport: Transport,
+        publish: Publish,
         store: ModelStore,
         *,
         name: str,
@@ -123,7 +122,7 @@ class AsyncIntake:
         reject: Reject,
         outcomes: MutableMapping[str, Outcome],
     ) -> None:
-        self._transport = transport
+        self._publish = publish
         self._store = store
         self._checkpoints = Checkpoints(store)
         self._name = name
@@ -313,7 +312,7 @@ class AsyncIntake:
         del self._steps[opened.experiment_id]
         try:
             outcome = self._outcome(step)
-            self._transport.publish(topics.events(opened.experiment_id), encode(outcome))
+            self._publish(outcome)
         except Exception:
             # Nothing is lost: checkpointed updates stay in the store, the rest go
             # back to the broker, and the coordinator announces the step again.
@@ -335,12 +334,16 @@ class AsyncIntake:
     def _outcome(self, step: _Step) -> Outcome:
         """Commit the step, or describe why it is abandoned."""
         opened = step.opened
+        reason = f"{len(step.accepted)} accepted updates, {opened.min_reports} needed"
         if len(step.accepted) >= max(opened.min_reports, 1):
-            return self._commit(step)
+            try:
+                return self._commit(step)
+            except Rejected as exc:  # the aggregate itself is not finite: never written
+                reason = f"the aggregate is not finite: {exc.detail}"
         return RoundAbandoned(
             experiment_id=opened.experiment_id,
             round=opened.round,
-            reason=f"{len(step.accepted)} accepted updates, {opened.min_reports} needed",
+            reason=reason,
             reported=len(step.reports),
             accepted=len(step.accepted),
             rejected=dict(step.rejected),
@@ -354,6 +357,7 @@ class AsyncIntake:
         self._checkpoint(step)
         new = step.strategy.finish(opened.round, step.current, step.buffer)
         assert new is not None, "a step with accepted updates always aggregates"
+        check_finite(new)  # a non-finite aggregate is never written (raises Rejected)
         version = opened.base_version + 1
         ref = write_version(
             self._store,
@@ -397,7 +401,7 @@ class AsyncIntake:
             metrics={"train_loss": ledger.loss_sum / ledger.examples} if ledger.examples else {},
             sender=self._name,
         )
-        self._transport.publish(topics.events(exp), encode(outcome))
+        self._publish(outcome)
         self._ended(exp, opened.round, outcome, set(ledger.accepted))
         log.info("%s step %d was committed before; outcome published again", exp, opened.round)
 

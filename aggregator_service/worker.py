@@ -9,15 +9,17 @@ successor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
-from aggregator_service.async_intake import AsyncIntake
+from aggregator_service.async_intake import AsyncIntake, Outcome
 from aggregator_service.checkpoints import Checkpoints
 from aggregator_service.config import build_strategy, is_asynchronous
+from aggregator_service.gate import UpdateGate
 from aggregator_service.links import upload_name
 from aggregator_service.strategies import Strategy, WeightedSum
 from aggregator_service.tally import Tally
@@ -31,9 +33,9 @@ from aggregator_service.validation import (
 from aggregator_service.versions import read_strategy_state, write_version
 from broker import (
     CloseRound,
-    CodecError,
     Delivery,
     ErrorReply,
+    MessageKind,
     ModelUpdate,
     RejectReason,
     RoundAbandoned,
@@ -41,12 +43,14 @@ from broker import (
     RoundOpened,
     Transport,
     UpdateRejected,
-    decode,
     decode_weights,
     encode,
-    topics,
     weights_spec,
 )
+from broker.errors import Refused
+from broker.identity import SERVICE_NAME, Identity
+from broker.topics import Topics
+from broker.verify import Refusal, Refusals, Verifier, refuse
 from model_store import ModelStore
 from model_store.store import PresignedAccess
 
@@ -78,24 +82,57 @@ class _OpenRound(Tally):
 
 
 class AggregatorWorker:
-    """Folds the updates of every open round into a running aggregate."""
+    """Folds the updates of every open round into a running aggregate.
+
+    Parameters
+    ----------
+    transport
+        The bus: round control in, updates in, outcomes and rejections out.
+    store
+        The model store: versions, checkpoints, uploaded updates.
+    identity
+        The worker's own key; its name is the worker's name on the bus.
+    service_key
+        The service's pinned public key: round control and task grants must
+        carry its signature.
+    topics
+        The deployment's topics (its namespace).
+    group
+        The shared update queue (default: the namespace's worker group).
+    """
 
     MAX_EARLY = 10_000
     """Updates held for a round not yet announced, at most."""
+    MAX_EARLY_BYTES = 64 << 20
+    """Bytes of updates held for a round not yet announced, at most."""
+    CONTROL_MAX_AGE_S = 600.0
+    """Round control signed longer ago than this is a replay (the service re-signs repeats)."""
 
     def __init__(
         self,
         transport: Transport,
         store: ModelStore,
         *,
-        name: str = "worker",
-        group: str = topics.UPDATES_GROUP,
+        identity: Identity,
+        service_key: bytes,
+        topics: Topics | None = None,
+        group: str | None = None,
         checkpoint_every: int = 32,
     ) -> None:
+        name = identity.name
+        self._identity = identity
+        self._topics = topics or Topics()
+        self.refusals = Refusals(f"worker {name}")
+        self._gate = UpdateGate(service_key, self._topics)
+        self._control = Verifier(
+            lambda sender: service_key if sender == SERVICE_NAME else None,
+            kinds=(MessageKind.ROUND_OPENED, MessageKind.CLOSE_ROUND),
+            max_age_s=self.CONTROL_MAX_AGE_S,
+        )
         self._transport = transport
         self._checkpoints = Checkpoints(store)
         self._checkpoint_every = checkpoint_every
-        self._group = group
+        self._group = group or self._topics.updates_group
         self._store = store
         self._name = name
         self._lock = threading.RLock()
@@ -104,10 +141,11 @@ class AggregatorWorker:
         # experiment -> (strategy config, instance, model version its state belongs to)
         self._strategies: dict[str, tuple[str, Strategy, int]] = {}
         self._early: list[tuple[ModelUpdate, Delivery]] = []
+        self._early_bytes = 0
         self._last_closed: dict[str, int] = {}
         # Asynchronous (FedBuff) experiments: server steps over updates from any recent version.
         self._async = AsyncIntake(
-            transport,
+            self._publish_outcome,
             store,
             name=name,
             checkpoint_every=checkpoint_every,
@@ -118,15 +156,24 @@ class AggregatorWorker:
 
     def start(self) -> None:
         """Subscribe to round control and to the shared update queue."""
-        self._transport.subscribe(topics.ALL_CONTROL, self._on_control)
-        self._transport.subscribe(topics.ALL_UPDATES, self._on_update, group=self._group)
+        self._transport.subscribe(self._topics.all_control, self._on_control)
+        self._transport.subscribe(self._topics.all_updates, self._on_update, group=self._group)
+
+    def _publish_outcome(self, outcome: Outcome) -> None:
+        """Sign and publish a round's outcome, with this worker's refusal counts so far."""
+        outcome = dataclasses.replace(outcome, refused=self.refusals.snapshot())
+        topic = self._topics.events(outcome.experiment_id)
+        self._transport.publish(topic, encode(outcome, self._identity))
 
     def _on_control(self, delivery: Delivery) -> None:
         try:
-            message = decode(delivery.body)
-        except CodecError:
-            log.warning("undecodable control message on %s", delivery.topic)
-            delivery.nack(requeue=False)
+            message = self._control.open(delivery.body)
+            assert isinstance(message, RoundOpened | CloseRound)
+            if delivery.topic != self._topics.control(message.experiment_id):
+                raise refuse(Refusal.SPOOFED, "control on another experiment's topic")
+        except Refused as exc:
+            self.refusals.count(exc, delivery.topic)
+            delivery.ack()
             return
         with self._lock:
             if isinstance(message, RoundOpened | CloseRound) and self._repeat_outcome(message):
@@ -148,7 +195,7 @@ class AggregatorWorker:
             return False
         # The coordinator keeps announcing (or closing) a round until it hears how it
         # ended; it may have been down when the outcome was first published.
-        self._transport.publish(topics.events(message.experiment_id), encode(outcome))
+        self._publish_outcome(outcome)
         return True
 
     def _open(self, opened: RoundOpened) -> None:
@@ -163,18 +210,21 @@ class AggregatorWorker:
         rnd = _OpenRound(opened, current, strategy, strategy.begin(opened.round, current))
         self._resume(rnd)
         self._rounds[exp] = rnd
-        held = [(u, d) for u, d in self._early if u.experiment_id == exp]
-        self._early = [(u, d) for u, d in self._early if u.experiment_id != exp]
-        for update, delivery in held:
+        for update, delivery in self._take_early(exp):
             self._handle_update(update, delivery)
+
+    def _take_early(self, experiment_id: str) -> list[tuple[ModelUpdate, Delivery]]:
+        """Remove and return the updates held for ``experiment_id``."""
+        held = [(u, d) for u, d in self._early if u.experiment_id == experiment_id]
+        self._early = [(u, d) for u, d in self._early if u.experiment_id != experiment_id]
+        self._early_bytes -= sum(len(d.body) for _, d in held)
+        return held
 
     def _open_async(self, opened: RoundOpened) -> None:
         """Open an asynchronous step, with the updates held before the experiment was known."""
         exp = opened.experiment_id
         self._async.open(opened)
-        held = [(u, d) for u, d in self._early if u.experiment_id == exp]
-        self._early = [(u, d) for u, d in self._early if u.experiment_id != exp]
-        for update, delivery in held:
+        for update, delivery in self._take_early(exp):
             self._async.handle(update, delivery)
 
     def _strategy_for(self, opened: RoundOpened) -> Strategy:
@@ -236,25 +286,25 @@ class AggregatorWorker:
 
     def _on_update(self, delivery: Delivery) -> None:
         try:
-            update = decode(delivery.body)
-        except CodecError as exc:
-            log.warning("dead-lettering undecodable update: %s", exc)
-            delivery.nack(requeue=False)
+            admitted = self._gate.admit(delivery)
+        except Refused as exc:
+            # Counted and dropped (acked): forged frames must not pile up anywhere.
+            self.refusals.count(exc, delivery.topic)
+            delivery.ack()
             return
         with self._lock:
-            if isinstance(update, ModelUpdate):
-                self._handle_update(update, delivery)
+            message = admitted.message
+            if isinstance(message, ModelUpdate):
+                self._handle_update(message, delivery)
                 return
-            if isinstance(update, ErrorReply):
-                self._device_failed(delivery.topic, update)
-                delivery.ack()
-                return
-        delivery.nack(requeue=False)
+            self._device_failed(admitted.grant.experiment_id, message)
+        delivery.ack()
 
-    def _device_failed(self, topic: str, reply: ErrorReply) -> None:
+    def _device_failed(self, experiment_id: str, reply: ErrorReply) -> None:
         """Count a device's refusal of its task against the experiment's open round."""
-        experiment_id = topic.rsplit("/", 1)[-1]
-        log.info("device %s could not train: %s %s", reply.sender, reply.code, reply.detail)
+        log.info(
+            "device %s could not train: %s %s", reply.sender, reply.code[:40], reply.detail[:200]
+        )
         if self._async.knows(experiment_id):
             self._async.device_failed(experiment_id, reply)
             return
@@ -269,8 +319,9 @@ class AggregatorWorker:
             self._async.handle(update, delivery)
             return
         rnd = self._rounds.get(update.experiment_id)
-        if self._should_hold(update) and len(self._early) < self.MAX_EARLY:
+        if self._should_hold(update) and self._may_hold(delivery):
             self._early.append((update, delivery))  # unacked, until its round is announced
+            self._early_bytes += len(delivery.body)
             return
         if rnd is not None and update.message_id in rnd.counted:
             delivery.ack()  # a redelivered copy of an update already counted
@@ -295,6 +346,13 @@ class AggregatorWorker:
         rnd.pending.append(delivery)
         if not self._close_if_complete(rnd) and len(rnd.pending) >= self._checkpoint_every:
             self._checkpoint(rnd)
+
+    def _may_hold(self, delivery: Delivery) -> bool:
+        """Return whether one more early update fits the bounds on held updates."""
+        return (
+            len(self._early) < self.MAX_EARLY
+            and self._early_bytes + len(delivery.body) <= self.MAX_EARLY_BYTES
+        )
 
     def _close_if_complete(self, rnd: _OpenRound) -> bool:
         """Close the round once the target is met or every selected device has answered."""
@@ -367,9 +425,9 @@ class AggregatorWorker:
             update_id=update.message_id,
             reason=rejection.reason,
             detail=rejection.detail,
-            sender=self._name,
         )
-        self._transport.publish(topics.device(update.device_id), encode(notice))
+        topic = self._topics.device(update.device_id)
+        self._transport.publish(topic, encode(notice, self._identity))
 
     def _close(self, experiment_id: str, round_number: int, *, deadline: bool) -> None:
         rnd = self._rounds.get(experiment_id)
@@ -378,7 +436,7 @@ class AggregatorWorker:
         del self._rounds[experiment_id]
         try:
             outcome = self._outcome(rnd)
-            self._transport.publish(topics.events(experiment_id), encode(outcome))
+            self._publish_outcome(outcome)
         except Exception:
             # Nothing is lost: checkpointed updates stay in the store, the rest go
             # back to the broker, and the coordinator announces the round again.
@@ -412,6 +470,8 @@ class AggregatorWorker:
                 return self._commit(rnd)
             except ValueError as exc:  # the rule cannot aggregate these (Krum with n <= 2f+2)
                 reason = f"{rnd.strategy.name} could not aggregate: {exc}"
+            except Rejected as exc:  # the aggregate itself is not finite: never written
+                reason = f"the aggregate is not finite: {exc.detail}"
         return RoundAbandoned(
             experiment_id=opened.experiment_id,
             round=opened.round,
@@ -419,7 +479,6 @@ class AggregatorWorker:
             reported=rnd.reported,
             accepted=len(rnd.accepted),
             rejected=dict(rnd.rejected),
-            sender=self._name,
         )
 
     def _commit(self, rnd: _OpenRound) -> RoundCommitted:
@@ -427,6 +486,7 @@ class AggregatorWorker:
         opened = rnd.opened
         new = rnd.strategy.finish(opened.round, rnd.current, rnd.state)
         assert new is not None, "a round with accepted updates always aggregates"
+        check_finite(new)
         version = opened.base_version + 1
         ref = write_version(
             self._store,
@@ -449,5 +509,4 @@ class AggregatorWorker:
             rejected=dict(rnd.rejected),
             num_examples=rnd.examples,
             metrics={"train_loss": rnd.loss_sum / rnd.examples} if rnd.examples else {},
-            sender=self._name,
         )

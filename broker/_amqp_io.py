@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import threading
 import time
 from collections import deque
@@ -22,7 +23,8 @@ import pika
 import pika.exceptions as pe
 
 from broker._amqp_options import AmqpOptions, topic_of
-from broker.errors import ConnectionLost, TransportError
+from broker.connect import describe_tls_failure, is_permanent_tls_failure
+from broker.errors import ConnectionLost, TlsError, TransportError
 from broker.retry import backoff
 
 log = logging.getLogger("broker.amqp")
@@ -78,8 +80,12 @@ class _Command:
 class IoThread:
     """Own the connection; run every pika call that other threads ask for."""
 
-    def __init__(self, options: AmqpOptions) -> None:
+    def __init__(
+        self, options: AmqpOptions, on_reconnected: Callable[[], None] | None = None
+    ) -> None:
         self.options = options
+        # Called on this thread after each reconnect, holding no lock: it must not block.
+        self._on_reconnected = on_reconnected or _nothing
         self.consumers: list[Consumer] = []  # touched by this thread only while it runs
         self._commands: deque[_Command] = deque()
         self._lock = threading.Lock()
@@ -225,6 +231,7 @@ class IoThread:
                     log.error("giving up on %s: %s", self.options.safe_url, lost)
                     self._finish(_as_transport_error(lost))
                     return
+                self._on_reconnected()
         self._finish(TransportError("transport is closed"))
 
     def _serve(self) -> None:
@@ -298,6 +305,13 @@ class IoThread:
                         f"{self.options.safe_url} refused the login: {exc!r}"
                     ) from exc
                 error: Exception = exc
+            except ssl.SSLError as exc:
+                # pika raises the handshake's own error. A certificate that does not
+                # verify fails the first connect at once; a reconnect keeps trying,
+                # as the broker's certificate may be being replaced.
+                if first and is_permanent_tls_failure(exc):
+                    raise TlsError(f"{self.options.safe_url}: {describe_tls_failure(exc)}") from exc
+                error = exc
             except (pe.AMQPConnectionError, OSError) as exc:
                 error = exc
             except pe.AMQPChannelError as exc:
@@ -307,9 +321,9 @@ class IoThread:
             failures += 1
             if attempts and failures >= attempts:
                 raise ConnectionLost(
-                    f"cannot reach {self.options.safe_url} after {failures} attempts: {error!r}"
+                    f"cannot reach {self.options.safe_url} after {failures} attempts: {_why(error)}"
                 )
-            log.info("connecting to %s failed (%r); retrying", self.options.safe_url, error)
+            log.info("connecting to %s failed (%s); retrying", self.options.safe_url, _why(error))
 
     def _open(self) -> None:
         self._conn = pika.BlockingConnection(self.options.params)
@@ -396,6 +410,11 @@ def _on_message(
     consumer: Consumer, channel: Channel, method: Any, properties: Any, body: bytes
 ) -> None:
     consumer.deliver(channel, method, properties, body)
+
+
+def _why(error: Exception) -> str:
+    """Return a connect failure in one line; TLS errors in words rather than OpenSSL's."""
+    return describe_tls_failure(error) if isinstance(error, ssl.SSLError) else repr(error)
 
 
 def _as_transport_error(exc: Exception) -> TransportError:

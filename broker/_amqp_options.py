@@ -7,6 +7,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika
 
+from broker.connect import tls_from_query
 from broker.errors import ConnectionLost, TransportError
 from broker.retry import MAX_ATTEMPTS
 
@@ -51,11 +52,20 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
 
 
-def parse_url(url: str) -> AmqpOptions:
-    """Split FedMQ's options off an ``amqp://`` URL and build pika's parameters."""
+def parse_url(url: str, *, client_id: str | None = None) -> AmqpOptions:
+    """Split FedMQ's options off an ``amqp[s]://`` URL and build pika's parameters.
+
+    ``client_id`` (or the URL's ``client_id``) names the connection in
+    RabbitMQ's management UI; ``ca``, ``cert`` and ``key`` set up ``amqps://``.
+    """
     safe = redact(url)
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if "ssl_options" in query:
+        # pika evaluates it as a Python literal; one way to say TLS is enough.
+        raise TransportError(f"{safe}: use ca=, cert= and key= instead of ssl_options")
+    tls = tls_from_query(parts.scheme, query, safe)
+    connection_name = client_id or query.pop("client_id", None)
     ours: dict[str, float] = {}
     try:
         for name, kind in (("prefetch", int), ("publish_timeout", float), ("max_attempts", int)):
@@ -68,6 +78,14 @@ def parse_url(url: str) -> AmqpOptions:
         params = pika.URLParameters(urlunsplit(parts._replace(query=urlencode(query))))
     except ValueError as exc:
         raise ConnectionLost(f"bad AMQP URL {safe}: {exc}") from exc
+    if tls is not None:
+        # pika would otherwise use its own default context for amqps://.
+        params.ssl_options = pika.SSLOptions(tls, server_hostname=params.host)
+    if connection_name:
+        params.client_properties = {
+            **(params.client_properties or {}),
+            "connection_name": connection_name,
+        }
     return AmqpOptions(
         params=params,
         safe_url=safe,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import ssl
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -81,6 +83,34 @@ def no_delay(sock: Any) -> None:
     # delayed ACK: measured 40 ms per publish when a PUBACK follows a delivery.
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def watch_tls(context: ssl.SSLContext, record: Callable[[OSError], None]) -> None:
+    """Make ``context``'s sockets hand what fails their handshake or a read to ``record``."""
+
+    # paho treats a failed handshake like any failed connect: it retries, and
+    # keeps the reason to itself. This is how the transport learns it, to fail
+    # at once on a certificate that does not verify and to say why. Reads count
+    # too: under TLS 1.3 a broker refuses a client's certificate (or its lack of
+    # one) only after the handshake, with an alert on the first read.
+    class WatchedSocket(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            try:
+                super().do_handshake(block)
+            except OSError as exc:
+                record(exc)
+                raise
+
+        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+            try:
+                return super().recv(buflen, flags)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise  # a non-blocking socket with nothing to read yet
+            except ssl.SSLError as exc:
+                record(exc)
+                raise
+
+    context.sslsocket_class = WatchedSocket
 
 
 def _varint_size(value: int) -> int:

@@ -37,6 +37,13 @@ be settled: their ``ack``/``nack`` is a logged no-op and the broker redelivers
 them. A publish caught by the drop is sent again after the reconnect (at least
 once); ``publish`` raises ``ConnectionLost`` only after ``publish_timeout``, and
 after ``max_attempts`` failed reconnects every call raises ``ConnectionLost``.
+``on_reconnect`` listeners run after each reconnect, on a thread of their own,
+once the subscriptions are restored.
+
+TLS. ``amqps://`` verifies the broker's certificate against the URL's ``ca``
+(or the system's store) and its host name, with pika's ``SSLOptions`` over a
+context built here (``broker.connect.tls_from_query``) rather than pika's
+``ssl_options`` query, which it evaluates as a Python literal.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from broker._amqp_io import (
 )
 from broker._amqp_options import AmqpOptions, parse_url, routing_key, topic_of
 from broker.errors import TransportError
-from broker.transport import Handler
+from broker.transport import Handler, ReconnectListener, Will, notify_reconnected
 
 __all__ = [
     "DEAD_LETTERS",
@@ -202,31 +209,49 @@ class AmqpSubscription:
 
 
 class AmqpTransport:
-    """The RabbitMQ transport (``amqp://user:pass@host:port/vhost?prefetch=N``)."""
+    """The RabbitMQ transport (``amqp[s]://user:pass@host:port/vhost?prefetch=N``)."""
 
     def __init__(self, options: AmqpOptions) -> None:
-        self._io = IoThread(options)
+        self._listeners: list[ReconnectListener] = []
+        self._listeners_lock = threading.Lock()
+        self._io = IoThread(options, on_reconnected=self._reconnected)
         self._io.start()
 
     @classmethod
-    def from_url(cls, url: str) -> AmqpTransport:
+    def from_url(
+        cls, url: str, *, client_id: str | None = None, will: Will | None = None
+    ) -> AmqpTransport:
         """Connect to the broker at ``url``; raise ``ConnectionLost`` if it cannot be reached.
 
         Parameters
         ----------
         url
-            ``amqp://user:pass@host:port/vhost``. Besides pika's own query options it
-            takes ``prefetch`` (unacked messages per consumer, default 1000, 0 for no
-            limit), ``publish_timeout`` (seconds, default 60) and ``max_attempts``
-            (reconnects before giving up, default ``broker.retry.MAX_ATTEMPTS``, 0 for
-            never).
+            ``amqp://user:pass@host:port/vhost`` or ``amqps://...`` (port 5671 by
+            default). Besides pika's own query options it takes ``prefetch``
+            (unacked messages per consumer, default 1000, 0 for no limit),
+            ``publish_timeout`` (seconds, default 60), ``max_attempts`` (reconnects
+            before giving up, default ``broker.retry.MAX_ATTEMPTS``, 0 for never),
+            ``client_id``, and for ``amqps://`` ``ca``, ``cert`` and ``key`` (PEM
+            file paths: the CA to verify the broker with, our certificate and key).
+        client_id
+            The connection's name in RabbitMQ (overrides the URL's ``client_id``).
+        will
+            Accepted and ignored: AMQP has no last will. A consumer that vanishes
+            loses its consumers, and its unacked messages go back to their queues.
 
         Returns
         -------
         AmqpTransport
             A connected transport.
+
+        Raises
+        ------
+        TlsError
+            The broker's certificate did not verify, or it refused ours.
+        ConnectionLost
+            The broker could not be reached, or refused the login.
         """
-        return cls(parse_url(url))
+        return cls(parse_url(url, client_id=client_id))
 
     def publish(self, topic: str, body: bytes) -> None:
         """Publish persistently to ``topic``; return once the broker confirmed it.
@@ -271,8 +296,25 @@ class AmqpTransport:
             raise
         return sub
 
+    def on_reconnect(self, listener: ReconnectListener) -> None:
+        """Call ``listener`` on a thread of its own after every reconnect (not the first connect).
+
+        Parameters
+        ----------
+        listener
+            Called with no arguments once the subscriptions are restored; it may publish.
+        """
+        with self._listeners_lock:
+            self._listeners.append(listener)
+
     def close(self) -> None:
         """Close the connection; messages not yet settled go back to the broker."""
         if self._io.stop():
             for sub in list(self._io.consumers):
                 sub.stop()
+
+    def _reconnected(self) -> None:
+        """Start the reconnect listeners (called on the I/O thread, which they must not block)."""
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        notify_reconnected(listeners, "fedmq-amqp-reconnected")

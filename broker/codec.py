@@ -2,18 +2,26 @@
 
 Frame layout (all integers big-endian)::
 
-    b"FMQ" | version byte | u32 header length | header (UTF-8 JSON) | payload
+    unsigned (version 1):  b"FMQ" | 0x01 | u32 header length | header | payload
+    signed   (version 2):  b"FMQ" | 0x02 | u32 header length | header | signature | payload
 
 The header holds ``schema_version``, ``kind``, the envelope fields and the
 message ``body``; a message's single ``bytes`` field (an update's inline
-weights) travels as the payload so it is never base64-inflated. Weights are
-safetensors bytes, checked against the expected names, shapes and dtypes.
+weights) travels as the payload so it is never base64-inflated. A signed
+frame's header also holds ``payload_sha256``, and its 64-byte Ed25519
+signature is over the frame's first ``8 + header length`` bytes (prefix and
+header, as sent): so it covers every field and, through the digest, the
+payload, and a verifier needs no canonical JSON. The header's ``sender``
+names the key that signed it. Every receiver refuses unsigned frames
+(``broker.verify``); version 1 remains for tools and tests that look at
+frames by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import struct
@@ -23,16 +31,42 @@ from enum import Enum
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from broker.errors import CodecError, SchemaVersionError
+from broker.identity import SIGNATURE_BYTES, Identity
 from broker.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message, MessageKind
 
 _MAGIC = b"FMQ"
 _FRAME_VERSION = 1
+SIGNED_FRAME_VERSION = 2
 _PREFIX = struct.Struct(">3sBI")
 _ENVELOPE_FIELDS = ("message_id", "sender", "sent_at", "reply_to")
+MAX_HEADER_BYTES = 1 << 20
+"""Largest header accepted: a 1,000-device round announcement is ~100 KB."""
 
 
-def encode(message: Message) -> bytes:
-    """Serialise a message to one frame."""
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """A frame split into its parts, before any signature is checked."""
+
+    header: dict[str, Any]
+    payload: memoryview
+    signed_part: memoryview
+    """The bytes a signature covers: prefix and header."""
+    signature: memoryview | None
+    """The Ed25519 signature of a version-2 frame; None for an unsigned one."""
+
+    @property
+    def sender(self) -> str:
+        """Return the sender named in the header ("" when absent or not a string)."""
+        sender = self.header.get("sender")
+        return sender if isinstance(sender, str) else ""
+
+
+def encode(message: Message, identity: Identity | None = None) -> bytes:
+    """Serialise a message to one frame, signed by ``identity`` when one is given.
+
+    A signed frame names ``identity.name`` as its sender, whatever the
+    message's own ``sender`` field says.
+    """
     body: dict[str, Any] = {}
     payload: bytes | memoryview = b""
     payload_field: str | None = None
@@ -53,8 +87,14 @@ def encode(message: Message) -> bytes:
         "body": body,
         "payload_field": payload_field,
     }
+    if identity is None:
+        raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+        return b"".join((_PREFIX.pack(_MAGIC, _FRAME_VERSION, len(raw)), raw, payload))
+    header["sender"] = identity.name
+    header["payload_sha256"] = hashlib.sha256(payload).hexdigest()
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    return b"".join((_PREFIX.pack(_MAGIC, _FRAME_VERSION, len(raw)), raw, payload))
+    signed = _PREFIX.pack(_MAGIC, SIGNED_FRAME_VERSION, len(raw)) + raw
+    return b"".join((signed, identity.sign(signed), payload))
 
 
 def split_frame(frame: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
@@ -63,7 +103,7 @@ def split_frame(frame: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
     Parameters
     ----------
     frame
-        One message as it travels on the bus.
+        One message as it travels on the bus, signed or not.
 
     Returns
     -------
@@ -76,27 +116,50 @@ def split_frame(frame: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
     CodecError
         The bytes are not a FedMQ frame, or the header is not a JSON object.
     """
+    parsed = parse_frame(frame)
+    return parsed.header, parsed.payload
+
+
+def parse_frame(frame: bytes | memoryview) -> Frame:
+    """Split a frame into header, payload and signature; raise ``CodecError`` if it is not one."""
     view = memoryview(frame).cast("B")
     if len(view) < _PREFIX.size:
         raise CodecError("frame shorter than its prefix")
     magic, version, length = _PREFIX.unpack_from(view)
-    if magic != _MAGIC or version != _FRAME_VERSION:
+    if magic != _MAGIC or version not in (_FRAME_VERSION, SIGNED_FRAME_VERSION):
         raise CodecError("not a FedMQ frame")
+    if length > MAX_HEADER_BYTES:
+        raise CodecError(f"header of {length} bytes exceeds {MAX_HEADER_BYTES}")
     end = _PREFIX.size + length
     if end > len(view):
         raise CodecError("frame truncated inside its header")
     try:
         header = _HEADER.decode(bytes(view[_PREFIX.size : end]).decode())
+    except RecursionError as exc:  # nesting deeper than the parser's stack
+        raise CodecError("bad header: nested too deeply") from exc
     except ValueError as exc:
         raise CodecError(f"bad header: {exc}") from exc
     if not isinstance(header, dict):
         raise CodecError("bad header: not a JSON object")
-    return header, view[end:]
+    if version == _FRAME_VERSION:
+        return Frame(header, view[end:], view[:end], None)
+    if end + SIGNATURE_BYTES > len(view):
+        raise CodecError("frame truncated inside its signature")
+    signature = view[end : end + SIGNATURE_BYTES]
+    return Frame(header, view[end + SIGNATURE_BYTES :], view[:end], signature)
 
 
 def decode(frame: bytes | memoryview) -> Message:
-    """Parse one frame back into its typed message; raise ``CodecError`` if it is not one."""
-    header, payload = split_frame(frame)
+    """Parse one frame back into its typed message; raise ``CodecError`` if it is not one.
+
+    This checks no signature: receivers go through ``broker.verify``.
+    """
+    return decode_frame(parse_frame(frame))
+
+
+def decode_frame(frame: Frame) -> Message:
+    """Build the typed message of a parsed frame; raise ``CodecError`` if it is not one."""
+    header, payload = frame.header, frame.payload
     try:
         kind = MessageKind(header["kind"])
         schema = int(header["schema_version"])
@@ -118,7 +181,7 @@ def decode(frame: bytes | memoryview) -> Message:
         kwargs[payload_field] = payload
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise CodecError(f"bad {kind.value} body: {exc}") from exc
 
 

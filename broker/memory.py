@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from broker.errors import TransportError
-from broker.transport import Handler, topic_matches
+from broker.transport import Handler, ReconnectListener, Will, topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,25 @@ class MemoryTransport:
         self._thread.start()
 
     @classmethod
-    def from_url(cls, url: str, **_options: object) -> MemoryTransport:
-        """Build from a ``memory://`` URL (connection options do not apply in-process)."""
+    def from_url(
+        cls, url: str = "memory://", *, client_id: str | None = None, will: Will | None = None
+    ) -> MemoryTransport:
+        """Build a new bus from a ``memory://`` URL.
+
+        Parameters
+        ----------
+        url
+            ``memory://``; its query, if any, is ignored.
+        client_id
+            Accepted for the common signature and ignored: nothing identifies a client here.
+        will
+            Accepted and ignored: an in-process client cannot vanish without its process.
+
+        Returns
+        -------
+        MemoryTransport
+            A bus of its own, shared by nobody yet.
+        """
         return cls()
 
     def publish(self, topic: str, body: bytes) -> None:
@@ -125,6 +142,9 @@ class MemoryTransport:
                 self._ready.append((queue, *queue.backlog.popleft()))
             self._lock.notify_all()
             return sub
+
+    def on_reconnect(self, listener: ReconnectListener) -> None:
+        """Accept ``listener`` and never call it: the in-process bus has no connection to lose."""
 
     def join(self, timeout: float | None = None) -> None:
         """Block until every queued message has been handled; raise on timeout."""

@@ -39,6 +39,7 @@ class MessageKind(Enum):
     CLOSE_ROUND = "close_round"
     ROUND_COMMITTED = "round_committed"
     ROUND_ABANDONED = "round_abandoned"
+    TASK_GRANT = "task_grant"
 
 
 class RejectReason(Enum):
@@ -57,6 +58,9 @@ class RejectReason(Enum):
     NOT_SELECTED = "not_selected"
     FETCH_FAILED = "fetch_failed"
     STRATEGY_REFUSED = "strategy_refused"
+    BAD_GRANT = "bad_grant"
+    BAD_SIGNATURE = "bad_signature"
+    TOO_MANY_EXAMPLES = "too_many_examples"
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,29 @@ class ErrorReply(Message):
     in_reply_to: str
     code: str
     detail: str = ""
+    grant: str = ""
+    """A device refusing its task returns the task's grant, as an update would."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskGrant(Message):
+    """The service's word that a task went to a device: signed by the service, carried as text.
+
+    It rides inside the ``TrainTask`` and comes back inside the device's
+    ``ModelUpdate`` (the base64 of its own signed frame), so a worker learns
+    from the pinned service key which device key must have signed the update,
+    for which round and task, and how many examples it may claim, without a
+    database or a list of every device.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.TASK_GRANT
+    experiment_id: str
+    round: int
+    device_id: str
+    task_id: str
+    public_key: str
+    """The device's Ed25519 public key (base64 of its 32 raw bytes)."""
+    max_examples: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +125,8 @@ class CheckIn(Message):
     KIND: ClassVar[MessageKind] = MessageKind.CHECK_IN
     TASKS_IN_PROGRESS: ClassVar[str] = "tasks_in_progress"
     """Capability: tasks the device still works on (0 or absent: idle, ready for one)."""
+    EXAMPLES: ClassVar[str] = "examples"
+    """Capability: how many training examples the device holds (bounds its updates' claims)."""
     device_id: str
     platform: str
     experiment_id: str | None = None
@@ -141,10 +170,16 @@ class TrainTask(Message):
     """Where to PUT an update too large to travel inline (claim check)."""
     max_inline_bytes: int = 0
     """Largest update that may travel inside the message; 0 means no limit."""
+    grant: str = ""
+    """The signed ``TaskGrant`` the device returns with its update."""
+    aggregator_keys: Mapping[str, str] = field(default_factory=dict)
+    """Public keys of the workers whose ``UpdateRejected`` notices the device may trust."""
 
     def error_reply(self, code: str, detail: str, *, sender: str) -> ErrorReply:
         """Return the reply a device sends when it cannot do this task."""
-        return ErrorReply(in_reply_to=self.message_id, code=code, detail=detail, sender=sender)
+        return ErrorReply(
+            in_reply_to=self.message_id, code=code, detail=detail, sender=sender, grant=self.grant
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +196,8 @@ class ModelUpdate(Message):
     weights: ModelRef | None = None
     inline_weights: bytes | memoryview | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    grant: str = ""
+    """The task's signed ``TaskGrant``, returned as it came."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +252,8 @@ class RoundCommitted(Message):
     rejected: Mapping[str, int] = field(default_factory=dict)
     num_examples: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    refused: Mapping[str, int] = field(default_factory=dict)
+    """The worker's count of refused frames so far, by reason (forged, unsigned, ...)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +267,8 @@ class RoundAbandoned(Message):
     reported: int = 0
     accepted: int = 0
     rejected: Mapping[str, int] = field(default_factory=dict)
+    refused: Mapping[str, int] = field(default_factory=dict)
+    """The worker's count of refused frames so far, by reason (forged, unsigned, ...)."""
 
 
 MESSAGE_TYPES: Mapping[MessageKind, type[Message]] = {
@@ -244,5 +285,6 @@ MESSAGE_TYPES: Mapping[MessageKind, type[Message]] = {
         CloseRound,
         RoundCommitted,
         RoundAbandoned,
+        TaskGrant,
     )
 }

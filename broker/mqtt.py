@@ -35,6 +35,9 @@ How the ``Transport`` promises map onto MQTT:
 - MQTT has no negative ack: ``nack(requeue=True)`` republishes the message with
   the user property ``fedmq-redelivered`` and acks the original;
   ``nack(requeue=False)`` republishes it to ``fedmq/dead-letters/<topic>``.
+- ``mqtts://`` verifies the broker's certificate against the URL's ``ca`` (or
+  the system's store) and its host name. A certificate that does not verify
+  fails the first connect at once with ``TlsError``; later, paho keeps trying.
 - ``?protocol=3.1.1`` (for amqtt) has no shared subscriptions, subscription
   identifiers or user properties: group members compete only within one
   transport, overlapping filters may deliver a message twice, and a requeued
@@ -47,9 +50,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -74,10 +75,12 @@ from broker._mqtt_wire import (
     read_inbound,
     redelivered_marker,
     subscribe_properties,
+    watch_tls,
 )
-from broker.errors import ConnectionLost, TransportError
+from broker.connect import describe_tls_failure, is_permanent_tls_failure
+from broker.errors import ConnectionLost, TlsError, TransportError
 from broker.retry import backoff
-from broker.transport import Handler
+from broker.transport import Handler, ReconnectListener, Will, notify_reconnected
 
 __all__ = ["MqttDelivery", "MqttSubscription", "MqttTransport"]
 
@@ -112,26 +115,37 @@ class MqttTransport:
     Parameters
     ----------
     url
-        ``mqtt://[user:password@]host[:port][?option=value...]``; options are
-        ``client_id`` (makes the session persistent), ``session_expiry``
-        (seconds, default 3600), ``keepalive``, ``protocol`` (``5`` or ``3.1.1``),
-        ``connect_timeout`` (default 5 s) and ``publish_timeout`` (default 60 s).
+        ``mqtt://[user:password@]host[:port][?option=value...]``, or ``mqtts://``
+        (port 8883 by default); options are ``client_id`` (makes the session
+        persistent), ``session_expiry`` (seconds, default 3600), ``keepalive``,
+        ``protocol`` (``5`` or ``3.1.1``), ``connect_timeout`` (default 5 s),
+        ``publish_timeout`` (default 60 s), and for ``mqtts://`` ``ca``, ``cert``
+        and ``key`` (PEM file paths: the CA to verify the broker with, our
+        certificate and key).
     will
         ``(topic, payload)`` the broker publishes (QoS 1, not retained) if this
         client vanishes without closing; a clean ``close()`` does not send it.
+    client_id
+        The MQTT client id, making the session persistent; overrides the URL's.
 
     Raises
     ------
     ConnectionLost
         No broker accepted the connection within ``connect_timeout``.
+    TlsError
+        The broker's certificate did not verify, or it refused ours.
     TransportError
         The URL is malformed, or the broker refused the client for good.
     """
 
     def __init__(
-        self, url: str = "mqtt://127.0.0.1:1883", *, will: tuple[str, bytes] | None = None
+        self,
+        url: str = "mqtt://127.0.0.1:1883",
+        *,
+        will: Will | None = None,
+        client_id: str | None = None,
     ) -> None:
-        self._options = MqttOptions.parse(url)
+        self._options = MqttOptions.parse(url, client_id=client_id)
         self._v5 = self._options.protocol == "5"
         self._lock = threading.Condition()
         self._table = RouteTable(shared_groups=self._v5)
@@ -140,12 +154,14 @@ class MqttTransport:
         self._epoch = 0
         self._attempt = 0
         self._refused: ReasonCode | None = None
+        self._handshake_error: OSError | None = None  # of the connection attempt under way
+        self._tls_failure: OSError | None = None  # why the last first-connect attempt failed
         self._network_thread: int | None = None
         self._socket_opened = False
         self._connected_at = 0.0
         self._session_present = False
         self._reconnected_at: float | None = None
-        self._reconnect_listeners: list[Callable[[], None]] = []
+        self._reconnect_listeners: list[ReconnectListener] = []
         self._max_packet: int | None = None
         self._subacks: dict[int, list[ReasonCode] | None] = {}
         self._puback_failures: dict[int, ReasonCode] = {}
@@ -157,12 +173,10 @@ class MqttTransport:
 
     @classmethod
     def from_url(
-        cls, url: str, *, will: tuple[str, bytes] | None = None, client_id: str | None = None
+        cls, url: str, *, client_id: str | None = None, will: Will | None = None
     ) -> MqttTransport:
-        """Connect to the broker at ``url``; ``client_id`` overrides the URL's one."""
-        if client_id is not None:
-            url = f"{url}{'&' if '?' in url else '?'}client_id={quote(client_id, safe='')}"
-        return cls(url, will=will)
+        """Connect to the broker at ``url`` (see the class for the parameters)."""
+        return cls(url, will=will, client_id=client_id)
 
     @property
     def url(self) -> str:
@@ -206,7 +220,7 @@ class MqttTransport:
             self._await_suback(mid, route, handler)
         return MqttSubscription(route, handler, self._cancel)
 
-    def on_reconnect(self, listener: Callable[[], None]) -> None:
+    def on_reconnect(self, listener: ReconnectListener) -> None:
         """Call ``listener`` on a thread of its own after every reconnect (not the first connect).
 
         Parameters
@@ -251,7 +265,7 @@ class MqttTransport:
 
     # -- internals -------------------------------------------------------------
 
-    def _make_client(self, will: tuple[str, bytes] | None) -> paho.Client:
+    def _make_client(self, will: Will | None) -> paho.Client:
         opts = self._options
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -265,6 +279,9 @@ class MqttTransport:
             client.username_pw_set(opts.username, opts.password)
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=False)
+        if opts.tls is not None:
+            watch_tls(opts.tls, self._on_tls_failure)
+            client.tls_set_context(opts.tls)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -287,9 +304,10 @@ class MqttTransport:
         self._client.loop_start()
         with self._lock:
             self._lock.wait_for(
-                lambda: self._connected or self._refused is not None, opts.connect_timeout
+                lambda: self._connected or self._refused is not None or self._tls_refused(),
+                opts.connect_timeout,
             )
-            connected, refused = self._connected, self._refused
+            connected, refused, tls = self._connected, self._refused, self._tls_failure
         if connected:
             return
         self._closed = True
@@ -299,14 +317,22 @@ class MqttTransport:
         if refused is not None:
             hint = "; add ?protocol=3.1.1 for an MQTT 3 broker" if refused.value == 0x84 else ""
             raise TransportError(f"{self.url} refused the connection: {refused}{hint}")
+        if tls is not None:
+            error = TlsError if is_permanent_tls_failure(tls) else ConnectionLost
+            raise error(f"{self.url}: {describe_tls_failure(tls)}")
         if self._socket_opened and self._v5:
             raise ConnectionLost(
                 f"{self.url} accepted TCP but sent no CONNACK within {opts.connect_timeout:g} s"
-                " (an MQTT 3 broker such as amqtt needs ?protocol=3.1.1)"
+                " (a TLS listener needs mqtts://; an MQTT 3 broker such as amqtt, ?protocol=3.1.1)"
             )
         raise ConnectionLost(
             f"no MQTT broker answered at {self.url} within {opts.connect_timeout:g} s"
         )
+
+    def _tls_refused(self) -> bool:
+        """Return whether the first connect failed a TLS handshake for good (lock held)."""
+        failure = self._tls_failure
+        return failure is not None and is_permanent_tls_failure(failure)
 
     def _publish(self, topic: str, body: bytes, *, redelivered: bool) -> None:
         if threading.get_ident() == self._network_thread:
@@ -467,11 +493,7 @@ class MqttTransport:
             self._lock.notify_all()
             listeners = list(self._reconnect_listeners) if again else []
         log.info("connected to %s (session present: %s)", self.url, flags.session_present)
-        if listeners:
-            # Off paho's thread: a listener that publishes waits for the PUBACK.
-            threading.Thread(
-                target=_notify, args=(listeners,), name="fedmq-mqtt-reconnected", daemon=True
-            ).start()
+        notify_reconnected(listeners, "fedmq-mqtt-reconnected")
 
     def _on_socket_open(self, client: paho.Client, userdata: object, sock: Any) -> None:
         self._socket_opened = True
@@ -480,8 +502,24 @@ class MqttTransport:
     def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
         with self._lock:
             attempt, self._attempt = self._attempt, self._attempt + 1
-        log.info("cannot reach %s (attempt %d); retrying", self.url, attempt + 1)
+            tls = self._take_tls_failure()
+        why = f": {describe_tls_failure(tls)}" if tls is not None else ""
+        log.info("cannot reach %s (attempt %d%s); retrying", self.url, attempt + 1, why)
         self._set_reconnect_delay(attempt)
+
+    def _on_tls_failure(self, error: OSError) -> None:
+        # Called on paho's network thread inside its connect or read, which then
+        # calls _on_connect_fail or _on_disconnect; paho holds none of its locks
+        # here, nor is ours needed.
+        self._handshake_error = error
+
+    def _take_tls_failure(self) -> OSError | None:
+        """Take the failed attempt's TLS error; keep it while still connecting (lock held)."""
+        failure, self._handshake_error = self._handshake_error, None
+        if not self._connected_at:  # the first connect: _connect reports it
+            self._tls_failure = failure
+            self._lock.notify_all()
+        return failure
 
     def _on_disconnect(
         self,
@@ -499,6 +537,7 @@ class MqttTransport:
             if time.monotonic() - self._connected_at >= STABLE_AFTER:
                 self._attempt = 0
             attempt, self._attempt = self._attempt, self._attempt + 1
+            self._take_tls_failure()
             self._lock.notify_all()
             if self._closed:
                 return
@@ -545,12 +584,3 @@ class MqttTransport:
         for reason in reasons:
             if reason.is_failure:
                 log.error("%s refused a subscription (renewed or resumed): %s", self.url, reason)
-
-
-def _notify(listeners: list[Callable[[], None]]) -> None:
-    """Run reconnect listeners; one that fails does not stop the others."""
-    for listener in listeners:
-        try:
-            listener()
-        except Exception:
-            log.exception("a reconnect listener failed")

@@ -1,58 +1,93 @@
-"""Topic names, in one place.
+"""Topic names, in one place, under a deployment's namespace.
 
 Topics are written with ``/`` separators, as MQTT wants them; the AMQP
 transport turns ``/`` into ``.`` for routing keys, which is the same mapping
 RabbitMQ's MQTT plugin applies, so one name serves both protocols.
+
+Every topic a device may publish to ends in its own id (``NS/checkin/D``,
+``NS/updates/E/D``) and it reads only ``NS/device/D``, so one broker ACL
+pattern per role confines each device to its own traffic. The namespace
+(``FEDMQ_NAMESPACE``, default ``fedmq``) prefixes every topic and names the
+worker group, so deployments sharing a broker never see each other.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
-PREFIX = "fedmq"
-CHECKINS = f"{PREFIX}/checkin"
-"""Devices announce themselves here; the coordinator listens."""
+DEFAULT_NAMESPACE = "fedmq"
 
 
 def _segment(value: str) -> str:
     """Return ``value`` if it is safe as one topic segment, else raise ``ValueError``."""
-    if not _SEGMENT.match(value):
+    if not isinstance(value, str) or not _SEGMENT.match(value):
         raise ValueError(f"{value!r} is not a valid topic segment (letters, digits, '_', '-')")
     return value
 
 
-def device(device_id: str) -> str:
-    """Return the topic a single device receives its tasks and replies on."""
-    return f"{PREFIX}/device/{_segment(device_id)}"
+def is_valid_segment(value: object) -> bool:
+    """Return whether ``value`` may be used as a device, experiment or namespace id."""
+    return isinstance(value, str) and bool(_SEGMENT.match(value))
 
 
-def updates(experiment_id: str) -> str:
-    """Return the topic devices publish an experiment's model updates to."""
-    return f"{PREFIX}/updates/{_segment(experiment_id)}"
+@dataclass(frozen=True)
+class Topics:
+    """The topics of one deployment (one namespace)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        _segment(self.namespace)
+
+    def checkin(self, device_id: str) -> str:
+        """Return the topic a device announces itself (and leaves) on."""
+        return f"{self.namespace}/checkin/{_segment(device_id)}"
+
+    @property
+    def all_checkins(self) -> str:
+        """Return the pattern matching every device's check-in topic."""
+        return f"{self.namespace}/checkin/+"
+
+    def device(self, device_id: str) -> str:
+        """Return the topic a single device receives its tasks and replies on."""
+        return f"{self.namespace}/device/{_segment(device_id)}"
+
+    def updates(self, experiment_id: str, device_id: str) -> str:
+        """Return the topic a device publishes an experiment's model updates to."""
+        return f"{self.namespace}/updates/{_segment(experiment_id)}/{_segment(device_id)}"
+
+    @property
+    def all_updates(self) -> str:
+        """Return the pattern matching every experiment's update topics."""
+        return f"{self.namespace}/updates/+/+"
+
+    def control(self, experiment_id: str) -> str:
+        """Return the topic the coordinator drives an experiment's aggregation on."""
+        return f"{self.namespace}/control/{_segment(experiment_id)}"
+
+    @property
+    def all_control(self) -> str:
+        """Return the pattern matching every experiment's control topic."""
+        return f"{self.namespace}/control/+"
+
+    def events(self, experiment_id: str) -> str:
+        """Return the topic workers report an experiment's round outcomes on."""
+        return f"{self.namespace}/events/{_segment(experiment_id)}"
+
+    @property
+    def all_events(self) -> str:
+        """Return the pattern matching every experiment's event topic."""
+        return f"{self.namespace}/events/+"
+
+    @property
+    def updates_group(self) -> str:
+        """Return the shared queue this deployment's aggregator workers consume updates from."""
+        return f"{self.namespace}-aggregators"
 
 
-def control(experiment_id: str) -> str:
-    """Return the topic the coordinator drives an experiment's aggregation on."""
-    return f"{PREFIX}/control/{_segment(experiment_id)}"
-
-
-def events(experiment_id: str) -> str:
-    """Return the topic workers report an experiment's round outcomes on."""
-    return f"{PREFIX}/events/{_segment(experiment_id)}"
-
-
-def is_valid_segment(value: str) -> bool:
-    """Return whether ``value`` may be used as a device or experiment id."""
-    return bool(_SEGMENT.match(value))
-
-
-ALL_UPDATES = f"{PREFIX}/updates/+"
-"""Pattern matching every experiment's update topic."""
-ALL_CONTROL = f"{PREFIX}/control/+"
-"""Pattern matching every experiment's control topic."""
-ALL_EVENTS = f"{PREFIX}/events/+"
-"""Pattern matching every experiment's event topic."""
-UPDATES_GROUP = "fedmq-aggregators"
-"""The shared queue all aggregator workers consume updates from."""
+def segments(topic: str) -> list[str]:
+    """Return a topic's segments."""
+    return topic.split("/")

@@ -10,12 +10,18 @@ Semantics all implementations promise:
   message goes to one of them (competing consumers); without a group every
   subscriber gets its own copy.
 - Topic patterns use MQTT wildcards: ``+`` matches one segment, ``#`` the rest.
+- ``on_reconnect`` listeners run after every reconnect, on a thread of their
+  own (so they may publish); a transport that never reconnects never calls them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import threading
+from collections.abc import Callable, Sequence
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class Delivery(Protocol):
@@ -46,6 +52,9 @@ class Delivery(Protocol):
 
 
 Handler = Callable[[Delivery], None]
+ReconnectListener = Callable[[], None]
+Will = tuple[str, bytes]
+"""A last will: the topic and the frame the broker publishes if the client vanishes."""
 
 
 class Subscription(Protocol):
@@ -67,9 +76,29 @@ class Transport(Protocol):
         """Call ``handler`` for each message matching ``topic``."""
         ...
 
+    def on_reconnect(self, listener: ReconnectListener) -> None:
+        """Call ``listener`` on a thread of its own after every reconnect, not the first connect."""
+        ...
+
     def close(self) -> None:
         """Release the connection; unsettled messages go back to the broker."""
         ...
+
+
+def notify_reconnected(listeners: Sequence[ReconnectListener], name: str) -> None:
+    """Run ``listeners`` on a new daemon thread; one that fails does not stop the others."""
+    # Never on the connection's own thread: a listener that publishes waits for
+    # that thread to send the message and take the broker's confirm.
+    if listeners:
+        threading.Thread(target=_notify, args=(list(listeners),), name=name, daemon=True).start()
+
+
+def _notify(listeners: list[ReconnectListener]) -> None:
+    for listener in listeners:
+        try:
+            listener()
+        except Exception:
+            log.exception("a reconnect listener failed")
 
 
 def topic_matches(pattern: str, topic: str) -> bool:

@@ -13,21 +13,23 @@ from broker import (
     BrokerError,
     CheckIn,
     CheckOut,
-    CodecError,
     ComeBackLater,
     Delivery,
     FetchError,
+    MessageKind,
     ModelRef,
     ModelUpdate,
     TrainTask,
     Transport,
     UpdateRejected,
-    decode,
     decode_weights,
     encode,
     encode_weights,
-    topics,
 )
+from broker.errors import IdentityError, Refused
+from broker.identity import SERVICE_NAME, Identity, decode_public_key
+from broker.topics import Topics
+from broker.verify import Verifier
 from device_sdk.app import DeviceApp, DeviceContext
 from device_sdk.errors import DeviceError, TaskError
 from device_sdk.fetch import ArtifactFetcher, upload
@@ -65,33 +67,58 @@ class DeviceClient:
         The application whose ``on_train`` handler trains.
     transport
         The bus to the coordinator.
-    device_id
-        This device's id (letters, digits, ``-`` and ``_``).
+    identity
+        This device's registered identity: its id (letters, digits, ``-`` and
+        ``_``) and the private key it signs with.
     fetcher
         Fetches task artifacts by reference (share one across a fleet).
+    service_key
+        The service's public key, pinned at registration: tasks must carry its signature.
+    topics
+        The deployment's topics (its namespace).
     platform
         Reported at check-in (``python``, ``android``, ``ios``, ``emulated``).
     experiment_id
         Join only this experiment (default: any).
+    examples
+        How many training examples the device holds, declared at check-in: the
+        service lets no update of this device claim more.
     """
+
+    TASK_MAX_AGE_S = 600.0
+    """A task signed longer ago than this is a replay."""
 
     def __init__(
         self,
         app: DeviceApp,
         transport: Transport,
-        device_id: str,
+        identity: Identity,
         fetcher: ArtifactFetcher,
         *,
+        service_key: bytes,
+        topics: Topics | None = None,
         platform: str = "python",
         experiment_id: str | None = None,
         run: Callable[[Callable[[], None]], None] | None = None,
+        examples: int | None = None,
     ) -> None:
-        if not topics.is_valid_segment(device_id):
-            raise ValueError(f"invalid device id {device_id!r}")
+        self._topics = topics or Topics()
+        self._topics.device(identity.name)  # refuses an id that cannot be a topic segment
         if app.train_handler is None:
             raise TaskError("the device app has no @on_train handler")
-        self.device_id = device_id
+        self.device_id = identity.name
         self.stats = DeviceStats()
+        self._identity = identity
+        self._examples = examples
+        self._service = Verifier(
+            lambda sender: service_key if sender == SERVICE_NAME else None,
+            kinds=(MessageKind.TRAIN_TASK, MessageKind.COME_BACK_LATER),
+            max_age_s=self.TASK_MAX_AGE_S,
+        )
+        self._workers: dict[str, bytes] = {}  # aggregator keys the latest task vouched for
+        self._rejections = Verifier(
+            self._workers.get, kinds=(MessageKind.UPDATE_REJECTED,), max_age_s=None
+        )
         self._app = app
         self._transport = transport
         self._fetcher = fetcher
@@ -103,7 +130,7 @@ class DeviceClient:
 
     def start(self) -> None:
         """Subscribe to this device's topic and check in (again after every reconnect)."""
-        self._transport.subscribe(topics.device(self.device_id), self._on_message)
+        self._transport.subscribe(self._topics.device(self.device_id), self._on_message)
         if isinstance(self._transport, _ReconnectAware):
             # A broker shutting down publishes every client's last will, so the
             # coordinator takes this device for gone until it checks in again.
@@ -113,30 +140,48 @@ class DeviceClient:
     def check_in(self) -> None:
         """Tell the coordinator this device is online, and whether it is still busy."""
         stats = self.stats
+        capabilities: dict[str, int] = {
+            CheckIn.TASKS_IN_PROGRESS: max(stats.tasks - stats.updates_sent - stats.failures, 0)
+        }
+        if self._examples is not None:
+            capabilities[CheckIn.EXAMPLES] = self._examples
         message = CheckIn(
             device_id=self.device_id,
             platform=self._platform,
             experiment_id=self._experiment_id,
-            capabilities={
-                CheckIn.TASKS_IN_PROGRESS: max(stats.tasks - stats.updates_sent - stats.failures, 0)
-            },
-            sender=self.device_id,
+            capabilities=capabilities,
         )
-        self._transport.publish(topics.CHECKINS, encode(message))
+        self._transport.publish(
+            self._topics.checkin(self.device_id), encode(message, self._identity)
+        )
 
     def stop(self, reason: str = "stopped") -> None:
         """Tell the coordinator this device is leaving."""
-        message = CheckOut(device_id=self.device_id, reason=reason, sender=self.device_id)
-        self._transport.publish(topics.CHECKINS, encode(message))
+        message = CheckOut(device_id=self.device_id, reason=reason)
+        self._transport.publish(
+            self._topics.checkin(self.device_id), encode(message, self._identity)
+        )
+
+    def _open(self, delivery: Delivery) -> TrainTask | ComeBackLater | UpdateRejected:
+        """Verify a frame on this device's topic: the service's, or a vouched-for worker's."""
+        try:
+            message = self._service.open(delivery.body)
+        except Refused as exc:
+            if exc.reason != "not_permitted":
+                raise
+            message = self._rejections.open(delivery.body)
+        assert isinstance(message, TrainTask | ComeBackLater | UpdateRejected)
+        return message
 
     def _on_message(self, delivery: Delivery) -> None:
         try:
-            message = decode(delivery.body)
-        except CodecError:
-            log.warning("%s: undecodable message dropped", self.device_id)
+            message = self._open(delivery)
+        except Refused as exc:
+            log.warning("%s: refused a frame: %s", self.device_id, exc)
             delivery.ack()
             return
         if isinstance(message, TrainTask):
+            self._trust_workers(message)
             self.stats.tasks += 1
             self._run(lambda: self.serve(message))
         elif isinstance(message, UpdateRejected):
@@ -156,6 +201,14 @@ class DeviceClient:
             timer.start()
         delivery.ack()
 
+    def _trust_workers(self, task: TrainTask) -> None:
+        """Pin the aggregator keys the service vouched for in a task."""
+        for name, text in task.aggregator_keys.items():
+            try:
+                self._workers[name] = decode_public_key(text)
+            except IdentityError:
+                log.warning("%s: task lists a bad key for worker %s", self.device_id, name[:64])
+
     def _come_back(self, why: str = "come-back-later") -> None:
         """Check in again after a ``ComeBackLater`` or a task (a failed publish waits)."""
         try:
@@ -165,7 +218,8 @@ class DeviceClient:
 
     def serve(self, task: TrainTask) -> None:
         """Train on ``task`` and publish the update, or an error reply if that fails."""
-        reply_to = task.reply_to or topics.updates(task.experiment_id)
+        # Never the task's reply_to: this device publishes only to its own update topic.
+        reply_to = self._topics.updates(task.experiment_id, self.device_id)
         try:
             weights = decode_weights(self._fetcher.fetch(task.model), copy=True)
             ctx = DeviceContext(self.device_id, weights, task.artifacts, self._fetcher)
@@ -196,9 +250,9 @@ class DeviceClient:
             weights=ref,
             inline_weights=None if ref is not None else data,
             metrics=metrics,
-            sender=self.device_id,
+            grant=task.grant,
         )
-        self._transport.publish(reply_to, encode(update))
+        self._transport.publish(reply_to, encode(update, self._identity))
         self.stats.updates_sent += 1
         if task.training.get(TrainTask.CHECK_IN_WHEN_DONE):
             # Ready for more: an asynchronous coordinator hands an idle device its next task.
@@ -208,8 +262,8 @@ class DeviceClient:
         """Tell the aggregator this device cannot serve ``task``, and why."""
         self.stats.failures += 1
         log.warning("%s: task %s refused: %s", self.device_id, task.message_id, error)
-        reply = task.error_reply(code, str(error), sender=self.device_id)
-        self._transport.publish(reply_to, encode(reply))
+        reply = task.error_reply(code, str(error)[:1000], sender=self.device_id)
+        self._transport.publish(reply_to, encode(reply, self._identity))
         if task.training.get(TrainTask.CHECK_IN_WHEN_DONE):
             self._come_back("refusal")
 

@@ -12,18 +12,29 @@ from pathlib import Path
 
 from aggregator_service import ConfigError, ExperimentConfig, ServiceError, load_config
 from aggregator_service.persistence import RoundRecord
-from broker import BrokerError, topics
+from broker import BrokerError
 from broker.embedded import EmbeddedBroker
+from broker.topics import Topics
 from device_sdk import DeviceError
 from device_sdk.data.errors import DataError
 from device_sdk.emulator.profiles import PROFILES, load_profile
 from fedmq.compose import RunResult, run_experiment
 from fedmq.defaults import DEMO_CONFIG
+from fedmq.devices import add_devices_command
 from fedmq.export import EXPORT_PLATFORMS, ExportUsageError, export_package, parse_shape
+from fedmq.keys import KeyFolder
 from fedmq.platforms import parse_mix
 from fedmq.processes import run_fleet, run_server, run_worker
 from fedmq.results import round_row, write_results
-from fedmq.settings import ENVIRONMENT, add_location_flags, redact, resolve
+from fedmq.settings import (
+    ENVIRONMENT,
+    add_location_flags,
+    add_trust_flags,
+    home,
+    namespace,
+    redact,
+    resolve,
+)
 from model_store import StoreError
 
 _HEADER = (
@@ -138,19 +149,29 @@ def _cmd_server(args: argparse.Namespace) -> int:
         db_url=resolve(args, "db"),
         public_url=args.public_url,
         recovery_grace_s=args.recovery_grace,
+        keys=_keys(args),
+        namespace=namespace(args),
     )
     return 0
+
+
+def _keys(args: argparse.Namespace) -> KeyFolder:
+    return KeyFolder(args.keys) if args.keys else KeyFolder.default(home())
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     run_worker(
         broker=resolve(args, "broker"),
         store_url=resolve(args, "store"),
-        group=args.group or os.environ.get("FEDMQ_WORKER_GROUP") or topics.UPDATES_GROUP,
+        group=args.group
+        or os.environ.get("FEDMQ_WORKER_GROUP")
+        or Topics(namespace(args)).updates_group,
         name=args.name or f"fedmq-worker-{socket.gethostname()}",
         checkpoint_every=args.checkpoint_every,
         health_file=args.health_file,
         processes=args.processes,
+        keys=_keys(args),
+        namespace=namespace(args),
     )
     return 0
 
@@ -169,6 +190,8 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         health_file=args.health_file,
         platforms=args.platforms,
         profile=args.profile,
+        keys=_keys(args),
+        namespace=namespace(args),
     )
     return 0
 
@@ -265,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="after a restart, wait S seconds for devices to check in before new rounds",
     )
     add_location_flags(server, "broker", "store", "db")
+    add_trust_flags(server)
     server.set_defaults(func=_cmd_server)
 
     worker = sub.add_parser("worker", help="an aggregator worker")
@@ -281,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--group",
-        help=f"update queue shared by this deployment's workers "
-        f"(default: $FEDMQ_WORKER_GROUP, else {topics.UPDATES_GROUP})",
+        help="update queue shared by this deployment's workers "
+        "(default: $FEDMQ_WORKER_GROUP, else NAMESPACE-aggregators)",
     )
     worker.add_argument(
         "--processes",
@@ -294,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "core (default 1; memory:// always runs in one process)",
     )
     add_location_flags(worker, "broker", "store")
+    add_trust_flags(worker)
     worker.set_defaults(func=_cmd_worker)
 
     fleet = sub.add_parser("fleet", help="an emulated device fleet")
@@ -322,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_profile_flag(fleet, "each device sleeps out its delay after training")
     add_location_flags(fleet, "broker", "server")
+    add_trust_flags(fleet)
     fleet.set_defaults(func=_cmd_fleet)
+    add_devices_command(sub)
 
     export = sub.add_parser("export", help="package a torch model for a device platform")
     source = export.add_mutually_exclusive_group(required=True)

@@ -19,7 +19,9 @@ from aggregator_service.evaluation import held_out_evaluator
 from aggregator_service.links import SignedLinks
 from aggregator_service.persistence import RoundRecord
 from broker import MemoryTransport, Transport
+from broker.identity import SERVICE_NAME, Identity, KeyRing
 from device_sdk.emulator import Fleet, TrainerFactory
+from device_sdk.emulator.fleet import Enroll
 from device_sdk.emulator.profiles import SpeedProfile, VirtualTime
 from fedmq.platforms import platform_packagers
 from fedmq.wiring import (
@@ -140,19 +142,44 @@ def run_experiment(
         # This run's devices live only as long as the run: short MQTT sessions.
         track = TransportPool(broker_url, session_expiry_s=60)
         stack.callback(track.close)
+        # Every party signs with a key of its own, made for this run.
+        service_identity = Identity.generate(SERVICE_NAME)
+        worker = Identity.generate(unique_client_id("worker"))
         service = _coordinator(
-            stack, track, store, db, in_process=in_process, evaluate=evaluate, clock=virtual
+            stack,
+            track,
+            store,
+            db,
+            service_identity,
+            KeyRing({worker.name: worker.public_key}),
+            in_process=in_process,
+            evaluate=evaluate,
+            clock=virtual,
         )
         service.add_listener(ended)
         service.start()
         # A private update queue: this run's worker must not share a broker-wide
         # group with other deployments' workers.
         group = unique_client_id("aggregators")
-        AggregatorWorker(track(unique_client_id("worker")), store, group=group).start()
+        AggregatorWorker(
+            track(worker.name),
+            store,
+            identity=worker,
+            service_key=service_identity.public_key,
+            group=group,
+        ).start()
         experiment_id = service.create_experiment(config)
         ended.on_stop = lambda: service.stop_after_current_round(experiment_id)
         fleet = _fleet(
-            stack, track, config, experiment_id, in_process, make_trainer, profile, virtual
+            stack,
+            track,
+            config,
+            experiment_id,
+            in_process,
+            make_trainer,
+            profile,
+            virtual,
+            enroll=lambda identity, platform: _enroll(service, identity, platform),
         )
         fleet.start()
         _wait_for_devices(service, len(fleet.devices), track.opened, timeout_s)
@@ -177,11 +204,19 @@ def run_experiment(
         )
 
 
+def _enroll(service: RoundService, identity: Identity, platform: str) -> bytes:
+    """Register an in-process device's identity with the coordinator; return its key."""
+    service.register_device(platform, public_key=identity.public_key_text, device_id=identity.name)
+    return service.public_key
+
+
 def _coordinator(
     stack: ExitStack,
     track: TransportPool,
     store: LocalStore,
     db: Database,
+    identity: Identity,
+    worker_keys: KeyRing,
     *,
     in_process: bool,
     evaluate: bool,
@@ -198,6 +233,8 @@ def _coordinator(
         track(unique_client_id("coordinator")),
         store,
         db,
+        identity=identity,
+        worker_keys=worker_keys,
         evaluator_factory=held_out_evaluator if evaluate else None,
         links=links,
         packagers=platform_packagers(),
@@ -220,6 +257,8 @@ def _fleet(
     make_trainer: TrainerFactory | None,
     profile: SpeedProfile | None = None,
     virtual_time: VirtualTime | None = None,
+    *,
+    enroll: Enroll,
 ) -> Fleet:
     """Build the emulated fleet of the experiment's data section."""
     run = None
@@ -238,6 +277,7 @@ def _fleet(
         make_trainer=make_trainer,
         speed=profile,
         virtual_time=virtual_time,
+        enroll=enroll,
         # Fresh ids per run, so no broker session of an earlier run is resumed.
         prefix="emu" if in_process else f"emu{uuid.uuid4().hex[:4]}",
     )

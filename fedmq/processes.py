@@ -20,9 +20,12 @@ from aggregator_service.api.app import create_app
 from aggregator_service.evaluation import held_out_evaluator
 from aggregator_service.links import PresignedLinks, SignedLinks
 from broker import Transport
+from broker.identity import Identity, KeyRing, decode_public_key
 from broker.offload import OffloadedProcess, OffloadError
+from broker.topics import Topics
 from device_sdk.emulator import Fleet
 from device_sdk.emulator.profiles import load_profile
+from fedmq.keys import KeyFolder
 from fedmq.platforms import assign_platforms, mixed_trainers, platform_packagers
 from fedmq.settings import home, redact
 from fedmq.wiring import (
@@ -65,8 +68,12 @@ def run_server(
     db_url: str,
     public_url: str | None,
     recovery_grace_s: float = 0.0,
+    keys: KeyFolder | None = None,
+    namespace: str = "fedmq",
 ) -> None:
     """Serve the REST API and coordinate rounds until signalled."""
+    keys = keys or KeyFolder.default(home())
+    identity = keys.service_identity()
     transports = TransportPool(broker)
     transport = transports(unique_client_id("coordinator"))
     store = open_store(store_url)
@@ -82,6 +89,10 @@ def run_server(
         transport,
         store,
         db,
+        identity=identity,
+        # Re-read on an unknown sender: a worker started later is trusted at once.
+        worker_keys=KeyRing(reload=keys.worker_keys),
+        topics=Topics(namespace),
         evaluator_factory=held_out_evaluator,
         links=links,
         packagers=platform_packagers(),
@@ -92,7 +103,12 @@ def run_server(
     token = os.environ.get("FEDMQ_ADMIN_TOKEN") or _generated_token()
     # Only a local-folder store needs the service's own blob endpoints.
     served = links if isinstance(links, SignedLinks) else None
-    app = create_app({"ADMIN_TOKEN": token}, service=service, store=store, links=served)
+    app = create_app(
+        {"ADMIN_TOKEN": token, "NAMESPACE": namespace},
+        service=service,
+        store=store,
+        links=served,
+    )
     server = start_http(app, host, port)
     print(f"fedmq server on http://{host}:{server.port} (broker {redact(broker)})", flush=True)
     try:
@@ -113,6 +129,8 @@ def run_worker(
     checkpoint_every: int = 32,
     health_file: Path | None = None,
     processes: int = 1,
+    keys: KeyFolder | None = None,
+    namespace: str = "fedmq",
 ) -> None:
     """Aggregate updates until signalled.
 
@@ -122,11 +140,15 @@ def run_worker(
     connection here (``broker.offload``), so receiving and folding updates do
     not share one interpreter lock; ``memory://`` always runs in-process.
     """
+    keys = keys or KeyFolder.default(home())
+    keys.service_key()  # fail at once, in one line, when the service key is not here
     settings: dict[str, Any] = {
         "store_url": store_url,
         "name": name,
         "group": group,
         "checkpoint_every": checkpoint_every,
+        "keys_dir": str(keys.root),
+        "namespace": namespace,
     }
     offload = None
     if processes > 1 and not is_in_process(broker):
@@ -151,13 +173,23 @@ def run_worker(
 
 
 def start_worker(
-    transport: Transport, *, store_url: str, name: str, group: str, checkpoint_every: int
+    transport: Transport,
+    *,
+    store_url: str,
+    name: str,
+    group: str,
+    checkpoint_every: int,
+    keys_dir: str,
+    namespace: str,
 ) -> None:
     """Start an aggregator worker on ``transport`` (in this process or an offloaded one)."""
+    keys = KeyFolder(Path(keys_dir))
     AggregatorWorker(
         transport,
         open_store(store_url),
-        name=name,
+        identity=keys.worker_identity(name),
+        service_key=keys.service_key(),
+        topics=Topics(namespace),
         group=group,
         checkpoint_every=checkpoint_every,
     ).start()
@@ -183,6 +215,8 @@ def run_fleet(
     health_file: Path | None = None,
     platforms: Mapping[str, float] | None = None,
     profile: str | None = None,
+    keys: KeyFolder | None = None,
+    namespace: str = "fedmq",
 ) -> None:
     """Run emulated devices for an experiment until signalled.
 
@@ -215,6 +249,8 @@ def run_fleet(
         concurrency = max(concurrency, devices)  # a sleeping device holds its thread
     transports = TransportPool(broker)
     executor = ThreadPoolExecutor(concurrency, thread_name_prefix="fedmq-train")
+    enrollment = _Enrollment(server)
+    folder = keys or KeyFolder.default(home())
     fleet = Fleet(
         transports,
         data,
@@ -226,6 +262,9 @@ def run_fleet(
         make_trainer=make_trainer,
         platforms=names,
         speed=speed,
+        enroll=enrollment,
+        topics=Topics(namespace),
+        identities=folder.device_identity,
     )
     fleet.start(heartbeat_s=heartbeat_s)
     print(f"fedmq fleet: {devices} devices for {experiment['id']} on {redact(broker)}", flush=True)
@@ -241,22 +280,72 @@ def run_fleet(
         print(f"fedmq fleet stopped: {fleet.summary()}", flush=True)
 
 
+def _bearer(*variables: str) -> dict[str, str]:
+    """Return an ``Authorization`` header from the first of ``variables`` that is set."""
+    for name in variables:
+        token = os.environ.get(name)
+        if token:
+            return {"Authorization": f"Bearer {token}"}
+    return {}
+
+
+def _call(
+    server: str, path: str, headers: Mapping[str, str], body: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Call the service's REST API; translate HTTP and network errors to one-line errors."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        server.rstrip("/") + path,
+        data=data,
+        headers={**headers, "Content-Type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:300].decode(errors="replace")
+        raise ServiceError(f"{server}{path}: HTTP {exc.code} {detail}") from exc
+    except (OSError, ValueError) as exc:
+        raise ServiceError(f"cannot reach the FedMQ service at {server}: {exc}") from exc
+    return answer
+
+
 def _experiment(server: str, experiment_id: str | None) -> dict[str, Any]:
     """Fetch an experiment (default: the newest) from the service's REST API."""
     path = f"/api/v1/experiments/{experiment_id}" if experiment_id else "/api/v1/experiments"
-    try:
-        with urllib.request.urlopen(server.rstrip("/") + path, timeout=10) as response:
-            body: dict[str, Any] = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise ServiceError(f"{server}{path}: HTTP {exc.code}") from exc
-    except (OSError, ValueError) as exc:
-        raise ServiceError(f"cannot reach the FedMQ service at {server}: {exc}") from exc
+    body = _call(server, path, _bearer("FEDMQ_VIEWER_TOKEN", "FEDMQ_ADMIN_TOKEN"))
     if experiment_id:
         return body
     if not body["experiments"]:
         raise ServiceError(f"{server} has no experiments yet; create one or pass --experiment")
     newest: dict[str, Any] = body["experiments"][-1]
     return newest
+
+
+class _Enrollment:
+    """Registers a fleet's devices with the service over REST, pinning the key it answers with."""
+
+    def __init__(self, server: str) -> None:
+        self._server = server
+        self._headers = _bearer("FEDMQ_ENROLLMENT_TOKEN", "FEDMQ_ADMIN_TOKEN")
+        if not self._headers:
+            raise ServiceError(
+                "enrolling devices needs FEDMQ_ENROLLMENT_TOKEN (or FEDMQ_ADMIN_TOKEN)"
+            )
+        self.service_key: bytes | None = None
+
+    def __call__(self, identity: Identity, platform: str) -> bytes:
+        """Register ``identity``; return the service key the registration reported."""
+        body = {"platform": platform, "public_key": identity.public_key_text}
+        answer = _call(
+            self._server, "/api/v1/devices", self._headers, {**body, "device_id": identity.name}
+        )
+        key = decode_public_key(str(answer["service_key"]))
+        if self.service_key is not None and key != self.service_key:
+            raise ServiceError("the service answered with two different keys; refusing both")
+        self.service_key = key
+        return key
 
 
 def _generated_token() -> str:

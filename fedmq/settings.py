@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from aggregator_service.errors import ConfigError
+from broker.topics import is_valid_segment
+
 ENVIRONMENT = {
     "broker": "FEDMQ_BROKER_URL",
     "store": "FEDMQ_STORE_URL",
@@ -44,6 +47,29 @@ def add_location_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         parser.add_argument(
             f"--{name}", metavar="URL", help=f"{_HELP[name]} (default: ${ENVIRONMENT[name]})"
         )
+
+
+def add_trust_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--namespace`` and ``--keys`` (the deployment's topic prefix and key folder)."""
+    parser.add_argument(
+        "--namespace",
+        help="deployment namespace: topic prefix, worker group (default: $FEDMQ_NAMESPACE, "
+        "else fedmq); deployments sharing a broker never see each other",
+    )
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        help="key folder: service.key/.pub, workers/NAME.key/.pub, devices/ "
+        "(default: $FEDMQ_KEYS, else $FEDMQ_HOME/keys)",
+    )
+
+
+def namespace(args: argparse.Namespace) -> str:
+    """Return the deployment's namespace: the flag, else ``$FEDMQ_NAMESPACE``, else ``fedmq``."""
+    chosen = getattr(args, "namespace", None) or os.environ.get("FEDMQ_NAMESPACE") or "fedmq"
+    if not is_valid_segment(chosen):
+        raise ConfigError(f"namespace {chosen!r}: 1-128 letters, digits, '_' or '-'")
+    return str(chosen)
 
 
 def resolve(args: argparse.Namespace, name: str) -> str:

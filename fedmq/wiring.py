@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from broker import CheckOut, MemoryTransport, Transport, connect, encode, topics
+from broker import MemoryTransport, Transport, connect
 
 log = logging.getLogger(__name__)
 
@@ -26,32 +26,33 @@ def is_in_process(broker_url: str) -> bool:
     return urlsplit(broker_url).scheme == "memory"
 
 
+Will = tuple[str, bytes]
+"""A last will: the topic and the signed frame the broker sends when a connection dies."""
+
+
 def transport_factory(
     broker_url: str, *, session_expiry_s: int | None = None
-) -> Callable[[str], Transport]:
-    """Return ``open(client_id)``: every caller shares one bus for ``memory://``.
+) -> Callable[[str, Will | None], Transport]:
+    """Return ``open(client_id, will)``: every caller shares one bus for ``memory://``.
 
-    MQTT connections get the client id (persistent sessions, and a last will
-    that checks a device out when its connection dies); AMQP ones ignore it.
-    ``session_expiry_s`` shortens how long the broker keeps an MQTT session of
-    a client that went away (the URL's own setting otherwise).
+    Connections get the client id (MQTT: a persistent session) and the last
+    will (MQTT: a device's signed check-out). ``session_expiry_s`` shortens
+    how long the broker keeps an MQTT session of a client that went away
+    (the URL's own setting otherwise).
     """
     if is_in_process(broker_url):
         shared = MemoryTransport()
-        return lambda _client_id: shared
-    scheme = urlsplit(broker_url).scheme
 
-    def open_transport(client_id: str) -> Transport:
-        if scheme != "mqtt":
-            return connect(broker_url)
-        will = (
-            topics.CHECKINS,
-            encode(CheckOut(device_id=client_id, reason="connection lost", sender=client_id)),
-        )
-        options = {"client_id": client_id}
-        if session_expiry_s is not None:
-            options["session_expiry"] = str(session_expiry_s)
-        return connect(with_query(broker_url, **options), will=will)
+        def the_bus(_client_id: str, _will: Will | None = None) -> Transport:
+            return shared
+
+        return the_bus
+    url = broker_url
+    if session_expiry_s is not None and urlsplit(broker_url).scheme.startswith("mqtt"):
+        url = with_query(broker_url, session_expiry=str(session_expiry_s))
+
+    def open_transport(client_id: str, will: Will | None = None) -> Transport:
+        return connect(url, client_id=client_id, will=will)
 
     return open_transport
 
@@ -131,9 +132,9 @@ class TransportPool:
         self._open = transport_factory(broker_url, session_expiry_s=session_expiry_s)
         self.opened: list[Transport] = []
 
-    def __call__(self, client_id: str) -> Transport:
+    def __call__(self, client_id: str, will: Will | None = None) -> Transport:
         """Return the transport for ``client_id`` (the shared one in-process)."""
-        transport = self._open(client_id)
+        transport = self._open(client_id, will)
         if transport not in self.opened:
             self.opened.append(transport)
         return transport

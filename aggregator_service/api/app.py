@@ -30,8 +30,10 @@ def create_app(
     Parameters
     ----------
     config
-        Flask settings; ``ADMIN_TOKEN`` guards state-changing calls. Without
-        one, ``FEDMQ_ADMIN_TOKEN`` from the environment is used.
+        Flask settings; ``ADMIN_TOKEN`` guards state-changing calls and
+        ``VIEWER_TOKEN`` (optional) opens the reads that reveal devices,
+        cohorts, configs or weights, which the admin token opens too. Unset,
+        they come from ``FEDMQ_ADMIN_TOKEN`` and ``FEDMQ_VIEWER_TOKEN``.
     service
         The round coordinator the views call. Without an admin token a random
         one nobody knows is set, so state-changing calls are refused.
@@ -51,8 +53,11 @@ def create_app(
     if not app.config.get("ADMIN_TOKEN"):
         app.config["ADMIN_TOKEN"] = secrets.token_urlsafe(24)
         log.warning(
-            "no admin token configured: state-changing calls are refused (set FEDMQ_ADMIN_TOKEN)"
+            "no admin token configured: state-changing calls are refused, and guarded reads "
+            "without a viewer token (set FEDMQ_ADMIN_TOKEN, FEDMQ_VIEWER_TOKEN)"
         )
+    # No viewer token: only the admin token opens the guarded reads.
+    app.config["VIEWER_TOKEN"] = str(app.config.get("VIEWER_TOKEN") or "")
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["fedmq.rounds"] = service
     for blueprint in (experiments.bp, models.bp, devices.bp, meta.bp):

@@ -1,15 +1,19 @@
-"""Device registration and listing."""
+"""Device identities: registration (admin or enrollment token), listing, rotation, revocation."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+import hmac
+from typing import Any
 
-from aggregator_service.api.errors import BadRequest, admin_required, json_body
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from aggregator_service.api.errors import BadRequest, admin_required, json_body, viewer_required
+from aggregator_service.errors import Unauthorized
 from aggregator_service.rounds import RoundService
+from aggregator_service.rounds.registry import PLATFORMS, Registration
+from broker.identity import encode_key
 
 bp = Blueprint("devices", __name__, url_prefix="/api/v1/devices")
-
-PLATFORMS = ("android", "ios", "python", "emulated")
 
 
 def _service() -> RoundService:
@@ -17,20 +21,85 @@ def _service() -> RoundService:
     return service
 
 
+def _enrollment_allowed() -> None:
+    """Refuse the call unless it carries the admin token or the enrollment token."""
+    header = request.headers.get("Authorization", "")
+    given = header.removeprefix("Bearer ").strip().encode() if header.startswith("Bearer ") else b""
+    for key in ("ADMIN_TOKEN", "ENROLLMENT_TOKEN"):
+        expected = str(current_app.config.get(key) or "").encode()
+        if given and expected and hmac.compare_digest(given, expected):
+            return
+    raise Unauthorized("registering a device needs 'Authorization: Bearer <enrollment token>'")
+
+
+def _text(body: dict[str, Any], key: str, limit: int) -> str | None:
+    """Return an optional string field of at most ``limit`` characters."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        raise BadRequest(f"{key} must be a string of 1-{limit} characters")
+    return value
+
+
+def _registered(registration: Registration, status: int) -> tuple[Response, int]:
+    """Return what a device is told once: its id, token, keys and broker credentials."""
+    body: dict[str, Any] = {
+        "device_id": registration.device_id,
+        "token": registration.token,
+        "public_key": registration.public_key,
+        "service_key": encode_key(_service().public_key),
+        "namespace": current_app.config.get("NAMESPACE", "fedmq"),
+    }
+    if registration.private_key is not None:
+        body["private_key"] = registration.private_key
+    if registration.broker is not None:
+        body["broker"] = {
+            "username": registration.broker.username,
+            "password": registration.broker.password,
+        }
+    return jsonify(body), status
+
+
 @bp.post("")
-@admin_required
 def register() -> tuple[Response, int]:
-    """Register a device; the token is shown once and stored only as a hash."""
-    platform = json_body().get("platform")
+    """Register a device: its public key (or a pair made here), its id, its broker user."""
+    _enrollment_allowed()
+    body = json_body()
+    platform = body.get("platform")
     if platform not in PLATFORMS:
         raise BadRequest(f"platform must be one of {', '.join(PLATFORMS)}")
-    device_id, token = _service().register_device(str(platform))
-    return jsonify({"device_id": device_id, "token": token}), 201
+    registration = _service().register_device(
+        str(platform),
+        public_key=_text(body, "public_key", 128),
+        device_id=_text(body, "device_id", 128),
+    )
+    return _registered(registration, 201)
+
+
+@bp.post("/<device_id>/rotate")
+@admin_required
+def rotate(device_id: str) -> tuple[Response, int]:
+    """Replace a device's key and token; the old key is refused from now on."""
+    body = request.get_json(silent=True) if request.data else {}
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    registration = _service().registry.rotate(device_id, _text(body, "public_key", 128))
+    return _registered(registration, 200)
+
+
+@bp.delete("/<device_id>")
+@admin_required
+def revoke(device_id: str) -> tuple[Response, int]:
+    """Revoke a device: its frames are refused and its broker user removed."""
+    _service().revoke_device(device_id)
+    return jsonify({"device_id": device_id, "revoked": True}), 200
 
 
 @bp.get("")
+@viewer_required
 def list_all() -> Response:
-    """List known devices with platform, last check-in and rounds served."""
+    """List known devices with platform, last check-in, rounds served and revocation."""
     return jsonify(
         {
             "devices": [
@@ -40,6 +109,8 @@ def list_all() -> Response:
                     "registered_at": d.registered_at,
                     "last_seen": d.last_seen,
                     "rounds_served": d.rounds_served,
+                    "public_key": d.public_key,
+                    "revoked": d.revoked_at is not None,
                 }
                 for d in _service().devices()
             ]

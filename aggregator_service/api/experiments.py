@@ -6,7 +6,13 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from aggregator_service.api.errors import BadRequest, admin_required, json_body
+from aggregator_service.api.errors import (
+    BadRequest,
+    admin_required,
+    json_body,
+    path_id,
+    viewer_required,
+)
 from aggregator_service.config import ExperimentConfig
 from aggregator_service.persistence import ExperimentRecord
 from aggregator_service.rounds import RoundService, describe
@@ -42,22 +48,28 @@ def create() -> tuple[Response, int]:
 
 
 @bp.get("")
+@viewer_required
 def list_all() -> Response:
     """List every experiment."""
     return jsonify({"experiments": [_describe(e) for e in _service().experiments()]})
 
 
 @bp.get("/<experiment_id>")
+@viewer_required
 def show(experiment_id: str) -> Response:
     """Show one experiment's state, current round, model version and config."""
-    return jsonify(_describe(_service().experiment(experiment_id)))
+    return jsonify(_describe(_service().experiment(path_id(experiment_id, "experiment"))))
 
 
 @bp.post("/<experiment_id>/rounds")
 @admin_required
 def start_rounds(experiment_id: str) -> tuple[Response, int]:
     """Queue rounds; they run one after another."""
-    count = json_body().get("count", 1)
+    path_id(experiment_id, "experiment")
+    body = json_body()
+    if set(body) - {"count"}:
+        raise BadRequest("the body takes one field, count")
+    count = body.get("count", 1)
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 10_000:
         raise BadRequest("count must be an integer between 1 and 10000")
     _service().request_rounds(experiment_id, count)
@@ -65,6 +77,8 @@ def start_rounds(experiment_id: str) -> tuple[Response, int]:
 
 
 @bp.get("/<experiment_id>/rounds")
+@viewer_required
 def list_rounds(experiment_id: str) -> Response:
     """List an experiment's rounds with their outcome and metrics."""
-    return jsonify({"rounds": [describe(r) for r in _service().rounds(experiment_id)]})
+    rounds = _service().rounds(path_id(experiment_id, "experiment"))
+    return jsonify({"rounds": [describe(r) for r in rounds]})

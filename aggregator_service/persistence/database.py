@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-from sqlalchemy import Connection, create_engine, event, insert, select, update
+from sqlalchemy import Connection, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Engine, RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -124,7 +124,13 @@ class Database:
             return [_round(row) for row in rows]
 
     def add_device(
-        self, device_id: str, platform: str, token_sha256: str | None, now: float
+        self,
+        device_id: str,
+        platform: str,
+        token_sha256: str | None,
+        now: float,
+        *,
+        public_key: str | None = None,
     ) -> None:
         """Register a device."""
         with self._tx() as conn:
@@ -136,26 +142,41 @@ class Database:
                     registered_at=now,
                     last_seen=None,
                     rounds_served=0,
+                    public_key=public_key,
+                    revoked_at=None,
                 )
             )
 
-    def device_seen(self, device_id: str, platform: str, now: float) -> None:
-        """Record a check-in, registering unknown (emulated) devices on the way."""
+    def update_device(self, device_id: str, **values: Any) -> None:
+        """Change a registered device's columns (key, token, revocation)."""
         with self._tx() as conn:
             done = conn.execute(
-                update(schema.devices).where(schema.devices.c.id == device_id).values(last_seen=now)
+                update(schema.devices).where(schema.devices.c.id == device_id).values(**values)
             )
             if done.rowcount == 0:
-                conn.execute(
-                    insert(schema.devices).values(
-                        id=device_id,
-                        platform=platform,
-                        token_sha256=None,
-                        registered_at=now,
-                        last_seen=now,
-                        rounds_served=0,
-                    )
-                )
+                raise NotFound(f"no device {device_id}")
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        """Return one device, or None if it was never registered."""
+        with self._tx() as conn:
+            row = (
+                conn.execute(select(schema.devices).where(schema.devices.c.id == device_id))
+                .mappings()
+                .first()
+            )
+            return None if row is None else _device(row)
+
+    def count_devices(self) -> int:
+        """Return how many devices are registered."""
+        with self._tx() as conn:
+            return int(conn.execute(select(func.count()).select_from(schema.devices)).scalar_one())
+
+    def device_seen(self, device_id: str, now: float) -> None:
+        """Record a registered device's check-in (an unknown id changes nothing)."""
+        with self._tx() as conn:
+            conn.execute(
+                update(schema.devices).where(schema.devices.c.id == device_id).values(last_seen=now)
+            )
 
     def devices_served(self, device_ids: Iterable[str]) -> None:
         """Count one more served round for each device."""
@@ -173,12 +194,19 @@ class Database:
         """Return every known device."""
         with self._tx() as conn:
             rows = conn.execute(select(schema.devices).order_by(schema.devices.c.id)).mappings()
-            return [
-                DeviceRecord(
-                    r["id"], r["platform"], r["registered_at"], r["last_seen"], r["rounds_served"]
-                )
-                for r in rows
-            ]
+            return [_device(r) for r in rows]
+
+
+def _device(row: RowMapping) -> DeviceRecord:
+    return DeviceRecord(
+        row["id"],
+        row["platform"],
+        row["registered_at"],
+        row["last_seen"],
+        row["rounds_served"],
+        row["public_key"],
+        row["revoked_at"],
+    )
 
 
 def _engine(url: str) -> Engine:

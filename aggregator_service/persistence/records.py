@@ -57,3 +57,6 @@ class DeviceRecord:
     registered_at: float
     last_seen: float | None
     rounds_served: int
+    public_key: str | None = None
+    """The device's Ed25519 public key, base64 (None: registered before identities)."""
+    revoked_at: float | None = None

@@ -62,4 +62,6 @@ devices = Table(
     Column("registered_at", Float, nullable=False),
     Column("last_seen", Float),
     Column("rounds_served", Integer, nullable=False, default=0),
+    Column("public_key", String(64)),
+    Column("revoked_at", Float),
 )

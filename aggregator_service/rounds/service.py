@@ -7,10 +7,9 @@ never touches an update itself.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 import re
-import secrets
 import threading
 import time
 import uuid
@@ -26,22 +25,25 @@ from aggregator_service.persistence import Database, DeviceRecord, ExperimentRec
 from aggregator_service.rounds.asynchronous import AsyncRounds
 from aggregator_service.rounds.records import new_round_record
 from aggregator_service.rounds.recovery import in_flight_rounds
+from aggregator_service.rounds.registry import DeviceRegistry, Registration
 from aggregator_service.rounds.tasks import TaskDispatch
 from broker import (
     CheckIn,
     CheckOut,
     CloseRound,
-    CodecError,
     Delivery,
+    MessageKind,
     RoundAbandoned,
     RoundCommitted,
     RoundOpened,
     Transport,
-    decode,
     decode_weights,
     encode,
-    topics,
 )
+from broker.errors import Refused
+from broker.identity import Identity, KeyRing, encode_key
+from broker.topics import Topics
+from broker.verify import Refusal, Refusals, Verifier, check_fresh, refuse
 from model_store import ModelSpec, ModelStore, build_initial_artifacts
 from model_store.artifacts import ONNX, WEIGHTS
 
@@ -72,6 +74,9 @@ class RoundService:
     """How often a training round is re-announced, or its overdue close re-sent."""
     SEEN_EVERY_S = 10.0
     """How stale a device's recorded last check-in may get before it is written again."""
+    CHECK_IN_MAX_AGE_S = 600.0
+    """A check-in signed longer ago than this is a replay, not a device online now."""
+    MAX_PLATFORM_CHARS = 32
 
     def __init__(
         self,
@@ -79,25 +84,51 @@ class RoundService:
         store: ModelStore,
         db: Database,
         *,
+        identity: Identity,
+        worker_keys: KeyRing,
+        topics: Topics | None = None,
+        registry: DeviceRegistry | None = None,
+        max_examples: int = 1_000_000,
         evaluator_factory: EvaluatorFactory | None = None,
         links: ArtifactLinks | None = None,
         packagers: Mapping[str, Packager] | None = None,
         max_inline_bytes: int = 0,
         clock: Callable[[], float] = time.time,
-        name: str = "coordinator",
     ) -> None:
+        name = identity.name
         self._transport = transport
         self._store = store
         self._db = db
+        self._identity = identity
+        self._topics = topics or Topics()
+        self.registry = registry or DeviceRegistry(db, clock=clock)
+        self._worker_keys = worker_keys
+        self.refusals = Refusals("coordinator")
+        self.worker_refusals: dict[str, dict[str, int]] = {}
+        """Each worker's own refusal counts, as its latest outcome reported them."""
+        self._declared: dict[str, int] = {}  # device id -> examples it says it holds
+        self._max_examples = max_examples
+        # Check-outs may be last wills the broker sends hours after signing: no age limit.
+        self._devices = Verifier(
+            self.registry.key, kinds=(MessageKind.CHECK_IN, MessageKind.CHECK_OUT), max_age_s=None
+        )
+        self._workers = Verifier(
+            worker_keys,
+            kinds=(MessageKind.ROUND_COMMITTED, MessageKind.ROUND_ABANDONED),
+            max_age_s=None,
+        )
         self._evaluator_factory = evaluator_factory
         self._links = links or StoreLinks(store)
         self._tasks = TaskDispatch(
             transport,
             store,
             self._links,
+            identity=identity,
+            topics=self._topics,
+            grant_limits=self._grant_limit,
+            aggregator_keys=worker_keys.items,
             max_inline_bytes=max_inline_bytes,
             clock=clock,
-            sender=name,
         )
         self._packagers = dict(packagers or {})
         self._max_inline = max_inline_bytes
@@ -139,8 +170,8 @@ class RoundService:
                 # The crash may have cut the task dispatch short; a device that
                 # already reported is refused as a duplicate, so sending all is safe.
                 self._resend_tasks(opened)
-        self._transport.subscribe(topics.CHECKINS, self._on_checkin)
-        self._transport.subscribe(topics.ALL_EVENTS, self._on_event)
+        self._transport.subscribe(self._topics.all_checkins, self._on_checkin)
+        self._transport.subscribe(self._topics.all_events, self._on_event)
 
     def add_listener(self, listener: RoundListener) -> None:
         """Call ``listener`` with each round record once the round has ended."""
@@ -216,33 +247,65 @@ class RoundService:
 
     # -- devices ------------------------------------------------------------------
 
-    def register_device(self, platform: str) -> tuple[str, str]:
-        """Register a device; return its id and its secret token (stored hashed)."""
-        device_id = f"{_slug(platform)}-{uuid.uuid4().hex[:12]}"
-        token = secrets.token_urlsafe(32)
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        self._db.add_device(device_id, platform, digest, self._clock())
-        return device_id, token
+    def register_device(
+        self, platform: str, *, public_key: str | None = None, device_id: str | None = None
+    ) -> Registration:
+        """Register a device's identity (see ``DeviceRegistry.register``)."""
+        return self.registry.register(platform, public_key=public_key, device_id=device_id)
+
+    @property
+    def public_key(self) -> bytes:
+        """Return the service's public key, which devices and workers pin."""
+        return self._identity.public_key
+
+    def revoke_device(self, device_id: str) -> None:
+        """Revoke a device: refused on the bus at once, and offline."""
+        self.registry.revoke(device_id)
+        with self._lock:
+            self._online.pop(device_id, None)
+            self._async.checked_out(device_id, self._online)
 
     def devices(self) -> list[DeviceRecord]:
         """Return every known device."""
         return self._db.devices()
 
+    def refusal_counts(self) -> dict[str, dict[str, int]]:
+        """Return refused frames by component and reason (the coordinator's and each worker's)."""
+        return {"coordinator": self.refusals.snapshot(), **self.worker_refusals}
+
+    def _open_device_frame(self, delivery: Delivery) -> CheckIn | CheckOut:
+        """Verify a check-in or check-out: signed by the device it names, on its own topic."""
+        message = self._devices.open(delivery.body)
+        assert isinstance(message, CheckIn | CheckOut)
+        if message.device_id != message.sender:
+            raise refuse(Refusal.SPOOFED, f"{message.sender} speaks for {message.device_id[:130]}")
+        if delivery.topic != self._topics.checkin(message.sender):
+            raise refuse(Refusal.SPOOFED, f"{message.sender} on another device's topic")
+        if isinstance(message, CheckIn):
+            check_fresh(message, self._clock(), self.CHECK_IN_MAX_AGE_S, 120.0)
+            if not isinstance(message.platform, str) or len(message.platform) > 32:
+                raise refuse(Refusal.MALFORMED, "platform longer than 32 characters")
+        return message
+
     def _on_checkin(self, delivery: Delivery) -> None:
         try:
-            message = decode(delivery.body)
-        except CodecError:
-            delivery.nack(requeue=False)
+            message = self._open_device_frame(delivery)
+        except Refused as exc:
+            self.refusals.count(exc, delivery.topic)
+            delivery.ack()  # counted and dropped: a dead-letter queue of junk would only grow
             return
-        if isinstance(message, CheckIn) and topics.is_valid_segment(message.device_id):
+        if isinstance(message, CheckIn):
             with self._lock:
                 now, device = self._clock(), message.device_id
+                examples = message.capabilities.get(CheckIn.EXAMPLES)
+                if isinstance(examples, int) and not isinstance(examples, bool) and examples > 0:
+                    self._declared[device] = examples
                 # Devices check in after every update and with each heartbeat: only
                 # news (a device coming online, or a stale last-seen) costs a write
                 # or a look for waiting experiments.
                 known = self._online.get(device)
                 if known is None or now - self._seen_at.get(device, 0.0) >= self.SEEN_EVERY_S:
-                    self._db.device_seen(device, message.platform, now)
+                    self._db.device_seen(device, now)
                     self._seen_at[device] = now
                 self._online[device] = message.experiment_id or ""
                 self._async.checked_in(
@@ -250,12 +313,20 @@ class RoundService:
                 )
                 if known != self._online[device]:
                     self._start_waiting(message.experiment_id)
-        elif isinstance(message, CheckOut):
+        else:
             with self._lock:
                 if self._online.pop(message.device_id, None) is not None:
-                    log.info("device %s went offline (%s)", message.device_id, message.reason)
+                    log.info("device %s went offline (%s)", message.device_id, message.reason[:80])
                 self._async.checked_out(message.device_id, self._online)
         delivery.ack()
+
+    def _grant_limit(self, device_id: str) -> tuple[str, int] | None:
+        """Return a device's pinned key (base64) and example limit, None if it may not train."""
+        key = self.registry.key(device_id)
+        if key is None:
+            return None
+        declared = self._declared.get(device_id, self._max_examples)
+        return encode_key(key), min(declared, self._max_examples)
 
     def _start_waiting(self, experiment_id: str | None) -> None:
         """Start rounds that were waiting for enough devices to check in."""
@@ -274,7 +345,11 @@ class RoundService:
         """Select the next round's cohort, record the round, and send its tasks."""
         exp = self._db.experiment(experiment_id)
         config = ExperimentConfig.from_dict(exp.config)
-        pool = sorted(d for d, e in self._online.items() if e in ("", experiment_id))
+        pool = sorted(
+            d
+            for d, e in self._online.items()
+            if e in ("", experiment_id) and self.registry.key(d) is not None
+        )
         if len(pool) < config.rounds.minimum or self._clock() < self._grace_until:
             self._db.update_experiment(experiment_id, state="waiting")
             log.info(
@@ -306,7 +381,7 @@ class RoundService:
             min_reports=min(config.rounds.minimum, k),
             deadline_at=now + config.rounds.deadline_s,
             strategy=dict(config.strategy),
-            sender=self._name,
+            sender=self._identity.name,
         )
         self._db.add_round(new_round_record(opened, started_at=now))
         self._db.update_experiment(experiment_id, state="running", current_round=number)
@@ -316,7 +391,9 @@ class RoundService:
 
     def _announce(self, opened: RoundOpened) -> None:
         """Tell the workers a round is open; ``tick`` repeats it until the round ends."""
-        self._transport.publish(topics.control(opened.experiment_id), encode(opened))
+        self._transport.publish(
+            self._topics.control(opened.experiment_id), encode(opened, self._identity)
+        )
         self._announced[(opened.experiment_id, opened.round)] = opened
         self._last_sent[(opened.experiment_id, opened.round)] = self._clock()
 
@@ -347,20 +424,26 @@ class RoundService:
                 if now - self._last_sent.get((experiment_id, number), 0.0) < self.REPEAT_S:
                     continue
                 self._last_sent[(experiment_id, number)] = now
-                message: RoundOpened | CloseRound = opened
+                # Signed afresh: receivers refuse control frames signed long ago (replays).
+                message: RoundOpened | CloseRound = dataclasses.replace(opened, sent_at=now)
                 if now >= opened.deadline_at:
-                    message = CloseRound(
-                        experiment_id=experiment_id, round=number, sender=self._name
-                    )
-                self._transport.publish(topics.control(experiment_id), encode(message))
+                    message = CloseRound(experiment_id=experiment_id, round=number)
+                self._transport.publish(
+                    self._topics.control(experiment_id), encode(message, self._identity)
+                )
 
     def _on_event(self, delivery: Delivery) -> None:
         try:
-            message = decode(delivery.body)
-        except CodecError:
-            delivery.nack(requeue=False)
+            message = self._workers.open(delivery.body)
+            assert isinstance(message, RoundCommitted | RoundAbandoned)
+            if delivery.topic != self._topics.events(message.experiment_id):
+                raise refuse(Refusal.SPOOFED, "an outcome on another experiment's topic")
+        except Refused as exc:
+            self.refusals.count(exc, delivery.topic)
+            delivery.ack()
             return
         with self._lock:
+            self.worker_refusals[message.sender] = dict(message.refused)
             if isinstance(message, RoundCommitted):
                 self._committed(message)
             elif isinstance(message, RoundAbandoned):
@@ -377,6 +460,26 @@ class RoundService:
     def _committed(self, event: RoundCommitted) -> None:
         rnd = self._current_round(event.experiment_id, event.round)
         if rnd is None:
+            return
+        if event.version != rnd.base_version + 1:
+            log.warning(
+                "%s round %d: outcome names version %d",
+                rnd.experiment_id,
+                rnd.number,
+                event.version,
+            )
+            return
+        try:
+            manifest = self._store.get_manifest(event.experiment_id, event.version)
+        except Exception:  # the store's own errors: a version that is not there
+            log.warning(
+                "%s v%d: committed but not in the store", event.experiment_id, event.version
+            )
+            return
+        if manifest.artifacts[WEIGHTS].sha256 != event.model.sha256:
+            log.warning(
+                "%s v%d: outcome's model is not the stored one", event.experiment_id, event.version
+            )
             return
         metrics: dict[str, float] = dict(event.metrics)
         try:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aggregator_service.config import ExperimentConfig, build_strategy, is_asynchronous
 from aggregator_service.links import ArtifactLinks, upload_name
@@ -15,10 +16,18 @@ from broker import (
     Transport,
     encode,
     new_message_id,
-    topics,
 )
+from broker.identity import Identity, encode_key
+from broker.messages import TaskGrant
+from broker.topics import Topics
+from broker.verify import issue_grant
 from model_store import ModelStore
 from model_store.artifacts import TORCHSCRIPT, WEIGHTS
+
+log = logging.getLogger(__name__)
+
+GrantLimits = Callable[[str], tuple[str, int] | None]
+"""Device id -> (its pinned public key, base64; its example limit), None if it may not train."""
 
 
 class TaskDispatch:
@@ -42,16 +51,22 @@ class TaskDispatch:
         store: ModelStore,
         links: ArtifactLinks,
         *,
+        identity: Identity,
+        topics: Topics,
+        grant_limits: GrantLimits,
+        aggregator_keys: Callable[[], Mapping[str, bytes]],
         max_inline_bytes: int = 0,
         clock: Callable[[], float] = time.time,
-        sender: str = "coordinator",
     ) -> None:
         self._transport = transport
         self._store = store
         self._links = links
+        self._identity = identity
+        self._topics = topics
+        self._grant_limits = grant_limits
+        self._aggregator_keys = aggregator_keys
         self._max_inline = max_inline_bytes
         self._clock = clock
-        self._sender = sender
 
     def refs(self, experiment_id: str, version: int) -> dict[str, ModelRef]:
         """Return signed references to every artifact of a model version."""
@@ -81,8 +96,21 @@ class TaskDispatch:
         # Every version's weights travel as the task's model; a platform package's
         # own weights file holds version 0's and would only mislead a device.
         artifacts = {k: v for k, v in refs.items() if not k.endswith(WEIGHTS)}
+        workers = {name: encode_key(key) for name, key in self._aggregator_keys().items()}
         for device_id in opened.selected:
+            limits = self._grant_limits(device_id)
+            if limits is None:
+                log.info("%s round %d: %s is revoked; no task", exp, number, device_id)
+                continue
             task_id = new_message_id()  # names the task's upload, so known before the task
+            grant = TaskGrant(
+                experiment_id=exp,
+                round=number,
+                device_id=device_id,
+                task_id=task_id,
+                public_key=limits[0],
+                max_examples=limits[1],
+            )
             task = TrainTask(
                 message_id=task_id,
                 experiment_id=exp,
@@ -94,19 +122,19 @@ class TaskDispatch:
                 deadline_at=opened.deadline_at,
                 upload_url=self._links.upload(upload_name(exp, task_id)),
                 max_inline_bytes=self._max_inline,
-                reply_to=topics.updates(exp),
-                sender=self._sender,
+                reply_to=self._topics.updates(exp, device_id),
+                grant=issue_grant(grant, self._identity),
+                aggregator_keys=workers,
             )
-            self._transport.publish(topics.device(device_id), encode(task))
+            self._transport.publish(self._topics.device(device_id), encode(task, self._identity))
         retry_after = max(opened.deadline_at - self._clock(), 0.0)
         for device_id in later:
             message = ComeBackLater(
                 experiment_id=exp,
                 retry_after_s=retry_after,
                 reason="not selected this round",
-                sender=self._sender,
             )
-            self._transport.publish(topics.device(device_id), encode(message))
+            self._transport.publish(self._topics.device(device_id), encode(message, self._identity))
 
 
 def artifact_format(artifact_name: str) -> str:

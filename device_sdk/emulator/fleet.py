@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from broker import Transport
+from broker import CheckOut, Transport, encode
+from broker.identity import Identity
+from broker.topics import Topics
 from device_sdk.app import DeviceApp, TrainHandler
 from device_sdk.client import DeviceClient
 from device_sdk.data import load_dataset, partition
@@ -20,8 +22,10 @@ from device_sdk.trainers.torchscript import ModuleCache, TorchScriptTrainer
 log = logging.getLogger(__name__)
 
 Runner = Callable[[Callable[[], None]], None]
-TransportFor = Callable[[str], Transport]
-"""Returns the transport a device (by id) speaks on: shared, or one connection each."""
+TransportFor = Callable[[str, tuple[str, bytes] | None], Transport]
+"""Returns the transport a device speaks on, by client id and last will (topic, signed frame)."""
+Enroll = Callable[[Identity, str], bytes]
+"""Registers a device's identity for a platform; returns the service key to pin."""
 TrainerFactory = Callable[[np.ndarray, np.ndarray, int], TrainHandler]
 """Builds device ``i``'s training handler from its examples, labels and index."""
 
@@ -80,6 +84,13 @@ class Fleet:
         emulated duration.
     virtual_time
         Emulated time of an in-process run (its runners replace ``run``).
+    enroll
+        Registers each device's identity before it goes online; the service
+        key it returns is the one the device pins.
+    topics
+        The deployment's topics (its namespace).
+    identities
+        Keeps each device's key (by id) across runs; default: a fresh key per run.
     """
 
     def __init__(
@@ -97,7 +108,11 @@ class Fleet:
         platforms: Sequence[str] | None = None,
         speed: SpeedProfile | None = None,
         virtual_time: VirtualTime | None = None,
+        enroll: Enroll,
+        topics: Topics | None = None,
+        identities: Callable[[str], Identity] = Identity.generate,
     ) -> None:
+        topics = topics or Topics()
         dataset = load_dataset(str(data.get("dataset", "digits")))
         size = int(data.get("devices", 20))
         parts = partition(
@@ -118,16 +133,23 @@ class Fleet:
             trainer = make_trainer(dataset.x_train[idx], dataset.y_train[idx], i)
             trainer, device_run = paced(trainer, run, i, speed, virtual_time)
             app.on_train(trainer)
-            device_id = device_name(i, prefix)
+            identity = identities(device_name(i, prefix))
+            service_key = enroll(identity, "emulated")
+            # Signed now, sent by the broker when the connection dies.
+            will = CheckOut(device_id=identity.name, reason="connection lost")
+            will_frame = (topics.checkin(identity.name), encode(will, identity))
             self.devices.append(
                 DeviceClient(
                     app,
-                    transport_for(device_id),
-                    device_id,
+                    transport_for(identity.name, will_frame),
+                    identity,
                     self.fetcher,
+                    service_key=service_key,
+                    topics=topics,
                     platform=f"emulated-{platforms[i]}" if platforms else "emulated",
                     experiment_id=experiment_id,
                     run=device_run,
+                    examples=len(idx),
                 )
             )
 

@@ -16,11 +16,15 @@ from device_sdk.emulator import Fleet
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+VIEWER = {"Authorization": "Bearer test-viewer-token"}
 
 
 @pytest.fixture
 def client(stack: Any) -> Iterator[FlaskClient]:
-    app = create_app({"TESTING": True, "ADMIN_TOKEN": TOKEN}, service=stack.service)
+    app = create_app(
+        {"TESTING": True, "ADMIN_TOKEN": TOKEN, "VIEWER_TOKEN": "test-viewer-token"},
+        service=stack.service,
+    )
     with app.test_client() as client:
         yield client
 
@@ -52,8 +56,8 @@ def test_health_and_openapi(client: FlaskClient) -> None:
 def test_create_show_and_list_experiments(client: FlaskClient, config: dict[str, Any]) -> None:
     experiment_id = _create(client, config)
 
-    shown = client.get(f"/api/v1/experiments/{experiment_id}").json
-    listed = client.get("/api/v1/experiments").json
+    shown = client.get(f"/api/v1/experiments/{experiment_id}", headers=VIEWER).json
+    listed = client.get("/api/v1/experiments", headers=VIEWER).json
 
     assert shown["state"] == "idle" and shown["model_version"] == 0
     assert shown["current_round"] == 0
@@ -106,7 +110,7 @@ def test_state_changing_calls_need_the_admin_token(
 
 def test_unknown_experiment_is_404_everywhere(client: FlaskClient) -> None:
     for path in ("", "/rounds", "/model"):
-        _error(client.get(f"/api/v1/experiments/nope{path}"), 404, "not_found")
+        _error(client.get(f"/api/v1/experiments/nope{path}", headers=VIEWER), 404, "not_found")
     _error(
         client.post("/api/v1/experiments/nope/rounds", json={"count": 1}, headers=AUTH),
         404,
@@ -131,14 +135,18 @@ def test_model_download_by_version_and_its_errors(
 ) -> None:
     experiment_id = _create(client, config)
 
-    response = client.get(f"/api/v1/experiments/{experiment_id}/model")
+    response = client.get(f"/api/v1/experiments/{experiment_id}/model", headers=VIEWER)
     weights = load(response.data)
 
     assert response.status_code == 200
     assert response.headers["X-FedMQ-Model-Version"] == "0"
     assert weights["fc1.weight"].shape == (16, 64)
-    _error(client.get(f"/api/v1/experiments/{experiment_id}/model?version=x"), 400, "bad_request")
-    _error(client.get(f"/api/v1/experiments/{experiment_id}/model?version=3"), 404, "not_found")
+    model = f"/api/v1/experiments/{experiment_id}/model"
+    for version in ("x", "-1", "1.0", "\u00b2", "99999999999999999999", ""):
+        _error(
+            client.get(model, query_string={"version": version}, headers=VIEWER), 400, "bad_request"
+        )
+    _error(client.get(f"{model}?version=3", headers=VIEWER), 404, "not_found")
 
 
 def test_devices_register_with_a_one_time_token_and_are_listed(client: FlaskClient) -> None:
@@ -147,7 +155,7 @@ def test_devices_register_with_a_one_time_token_and_are_listed(client: FlaskClie
     assert response.status_code == 201
     body = response.json
     assert body["device_id"].startswith("android-") and len(body["token"]) >= 32
-    listed = client.get("/api/v1/devices").json["devices"]
+    listed = client.get("/api/v1/devices", headers=VIEWER).json["devices"]
     assert [(d["id"], d["platform"], d["rounds_served"]) for d in listed] == [
         (body["device_id"], "android", 0)
     ]
@@ -174,17 +182,22 @@ def test_rounds_requested_through_the_api_run_and_are_reported(
     stack.transport.join(timeout=60)
 
     assert response.status_code == 202
-    rounds = client.get(f"/api/v1/experiments/{experiment_id}/rounds").json["rounds"]
+    rounds = client.get(f"/api/v1/experiments/{experiment_id}/rounds", headers=VIEWER).json[
+        "rounds"
+    ]
     # Over-selection (default 1.3): 6 invited for a target of 4; the first 4 count.
     assert [(r["round"], r["state"], r["selected"], r["accepted"]) for r in rounds] == [
         (1, "committed", 6, 4),
         (2, "committed", 6, 4),
     ]
     assert all(0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["metrics"]["loss"] > 0 for r in rounds)
-    assert client.get(f"/api/v1/experiments/{experiment_id}").json["model_version"] == 2
-    served = {d["id"]: d["rounds_served"] for d in client.get("/api/v1/devices").json["devices"]}
-    assert sum(served.values()) == 8
-    v1 = load(client.get(f"/api/v1/experiments/{experiment_id}/model?version=1").data)
-    v2 = load(client.get(f"/api/v1/experiments/{experiment_id}/model").data)
+    shown = client.get(f"/api/v1/experiments/{experiment_id}", headers=VIEWER).json
+    assert shown["model_version"] == 2
+    devices = client.get("/api/v1/devices", headers=VIEWER).json["devices"]
+    assert sum(d["rounds_served"] for d in devices) == 8
+    model = f"/api/v1/experiments/{experiment_id}/model"
+    v1 = load(client.get(f"{model}?version=1", headers=VIEWER).data)
+    v2 = load(client.get(model, headers=AUTH).data)  # the admin token opens reads too
     assert not np.array_equal(v1["fc1.weight"], v2["fc1.weight"])
-    assert b"small" in client.get("/").data  # the dashboard lists the experiment
+    page = client.get("/").data  # served openly: it reads the API in the browser
+    assert experiment_id.encode() not in page

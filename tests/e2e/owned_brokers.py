@@ -37,6 +37,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -201,9 +202,12 @@ class OwnedMosquitto:
     ----------
     folder
         Where its config, persistence database and log go.
+    config
+        The config to run instead of the default one, a template whose ``{port}``,
+        ``{user}``, ``{data}`` and ``{folder}`` are filled in.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, config: str = _MOSQUITTO_CONF) -> None:
         binary = _find("mosquitto")
         if binary is None:
             raise FileNotFoundError("no mosquitto binary on PATH or in sbin")
@@ -215,7 +219,9 @@ class OwnedMosquitto:
         (folder / "data").mkdir(exist_ok=True)
         self._conf = folder / "mosquitto.conf"
         self._conf.write_text(
-            _MOSQUITTO_CONF.format(port=self.port, user=getpass.getuser(), data=folder / "data")
+            config.format(
+                port=self.port, user=getpass.getuser(), data=folder / "data", folder=folder
+            )
         )
 
     @property
@@ -256,9 +262,17 @@ class OwnedRabbitMQ:
     ----------
     folder
         Where its config, data (mnesia), logs and Erlang cookie go.
+    config
+        The ``rabbitmq.conf`` to run (defaults only otherwise); the listener
+        ports of the node and of its plugins are appended to it.
+    plugins
+        Plugins to enable: ``rabbitmq_management`` listens on ``management_port``
+        and ``rabbitmq_mqtt`` on ``mqtt_port``, both free ports of their own.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self, folder: Path, config: str = "", plugins: tuple[str, ...] = ()
+    ) -> None:
         server, ctl = _rabbitmq_scripts()
         if server is None or ctl is None or _find("epmd") is None:
             raise FileNotFoundError("no rabbitmq-server, rabbitmqctl or epmd found")
@@ -269,6 +283,9 @@ class OwnedRabbitMQ:
         self._epmd = str(_find("epmd"))
         self._child = _Child(folder, "rabbitmq")
         self._dist_port = str(_free_port())
+        self.management_port = _free_port()
+        self.mqtt_port = _free_port()
+        self._config, self._plugins = config, plugins
         self._base_env = self._prepare(folder)
 
     @property
@@ -340,9 +357,17 @@ class OwnedRabbitMQ:
         cookie = home / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16).upper())
         cookie.chmod(0o400)
-        (folder / "rabbitmq.conf").write_text("# FedMQ test node: defaults only\n")
-        # No plugins: the shared node's management plugin already holds port 15672.
-        (folder / "enabled_plugins").write_text("[].\n")
+        # The shared node's plugins already hold ports 15672 and 1883: take our own.
+        # (A plugin's keys are unknown to the node unless the plugin is enabled.)
+        listeners = {
+            "rabbitmq_management": f"management.tcp.port = {self.management_port}\n"
+            "management.tcp.ip = 127.0.0.1",
+            "rabbitmq_mqtt": f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}",
+        }
+        conf = self._config or "# FedMQ test node: defaults only\n"
+        extra = "".join(f"\n{listeners[p]}" for p in self._plugins if p in listeners)
+        (folder / "rabbitmq.conf").write_text(conf + extra + "\n")
+        (folder / "enabled_plugins").write_text(f"[{','.join(self._plugins)}].\n")
         (folder / "rabbitmq-env.conf").write_text("")
         environment = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
         # A private epmd: nothing is registered with, or left running on, the shared one.
@@ -389,9 +414,11 @@ def owned_mosquitto(folder: Path) -> AbstractContextManager[OwnedMosquitto]:
     return _started(OwnedMosquitto, folder)
 
 
-def owned_rabbitmq(folder: Path) -> AbstractContextManager[OwnedRabbitMQ]:
+def owned_rabbitmq(
+    folder: Path, config: str = "", plugins: tuple[str, ...] = ()
+) -> AbstractContextManager[OwnedRabbitMQ]:
     """Return a context yielding a started private RabbitMQ node, killed with its epmd after."""
-    return _started(OwnedRabbitMQ, folder)
+    return _started(partial(OwnedRabbitMQ, config=config, plugins=plugins), folder)
 
 
 @contextmanager
