@@ -10,6 +10,7 @@ from broker.errors import (
     ConnectionLost,
     FetchError,
     SchemaVersionError,
+    TlsError,
     TransportError,
     UnknownTransport,
     WeightsMismatch,
@@ -34,7 +35,15 @@ from broker.messages import (
     UpdateRejected,
     new_message_id,
 )
-from broker.transport import Delivery, Handler, Subscription, Transport, topic_matches
+from broker.transport import (
+    Delivery,
+    Handler,
+    ReconnectListener,
+    Subscription,
+    Transport,
+    Will,
+    topic_matches,
+)
 from broker.weights import (
     Weights,
     WeightsSpec,
@@ -59,6 +68,7 @@ __all__ = [
     "ErrorReply",
     "FetchError",
     "Handler",
+    "ReconnectListener",
     "MemoryTransport",
     "Message",
     "MessageKind",
@@ -70,6 +80,7 @@ __all__ = [
     "RoundOpened",
     "SchemaVersionError",
     "Subscription",
+    "TlsError",
     "TrainTask",
     "Transport",
     "TransportError",
@@ -78,6 +89,7 @@ __all__ = [
     "Weights",
     "WeightsMismatch",
     "WeightsSpec",
+    "Will",
     "check_weights",
     "connect",
     "decode",

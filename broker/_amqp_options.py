@@ -65,7 +65,8 @@ def parse_url(url: str, *, client_id: str | None = None) -> AmqpOptions:
         # pika evaluates it as a Python literal; one way to say TLS is enough.
         raise TransportError(f"{safe}: use ca=, cert= and key= instead of ssl_options")
     tls = tls_from_query(parts.scheme, query, safe)
-    connection_name = client_id or query.pop("client_id", None)
+    in_url = query.pop("client_id", None)
+    connection_name = client_id or in_url
     ours: dict[str, float] = {}
     try:
         for name, kind in (("prefetch", int), ("publish_timeout", float), ("max_attempts", int)):

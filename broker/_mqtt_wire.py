@@ -10,9 +10,12 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from broker._mqtt_options import MqttOptions
 from broker._mqtt_routing import REDELIVERED_PROPERTY, Inbound
+from broker.connect import describe_tls_failure, is_permanent_tls_failure
+from broker.errors import ConnectionLost, TlsError, TransportError
 
 RECEIVE_MAXIMUM = 65_535
 """Unacked messages the broker may have in flight to us (the MQTT 5 maximum)."""
@@ -83,6 +86,28 @@ def no_delay(sock: Any) -> None:
     # delayed ACK: measured 40 ms per publish when a PUBACK follows a delivery.
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def first_connect_error(
+    opts: MqttOptions, *, refused: ReasonCode | None, tls: OSError | None, answered: bool
+) -> TransportError:
+    """Return the error for a first connect that failed: refused, TLS, or no answer in time.
+
+    ``answered`` says an MQTT 5 connect got as far as an open socket.
+    """
+    url, timeout = opts.safe_url, opts.connect_timeout
+    if refused is not None:
+        hint = "; add ?protocol=3.1.1 for an MQTT 3 broker" if refused.value == 0x84 else ""
+        return TransportError(f"{url} refused the connection: {refused}{hint}")
+    if tls is not None:
+        error = TlsError if is_permanent_tls_failure(tls) else ConnectionLost
+        return error(f"{url}: {describe_tls_failure(tls)}")
+    if answered:
+        return ConnectionLost(
+            f"{url} accepted TCP but sent no CONNACK within {timeout:g} s"
+            " (a TLS listener needs mqtts://; an MQTT 3 broker such as amqtt, ?protocol=3.1.1)"
+        )
+    return ConnectionLost(f"no MQTT broker answered at {url} within {timeout:g} s")
 
 
 def watch_tls(context: ssl.SSLContext, record: Callable[[OSError], None]) -> None:

@@ -94,6 +94,9 @@ class ProxyTransport:
         self._ended = False
         self._closed = False
 
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """Accept a reconnect listener: the parent process owns the connection and reconnects."""
+
     def publish(self, topic: str, body: bytes) -> None:
         """Have the host publish ``body``; return once its transport has."""
         self._request(Frame(Kind.PUBLISH, meta=topic, body=body))

@@ -118,6 +118,7 @@ def tls_from_query(
     turn either off.
     """
     ca, cert, key = (query.pop(name, None) for name in ("ca", "cert", "key"))
+    safe_url = safe_url.partition("?")[0]  # the file named in the message is enough
     if not scheme.endswith("s"):
         if ca is not None or cert is not None or key is not None:
             raise TransportError(f"{safe_url}: ca, cert and key need a TLS URL ({scheme}s://)")

@@ -70,6 +70,7 @@ from broker._mqtt_routing import (
 from broker._mqtt_wire import (
     TRANSIENT_REFUSALS,
     connect_options,
+    first_connect_error,
     no_delay,
     publish_size,
     read_inbound,
@@ -78,7 +79,7 @@ from broker._mqtt_wire import (
     watch_tls,
 )
 from broker.connect import describe_tls_failure, is_permanent_tls_failure
-from broker.errors import ConnectionLost, TlsError, TransportError
+from broker.errors import ConnectionLost, TransportError
 from broker.retry import backoff
 from broker.transport import Handler, ReconnectListener, Will, notify_reconnected
 
@@ -314,19 +315,8 @@ class MqttTransport:
         self._client.disconnect()
         self._client.loop_stop()
         self._dispatcher.stop()
-        if refused is not None:
-            hint = "; add ?protocol=3.1.1 for an MQTT 3 broker" if refused.value == 0x84 else ""
-            raise TransportError(f"{self.url} refused the connection: {refused}{hint}")
-        if tls is not None:
-            error = TlsError if is_permanent_tls_failure(tls) else ConnectionLost
-            raise error(f"{self.url}: {describe_tls_failure(tls)}")
-        if self._socket_opened and self._v5:
-            raise ConnectionLost(
-                f"{self.url} accepted TCP but sent no CONNACK within {opts.connect_timeout:g} s"
-                " (a TLS listener needs mqtts://; an MQTT 3 broker such as amqtt, ?protocol=3.1.1)"
-            )
-        raise ConnectionLost(
-            f"no MQTT broker answered at {self.url} within {opts.connect_timeout:g} s"
+        raise first_connect_error(
+            opts, refused=refused, tls=tls, answered=self._socket_opened and self._v5
         )
 
     def _tls_refused(self) -> bool:

@@ -139,7 +139,7 @@ def parse(body: bytes | memoryview) -> Frame:
 
 
 def check_signature(frame: Frame, public_key: bytes, keys: PublicKeys) -> None:
-    """Raise ``Refused`` unless ``public_key`` signed ``frame`` and its payload is the signed one."""
+    """Raise ``Refused`` unless ``public_key`` signed ``frame`` and the payload is unchanged."""
     assert frame.signature is not None
     if not keys.verify(public_key, frame.signature, bytes(frame.signed_part)):
         raise refuse(Refusal.BAD_SIGNATURE, f"not signed by {frame.sender[:130]!r}'s key")

@@ -7,7 +7,6 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 from broker import (
     BrokerError,
@@ -35,15 +34,6 @@ from device_sdk.errors import DeviceError, TaskError
 from device_sdk.fetch import ArtifactFetcher, upload
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class _ReconnectAware(Protocol):
-    """A transport that reports reconnects (``MqttTransport``)."""
-
-    def on_reconnect(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` after every reconnect."""
-        ...
 
 
 @dataclass
@@ -131,10 +121,9 @@ class DeviceClient:
     def start(self) -> None:
         """Subscribe to this device's topic and check in (again after every reconnect)."""
         self._transport.subscribe(self._topics.device(self.device_id), self._on_message)
-        if isinstance(self._transport, _ReconnectAware):
-            # A broker shutting down publishes every client's last will, so the
-            # coordinator takes this device for gone until it checks in again.
-            self._transport.on_reconnect(self.check_in)
+        # A broker shutting down publishes every client's last will, so the
+        # coordinator takes this device for gone until it checks in again.
+        self._transport.on_reconnect(self.check_in)
         self.check_in()
 
     def check_in(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 
@@ -11,6 +13,9 @@ from aggregator_service.links import SignedLinks, UploadLedger
 from model_store import ArtifactNotFound, ModelStore
 
 bp = Blueprint("blobs", __name__, url_prefix="/api/v1")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class PayloadTooLarge(ServiceError):
@@ -46,6 +51,8 @@ def _verify(method: str) -> None:
 def download(sha256: str) -> Response:
     """Return a blob's bytes (checksum-verified by the store on the way out)."""
     _verify("GET")
+    if not _SHA256.fullmatch(sha256):  # the store refuses such names as a fault of its caller
+        raise NotFound(f"no blob {sha256[:80]!r}")
     try:
         data = _store().get_blob(sha256)
     except ArtifactNotFound as exc:
