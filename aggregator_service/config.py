@@ -105,6 +105,7 @@ class ExperimentConfig:
             (r.count >= 1, "rounds.count: must be at least 1"),
             (r.devices_per_round >= 1, "rounds.devices_per_round: must be at least 1"),
             (r.over_selection >= 1.0, "rounds.over_selection: must be at least 1.0"),
+            (r.over_selection <= 10.0, "rounds.over_selection: at most 10"),
             (
                 0 <= r.min_reports <= r.devices_per_round,
                 "rounds.min_reports: must be between 0 and devices_per_round",

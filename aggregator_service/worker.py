@@ -49,6 +49,7 @@ from broker import (
 )
 from broker.errors import Refused
 from broker.identity import SERVICE_NAME, Identity
+from broker.messages import TaskGrant
 from broker.topics import Topics
 from broker.verify import Refusal, Refusals, Verifier, refuse
 from model_store import ModelStore
@@ -297,11 +298,12 @@ class AggregatorWorker:
             if isinstance(message, ModelUpdate):
                 self._handle_update(message, delivery)
                 return
-            self._device_failed(admitted.grant.experiment_id, message)
+            self._device_failed(admitted.grant, message)
         delivery.ack()
 
-    def _device_failed(self, experiment_id: str, reply: ErrorReply) -> None:
-        """Count a device's refusal of its task against the experiment's open round."""
+    def _device_failed(self, grant: TaskGrant, reply: ErrorReply) -> None:
+        """Count a device's refusal of its task against the round the task belongs to."""
+        experiment_id = grant.experiment_id
         log.info(
             "device %s could not train: %s %s", reply.sender, reply.code[:40], reply.detail[:200]
         )
@@ -309,7 +311,8 @@ class AggregatorWorker:
             self._async.device_failed(experiment_id, reply)
             return
         rnd = self._rounds.get(experiment_id)
-        if rnd is not None and reply.sender in rnd.opened.selected:
+        in_round = rnd is not None and grant.round == rnd.opened.round
+        if rnd is not None and in_round and reply.sender in rnd.opened.selected:
             rnd.reporters.add(reply.sender)
             rnd.rejected[f"device_{reply.code}"] += 1
             self._close_if_complete(rnd)
@@ -472,6 +475,9 @@ class AggregatorWorker:
                 reason = f"{rnd.strategy.name} could not aggregate: {exc}"
             except Rejected as exc:  # the aggregate itself is not finite: never written
                 reason = f"the aggregate is not finite: {exc.detail}"
+            # finish() may have moved the server state (momentum, moments): the next
+            # round on this base version rebuilds it from the store.
+            self._strategies.pop(opened.experiment_id, None)
         return RoundAbandoned(
             experiment_id=opened.experiment_id,
             round=opened.round,

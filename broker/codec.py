@@ -162,7 +162,9 @@ def decode_frame(frame: Frame) -> Message:
     header, payload = frame.header, frame.payload
     try:
         kind = MessageKind(header["kind"])
-        schema = int(header["schema_version"])
+        schema = header["schema_version"]
+        if type(schema) is not int:
+            raise TypeError("schema_version must be an integer")
     except (ValueError, KeyError, TypeError) as exc:
         raise CodecError(f"bad header: {exc}") from exc
     if schema > SCHEMA_VERSION:
@@ -175,8 +177,8 @@ def decode_frame(frame: Frame) -> Message:
     kwargs = _from_json_fields(cls, {**body, **envelope})
     payload_field = header.get("payload_field")
     if payload_field:
-        if payload_field not in _binary_fields(cls):
-            raise CodecError(f"{cls.__name__} has no binary field {payload_field!r}")
+        if not isinstance(payload_field, str) or payload_field not in _binary_fields(cls):
+            raise CodecError(f"{cls.__name__} has no binary field {str(payload_field)[:40]!r}")
         # A view, not a copy: a large inline update is read in place by the weights codec.
         kwargs[payload_field] = payload
     try:
@@ -226,7 +228,7 @@ def _from_json_fields(cls: type[Message], body: Mapping[str, Any]) -> dict[str, 
     hints = _hints(cls)
     try:
         return {name: _converter(hints[name])(value) for name, value in body.items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise CodecError(f"bad {cls.__name__} body: {exc}") from exc
 
 

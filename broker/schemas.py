@@ -1,9 +1,12 @@
 """The JSON Schemas of the messages a phone sends or receives: load them, check headers.
 
 ``broker/schema/`` holds one JSON Schema (draft 2020-12) per message kind a
-phone sees, plus ``envelope.json`` (the header every frame carries) and
-``model_ref.json``; they are the contract Kotlin and Swift code is written
-against (``docs/mobile-protocol.md``). Validation needs ``jsonschema``, a
+phone sees (``task_grant`` included: it rides, signed, inside a task and comes
+back inside the answer), plus ``envelope.json`` (the header every frame
+carries) and ``model_ref.json``; they are the contract Kotlin and Swift code
+is written against (``docs/mobile-protocol.md``). They describe the header
+only: splitting a frame, signed or not, is ``broker.codec.split_frame``'s job,
+and checking its signature ``broker.verify``'s. Validation needs ``jsonschema``, a
 development dependency imported only when a header is checked: at run time
 the codec's own decoding already refuses fields of the wrong type.
 """
@@ -40,9 +43,10 @@ DEVICE_KINDS = frozenset(
         MessageKind.MODEL_UPDATE,
         MessageKind.UPDATE_REJECTED,
         MessageKind.ERROR_REPLY,
+        MessageKind.TASK_GRANT,
     }
 )
-"""Kinds a phone sends or receives; each has a schema file named ``<kind>.json``."""
+"""Kinds a phone sends or receives (a grant: inside its task); each has a schema ``<kind>.json``."""
 
 SERVICE_KINDS = frozenset(
     {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ class DeviceStats:
     uploads: int = 0
     rejections: list[UpdateRejected] = field(default_factory=list)
     come_back_after_s: float | None = None
+    refused: Counter[str] = field(default_factory=Counter)
+    """Frames on this device's topic it did not believe, by reason (forged tasks, ...)."""
 
 
 class DeviceClient:
@@ -166,6 +169,7 @@ class DeviceClient:
         try:
             message = self._open(delivery)
         except Refused as exc:
+            self.stats.refused[exc.reason] += 1
             log.warning("%s: refused a frame: %s", self.device_id, exc)
             delivery.ack()
             return

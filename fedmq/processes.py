@@ -19,7 +19,9 @@ from aggregator_service import AggregatorWorker, Database, RoundService, Service
 from aggregator_service.api.app import create_app
 from aggregator_service.evaluation import held_out_evaluator
 from aggregator_service.links import PresignedLinks, SignedLinks
+from aggregator_service.rounds.registry import DeviceRegistry
 from broker import Transport
+from broker.access import open_access
 from broker.identity import Identity, KeyRing, decode_public_key
 from broker.offload import OffloadedProcess, OffloadError
 from broker.topics import Topics
@@ -74,10 +76,15 @@ def run_server(
     """Serve the REST API and coordinate rounds until signalled."""
     keys = keys or KeyFolder.default(home())
     identity = keys.service_identity()
+    # Per-device broker users, provisioned at registration (FEDMQ_BROKER_ACCESS_URL:
+    # mosquitto-dynsec://... or rabbitmq-http://...; see broker.access).
+    access_url = os.environ.get("FEDMQ_BROKER_ACCESS_URL")
+    access = open_access(access_url) if access_url else None
     transports = TransportPool(broker)
     transport = transports(unique_client_id("coordinator"))
     store = open_store(store_url)
     db = Database(db_url)
+    registry = DeviceRegistry(db, access=access)
     key = os.environ.get("FEDMQ_SIGNING_KEY", "").encode() or secrets.token_bytes(32)
     links: SignedLinks | PresignedLinks
     if isinstance(store, PresignedAccess):  # devices talk to the object store directly
@@ -93,6 +100,7 @@ def run_server(
         # Re-read on an unknown sender: a worker started later is trusted at once.
         worker_keys=KeyRing(reload=keys.worker_keys),
         topics=Topics(namespace),
+        registry=registry,
         evaluator_factory=held_out_evaluator,
         links=links,
         packagers=platform_packagers(),

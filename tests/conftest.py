@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from aggregator_service import AggregatorWorker, Database, ExperimentConfig, RoundService
+from aggregator_service import Database, ExperimentConfig, RoundService
 from aggregator_service.evaluation import held_out_evaluator
 from broker import MemoryTransport
 from model_store import LocalStore
+from tests.identities import aggregator, round_service
 
 SMALL_CONFIG: dict[str, Any] = {
     "name": "small",
@@ -58,9 +59,9 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     transport = MemoryTransport()
     store = LocalStore(tmp_path / "store")
     db = Database("sqlite://")
-    service = RoundService(transport, store, db, evaluator_factory=held_out_evaluator)
+    service = round_service(transport, store, db, evaluator_factory=held_out_evaluator)
     service.start()
-    AggregatorWorker(transport, store).start()
+    aggregator(transport, store).start()
     yield Stack(transport, store, db, service)
     transport.close()
     db.close()

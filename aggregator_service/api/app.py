@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Flask
 
-from aggregator_service.api import blobs, devices, experiments, meta, models
+from aggregator_service.api import blobs, devices, experiments, meta, metrics, models
 from aggregator_service.api.errors import register_error_handlers
 from aggregator_service.links import SignedLinks
 from aggregator_service.rounds import RoundService
@@ -60,7 +60,7 @@ def create_app(
     app.config["VIEWER_TOKEN"] = str(app.config.get("VIEWER_TOKEN") or "")
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["fedmq.rounds"] = service
-    for blueprint in (experiments.bp, models.bp, devices.bp, meta.bp):
+    for blueprint in (experiments.bp, models.bp, devices.bp, meta.bp, metrics.bp):
         app.register_blueprint(blueprint)
     if store is not None and links is not None:
         app.extensions["fedmq.store"] = store

@@ -81,9 +81,7 @@ def register() -> tuple[Response, int]:
 @admin_required
 def rotate(device_id: str) -> tuple[Response, int]:
     """Replace a device's key and token; the old key is refused from now on."""
-    body = request.get_json(silent=True) if request.data else {}
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
+    body = json_body() if request.data else {}
     registration = _service().registry.rotate(device_id, _text(body, "public_key", 128))
     return _registered(registration, 200)
 

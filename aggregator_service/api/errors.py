@@ -27,14 +27,6 @@ from aggregator_service.errors import (
     Unauthorized,
 )
 
-_STATUS: dict[type[ServiceError], int] = {
-    ConfigError: 400,
-    Unauthorized: 401,
-    Forbidden: 403,
-    NotFound: 404,
-    Conflict: 409,
-}
-
 MAX_BODY_BYTES = 1 << 20
 """Default ``MAX_CONTENT_LENGTH``: a JSON body above 1 MiB is refused with 413."""
 
@@ -58,6 +50,16 @@ class BadRequest(ServiceError):
     code = "bad_request"
 
 
+_STATUS: dict[type[ServiceError], int] = {
+    BadRequest: 400,
+    ConfigError: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+}
+
+
 def error_response(code: str, message: str, status: int) -> tuple[Response, int]:
     """Return the JSON error body and status."""
     return jsonify({"error": {"code": code, "message": message}}), status
@@ -71,10 +73,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError) -> tuple[Response, int]:
-        status = _STATUS.get(type(exc), 500)
-        if isinstance(exc, BadRequest):
-            status = 400
-        elif exc.code == "payload_too_large":
+        # By isinstance, so a subclass another module adds keeps its parent's status.
+        status = next((s for kind, s in _STATUS.items() if isinstance(exc, kind)), 500)
+        if exc.code == "payload_too_large":
             status = 413
         if status == 500:
             current_app.logger.exception("internal error")

@@ -14,8 +14,10 @@ from aggregator_service.api.errors import (
     viewer_required,
 )
 from aggregator_service.config import ExperimentConfig
+from aggregator_service.errors import ConfigError
 from aggregator_service.persistence import ExperimentRecord
 from aggregator_service.rounds import RoundService, describe
+from model_store import ModelSpecError
 
 bp = Blueprint("experiments", __name__, url_prefix="/api/v1/experiments")
 
@@ -43,7 +45,10 @@ def _describe(exp: ExperimentRecord) -> dict[str, Any]:
 def create() -> tuple[Response, int]:
     """Create an experiment from a config; publish its model as version 0."""
     config = ExperimentConfig.from_dict(json_body())
-    experiment_id = _service().create_experiment(config)
+    try:
+        experiment_id = _service().create_experiment(config)
+    except ModelSpecError as exc:  # the zoo's own checks at build time (a negative seed)
+        raise ConfigError(f"model: {exc}") from exc
     return jsonify({"id": experiment_id}), 201
 
 

@@ -44,6 +44,7 @@ def _op(
     return op
 
 
+_VERSION = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
 _ID = [{"name": "experiment_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 
 OPENAPI: dict[str, Any] = {
@@ -65,7 +66,7 @@ OPENAPI: dict[str, Any] = {
             "get": _op("List rounds", "200", auth="viewer", errors=("404",)),
         },
         "/experiments/{experiment_id}/model": {
-            "parameters": _ID + [{"name": "version", "in": "query", "schema": {"type": "integer"}}],
+            "parameters": _ID + [{"name": "version", "in": "query", "schema": _VERSION}],
             "get": {
                 "summary": "Download global weights (safetensors)",
                 "security": _SECURITY["viewer"],

@@ -32,12 +32,18 @@ log = logging.getLogger(__name__)
 PLATFORMS = ("android", "ios", "python", "emulated")
 
 
-@dataclass(frozen=True)
-class BrokerCredentials:
+class BrokerCredentials(Protocol):
     """A device's own broker user."""
 
-    username: str
-    password: str
+    @property
+    def username(self) -> str:
+        """Return the broker user name."""
+        ...
+
+    @property
+    def password(self) -> str:
+        """Return the broker password."""
+        ...
 
 
 class BrokerAccess(Protocol):
@@ -153,6 +159,10 @@ class DeviceRegistry:
             if record is not None or len(self._keys) < 100_000:
                 self._keys[device_id] = key  # strangers cached too, but boundedly
         return key
+
+    def count(self) -> int:
+        """Return how many devices are registered."""
+        return self._db.count_devices()
 
     def devices(self) -> list[DeviceRecord]:
         """Return every registered device."""

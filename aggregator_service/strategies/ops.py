@@ -34,7 +34,9 @@ class WeightedSum:
         """Fold ``weight * weights`` into the sums."""
         for name, acc in self.sums.items():
             scratch = self._buffer(acc)
-            np.multiply(weights[name], weight, out=scratch)
+            # In float64: a float32 product of a large finite update and its
+            # example count would overflow before it reached the float64 sums.
+            np.multiply(weights[name], weight, out=scratch, dtype=np.float64)
             np.add(acc, scratch, out=acc)
         self.total_weight += weight
         self.count += 1

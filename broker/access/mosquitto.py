@@ -239,7 +239,7 @@ class DynsecAccess:
         self._ready.set()
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        self._answers.put(message.payload)
+        self._answers.put(bytes(message.payload))
 
 
 def _deletions(username: str) -> list[dict[str, Any]]:

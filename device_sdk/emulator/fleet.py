@@ -189,4 +189,5 @@ class Fleet:
             "uploads": sum(d.stats.uploads for d in self.devices),
             "failures": sum(d.stats.failures for d in self.devices),
             "rejections": sum(len(d.stats.rejections) for d in self.devices),
+            "refused": sum(sum(d.stats.refused.values()) for d in self.devices),
         }

@@ -13,6 +13,7 @@ from safetensors.numpy import load
 
 from aggregator_service.api.app import create_app
 from device_sdk.emulator import Fleet
+from tests.identities import enroll_in
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -95,6 +96,87 @@ def test_non_json_body_is_400(client: FlaskClient) -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ("[1, 2]", 400),
+        ('"text"', 400),
+        ("null", 400),
+        ('{"count": 1', 400),
+        ("\xff\xfe{}", 400),
+        ('{"count": ' + "9" * 5000 + "}", 400),  # above int()'s 4300-digit limit
+        ('{"count": 99999999999999999999}', 400),  # beyond 64 bits
+        ('{"count": 1e309}', 400),
+        ('{"count": NaN}', 400),
+        ('{"count": -Infinity}', 400),
+        ("[" * 5000 + "]" * 5000, 400),  # deeper than the parser's recursion limit
+        ('{"a":' * 40 + "1" + "}" * 40, 400),  # deeper than MAX_DEPTH
+        ('{"count": "' + "x" * 70_000 + '"}', 400),  # a field above 64 KiB
+        ('{"x": "' + "x" * (1 << 20) + '"}', 413),  # a body above 1 MiB
+    ],
+    ids=[
+        "array",
+        "string",
+        "null",
+        "truncated",
+        "not-utf8",
+        "5000-digits",
+        "beyond-64-bits",
+        "1e309",
+        "NaN",
+        "-Infinity",
+        "5000-brackets",
+        "41-levels",
+        "70k-string",
+        "1MiB-body",
+    ],
+)
+def test_malformed_json_bodies_are_4xx(
+    client: FlaskClient, config: dict[str, Any], body: str, status: int
+) -> None:
+    experiment_id = _create(client, config)
+
+    for path in ("/api/v1/experiments", f"/api/v1/experiments/{experiment_id}/rounds"):
+        response = client.post(
+            path, data=body.encode("latin-1"), content_type="application/json", headers=AUTH
+        )
+        assert response.status_code == status, (path, response.json)
+        assert set(response.json["error"]) == {"code", "message"}
+
+
+@pytest.mark.parametrize(
+    "experiment_id",
+    ["..", "a%00b", "%27%22", "a%0d%0aSet-Cookie:x", "x" * 5000, "%ff", "-", ".hidden"],
+)
+def test_odd_experiment_ids_are_404(client: FlaskClient, experiment_id: str) -> None:
+    for path in ("", "/rounds", "/model"):
+        response = client.get(f"/api/v1/experiments/{experiment_id}{path}", headers=VIEWER)
+        assert response.status_code == 404, (experiment_id, path)
+        assert response.json["error"]["code"] == "not_found"
+    response = client.post(
+        f"/api/v1/experiments/{experiment_id}/rounds", json={"count": 1}, headers=AUTH
+    )
+    assert response.status_code == 404
+
+
+def test_a_rounds_body_takes_only_a_count(client: FlaskClient, config: dict[str, Any]) -> None:
+    experiment_id = _create(client, config)
+
+    response = client.post(
+        f"/api/v1/experiments/{experiment_id}/rounds", json={"count": 1, "x": 2}, headers=AUTH
+    )
+
+    _error(response, 400, "bad_request")
+
+
+def test_a_negative_seed_is_400(client: FlaskClient, config: dict[str, Any]) -> None:
+    config["seed"] = -1
+
+    response = client.post("/api/v1/experiments", json=config, headers=AUTH)
+
+    assert "seed" in _error(response, 400, "invalid_config")
+
+
+@pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]
 )
 def test_state_changing_calls_need_the_admin_token(
@@ -172,7 +254,11 @@ def test_rounds_requested_through_the_api_run_and_are_reported(
 ) -> None:
     experiment_id = _create(client, config)
     Fleet(
-        lambda _: stack.transport, config["data"], seed=config["seed"], experiment_id=experiment_id
+        lambda _id, _will: stack.transport,
+        config["data"],
+        seed=config["seed"],
+        experiment_id=experiment_id,
+        enroll=enroll_in(stack.service),
     ).start()
     stack.transport.join(timeout=30)
 

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 
-from aggregator_service import AggregatorWorker
 from broker import (
     Message,
     ModelRef,
@@ -17,13 +16,12 @@ from broker import (
     UpdateRejected,
     decode,
     decode_weights,
-    encode,
     encode_weights,
-    topics,
 )
 from model_store import MemoryStore
 from tests.aggregator_service.worker_doubles import Bus as SharedBus
 from tests.aggregator_service.worker_doubles import FakeDelivery
+from tests.identities import TOPICS, aggregator
 
 EXP = "exp-async"
 VERSIONS = [np.zeros(2, np.float32), np.full(2, 1.0, np.float32), np.full(2, 2.0, np.float32)]
@@ -33,21 +31,20 @@ class Bus(SharedBus):
     """The shared recording bus, with shortcuts for this experiment's topics."""
 
     def control(self, message: Message) -> None:
-        self.handlers[topics.ALL_CONTROL](FakeDelivery(encode(message), topics.control(EXP)))  # type: ignore[operator]
+        self.deliver(TOPICS.control(EXP), message, TOPICS.all_control)
 
     def update(self, update: ModelUpdate) -> FakeDelivery:
-        delivery = FakeDelivery(encode(update), topics.updates(EXP))
-        self.handlers[topics.ALL_UPDATES](delivery)  # type: ignore[operator]
-        return delivery
+        return self.deliver(TOPICS.updates(EXP, update.device_id), update, TOPICS.all_updates)
 
     def events(self) -> list[Message]:
-        return [decode(body) for topic, body in self.published if topic == topics.events(EXP)]
+        return [decode(body) for topic, body in self.published if topic == TOPICS.events(EXP)]
 
     def notices(self) -> list[UpdateRejected]:
+        devices = f"{TOPICS.namespace}/device/"
         return [
             m
             for topic, body in self.published
-            if topic.startswith("fedmq/device/") and isinstance(m := decode(body), UpdateRejected)
+            if topic.startswith(devices) and isinstance(m := decode(body), UpdateRejected)
         ]
 
 
@@ -95,7 +92,7 @@ def _update(device: str, value: float, base: int, *, round_number: int = 1) -> M
 
 def _worker(store: MemoryStore) -> Bus:
     bus = Bus()
-    AggregatorWorker(bus, store, checkpoint_every=100).start()  # type: ignore[arg-type]
+    aggregator(bus, store, checkpoint_every=100).start()  # type: ignore[arg-type]
     return bus
 
 

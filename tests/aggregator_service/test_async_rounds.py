@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,16 @@ from broker import (
     TrainTask,
     decode,
     decode_weights,
-    encode,
-    topics,
 )
 from model_store import LocalStore
+from tests.identities import TOPICS, device, round_service, sign
 
 
 class Clock:
+    # Starts at the real time: check-ins are signed with it, and the service
+    # refuses a check-in signed far from its own clock.
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = time.time()
 
     def __call__(self) -> float:
         return self.now
@@ -46,14 +48,14 @@ class Coordinator:
     tasks: list[TrainTask] = field(default_factory=list)
     control: list[Message] = field(default_factory=list)
 
-    def check_in(self, device: str, busy: int = 0) -> None:
+    def check_in(self, device_id: str, busy: int = 0) -> None:
         message = CheckIn(
-            device_id=device,
+            device_id=device_id,
             platform="python",
             experiment_id=self.experiment_id or None,
             capabilities={"tasks_in_progress": busy},
         )
-        self.transport.publish(topics.CHECKINS, encode(message))
+        self.transport.publish(TOPICS.checkin(device_id), sign(message))
         self.transport.join(timeout=10)
 
     def restart(self) -> dict[str, list[TrainTask]]:
@@ -61,7 +63,7 @@ class Coordinator:
         self.transport.close()
         self.transport = MemoryTransport()
         tasks = _record(self)
-        self.service = RoundService(self.transport, self.store, self.db, clock=self.clock)
+        self.service = round_service(self.transport, self.store, self.db, clock=self.clock)
         self.service.start()
         self.service.tick()  # the first tick re-announces the rounds recovered
         self.transport.join(timeout=10)
@@ -72,7 +74,7 @@ def _setup(tmp_path: Path, small_config: Any) -> tuple[Coordinator, dict[str, li
     """A fedbuff experiment (K = 3) with C = 2 task slots and two devices online."""
     transport, clock, db = MemoryTransport(), Clock(), Database("sqlite://")
     store = LocalStore(tmp_path / "store")
-    service = RoundService(transport, store, db, clock=clock)
+    service = round_service(transport, store, db, clock=clock)
     service.start()
     bench = Coordinator(transport, store, db, clock, service)
     by_device = _record(bench)
@@ -81,8 +83,9 @@ def _setup(tmp_path: Path, small_config: Any) -> tuple[Coordinator, dict[str, li
         rounds={"devices_per_round": 2, "over_selection": 1.0, "min_reports": 1},
     )
     bench.experiment_id = service.create_experiment(config)
-    for device in ("d0", "d1"):
-        bench.check_in(device)
+    for name in ("d0", "d1"):
+        service.register_device("python", public_key=device(name).public_key_text, device_id=name)
+        bench.check_in(name)
     return bench, by_device
 
 
@@ -101,8 +104,8 @@ def _record(bench: Coordinator) -> dict[str, list[TrainTask]]:
         bench.control.append(decode(delivery.body))
         delivery.ack()
 
-    bench.transport.subscribe("fedmq/device/+", on_device)
-    bench.transport.subscribe(topics.ALL_CONTROL, on_control)
+    bench.transport.subscribe(f"{TOPICS.namespace}/device/+", on_device)
+    bench.transport.subscribe(TOPICS.all_control, on_control)
     return by_device
 
 
@@ -145,7 +148,7 @@ def test_a_device_that_finishes_gets_its_next_task_at_once(
         accepted=("u1", "u2", "u3"),
         accepted_devices=("d0", "d1"),
     )
-    bench.transport.publish(topics.events(bench.experiment_id), encode(commit))
+    bench.transport.publish(TOPICS.events(bench.experiment_id), sign(commit))
     bench.transport.join(timeout=10)
 
     first, second = bench.service.rounds(bench.experiment_id)
@@ -177,7 +180,7 @@ def test_a_restarted_coordinator_reannounces_the_step_and_refills_slots_at_check
     bench.check_in("d0")  # done: its slot is free again
     assert [(t.round, t.base_version) for t in tasks["d0"]] == [(1, 0)]
     leaving = CheckOut(device_id="d1", reason="connection lost")
-    bench.transport.publish(topics.CHECKINS, encode(leaving))
+    bench.transport.publish(TOPICS.checkin("d1"), sign(leaving))
     bench.transport.join(timeout=10)
     assert set(tasks) == {"d0"}  # d1's slot frees, but no idle device is online
     assert bench.service.rounds(bench.experiment_id)[0].state == "training"

@@ -109,12 +109,28 @@ def test_rounds_keep_their_lists_maps_and_order(db: Database) -> None:
 
 
 def test_devices_are_registered_seen_and_counted(db: Database) -> None:
-    db.add_device("phone-1", "android", "ab" * 32, 1.0)
-    db.device_seen("phone-1", "android", 5.0)
-    db.device_seen("emu-0001", "emulated", 6.0)  # unknown devices register on check-in
+    db.add_device("phone-1", "android", "ab" * 32, 1.0, public_key="key-1")
+    db.add_device("emu-0001", "emulated", None, 2.0)
+    db.device_seen("phone-1", 5.0)
+    db.device_seen("emu-0001", 6.0)
+    db.device_seen("stranger", 7.0)  # an unknown device is not registered by a check-in
 
-    db.devices_served(["phone-1", "emu-0001"])
+    db.devices_served(["phone-1", "emu-0001", "stranger"])
     db.devices_served(["phone-1"])
 
     served = {d.id: (d.platform, d.last_seen, d.rounds_served) for d in db.devices()}
     assert served == {"phone-1": ("android", 5.0, 2), "emu-0001": ("emulated", 6.0, 1)}
+    assert db.device("stranger") is None and db.count_devices() == 2
+
+
+def test_a_device_record_keeps_its_key_and_revocation(db: Database) -> None:
+    db.add_device("phone-1", "android", "ab" * 32, 1.0, public_key="key-1")
+
+    db.update_device("phone-1", public_key="key-2", revoked_at=9.5)
+
+    record = db.device("phone-1")
+    assert record is not None
+    assert (record.registered_at, record.public_key, record.revoked_at) == (1.0, "key-2", 9.5)
+    assert (record.last_seen, record.rounds_served) == (None, 0)
+    with pytest.raises(NotFound):
+        db.update_device("nope", revoked_at=1.0)

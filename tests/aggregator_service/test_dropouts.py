@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from aggregator_service import AggregatorWorker, Database, RoundService
+from aggregator_service import Database, RoundService
 from aggregator_service.evaluation import held_out_evaluator
-from broker import CheckIn, MemoryTransport, encode, topics
+from broker import CheckIn, MemoryTransport
 from device_sdk.emulator import Fleet, device_name
 from model_store import LocalStore
+from tests.identities import TOPICS, aggregator, device, enroll_in, round_service, sign
 
 
 class Clock:
+    # Starts at the real time: devices sign check-ins with it, and the service
+    # refuses a check-in signed far from its own clock.
     def __init__(self) -> None:
-        self.now = 5000.0
+        self.now = time.time()
 
     def __call__(self) -> float:
         return self.now
@@ -24,24 +28,26 @@ def _run(tmp_path: Path, config: Any, rounds: int) -> tuple[RoundService, str]:
     """Six devices online, two of which (a third) never answer; run ``rounds`` rounds."""
     transport, clock = MemoryTransport(), Clock()
     store = LocalStore(tmp_path / "store")
-    service = RoundService(
+    service = round_service(
         transport, store, Database("sqlite://"), clock=clock, evaluator_factory=held_out_evaluator
     )
     service.start()
-    AggregatorWorker(transport, store).start()
+    aggregator(transport, store).start()
     experiment_id = service.create_experiment(config)
     Fleet(
-        lambda _: transport,
+        lambda _id, _will: transport,
         config.to_dict()["data"],
         seed=config.seed,
         indices=range(4),
         experiment_id=experiment_id,
+        enroll=enroll_in(service),
+        identities=device,
     ).start()
     for silent in (4, 5):
-        message = CheckIn(
-            device_id=device_name(silent), platform="emulated", experiment_id=experiment_id
-        )
-        transport.publish(topics.CHECKINS, encode(message))
+        name = device_name(silent)
+        enroll_in(service)(device(name), "emulated")
+        message = CheckIn(device_id=name, platform="emulated", experiment_id=experiment_id)
+        transport.publish(TOPICS.checkin(name), sign(message))
     transport.join(timeout=30)
     service.request_rounds(experiment_id, rounds)
     for _ in range(rounds):

@@ -71,3 +71,17 @@ def test_weighted_sum_keeps_memory_independent_of_the_number_of_updates() -> Non
 def test_fedavg_refuses_unknown_settings() -> None:
     with pytest.raises(TypeError):
         FedAvg(momentum=0.9)
+
+
+def test_the_weighted_mean_of_large_finite_updates_is_their_mean() -> None:
+    # Product bug (aggregator_service/strategies/ops.py:37): WeightedSum.add computes
+    # weight * weights in the update's float32 before storing into the float64 sums,
+    # so 3e38 * 10 overflows to inf and FedAvg of two finite, equal updates is inf.
+    current = {"w": np.zeros(3, np.float32)}
+    updates = [ClientUpdate(d, {"w": np.full(3, 3e38, np.float32)}, 10) for d in ("a", "b")]
+
+    with np.errstate(over="raise"):
+        new = FedAvg().aggregate(1, current, updates)
+
+    assert new is not None
+    np.testing.assert_allclose(new["w"], np.full(3, 3e38), rtol=1e-6)

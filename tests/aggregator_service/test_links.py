@@ -208,6 +208,20 @@ def test_receipts_cannot_be_forged_without_the_secret(links: SignedLinks, clock:
         ("2000000", "G" * 64),
         ("", ""),
     ],
+    ids=[
+        "superscript-two",
+        "5000-digits",
+        "negative",
+        "exponent",
+        "leading-space",
+        "trailing-newline",
+        "non-ascii-signature",
+        "short-signature",
+        "long-signature",
+        "huge-signature",
+        "non-hex-signature",
+        "empty",
+    ],
 )
 def test_malformed_expiries_and_signatures_are_403(
     client: FlaskClient, links: SignedLinks, expires: str, signature: str
@@ -261,3 +275,25 @@ def test_a_signed_url_with_any_one_part_changed_is_refused(
     args[field] = junk
     with pytest.raises(Forbidden):
         links.verify(args["method"], args["path"], args["expires"], args["signature"])
+
+
+def test_uploads_may_exceed_the_json_body_limit(stack: Any, links: SignedLinks) -> None:
+    app = create_app(
+        {"TESTING": True, "ADMIN_TOKEN": "t", "MAX_UPLOAD_BYTES": 3 << 20},
+        service=stack.service,
+        store=stack.store,
+        links=links,
+    )
+    data = b"w" * (2 << 20)  # twice the app-wide MAX_CONTENT_LENGTH
+
+    with app.test_client() as client:
+        response = client.put(_local(links.upload("exp-1-big")), data=data)
+        json_response = client.post(
+            "/api/v1/experiments",
+            data=data,
+            headers={"Authorization": "Bearer t"},
+            content_type="application/json",
+        )
+
+    assert response.status_code == 201 and response.json["size"] == len(data)
+    assert json_response.status_code == 413

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from aggregator_service import Database, RoundService
+from aggregator_service import Database
 from broker import (
     CheckIn,
     CloseRound,
@@ -15,15 +16,17 @@ from broker import (
     RoundAbandoned,
     RoundOpened,
     decode,
-    encode,
-    topics,
 )
 from model_store import LocalStore
+from tests.identities import TOPICS, device, round_service, sign
 
 
 class Clock:
+    # Starts at the real time: check-ins are signed with it, and the service
+    # refuses a check-in signed far from its own clock.
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = time.time()
+        self.start = self.now
 
     def __call__(self) -> float:
         return self.now
@@ -34,7 +37,7 @@ def test_rounds_are_reannounced_and_closed_after_the_deadline(
 ) -> None:
     transport, clock = MemoryTransport(), Clock()
     db = Database("sqlite://")
-    service = RoundService(transport, LocalStore(tmp_path), db, clock=clock)
+    service = round_service(transport, LocalStore(tmp_path), db, clock=clock)
     service.start()
     control: list[Message] = []
 
@@ -42,16 +45,18 @@ def test_rounds_are_reannounced_and_closed_after_the_deadline(
         control.append(decode(delivery.body))
         delivery.ack()
 
-    transport.subscribe(topics.ALL_CONTROL, record)
+    transport.subscribe(TOPICS.all_control, record)
     config = small_config(rounds={"deadline_s": 30.0})
     experiment_id = service.create_experiment(config)
     for i in range(6):
-        transport.publish(topics.CHECKINS, encode(CheckIn(device_id=f"d{i}", platform="python")))
+        name = f"d{i}"
+        service.register_device("python", public_key=device(name).public_key_text, device_id=name)
+        transport.publish(TOPICS.checkin(name), sign(CheckIn(device_id=name, platform="python")))
     transport.join(timeout=10)
     service.request_rounds(experiment_id, 1)
 
     for step in (1.0, 6.0, 7.0, 31.0, 32.0, 37.0):
-        clock.now = 1000.0 + step
+        clock.now = clock.start + step
         service.tick()
     transport.join(timeout=10)
 
@@ -61,7 +66,7 @@ def test_rounds_are_reannounced_and_closed_after_the_deadline(
     assert all(isinstance(m, RoundOpened | CloseRound) and m.round == 1 for m in control)
 
     abandoned = RoundAbandoned(experiment_id=experiment_id, round=1, reason="no reports")
-    transport.publish(topics.events(experiment_id), encode(abandoned))
+    transport.publish(TOPICS.events(experiment_id), sign(abandoned))
     transport.join(timeout=10)
     clock.now += 60
     service.tick()

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from aggregator_service import AggregatorWorker
 from broker import (
     CloseRound,
     Delivery,
@@ -23,11 +22,10 @@ from broker import (
     UpdateRejected,
     decode,
     decode_weights,
-    encode,
     encode_weights,
-    topics,
 )
 from model_store import MemoryStore
+from tests.identities import TOPICS, aggregator, sign
 
 EXP = "exp1"
 BASE = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
@@ -62,9 +60,9 @@ def bench() -> Iterator[Bench]:
 
         return handler
 
-    transport.subscribe(topics.events(EXP), record(events))  # type: ignore[arg-type]
-    transport.subscribe("fedmq/device/+", record(notices))  # type: ignore[arg-type]
-    AggregatorWorker(transport, store).start()
+    transport.subscribe(TOPICS.events(EXP), record(events))  # type: ignore[arg-type]
+    transport.subscribe(f"{TOPICS.namespace}/device/+", record(notices))  # type: ignore[arg-type]
+    aggregator(transport, store).start()
     yield Bench(transport, store, ModelRef(store.blob_url(sha), sha, len(data)), events, notices)
     transport.close()
 
@@ -83,7 +81,7 @@ def _open(
         deadline_at=0.0,
         strategy={"name": "fedavg"},
     )
-    bench.transport.publish(topics.control(EXP), encode(opened))
+    bench.transport.publish(TOPICS.control(EXP), sign(opened))
 
 
 def _send(
@@ -104,7 +102,7 @@ def _send(
         num_examples=n,
         inline_weights=encode_weights(weights),
     )
-    bench.transport.publish(topics.updates(EXP), encode(update))
+    bench.transport.publish(TOPICS.updates(EXP, device), sign(update))
     return update
 
 
@@ -203,7 +201,7 @@ def test_updates_after_commit_are_late(bench: Bench) -> None:
 def test_closing_below_the_minimum_abandons_the_round_and_writes_no_version(bench: Bench) -> None:
     _open(bench, target=3, minimum=2)
     _send(bench, "a", _good(1.0))
-    bench.transport.publish(topics.control(EXP), encode(CloseRound(experiment_id=EXP, round=1)))
+    bench.transport.publish(TOPICS.control(EXP), sign(CloseRound(experiment_id=EXP, round=1)))
     bench.transport.join(timeout=10)
 
     (abandoned,) = bench.events
@@ -216,7 +214,7 @@ def test_closing_at_the_minimum_commits_what_arrived(bench: Bench) -> None:
     _open(bench, target=3, minimum=2)
     _send(bench, "a", _good(1.0))
     _send(bench, "b", _good(3.0))
-    bench.transport.publish(topics.control(EXP), encode(CloseRound(experiment_id=EXP, round=1)))
+    bench.transport.publish(TOPICS.control(EXP), sign(CloseRound(experiment_id=EXP, round=1)))
     bench.transport.join(timeout=10)
 
     (committed,) = bench.events

@@ -14,10 +14,10 @@ from broker import (
     decode,
     decode_weights,
     encode_weights,
-    topics,
 )
 from model_store import MemoryStore
 from tests.aggregator_service.worker_doubles import Bus
+from tests.identities import TOPICS, aggregator
 
 EXP = "exp-ckpt"
 DEVICES = ("a", "b", "c", "d")
@@ -58,7 +58,7 @@ def _update(device: str, value: float, message_id: str | None = None) -> ModelUp
 
 def _start(store: MemoryStore) -> tuple[AggregatorWorker, Bus]:
     bus = Bus()
-    worker = AggregatorWorker(bus, store, checkpoint_every=2)  # type: ignore[arg-type]
+    worker = aggregator(bus, store, checkpoint_every=2)  # type: ignore[arg-type]
     worker.start()
     return worker, bus
 
@@ -66,11 +66,11 @@ def _start(store: MemoryStore) -> tuple[AggregatorWorker, Bus]:
 def test_folded_updates_are_acked_once_a_checkpoint_holds_them() -> None:
     store, opened = _setup()
     _, bus = _start(store)
-    bus.deliver(topics.control(EXP), opened, topics.ALL_CONTROL)
+    bus.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
 
-    first = bus.deliver(topics.updates(EXP), _update("a", 1.0), topics.ALL_UPDATES)
+    first = bus.deliver(TOPICS.updates(EXP, "a"), _update("a", 1.0), TOPICS.all_updates)
     assert first.settled == []  # held: its contribution is only in memory
-    second = bus.deliver(topics.updates(EXP), _update("b", 2.0), topics.ALL_UPDATES)
+    second = bus.deliver(TOPICS.updates(EXP, "b"), _update("b", 2.0), TOPICS.all_updates)
 
     assert first.settled == ["ack"] and second.settled == ["ack"]
     assert store.latest_version(f"{EXP}.r1.ckpt") == 0
@@ -79,21 +79,21 @@ def test_folded_updates_are_acked_once_a_checkpoint_holds_them() -> None:
 def test_a_successor_resumes_the_checkpoint_and_counts_each_update_once() -> None:
     store, opened = _setup()
     _, dying = _start(store)
-    dying.deliver(topics.control(EXP), opened, topics.ALL_CONTROL)
+    dying.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
     a, b, c = _update("a", 1.0), _update("b", 2.0), _update("c", 4.0)
     for update in (a, b, c):
-        dying.deliver(topics.updates(EXP), update, topics.ALL_UPDATES)
+        dying.deliver(TOPICS.updates(EXP, update.device_id), update, TOPICS.all_updates)
     # the worker dies here: a and b are checkpointed and acked, c was never acked
 
     _, successor = _start(store)
     # The redelivered update reaches the new worker before the round's re-announcement.
-    replayed_c = successor.deliver(topics.updates(EXP), c, topics.ALL_UPDATES)
+    replayed_c = successor.deliver(TOPICS.updates(EXP, "c"), c, TOPICS.all_updates)
     assert replayed_c.settled == []  # held until the worker learns of the round
-    successor.deliver(topics.control(EXP), opened, topics.ALL_CONTROL)
-    duplicate_a = successor.deliver(topics.updates(EXP), a, topics.ALL_UPDATES)
-    successor.deliver(topics.updates(EXP), _update("d", 8.0), topics.ALL_UPDATES)
+    successor.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
+    duplicate_a = successor.deliver(TOPICS.updates(EXP, "a"), a, TOPICS.all_updates)
+    successor.deliver(TOPICS.updates(EXP, "d"), _update("d", 8.0), TOPICS.all_updates)
 
-    events = [decode(body) for topic, body in successor.published if topic == topics.events(EXP)]
+    events = [decode(body) for topic, body in successor.published if topic == TOPICS.events(EXP)]
     (committed,) = events
     assert isinstance(committed, RoundCommitted)
     assert sorted(committed.accepted) == sorted(

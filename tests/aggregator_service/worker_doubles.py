@@ -1,10 +1,14 @@
-"""Test doubles for driving a worker by hand: a recording bus and settle-recording deliveries."""
+"""Test doubles for driving a worker by hand: a recording bus and settle-recording deliveries.
+
+What the bus hands in is signed as its sender would sign it (``tests.identities.sign``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from broker import encode
+from broker import Message
+from tests.identities import sign
 
 
 @dataclass
@@ -38,8 +42,12 @@ class Bus:
     def close(self) -> None:
         pass
 
-    def deliver(self, topic: str, message: object, pattern: str) -> FakeDelivery:
-        """Hand ``message`` to the handler subscribed to ``pattern``."""
-        delivery = FakeDelivery(encode(message), topic)  # type: ignore[arg-type]
+    def deliver(self, topic: str, message: Message, pattern: str) -> FakeDelivery:
+        """Hand ``message``, signed by its sender, to the handler subscribed to ``pattern``."""
+        return self.deliver_frame(topic, sign(message), pattern)
+
+    def deliver_frame(self, topic: str, body: bytes, pattern: str) -> FakeDelivery:
+        """Hand the frame ``body`` as it is to the handler subscribed to ``pattern``."""
+        delivery = FakeDelivery(body, topic)
         self.handlers[pattern](delivery)  # type: ignore[operator]
         return delivery

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -47,7 +48,9 @@ from broker import (
     encode_weights,
     topics,
 )
-from broker.messages import MESSAGE_TYPES
+from broker.errors import AccessError, IdentityError, Refused
+from broker.identity import SIGNATURE_BYTES, Identity
+from broker.messages import MESSAGE_TYPES, TaskGrant
 from broker.schemas import (
     DEVICE_KINDS,
     SERVICE_KINDS,
@@ -57,8 +60,12 @@ from broker.schemas import (
     validate_frame,
     validate_header,
 )
+from broker.verify import Verifier
 from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient, DeviceContext, TrainResult
 from device_sdk.errors import DeviceError
+from tests.identities import SERVICE, TOPICS, device, grant
+
+WORKER = Identity.generate("worker")
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = ROOT / "broker" / "schema"
@@ -67,6 +74,7 @@ ENVELOPE_FIELDS = ("message_id", "sender", "sent_at", "reply_to")
 
 EXPERIMENT = "digits-fedavg-1a2b3c4d"
 DEVICE = "android-5f0c2e9a7b1d"
+TASK_ID = "0c9d3f7be2a44c1f9e6a5b4c3d2e1f00"
 NOW = 1_700_000_000.0
 LINKS = SignedLinks(b"k" * 32, "https://fedmq.example.org", clock=lambda: NOW)
 
@@ -128,8 +136,11 @@ def _task(**overrides: Any) -> TrainTask:
         "deadline_at": NOW + 60.0,
         "upload_url": LINKS.upload(f"{EXPERIMENT}-4-{DEVICE}"),
         "max_inline_bytes": 1 << 20,
-        "reply_to": topics.updates(EXPERIMENT),
+        "reply_to": TOPICS.updates(EXPERIMENT, DEVICE),
         "sender": "coordinator",
+        "message_id": TASK_ID,
+        "grant": grant(EXPERIMENT, 4, DEVICE, TASK_ID, max_examples=500),
+        "aggregator_keys": {WORKER.name: WORKER.public_key_text},
     }
     return TrainTask(**{**fields, **overrides})
 
@@ -140,11 +151,12 @@ def _update(**overrides: Any) -> ModelUpdate:
         "round": 4,
         "device_id": DEVICE,
         "base_version": 3,
-        "task_id": "0c9d3f7be2a44c1f9e6a5b4c3d2e1f00",
+        "task_id": TASK_ID,
         "num_examples": 172,
         "inline_weights": encode_weights(_weights(0.5)),
         "metrics": {"loss": 0.41, "loss_before": 0.93, "local_steps": 6.0},
         "sender": DEVICE,
+        "grant": grant(EXPERIMENT, 4, DEVICE, TASK_ID, max_examples=500),
     }
     return ModelUpdate(**{**fields, **overrides})
 
@@ -181,10 +193,20 @@ REJECTED = [
     for reason in RejectReason
 ]
 ERROR = ErrorReply(
-    in_reply_to="0c9d3f7be2a44c1f9e6a5b4c3d2e1f00",
+    in_reply_to=TASK_ID,
     code="checksum_mismatch",
     detail="https://fedmq.example.org/api/v1/blobs/...: sha256 1f2e... != expected 9a8b...",
     sender=DEVICE,
+    grant=grant(EXPERIMENT, 4, DEVICE, TASK_ID, max_examples=500),
+)
+GRANT = TaskGrant(
+    experiment_id=EXPERIMENT,
+    round=4,
+    device_id=DEVICE,
+    task_id=TASK_ID,
+    public_key=device(DEVICE).public_key_text,
+    max_examples=500,
+    sender="coordinator",
 )
 SAMPLES: list[Message] = [
     CHECK_IN,
@@ -198,16 +220,34 @@ SAMPLES: list[Message] = [
     _uploaded_update(),
     *REJECTED,
     ERROR,
+    GRANT,
 ]
 
 
+def signer_of(message: Message) -> Identity:
+    """Return who signs ``message``: the service, a worker, or the device."""
+    if message.sender == "coordinator":
+        return SERVICE
+    if message.sender == WORKER.name:
+        return WORKER
+    return device(DEVICE)
+
+
+def signed(message: Message) -> bytes:
+    """Return ``message`` as the signed frame its sender publishes."""
+    return encode(message, signer_of(message))
+
+
 def split_as_a_phone_would(frame: bytes) -> tuple[dict[str, Any], bytes]:
-    """Read a frame with nothing but byte offsets and a JSON parser."""
+    """Read a signed frame with nothing but byte offsets, a JSON parser and SHA-256."""
     assert frame[0:3] == b"FMQ"
-    assert frame[3] == 1  # frame version
+    assert frame[3] == 2  # frame version: signed
     (length,) = struct.unpack(">I", frame[4:8])  # big-endian u32
     header = json.loads(frame[8 : 8 + length].decode("utf-8"))
-    return header, frame[8 + length :]
+    payload = frame[8 + length + SIGNATURE_BYTES :]  # after the 64-byte signature
+    assert len(frame) >= 8 + length + SIGNATURE_BYTES
+    assert header["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    return header, payload
 
 
 def read_safetensors_as_a_phone_would(data: bytes) -> dict[str, tuple[str, list[int], bytes]]:
@@ -231,7 +271,7 @@ def read_safetensors_as_a_phone_would(data: bytes) -> dict[str, tuple[str, list[
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.KIND.value)
 def test_every_phone_facing_message_validates_against_its_schema(message: Message) -> None:
-    frame = encode(message)
+    frame = signed(message)
 
     header, payload = split_as_a_phone_would(frame)
     validate_header(header)
@@ -249,8 +289,12 @@ def test_every_phone_facing_message_validates_against_its_schema(message: Messag
         assert payload == b""
 
 
+def test_every_phone_facing_kind_has_a_sample() -> None:
+    assert {m.KIND for m in SAMPLES} == DEVICE_KINDS
+
+
 def test_split_frame_agrees_with_a_byte_level_reading() -> None:
-    frame = encode(_update())
+    frame = signed(_update())
 
     header, payload = split_frame(frame)
 
@@ -272,32 +316,53 @@ def test_what_a_real_device_client_sends_validates(tmp_path: Path) -> None:
         frames.append(delivery.body)
         delivery.ack()
 
-    transport.subscribe(topics.CHECKINS, capture)
-    transport.subscribe(topics.updates(EXPERIMENT), capture)
+    transport.subscribe(TOPICS.checkin(DEVICE), capture)
+    transport.subscribe(TOPICS.updates(EXPERIMENT, DEVICE), capture)
     (tmp_path / "w").write_bytes(GLOBAL)
     good = ModelRef((tmp_path / "w").as_uri(), GLOBAL_SHA, len(GLOBAL))
     corrupt = ModelRef(good.uri, "0" * 64, len(GLOBAL))
-    device = DeviceClient(app, transport, DEVICE, ArtifactFetcher(), platform="android")
+    client = DeviceClient(
+        app,
+        transport,
+        device(DEVICE),
+        ArtifactFetcher(),
+        service_key=SERVICE.public_key,
+        topics=TOPICS,
+        platform="android",
+        examples=40,
+    )
 
-    device.start()
-    for ref in (good, corrupt):
-        transport.publish(topics.device(DEVICE), encode(_task(model=ref, upload_url=None)))
+    client.start()
+    for i, ref in enumerate((good, corrupt)):
+        task_id = f"{TASK_ID[:-1]}{i}"
+        task = _task(
+            model=ref,
+            upload_url=None,
+            message_id=task_id,
+            grant=grant(EXPERIMENT, 4, DEVICE, task_id),
+            sent_at=time.time(),
+        )
+        transport.publish(TOPICS.device(DEVICE), signed(task))
     transport.join(timeout=10)
-    device.stop()
+    client.stop()
     transport.join(timeout=10)
     transport.close()
 
     kinds = [validate_frame(frame)["kind"] for frame in frames]
     assert kinds == ["check_in", "model_update", "error_reply", "check_out"]
+    for frame in frames:  # each as a phone would write it: signed, checked byte by byte
+        header, _ = split_as_a_phone_would(frame)
+        assert header["sender"] == DEVICE
     reply = decode(frames[2])
     assert isinstance(reply, ErrorReply) and reply.code == "checksum_mismatch"
+    assert reply.grant  # the refused task's grant goes back with the refusal
 
 
 # -- what the schemas refuse ----------------------------------------------------------
 
 
 def _header(message: Message) -> dict[str, Any]:
-    header, _ = split_as_a_phone_would(encode(message))
+    header, _ = split_as_a_phone_would(signed(message))
     return header
 
 
@@ -353,6 +418,12 @@ NEGATIVE: list[tuple[str, Message, Callable[[dict[str, Any]], None]]] = [
     ("metric as a string", _update(), _put("0.4", "body", "metrics", "loss")),
     ("zero examples", _update(), _put(0, "body", "num_examples")),
     ("negative retry", COME_BACK, _put(-1, "body", "retry_after_s")),
+    ("no payload digest", CHECK_IN, _drop("payload_sha256")),
+    ("uppercase payload digest", _update(), _put("E3B0" * 16, "payload_sha256")),
+    ("task with an empty grant", _task(), _put("", "body", "grant")),
+    ("grant not base64", _update(), _put("not base64!", "body", "grant")),
+    ("aggregator key too short", _task(), _put({"worker": "AAAA"}, "body", "aggregator_keys")),
+    ("grant for no examples", GRANT, _put(-1, "body", "max_examples")),
 ]
 
 
@@ -369,7 +440,7 @@ def test_the_schemas_refuse_malformed_headers(
 
 
 def test_split_frame_refuses_what_is_not_a_frame() -> None:
-    frame = encode(CHECK_IN)
+    frame, unsigned = signed(CHECK_IN), encode(CHECK_IN)
 
     def framed(raw: bytes) -> bytes:
         return struct.pack(">3sBI", b"FMQ", 1, len(raw)) + raw
@@ -378,7 +449,9 @@ def test_split_frame_refuses_what_is_not_a_frame() -> None:
     for bad in (
         b"FMQ",
         b"XYZ" + frame[3:],
-        frame[:3] + b"\x02" + frame[4:],
+        frame[:3] + b"\x03" + frame[4:],
+        unsigned[:3] + b"\x02" + unsigned[4:],  # says signed, has no signature
+        frame[: len(frame) - 1],  # cut inside the signature
         frame[:20],
         nan,
         array,
@@ -473,7 +546,10 @@ def test_the_error_codes_are_those_the_python_device_can_send() -> None:
         return found
 
     # DeviceClient also writes training_failed for an exception of the trainer itself.
-    sendable = codes(BrokerError) | codes(DeviceError) | {"training_failed"}
+    # Verification, identity and broker-access errors arise outside a task's
+    # serving (a refused frame is dropped, not answered), so no reply carries them.
+    never_answered = codes(Refused) | codes(IdentityError) | codes(AccessError)
+    sendable = (codes(BrokerError) - never_answered) | codes(DeviceError) | {"training_failed"}
 
     listed = _body(MessageKind.ERROR_REPLY)["properties"]["code"]["examples"]
 
@@ -520,11 +596,22 @@ def test_the_documented_frame_is_what_the_codec_writes() -> None:
         sent_at=1700000000.5,
     )
 
+    # RFC 8032's published test key (section 7.1, TEST 1), as the document says.
+    rfc8032 = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+    phone = Identity.from_private_bytes("phone-7f3a", rfc8032)
     documented = _hex_block("example: check_in frame")
 
-    assert documented == encode(message)
+    assert phone.public_key_text == "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
+    assert documented == encode(message, phone)  # Ed25519 signatures are deterministic
+    assert len(documented) == 451
     assert decode(documented) == message
     validate_frame(documented)
+    verifier = Verifier(
+        {"phone-7f3a": phone.public_key}.get,
+        kinds=(MessageKind.CHECK_IN,),
+        clock=lambda: message.sent_at,
+    )
+    assert verifier.open(documented) == message
 
 
 def test_the_documented_safetensors_blob_decodes() -> None:
@@ -543,8 +630,10 @@ def test_the_document_links_every_schema_and_names_the_topics() -> None:
     for name in schema_names():
         assert f"../broker/schema/{name}.json" in text, name
     for topic in (
-        topics.CHECKINS,
-        topics.device("DEVICE").replace("DEVICE", "<device_id>"),
-        topics.updates("EXP").replace("EXP", "<experiment_id>"),
+        TOPICS.checkin("DEVICE").replace("DEVICE", "<device_id>"),
+        TOPICS.device("DEVICE").replace("DEVICE", "<device_id>"),
+        TOPICS.updates("EXP", "DEVICE")
+        .replace("EXP", "<experiment_id>")
+        .replace("DEVICE", "<device_id>"),
     ):
         assert f"`{topic}`" in text, topic

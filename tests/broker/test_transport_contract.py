@@ -167,6 +167,20 @@ def test_the_transport_reconnects_after_the_broker_drops_it(network_bus: Bus) ->
     assert bus.proxy.connections >= 2
 
 
+def test_reconnect_listeners_run_after_a_drop_and_may_publish(network_bus: Bus) -> None:
+    bus = network_bus
+    transport = bus.connect()
+    inbox = Inbox()
+    transport.subscribe(f"{bus.root}/back", inbox, group=bus.group())
+    # What a device does: check in again, since the broker may have sent its will.
+    transport.on_reconnect(lambda: transport.publish(f"{bus.root}/back", b"checked in"))
+
+    assert bus.proxy is not None
+    bus.proxy.cut()
+
+    assert inbox.wait(1, timeout=30) == [b"checked in"]
+
+
 def test_large_payloads_arrive_intact(bus: Bus) -> None:
     transport = bus.connect()
     inbox = Inbox()

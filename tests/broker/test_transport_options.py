@@ -102,10 +102,12 @@ def test_the_in_process_bus_accepts_a_listener_and_never_calls_it() -> None:
 def test_an_amqp_client_id_names_the_connection() -> None:
     by_keyword = parse_url("amqp://u:p@h/v", client_id="worker-1")
     by_query = parse_url("amqp://u:p@h/v?client_id=worker-2&heartbeat=10")
+    overridden = parse_url("amqp://u:p@h/v?client_id=worker-2", client_id="worker-3")
 
     assert by_keyword.params.client_properties == {"connection_name": "worker-1"}
     assert by_query.params.client_properties == {"connection_name": "worker-2"}
     assert by_query.params.heartbeat == 10
+    assert overridden.params.client_properties == {"connection_name": "worker-3"}
 
 
 def test_amqp_credentials_come_from_the_userinfo() -> None:

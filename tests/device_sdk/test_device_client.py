@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,10 @@ from broker import (
     decode_weights,
     encode,
     encode_weights,
-    topics,
 )
+from broker.identity import Identity
 from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient, DeviceContext, TrainResult
+from tests.identities import SERVICE, TOPICS, device, grant, sign
 
 
 def _file_ref(path: Path, data: bytes, *, sha256: str | None = None) -> ModelRef:
@@ -75,7 +78,27 @@ def test_unreachable_artifacts_raise_fetch_error(tmp_path: Path) -> None:
         ArtifactFetcher().fetch(ModelRef("gopher://x/y", "0" * 64, 1))
 
 
-def _run_device(tmp_path: Path, model_ref: ModelRef) -> tuple[list[Message], list[str]]:
+def _client(app: DeviceApp, transport: MemoryTransport, device_id: str) -> DeviceClient:
+    """Return a device registered as ``device_id`` that pins the test service's key."""
+    return DeviceClient(
+        app,
+        transport,
+        device(device_id),
+        ArtifactFetcher(),
+        service_key=SERVICE.public_key,
+        topics=TOPICS,
+    )
+
+
+def _task(model_ref: ModelRef, device_id: str = "phone-1") -> TrainTask:
+    """Return a task for ``device_id`` carrying the service's grant of it."""
+    task = TrainTask(experiment_id="e1", round=1, base_version=0, model=model_ref)
+    return dataclasses.replace(task, grant=grant("e1", 1, device_id, task.message_id))
+
+
+def _run_device(
+    tmp_path: Path, model_ref: ModelRef, frame: Callable[[TrainTask], bytes] = sign
+) -> tuple[list[Message], list[str]]:
     """Send one task to a device whose handler adds 1 to every weight; return its replies."""
     transport = MemoryTransport()
     replies: list[Message] = []
@@ -91,12 +114,10 @@ def _run_device(tmp_path: Path, model_ref: ModelRef) -> tuple[list[Message], lis
         replies.append(decode(delivery.body))
         delivery.ack()
 
-    transport.subscribe(topics.updates("e1"), collect)
-    DeviceClient(app, transport, "phone-1", ArtifactFetcher()).start()
-    task = TrainTask(
-        experiment_id="e1", round=1, base_version=0, model=model_ref, reply_to=topics.updates("e1")
-    )
-    transport.publish(topics.device("phone-1"), encode(task))
+    # The device publishes only to its own update topic.
+    transport.subscribe(TOPICS.updates("e1", "phone-1"), collect)
+    _client(app, transport, "phone-1").start()
+    transport.publish(TOPICS.device("phone-1"), frame(_task(model_ref)))
     transport.join(timeout=10)
     transport.close()
     return replies, trained
@@ -111,6 +132,7 @@ def test_the_device_trains_and_publishes_its_update(tmp_path: Path) -> None:
     (update,) = replies
     assert isinstance(update, ModelUpdate) and trained == ["phone-1"]
     assert update.num_examples == 5 and update.metrics == {"loss": 0.25}
+    assert update.sender == "phone-1" and update.grant  # signed by the device, grant returned
     np.testing.assert_array_equal(decode_weights(update.inline_weights or b"")["w"], np.ones(3))
 
 
@@ -126,6 +148,20 @@ def test_a_device_refuses_a_task_whose_model_fails_its_checksum(tmp_path: Path) 
     assert trained == []  # never trained on unverified weights
 
 
+@pytest.mark.parametrize("forgery", ["unsigned", "another key", "a device's key"])
+def test_a_device_ignores_a_task_the_service_did_not_sign(tmp_path: Path, forgery: str) -> None:
+    ref = _file_ref(tmp_path / "w", encode_weights({"w": np.zeros(3, np.float32)}))
+    frames: dict[str, Callable[[TrainTask], bytes]] = {
+        "unsigned": encode,
+        "another key": lambda task: encode(task, Identity.generate(SERVICE.name)),
+        "a device's key": lambda task: sign(task, device("phone-1")),
+    }
+
+    replies, trained = _run_device(tmp_path, ref, frames[forgery])
+
+    assert replies == [] and trained == []
+
+
 def test_a_device_told_to_come_back_later_checks_in_again(tmp_path: Path) -> None:
     from broker import CheckIn, ComeBackLater
 
@@ -137,13 +173,13 @@ def test_a_device_told_to_come_back_later_checks_in_again(tmp_path: Path) -> Non
             checkins.append(time.monotonic())
         delivery.ack()
 
-    transport.subscribe(topics.CHECKINS, record)
+    transport.subscribe(TOPICS.all_checkins, record)
     app = DeviceApp()
     app.on_train(lambda task, ctx: TrainResult({}, 1))
-    DeviceClient(app, transport, "phone-2", ArtifactFetcher()).start()
+    _client(app, transport, "phone-2").start()
     transport.join(timeout=5)
     transport.publish(
-        topics.device("phone-2"), encode(ComeBackLater(experiment_id="e", retry_after_s=0.2))
+        TOPICS.device("phone-2"), sign(ComeBackLater(experiment_id="e", retry_after_s=0.2))
     )
     transport.join(timeout=5)
     told = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -20,10 +21,10 @@ from broker import (
     TrainTask,
     decode,
     encode_weights,
-    topics,
 )
 from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient, DeviceContext, TrainResult
 from model_store import S3Store
+from tests.identities import SERVICE, TOPICS, device, grant
 from tests.s3_server import MotoS3, list_keys, s3_server
 
 WEIGHTS = encode_weights({"w": np.arange(6, dtype=np.float32)})
@@ -52,14 +53,21 @@ def _serve(model: ModelRef, *, upload_url: str | None = None) -> list[Message]:
         replies.append(decode(delivery.body))
         delivery.ack()
 
-    transport.subscribe(topics.updates("exp"), capture)
+    transport.subscribe(TOPICS.updates("exp", "phone-1"), capture)
     app = DeviceApp()
 
     @app.on_train
     def train(task: TrainTask, ctx: DeviceContext) -> TrainResult:
         return TrainResult({"w": ctx.weights["w"] + 1}, 5)
 
-    device = DeviceClient(app, transport, "phone-1", ArtifactFetcher(retry_for_s=0))
+    client = DeviceClient(
+        app,
+        transport,
+        device("phone-1"),
+        ArtifactFetcher(retry_for_s=0),
+        service_key=SERVICE.public_key,
+        topics=TOPICS,
+    )
     task = TrainTask(
         experiment_id="exp",
         round=1,
@@ -68,9 +76,8 @@ def _serve(model: ModelRef, *, upload_url: str | None = None) -> list[Message]:
         deadline_at=0.0,
         upload_url=upload_url,
         max_inline_bytes=1 if upload_url else 0,
-        reply_to=topics.updates("exp"),
     )
-    device.serve(task)
+    client.serve(dataclasses.replace(task, grant=grant("exp", 1, "phone-1", task.message_id)))
     transport.join(timeout=10)
     transport.close()
     return replies

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -16,9 +17,7 @@ from broker import (
     ModelRef,
     TrainTask,
     decode,
-    encode,
     encode_weights,
-    topics,
 )
 from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient, DeviceContext, TrainResult
 from device_sdk.emulator.profiles import (
@@ -28,6 +27,7 @@ from device_sdk.emulator.profiles import (
     heterogeneous,
     load_profile,
 )
+from tests.identities import SERVICE, TOPICS, device, grant, sign
 
 
 def test_heterogeneous_deals_exact_tier_shares_reproducibly() -> None:
@@ -112,7 +112,14 @@ def test_a_device_checks_in_idle_after_each_update(tmp_path: Path) -> None:
         client.check_in()  # a heartbeat while training
         return TrainResult({k: v + 1 for k, v in ctx.weights.items()}, 5)
 
-    client = DeviceClient(app, transport, "phone-9", ArtifactFetcher())
+    client = DeviceClient(
+        app,
+        transport,
+        device("phone-9"),
+        ArtifactFetcher(),
+        service_key=SERVICE.public_key,
+        topics=TOPICS,
+    )
 
     def record(delivery: Delivery) -> None:
         message = decode(delivery.body)
@@ -123,12 +130,13 @@ def test_a_device_checks_in_idle_after_each_update(tmp_path: Path) -> None:
     data = encode_weights({"w": np.zeros(2, np.float32)})
     (tmp_path / "w").write_bytes(data)
     ref = ModelRef((tmp_path / "w").as_uri(), hashlib.sha256(data).hexdigest(), len(data))
-    transport.subscribe(topics.CHECKINS, record)
+    transport.subscribe(TOPICS.all_checkins, record)
     client.start()
     asynchronous = {TrainTask.CHECK_IN_WHEN_DONE: True}
     for training in (asynchronous, {}):
         task = TrainTask(experiment_id="e1", round=1, base_version=0, model=ref, training=training)
-        transport.publish(topics.device("phone-9"), encode(task))
+        task = dataclasses.replace(task, grant=grant("e1", 1, "phone-9", task.message_id))
+        transport.publish(TOPICS.device("phone-9"), sign(task))
         transport.join(timeout=10)
     transport.close()
 

@@ -185,10 +185,11 @@ class _Child:
         # What is left of the group goes too, and a restart waits until it is gone:
         # the Erlang VM under RabbitMQ's start script can outlive the script for a
         # while, holding the port and the data folder.
+        pgid = self.proc.pid
         with suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if not _wait(lambda: not _group_alive(self.proc.pid), 30, lambda: True):
-            raise RuntimeError(f"processes of group {self.proc.pid} outlived SIGKILL")
+            os.killpg(pgid, signal.SIGKILL)
+        if not _wait(lambda: not _group_alive(pgid), 30, lambda: True):
+            raise RuntimeError(f"processes of group {pgid} outlived SIGKILL")
         self.proc = None
 
     def log(self) -> str:
@@ -270,9 +271,7 @@ class OwnedRabbitMQ:
         and ``rabbitmq_mqtt`` on ``mqtt_port``, both free ports of their own.
     """
 
-    def __init__(
-        self, folder: Path, config: str = "", plugins: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, folder: Path, config: str = "", plugins: tuple[str, ...] = ()) -> None:
         server, ctl = _rabbitmq_scripts()
         if server is None or ctl is None or _find("epmd") is None:
             raise FileNotFoundError("no rabbitmq-server, rabbitmqctl or epmd found")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 TOKEN = "e2e-admin-token"
+_NARROWER_TOKENS = ("FEDMQ_ENROLLMENT_TOKEN", "FEDMQ_VIEWER_TOKEN")
 
 
 def free_port() -> int:
@@ -29,7 +30,11 @@ class Processes:
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
         self.workdir = workdir
-        self.env = {**os.environ, **env, "FEDMQ_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+        # The admin token is every child's credential (the fleet enrolls its devices
+        # and reads the experiment with it): narrower tokens a developer's shell may
+        # hold would be tried first, so they are not inherited.
+        inherited = {k: v for k, v in os.environ.items() if k not in _NARROWER_TOKENS}
+        self.env = {**inherited, **env, "FEDMQ_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
         self.children: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
@@ -123,8 +128,17 @@ def wait_until(condition: Any, timeout: float, what: str, group: Processes) -> A
 def deployment_env(
     workdir: Path, broker_url: str, port: int, group: str, **extra: str
 ) -> dict[str, str]:
-    """Return the FEDMQ_* environment of one test deployment in ``workdir``."""
+    """Return the FEDMQ_* environment of one test deployment in ``workdir``.
+
+    Its processes share one ``FEDMQ_HOME`` and so one key folder: the server
+    writes ``keys/service.pub`` at start, which a worker needs before it starts
+    (start the server first and wait for it), and each worker's public key,
+    which the server trusts. A restarted server keeps its key.
+    """
+    home = workdir / "home"
     return {
+        "FEDMQ_HOME": str(home),
+        "FEDMQ_KEYS": str(home / "keys"),
         "FEDMQ_BROKER_URL": broker_url,
         "FEDMQ_STORE_URL": (workdir / "store").as_uri(),
         "FEDMQ_DB_URL": f"sqlite:///{workdir / 'fedmq.db'}",
@@ -138,7 +152,8 @@ def start_fleet(group: Processes, api: Api, experiment_id: str, *flags: str) -> 
     """Start a 20-device fleet for the experiment and wait until every device checked in."""
     group.start("fleet", "fleet", "--devices", "20", "--experiment", experiment_id, *flags)
     wait_until(
-        lambda: len(api.call("GET", "/devices")["devices"]) == 20,
+        # Registered is not online: count the devices whose check-in arrived.
+        lambda: sum(1 for d in api.call("GET", "/devices")["devices"] if d["last_seen"]) == 20,
         90,
         "20 devices to check in",
         group,

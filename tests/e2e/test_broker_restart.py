@@ -184,8 +184,8 @@ def test_a_broker_restarted_mid_round_loses_and_doubles_no_update(
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group_of:
         group_of.start("server", "server", "--port", str(port))
+        api.wait_healthy()  # the server has written the service key the worker pins
         group_of.start("worker", "worker", "--name", f"w-{group}", "--checkpoint-every", "5")
-        api.wait_healthy()
         wait_until(lambda: "fedmq worker on" in group_of.log("worker"), 60, "worker", group_of)
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         # One training at a time, so round 2 lasts long enough to restart the broker in.

@@ -51,8 +51,8 @@ def test_distributed_run_commits_the_same_model_as_simulation(
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group:
         group.start("server", "server", "--port", str(port))
+        api.wait_healthy()  # the server has written the service key the worker pins
         group.start("worker", "worker", "--name", f"e2e-worker-{uuid.uuid4().hex[:8]}")
-        api.wait_healthy()
         wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
         experiment_id = api.call("POST", "/experiments", config)["id"]
         start_fleet(group, api, experiment_id, "--prefix", f"e2e{uuid.uuid4().hex[:6]}")
@@ -90,8 +90,8 @@ def test_distributed_fedbuff_commits_a_version_every_k_updates_without_a_barrier
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group:
         group.start("server", "server", "--port", str(port))
+        api.wait_healthy()  # the server has written the service key the worker pins
         group.start("worker", "worker", "--name", f"e2e-worker-{uuid.uuid4().hex[:8]}")
-        api.wait_healthy()
         wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         prefix = f"fb{uuid.uuid4().hex[:6]}"

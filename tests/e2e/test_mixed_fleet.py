@@ -10,6 +10,7 @@ from typing import Any
 from safetensors.numpy import load
 
 from aggregator_service import ExperimentConfig
+from broker import CheckIn, CodecError, Delivery, connect, decode
 from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import MQTT_PORT, mqtt_url, require
@@ -22,6 +23,7 @@ from tests.e2e.processes import (
     rounds_when_done,
     wait_until,
 )
+from tests.identities import TOPICS
 from tests.s3_server import CREDENTIALS, list_keys, s3_server
 
 ROUNDS = 5
@@ -58,13 +60,28 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
         api = Api(env["FEDMQ_SERVER_URL"])
         with processes(tmp_path, env) as group:
             group.start("server", "server", "--port", str(port))
+            api.wait_healthy()  # the server has written the service key the worker pins
             group.start("worker", "worker", "--name", f"mixed-worker-{uuid.uuid4().hex[:8]}")
-            api.wait_healthy()
             wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
             experiment_id = api.call("POST", "/experiments", raw)["id"]
             # One process per platform block (python 0-6, android 7-13, ios 14-19), so
             # the Android devices' process can be checked for torch afterwards.
             device_prefix = f"mix{uuid.uuid4().hex[:6]}"
+            # Devices register as "emulated"; the platform each one runs as is in its
+            # check-ins, so they are read off the bus.
+            checked_in: dict[str, str] = {}
+
+            def record(delivery: Delivery) -> None:
+                try:
+                    message = decode(delivery.body)
+                except CodecError:
+                    message = None
+                if isinstance(message, CheckIn) and message.device_id.startswith(device_prefix):
+                    checked_in[message.device_id] = message.platform
+                delivery.ack()
+
+            watcher = connect(mqtt_url(client_id=f"watch-{device_prefix}"))
+            watcher.subscribe(TOPICS.all_checkins, record)
             fleets = {}
             for first, count in ((0, 7), (7, 7), (14, 6)):
                 fleets[first] = group.start(
@@ -74,11 +91,16 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
                     *("--experiment", experiment_id, "--platforms", "python,android,ios"),
                 )
             wait_until(
-                lambda: len(api.call("GET", "/devices")["devices"]) == 20,
+                # Registered is not online: count the devices whose check-in arrived.
+                lambda: (
+                    sum(1 for d in api.call("GET", "/devices")["devices"] if d["last_seen"]) == 20
+                    and len(checked_in) == 20
+                ),
                 90,
                 "20 devices to check in",
                 group,
             )
+            watcher.close()
             devices = api.call("GET", "/devices")["devices"]
             api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
             rounds = wait_until(
@@ -93,7 +115,8 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
         blobs = list_keys(s3, f"{prefix}/blobs/")
         pending_uploads = list_keys(s3, f"{prefix}/uploads/")
 
-    platforms = sorted(d["platform"] for d in devices)
+    assert [d["platform"] for d in devices] == ["emulated"] * 20  # as the fleet enrolled them
+    platforms = sorted(checked_in.values())
     assert platforms.count("emulated-android") == 7, platforms
     assert platforms.count("emulated-ios") == 6, platforms
     assert platforms.count("emulated-python") == 7, platforms

@@ -56,8 +56,8 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group_of:
         first = group_of.start("server-1", *server_args)
+        api.wait_healthy()  # the server has written the service key the worker pins
         group_of.start("worker", "worker", "--name", f"w-{group}")
-        api.wait_healthy()
         wait_until(lambda: "fedmq worker on" in group_of.log("worker"), 60, "the worker", group_of)
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         start_fleet(

@@ -56,8 +56,8 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group_of:
         group_of.start("server", "server", "--port", str(port))
+        api.wait_healthy()  # the server has written the service key the worker pins
         first = group_of.start("worker-1", "worker", "--name", names[0], "--checkpoint-every", "5")
-        api.wait_healthy()
         wait_until(lambda: "fedmq worker on" in group_of.log("worker-1"), 60, "worker 1", group_of)
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         # One training at a time, so a round lasts long enough to die in.

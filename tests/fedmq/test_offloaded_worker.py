@@ -23,16 +23,16 @@ from broker import (
     Transport,
     decode,
     decode_weights,
-    encode,
     encode_weights,
-    topics,
 )
 from broker.offload import OffloadedProcess
+from broker.topics import Topics
 from fedmq.processes import start_worker
 from fedmq.wiring import transport_factory
 from model_store import LocalStore
 from tests.broker.conftest import wait_until
 from tests.brokers import MQTT_PORT, mqtt_url, require
+from tests.identities import SERVICE, sign
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICES = tuple(f"dev{i:02d}" for i in range(12))
@@ -41,12 +41,19 @@ SESSION_S = 30
 """Sessions outlive these tests briefly: a lingering one would queue everyone's updates."""
 
 
-class Settlements:
-    """Wraps the real transport and records how each of one topic's deliveries is settled."""
+def _keys_with_the_service_key(root: Path) -> Path:
+    """Return a key folder holding the test service's public key, as the server would leave it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "service.pub").write_text(SERVICE.public_key_text + "\n")
+    return root
 
-    def __init__(self, inner: Transport, topic: str) -> None:
+
+class Settlements:
+    """Wraps the real transport and records how deliveries under one topic prefix are settled."""
+
+    def __init__(self, inner: Transport, prefix: str) -> None:
         self.inner = inner
-        self.topic = topic
+        self.prefix = prefix
         self.settled: dict[bytes, list[str]] = defaultdict(list)
 
     def publish(self, topic: str, body: bytes) -> None:
@@ -54,7 +61,7 @@ class Settlements:
 
     def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> Subscription:
         def record(delivery: Delivery) -> None:
-            if delivery.topic == self.topic:
+            if delivery.topic.startswith(self.prefix):
                 delivery = _Recorded(delivery, self.settled[delivery.body])
             handler(delivery)
 
@@ -97,13 +104,13 @@ def _round(store: LocalStore, experiment: str) -> tuple[RoundOpened, list[bytes]
         strategy={"name": "fedavg"},
     )
     updates = [
-        encode(
+        sign(  # each device's own signed update, carrying the service's grant of its task
             ModelUpdate(
                 experiment_id=experiment,
                 round=1,
                 device_id=device,
                 base_version=0,
-                task_id="t",
+                task_id=f"t-{device}",
                 num_examples=1,
                 inline_weights=encode_weights({"w": np.full(PARAMS, i, np.float32)}),
             )
@@ -121,25 +128,29 @@ def test_an_offloaded_worker_commits_a_round_over_mosquitto_acking_each_update_o
     experiment, name, group = f"offload-{uid}", f"offload-worker-{uid}", f"offload-{uid}"
     store = LocalStore(tmp_path / "store")
     opened, updates = _round(store, experiment)
+    # A namespace of its own: no other deployment's traffic on the shared broker reaches it.
+    topics = Topics(f"offload-{uid}")
     open_transport = transport_factory(mqtt_url(), session_expiry_s=SESSION_S)
     driver = open_transport(f"offload-driver-{uid}")
     outcomes: list[Message] = []
     driver.subscribe(
         topics.events(experiment), lambda d: (outcomes.append(decode(d.body)), d.ack())
     )
-    real = Settlements(open_transport(name), topics.updates(experiment))
+    real = Settlements(open_transport(name), f"{topics.namespace}/updates/{experiment}/")
     settings = {
         "store_url": store.root.as_uri(),
         "name": name,
         "group": group,
         "checkpoint_every": 5,
+        "keys_dir": str(_keys_with_the_service_key(tmp_path / "keys")),
+        "namespace": topics.namespace,
     }
     worker = OffloadedProcess(start_worker, settings)
     try:
         worker.wait_booted(timeout=120).serve(real, timeout=60)
-        driver.publish(topics.control(experiment), encode(opened))
-        for update in updates:
-            driver.publish(topics.updates(experiment), update)
+        driver.publish(topics.control(experiment), sign(opened))
+        for device, update in zip(DEVICES, updates, strict=True):
+            driver.publish(topics.updates(experiment, device), update)
         assert wait_until(lambda: bool(outcomes), timeout=60)
         assert wait_until(lambda: sum(map(len, real.settled.values())) >= len(updates))
     finally:
@@ -149,6 +160,7 @@ def test_an_offloaded_worker_commits_a_round_over_mosquitto_acking_each_update_o
 
     committed = outcomes[0]
     assert isinstance(committed, RoundCommitted)
+    assert committed.sender == name and committed.refused == {}  # signed by the worker
     assert sorted(committed.accepted_devices) == sorted(DEVICES)
     mean = decode_weights(store.get_blob(committed.model.sha256))["w"]
     assert np.allclose(mean, np.mean(range(len(DEVICES))))
@@ -175,6 +187,8 @@ def test_the_worker_command_exits_non_zero_when_its_worker_process_dies(tmp_path
         *("--broker", mqtt_url(session_expiry=str(SESSION_S))),
         *("--store", (tmp_path / "store").as_uri()),
         *("--name", f"offload-cli-{uid}", "--group", f"offload-cli-{uid}"),
+        *("--keys", str(_keys_with_the_service_key(tmp_path / "keys"))),
+        *("--namespace", f"offload-cli-{uid}"),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from aggregator_service import Database, ExperimentConfig, RoundService
+from aggregator_service import Database, ExperimentConfig
 from aggregator_service.errors import ConfigError
-from broker import CheckIn, Delivery, MemoryTransport, TrainTask, decode, encode, topics
+from broker import CheckIn, Delivery, MemoryTransport, TrainTask, decode
 from fedmq.defaults import DEMO_CONFIG
 from fedmq.platforms import assign_platforms, parse_mix, platform_packagers
 from model_store import LocalStore
+from tests.identities import SERVICE, TOPICS, device, round_service, sign
 
 
 def test_a_mix_is_normalised_to_shares() -> None:
@@ -67,16 +68,22 @@ def test_unknown_platforms_are_config_errors(platforms: Any, message: str) -> No
         ExperimentConfig.from_dict(_config(platforms=platforms))
 
 
-def test_a_service_without_a_packager_refuses_the_platform(stack: Any) -> None:
+def test_a_service_without_a_packager_refuses_the_platform(tmp_path: Path) -> None:
+    transport, db = MemoryTransport(), Database("sqlite://")
+    service = round_service(transport, LocalStore(tmp_path / "store"), db)  # no packagers
     config = ExperimentConfig.from_dict(_config(platforms=["android"]))
     with pytest.raises(ConfigError, match="cannot package for \\['android'\\]"):
-        stack.service.create_experiment(config)
+        service.create_experiment(config)
+    transport.close()
+    db.close()
 
 
 def test_version_zero_carries_the_phone_packages_and_tasks_point_at_them(tmp_path: Path) -> None:
     transport, store, db = MemoryTransport(), LocalStore(tmp_path / "store"), Database("sqlite://")
-    service = RoundService(transport, store, db, packagers=platform_packagers())
+    service = round_service(transport, store, db, packagers=platform_packagers())
     service.start()
+    phone = device("phone")
+    service.register_device("android", public_key=phone.public_key_text, device_id="phone")
     raw = _config(platforms=["android", "ios"])
     raw["rounds"].update(devices_per_round=1, min_reports=1)
     experiment_id = service.create_experiment(ExperimentConfig.from_dict(raw))
@@ -88,8 +95,8 @@ def test_version_zero_carries_the_phone_packages_and_tasks_point_at_them(tmp_pat
             tasks.append(message)
         delivery.ack()
 
-    transport.subscribe(topics.device("phone"), capture)
-    transport.publish(topics.CHECKINS, encode(CheckIn(device_id="phone", platform="android")))
+    transport.subscribe(TOPICS.device("phone"), capture)
+    transport.publish(TOPICS.checkin("phone"), sign(CheckIn(device_id="phone", platform="android")))
     service.request_rounds(experiment_id, 1)
     transport.join(timeout=10)
     transport.close()
@@ -101,6 +108,7 @@ def test_version_zero_carries_the_phone_packages_and_tasks_point_at_them(tmp_pat
             assert f"{platform}/{name}" in artifacts
     assert "ios/model.ptl" in artifacts
     [task] = tasks
+    assert task.sender == SERVICE.name and task.grant  # signed by the service, with its grant
     assert task.artifacts["android/checkpoint"].sha256 == artifacts["android/checkpoint"].sha256
     assert task.artifacts["ios/model.ptl"].format == "torchscript-lite"
     assert task.artifacts["android/training_model.onnx"].format == "onnx"
