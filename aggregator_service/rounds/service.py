@@ -282,7 +282,9 @@ class RoundService:
         if delivery.topic != self._topics.checkin(message.sender):
             raise refuse(Refusal.SPOOFED, f"{message.sender} on another device's topic")
         if isinstance(message, CheckIn):
-            check_fresh(message, self._clock(), self.CHECK_IN_MAX_AGE_S, 120.0)
+            # Wall time, not the injected clock: devices sign with theirs, and an
+            # emulated run's clock starts at zero.
+            check_fresh(message, time.time(), self.CHECK_IN_MAX_AGE_S, 120.0)
             if not isinstance(message.platform, str) or len(message.platform) > 32:
                 raise refuse(Refusal.MALFORMED, "platform longer than 32 characters")
         return message

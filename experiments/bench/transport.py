@@ -37,10 +37,13 @@ from broker import (
     decode,
     encode,
     encode_weights,
-    topics,
 )
 from broker.embedded import EmbeddedBroker, find_mosquitto
+from broker.identity import SERVICE_NAME, Identity
+from broker.messages import TaskGrant
 from broker.offload import OffloadedProcess
+from broker.topics import Topics
+from broker.verify import issue_grant
 from device_sdk import DeviceContext, TrainResult
 from fedmq.compose import run_experiment
 from fedmq.wiring import transport_factory, unique_client_id
@@ -54,6 +57,31 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 SESSION_S = 120
 """MQTT sessions of bench consumers outlive them this long, not an hour: an offline
 session subscribed to every update would queue a copy of each later trial's backlog."""
+
+
+def signed_update(
+    service: Identity, device: Identity, experiment: str, blob: bytes, task_id: str
+) -> bytes:
+    """Return ``device``'s signed update of ``blob``, carrying the service's grant of its task."""
+    grant = TaskGrant(
+        experiment_id=experiment,
+        round=1,
+        device_id=device.name,
+        task_id=task_id,
+        public_key=device.public_key_text,
+        max_examples=1,
+    )
+    update = ModelUpdate(
+        experiment_id=experiment,
+        round=1,
+        device_id=device.name,
+        base_version=0,
+        task_id=task_id,
+        num_examples=1,
+        inline_weights=blob,
+        grant=issue_grant(grant, service),
+    )
+    return encode(update, device)
 
 
 def hidden_for(params: int) -> int:
@@ -127,24 +155,16 @@ def intake(
     blob = encode_weights(weights)
     devices = tuple(f"d{i:05d}" for i in range(updates))
     experiment = f"bench{uuid.uuid4().hex[:6]}"
+    # Signed as on a real deployment: each update by its device's own key, carrying
+    # the service's grant, so the worker's intake includes verifying both.
+    service = Identity.generate(SERVICE_NAME)
     frames = [
-        encode(
-            ModelUpdate(
-                experiment_id=experiment,
-                round=1,
-                device_id=d,
-                base_version=0,
-                task_id="t",
-                num_examples=1,
-                inline_weights=blob,
-            )
-        )
-        for d in devices
+        signed_update(service, Identity.generate(d), experiment, blob, f"t-{d}") for d in devices
     ]
     raw_rate = _raw_consume_rate(broker, url, frames)
     rows = []
     for worker in reversed(WORKERS) if flip else WORKERS:
-        rate = _worker_rate(broker, url, frames, blob, devices, experiment, worker)
+        rate = _worker_rate(broker, url, frames, blob, devices, experiment, worker, service)
         rows.append(
             {
                 "broker": broker,
@@ -160,15 +180,33 @@ def intake(
     return sorted(rows, key=lambda row: WORKERS.index(row["worker"]))
 
 
-def bench_worker(transport: Transport, *, blob: bytes, experiment: str, group: str) -> None:
+def bench_worker(
+    transport: Transport,
+    *,
+    blob: bytes,
+    experiment: str,
+    group: str,
+    namespace: str,
+    worker_name: str,
+    worker_key: bytes,
+    service_key: bytes,
+) -> None:
     """Start a worker whose in-memory store holds ``blob`` as ``experiment``'s version 0.
 
-    Module-level, so that an offloaded worker can run it in its own process.
+    Module-level, with its keys as raw bytes, so that an offloaded worker can run
+    it in its own process.
     """
     store = MemoryStore()
     artifacts = {"weights.safetensors": (blob, "application/octet-stream")}
     store.publish(experiment, 0, artifacts, parent=None)
-    AggregatorWorker(transport, store, group=group).start()
+    AggregatorWorker(
+        transport,
+        store,
+        identity=Identity.from_private_bytes(worker_name, worker_key),
+        service_key=service_key,
+        topics=Topics(namespace),
+        group=group,
+    ).start()
 
 
 def _worker_rate(
@@ -179,10 +217,13 @@ def _worker_rate(
     devices: tuple[str, ...],
     experiment: str,
     worker: str,
+    service: Identity,
 ) -> float:
     """Return how fast a worker (in-process or offloaded) folds ``frames`` from a backlog."""
     open_transport = transport_factory(url, session_expiry_s=SESSION_S)
     group, worker_id = unique_client_id("bench-aggregators"), unique_client_id("worker")
+    # A namespace of its own: no other deployment's traffic reaches this worker.
+    topics = Topics(f"bench{uuid.uuid4().hex[:8]}")
     opened = RoundOpened(
         experiment_id=experiment,
         round=1,
@@ -198,13 +239,15 @@ def _worker_rate(
     # can wait in it ahead of the updates; an AMQP control queue lives only while
     # its consumer does, so there the announcement follows the worker's start.
     announce_first = broker == "mqtt"
+    announcement = encode(opened, service)
     _backlog(
         open_transport,
         worker_id,
-        topics.updates(experiment),
+        topics.all_updates,
         group,
-        frames,
-        first=(topics.control(experiment), encode(opened)) if announce_first else None,
+        [(topics.updates(experiment, d), frame) for d, frame in zip(devices, frames, strict=True)],
+        first=(topics.control(experiment), announcement) if announce_first else None,
+        control=topics.all_control,
     )
     driver = open_transport(unique_client_id("driver"))
     committed = threading.Event()
@@ -215,7 +258,16 @@ def _worker_rate(
         delivery.ack()
 
     driver.subscribe(topics.events(experiment), on_event)
-    settings = {"blob": blob, "experiment": experiment, "group": group}
+    worker_identity = Identity.generate(worker_id)
+    settings: dict[str, Any] = {
+        "blob": blob,
+        "experiment": experiment,
+        "group": group,
+        "namespace": topics.namespace,
+        "worker_name": worker_identity.name,
+        "worker_key": worker_identity.private_bytes(),
+        "service_key": service.public_key,
+    }
     offload = None
     if worker == "offloaded":
         # Booted (imports done) before the clock starts, as the in-process worker is.
@@ -226,9 +278,9 @@ def _worker_rate(
         if offload is not None:
             offload.serve(worker_bus)
         else:
-            bench_worker(worker_bus, blob=blob, experiment=experiment, group=group)
+            bench_worker(worker_bus, **settings)
         if not announce_first:
-            driver.publish(topics.control(experiment), encode(opened))
+            driver.publish(topics.control(experiment), announcement)
         if not committed.wait(600):
             raise TimeoutError(f"the {worker} worker did not commit the intake round")
         rate = len(frames) / (time.perf_counter() - start)
@@ -264,26 +316,28 @@ def intake_rows(
 def _backlog(
     open_transport: Any,
     client_id: str,
-    topic: str,
+    pattern: str,
     group: str,
-    frames: list[bytes],
+    frames: list[tuple[str, bytes]],
     first: tuple[str, bytes] | None = None,
+    control: str | None = None,
 ) -> None:
-    """Leave ``frames`` queued for ``group`` while its consumer ``client_id`` is offline.
+    """Leave ``frames`` (topic, frame) queued for ``group`` while its consumer is offline.
 
-    ``first``, a (topic, frame) published before the backlog, reaches a resumed
-    MQTT session ahead of it, as a round's announcement precedes its updates.
+    The consumer ``client_id`` subscribes to ``pattern`` in ``group``, as it will
+    when it comes back. ``first``, a (topic, frame) published before the backlog,
+    reaches a resumed MQTT session subscribed to ``control`` ahead of it, as a
+    round's announcement precedes its updates.
     """
     holder = open_transport(client_id)
-    updates = topic.startswith("fedmq/updates/")
-    holder.subscribe(topics.ALL_UPDATES if updates else topic, lambda d: None, group=group)
-    if first is not None:
-        holder.subscribe(topics.ALL_CONTROL, lambda d: None)
+    holder.subscribe(pattern, lambda d: None, group=group)
+    if first is not None and control is not None:
+        holder.subscribe(control, lambda d: None)
     holder.close()
     publisher = open_transport(unique_client_id("pub"))
     if first is not None:
         publisher.publish(*first)
-    for frame in frames:
+    for topic, frame in frames:
         publisher.publish(topic, frame)
     publisher.close()
 
@@ -293,7 +347,7 @@ def _raw_consume_rate(broker: str, url: str, frames: list[bytes]) -> float:
     open_transport = transport_factory(url, session_expiry_s=SESSION_S)
     topic = f"bench/raw/{uuid.uuid4().hex[:8]}"
     group, client_id = f"bench-raw-{uuid.uuid4().hex[:6]}", unique_client_id("raw")
-    _backlog(open_transport, client_id, topic, group, frames)
+    _backlog(open_transport, client_id, topic, group, [(topic, frame) for frame in frames])
     got = threading.Event()
     count = [0]
 
@@ -341,6 +395,7 @@ def _drop_run_queues() -> None:
 
 _MEMORY_PROBE = """
 import json, sys, time
+from broker.identity import SERVICE_NAME, Identity
 from fedmq.wiring import transport_factory
 from device_sdk.emulator import Fleet
 from experiments.bench.transport import noop_trainers
@@ -350,11 +405,15 @@ def rss():
 url, n = sys.argv[1], int(sys.argv[2])
 open_transport = transport_factory(url)
 data = {"dataset": "digits", "devices": max(n, 1), "partition": "iid"}
-Fleet(lambda _d: None, data, seed=0, indices=range(0), make_trainer=noop_trainers)  # warm imports
+# No service here: each device pins a made-up service key and its own key pair.
+service_key = Identity.generate(SERVICE_NAME).public_key
+enroll = lambda identity, platform: service_key
+Fleet(lambda _c, _w=None: None, data, seed=0, indices=range(0), make_trainer=noop_trainers,
+      enroll=enroll)  # warm imports
 time.sleep(0.5)
 before = rss()
 fleet = Fleet(open_transport, data, seed=0, indices=range(n), make_trainer=noop_trainers,
-              prefix="mem" + str(int(time.time())))
+              prefix="mem" + str(int(time.time())), enroll=enroll)
 fleet.start()
 time.sleep(2.0)
 print(json.dumps({"before": before, "after": rss()}))
