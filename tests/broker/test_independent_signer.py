@@ -589,7 +589,10 @@ def test_the_gate_refuses_an_independent_update_with_one_byte_flipped(
             FakeDelivery(topic, flipped(frame, positions[where]))
         )
 
-    assert refused.value.reason == reason
+    # A shorter header length can still leave a parsable header (a JSON value
+    # that ends early); then the signature is what refuses it.
+    allowed = {reason, "bad_signature"} if where.startswith("prefix") else {reason}
+    assert refused.value.reason in allowed
 
 
 def test_the_gate_refuses_what_the_grant_does_not_cover() -> None:
