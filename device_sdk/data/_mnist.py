@@ -64,9 +64,13 @@ class MnistArrays(NamedTuple):
 
 
 def default_search_dirs() -> list[Path]:
-    """Return the folders searched after the caller's folder and ``FEDMQ_DATA_DIR``."""
+    """Return the folders searched after the caller's folder and ``FEDMQ_DATA_DIR``.
+
+    Only a folder found from the checkout itself (``shared/data/mnist`` beside
+    it); anywhere else, point ``FEDMQ_DATA_DIR`` at the files.
+    """
     project_root = Path(__file__).resolve().parents[2]
-    return [project_root.parent / "shared" / "data" / "mnist", Path("/work/shared/data/mnist")]
+    return [project_root.parent / "shared" / "data" / "mnist"]
 
 
 def candidate_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
