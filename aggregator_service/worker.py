@@ -47,11 +47,10 @@ from broker import (
     encode,
     weights_spec,
 )
-from broker.errors import Refused
 from broker.identity import SERVICE_NAME, Identity
 from broker.messages import TaskGrant
 from broker.topics import Topics
-from broker.verify import Refusal, Refusals, Verifier, refuse
+from broker.verify import Refusals, Verifier
 from model_store import ModelStore
 from model_store.store import PresignedAccess
 
@@ -129,6 +128,7 @@ class AggregatorWorker:
             lambda sender: service_key if sender == SERVICE_NAME else None,
             kinds=(MessageKind.ROUND_OPENED, MessageKind.CLOSE_ROUND),
             max_age_s=self.CONTROL_MAX_AGE_S,
+            topic_for=lambda message: self._topics.control(message.experiment_id),
         )
         self._transport = transport
         self._checkpoints = Checkpoints(store)
@@ -167,15 +167,10 @@ class AggregatorWorker:
         self._transport.publish(topic, encode(outcome, self._identity))
 
     def _on_control(self, delivery: Delivery) -> None:
-        try:
-            message = self._control.open(delivery.body)
-            assert isinstance(message, RoundOpened | CloseRound)
-            if delivery.topic != self._topics.control(message.experiment_id):
-                raise refuse(Refusal.SPOOFED, "control on another experiment's topic")
-        except Refused as exc:
-            self.refusals.count(exc, delivery.topic)
-            delivery.ack()
+        message = self.refusals.admit(delivery, self._control.open_delivery)
+        if message is None:
             return
+        assert isinstance(message, RoundOpened | CloseRound)
         with self._lock:
             if isinstance(message, RoundOpened | CloseRound) and self._repeat_outcome(message):
                 pass
@@ -286,12 +281,8 @@ class AggregatorWorker:
         return last is None or update.round == last + 1
 
     def _on_update(self, delivery: Delivery) -> None:
-        try:
-            admitted = self._gate.admit(delivery)
-        except Refused as exc:
-            # Counted and dropped (acked): forged frames must not pile up anywhere.
-            self.refusals.count(exc, delivery.topic)
-            delivery.ack()
+        admitted = self.refusals.admit(delivery, self._gate.admit)
+        if admitted is None:
             return
         with self._lock:
             message = admitted.message

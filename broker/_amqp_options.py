@@ -7,6 +7,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika
 
+from broker._urls import redact
 from broker.connect import tls_from_query
 from broker.errors import ConnectionLost, TransportError
 from broker.retry import MAX_ATTEMPTS
@@ -41,15 +42,6 @@ class AmqpOptions:
     """Reconnect attempts after a lost connection before giving up (0: forever)."""
     connect_attempts: int = 3
     """Attempts at construction, kept short so a bad URL fails fast."""
-
-
-def redact(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
 
 
 def parse_url(url: str, *, client_id: str | None = None) -> AmqpOptions:

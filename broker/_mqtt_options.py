@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from broker._urls import redact
 from broker.connect import TLS_QUERY_KEYS, tls_from_query
 from broker.errors import TransportError
 
@@ -45,13 +46,13 @@ class MqttOptions:
         """
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise TransportError(f"not an mqtt:// or mqtts:// URL: {_redact(url)}")
+            raise TransportError(f"not an mqtt:// or mqtts:// URL: {redact(url)}")
         query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
         unknown = set(query) - _QUERY_KEYS
         if unknown:
             known = ", ".join(sorted(_QUERY_KEYS))
             raise TransportError(f"unknown mqtt:// option(s) {sorted(unknown)}; known: {known}")
-        tls = tls_from_query(parts.scheme, query, _redact(url))
+        tls = tls_from_query(parts.scheme, query, redact(url))
         client_id = client_id or query.get("client_id", "")
         protocol = query.get("protocol", "5")
         if protocol not in ("5", "3.1.1"):
@@ -73,7 +74,7 @@ class MqttOptions:
                 tls=tls,
             )
         except ValueError as exc:
-            raise TransportError(f"bad mqtt:// URL {_redact(url)}: {exc}") from exc
+            raise TransportError(f"bad mqtt:// URL {redact(url)}: {exc}") from exc
 
     @property
     def safe_url(self) -> str:
@@ -91,12 +92,3 @@ _QUERY_KEYS = TLS_QUERY_KEYS | {
     "connect_timeout",
     "publish_timeout",
 }
-
-
-def _redact(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()

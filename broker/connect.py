@@ -6,12 +6,12 @@ the TLS settings of ``mqtts://`` and ``amqps://`` (``ca``, ``cert``, ``key``).
 
 from __future__ import annotations
 
-import importlib
 import ssl
 from collections.abc import MutableMapping
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
+from broker._urls import load_alias
 from broker.errors import TransportError, UnknownTransport
 from broker.transport import ReconnectListener, Transport, Will
 
@@ -90,18 +90,15 @@ def connect(
     ConnectionLost
         The broker could not be reached.
     """
-    scheme = urlsplit(url).scheme
-    target = TRANSPORT_ALIASES.get(scheme)
-    if target is None:
-        known = ", ".join(f"{s}://" for s in TRANSPORT_ALIASES)
-        # The scheme only: the rest of the URL may hold a password.
-        raise UnknownTransport(f"no transport for the URL scheme {scheme!r}; FedMQ speaks {known}")
-    module_name, _, class_name = target.partition(":")
+
+    def unknown(scheme: str, known: str) -> UnknownTransport:
+        return UnknownTransport(f"no transport for the URL scheme {scheme!r}; FedMQ speaks {known}")
+
     try:
-        module = importlib.import_module(module_name)
+        factory = cast(_TransportClass, load_alias(TRANSPORT_ALIASES, url, unknown))
     except ModuleNotFoundError as exc:
+        scheme = urlsplit(url).scheme
         raise UnknownTransport(f"the {scheme}:// transport is not available: {exc}") from exc
-    factory = cast(_TransportClass, getattr(module, class_name))
     transport = factory.from_url(url, client_id=client_id, will=will)
     if on_reconnect is not None:
         transport.on_reconnect(on_reconnect)

@@ -20,13 +20,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection
 from enum import Enum
+from typing import Any, TypeVar
 
 from broker.codec import SIGNED_FRAME_VERSION, Frame, decode_frame, encode, parse_frame
 from broker.errors import CodecError, Refused
 from broker.identity import Identity, KeyLookup, PublicKeys
 from broker.messages import Message, MessageKind, TaskGrant
+from broker.transport import Delivery
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_FRAME_BYTES = 256 << 20
 """Largest frame any receiver opens (RabbitMQ's own limit is 128 MiB)."""
@@ -55,12 +59,27 @@ def refuse(reason: Refusal, detail: str) -> Refused:
 
 
 class Refusals:
-    """Counts refused frames by reason and logs one line each (never a traceback)."""
+    """Counts refused frames by reason and logs one line each (never a traceback).
 
-    def __init__(self, component: str) -> None:
+    ``counts`` may be a counter the caller already keeps (a device's stats).
+    """
+
+    def __init__(self, component: str, counts: Counter[str] | None = None) -> None:
         self._component = component
         self._lock = threading.Lock()
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter() if counts is None else counts
+
+    def admit(self, delivery: Delivery, opener: Callable[[Delivery], T]) -> T | None:
+        """Return ``opener(delivery)``; a refused frame is counted, acked and gives None.
+
+        Acked, not dead-lettered: a queue of forged frames would only grow.
+        """
+        try:
+            return opener(delivery)
+        except Refused as exc:
+            self.count(exc, delivery.topic)
+            delivery.ack()
+            return None
 
     def count(self, error: Refused, topic: str) -> None:
         """Count ``error`` and log it in one line."""
@@ -91,6 +110,9 @@ class Verifier:
         How far a sender's clock may run ahead of this one's.
     clock
         Seconds since the epoch (injectable for tests).
+    topic_for
+        The one topic a verified message may arrive on (e.g. its experiment's
+        control topic); a message on another is refused as spoofed.
     """
 
     def __init__(
@@ -102,6 +124,7 @@ class Verifier:
         max_skew_s: float = 120.0,
         clock: Callable[[], float] = time.time,
         public_keys: PublicKeys | None = None,
+        topic_for: Callable[[Any], str] | None = None,
     ) -> None:
         self._keys = keys
         self._kinds = frozenset(kind.value for kind in kinds)
@@ -109,6 +132,14 @@ class Verifier:
         self._max_skew = max_skew_s
         self._clock = clock
         self._public = public_keys or PublicKeys()
+        self._topic_for = topic_for
+
+    def open_delivery(self, delivery: Delivery) -> Message:
+        """Return the message of a delivery this receiver may believe, or raise ``Refused``."""
+        message = self.open(delivery.body)
+        if self._topic_for is not None and delivery.topic != self._topic_for(message):
+            raise refuse(Refusal.SPOOFED, f"{message.sender[:130]!r} wrote on another topic")
+        return message
 
     def open(self, body: bytes | memoryview) -> Message:
         """Return the message of a frame this receiver may believe, or raise ``Refused``."""

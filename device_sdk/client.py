@@ -29,7 +29,7 @@ from broker import (
 from broker.errors import IdentityError, Refused
 from broker.identity import SERVICE_NAME, Identity, decode_public_key
 from broker.topics import Topics
-from broker.verify import Verifier
+from broker.verify import Refusal, Refusals, Verifier
 from device_sdk.app import DeviceApp, DeviceContext
 from device_sdk.errors import DeviceError, TaskError
 from device_sdk.fetch import ArtifactFetcher, upload
@@ -108,6 +108,7 @@ class DeviceClient:
             kinds=(MessageKind.TRAIN_TASK, MessageKind.COME_BACK_LATER),
             max_age_s=self.TASK_MAX_AGE_S,
         )
+        self._refusals = Refusals(f"device {self.device_id}", self.stats.refused)
         self._workers: dict[str, bytes] = {}  # aggregator keys the latest task vouched for
         self._rejections = Verifier(
             self._workers.get, kinds=(MessageKind.UPDATE_REJECTED,), max_age_s=None
@@ -159,19 +160,15 @@ class DeviceClient:
         try:
             message = self._service.open(delivery.body)
         except Refused as exc:
-            if exc.reason != "not_permitted":
+            if exc.reason != Refusal.NOT_PERMITTED.value:
                 raise
             message = self._rejections.open(delivery.body)
         assert isinstance(message, TrainTask | ComeBackLater | UpdateRejected)
         return message
 
     def _on_message(self, delivery: Delivery) -> None:
-        try:
-            message = self._open(delivery)
-        except Refused as exc:
-            self.stats.refused[exc.reason] += 1
-            log.warning("%s: refused a frame: %s", self.device_id, exc)
-            delivery.ack()
+        message = self._refusals.admit(delivery, self._open)
+        if message is None:
             return
         if isinstance(message, TrainTask):
             self._trust_workers(message)

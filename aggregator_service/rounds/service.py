@@ -40,7 +40,6 @@ from broker import (
     decode_weights,
     encode,
 )
-from broker.errors import Refused
 from broker.identity import Identity, KeyRing, encode_key
 from broker.topics import Topics
 from broker.verify import Refusal, Refusals, Verifier, check_fresh, refuse
@@ -110,12 +109,16 @@ class RoundService:
         self._max_examples = max_examples
         # Check-outs may be last wills the broker sends hours after signing: no age limit.
         self._devices = Verifier(
-            self.registry.key, kinds=(MessageKind.CHECK_IN, MessageKind.CHECK_OUT), max_age_s=None
+            self.registry.key,
+            kinds=(MessageKind.CHECK_IN, MessageKind.CHECK_OUT),
+            max_age_s=None,
+            topic_for=lambda message: self._topics.checkin(message.sender),
         )
         self._workers = Verifier(
             worker_keys,
             kinds=(MessageKind.ROUND_COMMITTED, MessageKind.ROUND_ABANDONED),
             max_age_s=None,
+            topic_for=lambda message: self._topics.events(message.experiment_id),
         )
         self._evaluator_factory = evaluator_factory
         self._links = links or StoreLinks(store)
@@ -275,26 +278,21 @@ class RoundService:
 
     def _open_device_frame(self, delivery: Delivery) -> CheckIn | CheckOut:
         """Verify a check-in or check-out: signed by the device it names, on its own topic."""
-        message = self._devices.open(delivery.body)
+        message = self._devices.open_delivery(delivery)
         assert isinstance(message, CheckIn | CheckOut)
         if message.device_id != message.sender:
             raise refuse(Refusal.SPOOFED, f"{message.sender} speaks for {message.device_id[:130]}")
-        if delivery.topic != self._topics.checkin(message.sender):
-            raise refuse(Refusal.SPOOFED, f"{message.sender} on another device's topic")
         if isinstance(message, CheckIn):
             # Wall time, not the injected clock: devices sign with theirs, and an
             # emulated run's clock starts at zero.
             check_fresh(message, time.time(), self.CHECK_IN_MAX_AGE_S, 120.0)
-            if not isinstance(message.platform, str) or len(message.platform) > 32:
+            if len(message.platform) > self.MAX_PLATFORM_CHARS:
                 raise refuse(Refusal.MALFORMED, "platform longer than 32 characters")
         return message
 
     def _on_checkin(self, delivery: Delivery) -> None:
-        try:
-            message = self._open_device_frame(delivery)
-        except Refused as exc:
-            self.refusals.count(exc, delivery.topic)
-            delivery.ack()  # counted and dropped: a dead-letter queue of junk would only grow
+        message = self.refusals.admit(delivery, self._open_device_frame)
+        if message is None:
             return
         if isinstance(message, CheckIn):
             with self._lock:
@@ -435,15 +433,10 @@ class RoundService:
                 )
 
     def _on_event(self, delivery: Delivery) -> None:
-        try:
-            message = self._workers.open(delivery.body)
-            assert isinstance(message, RoundCommitted | RoundAbandoned)
-            if delivery.topic != self._topics.events(message.experiment_id):
-                raise refuse(Refusal.SPOOFED, "an outcome on another experiment's topic")
-        except Refused as exc:
-            self.refusals.count(exc, delivery.topic)
-            delivery.ack()
+        message = self.refusals.admit(delivery, self._workers.open_delivery)
+        if message is None:
             return
+        assert isinstance(message, RoundCommitted | RoundAbandoned)
         with self._lock:
             self.worker_refusals[message.sender] = dict(message.refused)
             if isinstance(message, RoundCommitted):

@@ -24,10 +24,9 @@ device's MQTT queue after it).
 
 from __future__ import annotations
 
-import importlib
 from typing import Protocol, cast
-from urllib.parse import urlsplit
 
+from broker._urls import load_alias
 from broker.access._common import DeviceCredentials
 from broker.errors import AccessError
 
@@ -97,12 +96,8 @@ def open_access(url: str) -> BrokerAccess:
     AccessError
         An unknown scheme, a malformed URL, or an admin API that refused or did not answer.
     """
-    scheme = urlsplit(url).scheme
-    target = ACCESS_ALIASES.get(scheme)
-    if target is None:
-        known = ", ".join(f"{s}://" for s in ACCESS_ALIASES)
-        # The scheme only: the rest of the URL holds the admin's password.
-        raise AccessError(f"no broker access for the URL scheme {scheme!r}; known: {known}")
-    module_name, _, class_name = target.partition(":")
-    module = importlib.import_module(module_name)
-    return cast(_AccessClass, getattr(module, class_name)).from_url(url)
+
+    def unknown(scheme: str, known: str) -> AccessError:
+        return AccessError(f"no broker access for the URL scheme {scheme!r}; known: {known}")
+
+    return cast(_AccessClass, load_alias(ACCESS_ALIASES, url, unknown)).from_url(url)

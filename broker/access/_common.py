@@ -6,6 +6,7 @@ import secrets
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
+from broker._urls import redact
 from broker.errors import AccessError
 from broker.topics import DEFAULT_NAMESPACE, is_valid_segment
 
@@ -81,15 +82,6 @@ class AdminUrl:
             options=query,
             safe_url=safe,
         )
-
-
-def redact(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def new_secret() -> str:
