@@ -135,7 +135,6 @@ class AggregatorWorker:
         self._checkpoint_every = checkpoint_every
         self._group = group or self._topics.updates_group
         self._store = store
-        self._name = name
         self._lock = threading.RLock()
         self._rounds: dict[str, _OpenRound] = {}
         self._outcomes: dict[str, RoundCommitted | RoundAbandoned] = {}

@@ -86,8 +86,3 @@ class Topics:
     def updates_group(self) -> str:
         """Return the shared queue this deployment's aggregator workers consume updates from."""
         return f"{self.namespace}-aggregators"
-
-
-def segments(topic: str) -> list[str]:
-    """Return a topic's segments."""
-    return topic.split("/")

@@ -21,7 +21,7 @@ from aggregator_service.evaluation import held_out_evaluator
 from aggregator_service.links import PresignedLinks, SignedLinks
 from aggregator_service.rounds.registry import DeviceRegistry
 from broker import Transport
-from broker.access import open_access
+from broker.access import DeviceCredentials, open_access
 from broker.identity import Identity, KeyRing, decode_public_key
 from broker.offload import OffloadedProcess, OffloadError
 from broker.topics import Topics
@@ -260,7 +260,7 @@ def run_fleet(
     enrollment = _Enrollment(server)
     folder = keys or KeyFolder.default(home())
     fleet = Fleet(
-        transports,
+        lambda client_id, will: transports(client_id, will, enrollment.logins.get(client_id)),
         data,
         seed=seed,
         indices=range(first, first + devices),
@@ -342,14 +342,21 @@ class _Enrollment:
                 "enrolling devices needs FEDMQ_ENROLLMENT_TOKEN (or FEDMQ_ADMIN_TOKEN)"
             )
         self.service_key: bytes | None = None
+        self.logins: dict[str, DeviceCredentials] = {}
+        """Each device's own broker user, where the service provisions them."""
 
     def __call__(self, identity: Identity, platform: str) -> bytes:
-        """Register ``identity``; return the service key the registration reported."""
+        """Register ``identity``; keep its broker login; return the service key reported."""
         body = {"platform": platform, "public_key": identity.public_key_text}
         answer = _call(
             self._server, "/api/v1/devices", self._headers, {**body, "device_id": identity.name}
         )
         key = decode_public_key(str(answer["service_key"]))
+        login = answer.get("broker")
+        if isinstance(login, dict):
+            self.logins[identity.name] = DeviceCredentials(
+                str(login["username"]), str(login["password"])
+            )
         if self.service_key is not None and key != self.service_key:
             raise ServiceError("the service answered with two different keys; refusing both")
         self.service_key = key

@@ -14,6 +14,7 @@ from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from broker import MemoryTransport, Transport, connect
+from broker.access import DeviceCredentials
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +31,25 @@ Will = tuple[str, bytes]
 """A last will: the topic and the signed frame the broker sends when a connection dies."""
 
 
-def transport_factory(
-    broker_url: str, *, session_expiry_s: int | None = None
-) -> Callable[[str, Will | None], Transport]:
-    """Return ``open(client_id, will)``: every caller shares one bus for ``memory://``.
+Opener = Callable[[str, Will | None, DeviceCredentials | None], Transport]
+"""Opens a connection for a client id, with its last will and its own broker login."""
 
-    Connections get the client id (MQTT: a persistent session) and the last
-    will (MQTT: a device's signed check-out). ``session_expiry_s`` shortens
-    how long the broker keeps an MQTT session of a client that went away
-    (the URL's own setting otherwise).
+
+def transport_factory(broker_url: str, *, session_expiry_s: int | None = None) -> Opener:
+    """Return ``open(client_id, will, login)``: every caller shares one bus for ``memory://``.
+
+    Connections get the client id (MQTT: a persistent session), the last will
+    (MQTT: a device's signed check-out) and, for a device whose broker user
+    the service provisioned, that login instead of the URL's.
+    ``session_expiry_s`` shortens how long the broker keeps an MQTT session
+    of a client that went away (the URL's own setting otherwise).
     """
     if is_in_process(broker_url):
         shared = MemoryTransport()
 
-        def the_bus(_client_id: str, _will: Will | None = None) -> Transport:
+        def the_bus(
+            _client_id: str, _will: Will | None = None, _login: DeviceCredentials | None = None
+        ) -> Transport:
             return shared
 
         return the_bus
@@ -51,8 +57,11 @@ def transport_factory(
     if session_expiry_s is not None and urlsplit(broker_url).scheme.startswith("mqtt"):
         url = with_query(broker_url, session_expiry=str(session_expiry_s))
 
-    def open_transport(client_id: str, will: Will | None = None) -> Transport:
-        return connect(url, client_id=client_id, will=will)
+    def open_transport(
+        client_id: str, will: Will | None = None, login: DeviceCredentials | None = None
+    ) -> Transport:
+        target = url if login is None else login.url_for(url)
+        return connect(target, client_id=client_id, will=will)
 
     return open_transport
 
@@ -132,9 +141,11 @@ class TransportPool:
         self._open = transport_factory(broker_url, session_expiry_s=session_expiry_s)
         self.opened: list[Transport] = []
 
-    def __call__(self, client_id: str, will: Will | None = None) -> Transport:
+    def __call__(
+        self, client_id: str, will: Will | None = None, login: DeviceCredentials | None = None
+    ) -> Transport:
         """Return the transport for ``client_id`` (the shared one in-process)."""
-        transport = self._open(client_id, will)
+        transport = self._open(client_id, will, login)
         if transport not in self.opened:
             self.opened.append(transport)
         return transport

@@ -118,7 +118,7 @@ class DeviceRegistry:
         if existing is not None:
             if existing.public_key != encode_key(key) or existing.revoked_at is not None:
                 raise Conflict(f"device {device_id} is registered with another key; rotate it")
-            return self._issue(device_id, key, private, reissue=True)
+            return self._issue(device_id, key, private)
         if self._db.count_devices() >= self._max:
             raise Conflict(f"this service holds its maximum of {self._max} devices")
         token = secrets.token_urlsafe(32)
@@ -134,7 +134,9 @@ class DeviceRegistry:
         if record.revoked_at is not None:
             raise Conflict(f"device {device_id} is revoked; register a new one")
         key, private = _key_pair(public_key)
-        return self._issue(device_id, key, private, reissue=False)
+        registration = self._issue(device_id, key, private)
+        log.info("rotated the key of device %s", device_id)
+        return registration
 
     def revoke(self, device_id: str) -> None:
         """Revoke a device: its frames are refused from now on, its broker user removed."""
@@ -174,16 +176,12 @@ class DeviceRegistry:
             raise NotFound(f"no device {device_id}")
         return record
 
-    def _issue(
-        self, device_id: str, key: bytes, private: str | None, *, reissue: bool
-    ) -> Registration:
+    def _issue(self, device_id: str, key: bytes, private: str | None) -> Registration:
         """Give an existing device a fresh token (and key), and its broker user anew."""
         token = secrets.token_urlsafe(32)
         self._db.update_device(device_id, public_key=encode_key(key), token_sha256=_digest(token))
         with self._lock:
             self._keys[device_id] = key
-        if not reissue:
-            log.info("rotated the key of device %s", device_id)
         return self._issued(device_id, token, key, private)
 
     def _issued(self, device_id: str, token: str, key: bytes, private: str | None) -> Registration:

@@ -8,7 +8,7 @@ FedMQ receiver listens on. ``sent`` counts what it published, by kind.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import random
 import struct
@@ -187,7 +187,8 @@ class Attacker:
             max_examples=10**9,
         )
         update = self._update(self._exp, device, b"", num_examples=10**6)
-        forged = encode(_with_grant(update, issue_grant(grant, self._fake_service)), mimic)
+        forged_grant = issue_grant(grant, self._fake_service)
+        forged = encode(dataclasses.replace(update, grant=forged_grant), mimic)
         self._send("spoofed_update", self._updates_topic(device), forged)
 
     def _non_finite(self) -> None:
@@ -281,12 +282,6 @@ class Attacker:
         )
 
 
-def _with_grant(update: ModelUpdate, grant: str) -> ModelUpdate:
-    import dataclasses
-
-    return dataclasses.replace(update, grant=grant)
-
-
 def rss_mb(pid: int) -> float:
     """Return a process's resident memory in MB (from /proc)."""
     with open(f"/proc/{pid}/status") as status:
@@ -309,4 +304,4 @@ def metrics(text: str) -> dict[tuple[str, str], int]:
     return counts
 
 
-__all__ = ["Attacker", "json", "metrics", "rss_mb"]
+__all__ = ["Attacker", "metrics", "rss_mb"]

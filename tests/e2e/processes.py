@@ -148,6 +148,16 @@ def deployment_env(
     }
 
 
+def start_service_and_worker(
+    group: Processes, api: Api, port: int, worker: str, *worker_flags: str
+) -> None:
+    """Start the server, then (once it has written the service key the worker pins) a worker."""
+    group.start("server", "server", "--port", str(port))
+    api.wait_healthy()
+    group.start("worker", "worker", "--name", worker, *worker_flags)
+    wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
+
+
 def start_fleet(group: Processes, api: Api, experiment_id: str, *flags: str) -> None:
     """Start a 20-device fleet for the experiment and wait until every device checked in."""
     group.start("fleet", "fleet", "--devices", "20", "--experiment", experiment_id, *flags)

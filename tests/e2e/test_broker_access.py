@@ -12,6 +12,7 @@ that is allowed through shows that the forbidden one had its chance.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import secrets
 import shutil
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -30,8 +32,19 @@ from broker._mqtt_routing import DEAD_LETTER_PREFIX
 from broker.access import BrokerAccess, DeviceCredentials, open_access
 from broker.errors import BrokerError
 from broker.topics import Topics
+from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import skip_or_fail
 from tests.e2e.owned_brokers import OwnedMosquitto, OwnedRabbitMQ, owned_rabbitmq
+from tests.e2e.processes import (
+    Api,
+    deployment_env,
+    free_port,
+    processes,
+    rounds_when_done,
+    start_fleet,
+    start_service_and_worker,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 T = Topics("fedmq")
@@ -53,6 +66,8 @@ class Deployment:
     access: BrokerAccess
     url: str
     log: Callable[[], str]
+    admin_url: str = ""
+    """The access URL the service provisions users with (FEDMQ_BROKER_ACCESS_URL)."""
 
     def device(self, credentials: DeviceCredentials, device_id: str) -> Transport:
         """Connect as a device (its MQTT client id is its device id)."""
@@ -136,11 +151,12 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     subprocess.run(init, check=True, capture_output=True, timeout=30)
     try:
         broker.start()
-        access = open_access(f"mosquitto-dynsec://admin:{password}@127.0.0.1:{broker.port}")
+        admin_url = f"mosquitto-dynsec://admin:{password}@127.0.0.1:{broker.port}"
+        access = open_access(admin_url)
         url = (
             f"mqtt://127.0.0.1:{broker.port}?session_expiry=60&connect_timeout=3&publish_timeout=1"
         )
-        yield Deployment("mosquitto", access, url, broker.log)
+        yield Deployment("mosquitto", access, url, broker.log, admin_url)
         access.close()
     finally:
         broker.close()
@@ -364,3 +380,50 @@ def test_the_server_role_does_what_the_service_and_a_worker_do(
     at_service.wait_for(T.events("exp"), b"committed")
     if mqtt:
         at_service.wait_for(f"{DEAD_LETTER_PREFIX}/{T.updates('exp', a)}", b"bad")
+
+
+def test_a_deployment_whose_devices_each_log_in_as_themselves(
+    mosquitto: Deployment, tmp_path: Path
+) -> None:
+    """Server, worker and fleet as processes; the service provisions every device's login.
+
+    The shipped Mosquitto refuses anonymous clients, so the fleet's devices
+    connect only because each uses the broker user its registration answer
+    carried; the server and the worker log in with server-side users.
+    """
+    config = copy.deepcopy(DEMO_CONFIG)
+    config["rounds"]["count"] = 2
+    config["training"]["epochs"] = 1
+    plain = mosquitto.url
+    service = mosquitto.access.grant_server("service").url_for(plain)
+    worker = mosquitto.access.grant_server("worker").url_for(plain)
+    port = free_port()
+    env = deployment_env(
+        tmp_path, service, port, "fedmq-aggregators", FEDMQ_BROKER_ACCESS_URL=mosquitto.admin_url
+    )
+    api = Api(env["FEDMQ_SERVER_URL"])
+    with processes(tmp_path, env) as group:
+        start_service_and_worker(group, api, port, "access-worker", "--broker", worker)
+        experiment_id = api.call("POST", "/experiments", config)["id"]
+        start_fleet(group, api, experiment_id, "--prefix", "acl", "--broker", plain)
+        api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": 2})
+        rounds = wait_until(lambda: rounds_when_done(api, experiment_id, 2), 120, "rounds", group)
+        api.call("DELETE", "/devices/acl-0000")
+        kept, gone = _dynsec_client(mosquitto, "acl-0001"), _dynsec_client(mosquitto, "acl-0000")
+
+    assert [r["state"] for r in rounds] == ["committed"] * 2, group.logs()
+    # Anonymous clients are refused here, so every device connected with its own login.
+    assert all(r["accepted"] == 20 for r in rounds)
+    assert "fedmq.acl-0001" in kept and "not found" not in kept.lower()
+    assert "not found" in gone.lower(), f"the revoked device's broker user is still there: {gone}"
+
+
+def _dynsec_client(deployment: Deployment, device_id: str) -> str:
+    """Return what Mosquitto's own admin tool says of a device's broker user."""
+    admin = urlsplit(deployment.admin_url)
+    command = [
+        "mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(admin.port), "-u", "admin",
+        "-P", str(admin.password), "dynsec", "getClient", f"fedmq.{device_id}",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    return done.stdout + done.stderr

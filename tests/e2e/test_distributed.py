@@ -22,6 +22,7 @@ from tests.e2e.processes import (
     processes,
     rounds_when_done,
     start_fleet,
+    start_service_and_worker,
     wait_until,
 )
 
@@ -50,10 +51,7 @@ def test_distributed_run_commits_the_same_model_as_simulation(
     env = deployment_env(tmp_path, url, port, f"e2e-{uuid.uuid4().hex[:8]}")
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group:
-        group.start("server", "server", "--port", str(port))
-        api.wait_healthy()  # the server has written the service key the worker pins
-        group.start("worker", "worker", "--name", f"e2e-worker-{uuid.uuid4().hex[:8]}")
-        wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
+        start_service_and_worker(group, api, port, f"e2e-worker-{uuid.uuid4().hex[:8]}")
         experiment_id = api.call("POST", "/experiments", config)["id"]
         start_fleet(group, api, experiment_id, "--prefix", f"e2e{uuid.uuid4().hex[:6]}")
         api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
@@ -89,10 +87,7 @@ def test_distributed_fedbuff_commits_a_version_every_k_updates_without_a_barrier
     env = deployment_env(tmp_path, amqp_url(), port, f"e2e-{uuid.uuid4().hex[:8]}")
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group:
-        group.start("server", "server", "--port", str(port))
-        api.wait_healthy()  # the server has written the service key the worker pins
-        group.start("worker", "worker", "--name", f"e2e-worker-{uuid.uuid4().hex[:8]}")
-        wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
+        start_service_and_worker(group, api, port, f"e2e-worker-{uuid.uuid4().hex[:8]}")
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         prefix = f"fb{uuid.uuid4().hex[:6]}"
         start_fleet(group, api, experiment_id, "--prefix", prefix, "--profile", "heterogeneous")

@@ -43,6 +43,7 @@ from tests.e2e.processes import (
     processes,
     rounds_when_done,
     start_fleet,
+    start_service_and_worker,
     wait_until,
 )
 
@@ -83,10 +84,7 @@ def test_hostile_traffic_changes_nothing(
     env = deployment_env(tmp_path, url, port, f"{namespace}-aggregators", FEDMQ_NAMESPACE=namespace)
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group:
-        group.start("server", "server", "--port", str(port))
-        api.wait_healthy()
-        group.start("worker", "worker", "--name", f"{namespace}-worker")
-        wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
+        start_service_and_worker(group, api, port, f"{namespace}-worker")
         experiment_id = api.call("POST", "/experiments", config)["id"]
         attacker = Attacker(connect(url), Topics(namespace), experiment_id)
         attacker.listen()

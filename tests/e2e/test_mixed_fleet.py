@@ -21,6 +21,7 @@ from tests.e2e.processes import (
     max_difference,
     processes,
     rounds_when_done,
+    start_service_and_worker,
     wait_until,
 )
 from tests.identities import TOPICS
@@ -59,10 +60,7 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
         )
         api = Api(env["FEDMQ_SERVER_URL"])
         with processes(tmp_path, env) as group:
-            group.start("server", "server", "--port", str(port))
-            api.wait_healthy()  # the server has written the service key the worker pins
-            group.start("worker", "worker", "--name", f"mixed-worker-{uuid.uuid4().hex[:8]}")
-            wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
+            start_service_and_worker(group, api, port, f"mixed-worker-{uuid.uuid4().hex[:8]}")
             experiment_id = api.call("POST", "/experiments", raw)["id"]
             # One process per platform block (python 0-6, android 7-13, ios 14-19), so
             # the Android devices' process can be checked for torch afterwards.

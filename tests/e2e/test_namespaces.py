@@ -29,6 +29,7 @@ from tests.e2e.processes import (
     processes,
     rounds_when_done,
     start_fleet,
+    start_service_and_worker,
     wait_until,
 )
 
@@ -72,10 +73,7 @@ def test_two_namespaces_on_one_broker_run_side_by_side(
             groups.append(env["FEDMQ_WORKER_GROUP"])
             group = stack.enter_context(processes(workdir, env))
             api = Api(env["FEDMQ_SERVER_URL"])
-            group.start("server", "server", "--port", str(port))
-            api.wait_healthy()
-            group.start("worker", "worker", "--name", f"{namespace}-worker")
-            wait_until(lambda g=group: "fedmq worker on" in g.log("worker"), 60, "worker", group)
+            start_service_and_worker(group, api, port, f"{namespace}-worker")
             experiment_id = api.call("POST", "/experiments", _config(seed))["id"]
             # The same device ids in both: only the namespace keeps them apart.
             start_fleet(group, api, experiment_id, "--prefix", "shared")
