@@ -47,7 +47,7 @@ from broker import (
     encode,
     weights_spec,
 )
-from broker.identity import SERVICE_NAME, Identity
+from broker.identity import SERVICE_NAME, Identity, KeyRing
 from broker.messages import TaskGrant
 from broker.topics import Topics
 from broker.verify import Refusals, Verifier
@@ -125,7 +125,7 @@ class AggregatorWorker:
         self.refusals = Refusals(f"worker {name}")
         self._gate = UpdateGate(service_key, self._topics)
         self._control = Verifier(
-            lambda sender: service_key if sender == SERVICE_NAME else None,
+            KeyRing({SERVICE_NAME: service_key}),
             kinds=(MessageKind.ROUND_OPENED, MessageKind.CLOSE_ROUND),
             max_age_s=self.CONTROL_MAX_AGE_S,
             topic_for=lambda message: self._topics.control(message.experiment_id),

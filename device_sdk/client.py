@@ -27,7 +27,7 @@ from broker import (
     encode_weights,
 )
 from broker.errors import IdentityError, Refused
-from broker.identity import SERVICE_NAME, Identity, decode_public_key
+from broker.identity import SERVICE_NAME, Identity, KeyRing, decode_public_key
 from broker.topics import Topics
 from broker.verify import Refusal, Refusals, Verifier
 from device_sdk.app import DeviceApp, DeviceContext
@@ -104,7 +104,7 @@ class DeviceClient:
         self._identity = identity
         self._examples = examples
         self._service = Verifier(
-            lambda sender: service_key if sender == SERVICE_NAME else None,
+            KeyRing({SERVICE_NAME: service_key}),
             kinds=(MessageKind.TRAIN_TASK, MessageKind.COME_BACK_LATER),
             max_age_s=self.TASK_MAX_AGE_S,
         )

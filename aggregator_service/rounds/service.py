@@ -424,8 +424,9 @@ class RoundService:
                 if now - self._last_sent.get((experiment_id, number), 0.0) < self.REPEAT_S:
                     continue
                 self._last_sent[(experiment_id, number)] = now
-                # Signed afresh: receivers refuse control frames signed long ago (replays).
-                message: RoundOpened | CloseRound = dataclasses.replace(opened, sent_at=now)
+                # Signed afresh, in wall time like every signature (an emulated run's
+                # clock is not): receivers refuse control signed long ago as replays.
+                message: RoundOpened | CloseRound = dataclasses.replace(opened, sent_at=time.time())
                 if now >= opened.deadline_at:
                     message = CloseRound(experiment_id=experiment_id, round=number)
                 self._transport.publish(
