@@ -394,36 +394,48 @@ def test_a_deployment_whose_devices_each_log_in_as_themselves(
     config = copy.deepcopy(DEMO_CONFIG)
     config["rounds"]["count"] = 2
     config["training"]["epochs"] = 1
+    # A namespace of its own: the module's other tests leave server sessions behind
+    # (60 s expiry) in the default one's worker group, which would share its updates.
+    namespace = f"acl{uuid.uuid4().hex[:8]}"
+    admin_url = f"{mosquitto.admin_url}?namespace={namespace}"
+    access = open_access(admin_url)
     plain = mosquitto.url
-    service = mosquitto.access.grant_server("service").url_for(plain)
-    worker = mosquitto.access.grant_server("worker").url_for(plain)
+    service = access.grant_server("service").url_for(plain)
+    worker = access.grant_server("worker").url_for(plain)
+    access.close()
     port = free_port()
     env = deployment_env(
-        tmp_path, service, port, "fedmq-aggregators", FEDMQ_BROKER_ACCESS_URL=mosquitto.admin_url
+        tmp_path,
+        service,
+        port,
+        f"{namespace}-aggregators",
+        FEDMQ_BROKER_ACCESS_URL=admin_url,
+        FEDMQ_NAMESPACE=namespace,
     )
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group:
-        start_service_and_worker(group, api, port, "access-worker", "--broker", worker)
+        start_service_and_worker(group, api, port, f"{namespace}-worker", "--broker", worker)
         experiment_id = api.call("POST", "/experiments", config)["id"]
         start_fleet(group, api, experiment_id, "--prefix", "acl", "--broker", plain)
         api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": 2})
         rounds = wait_until(lambda: rounds_when_done(api, experiment_id, 2), 120, "rounds", group)
         api.call("DELETE", "/devices/acl-0000")
-        kept, gone = _dynsec_client(mosquitto, "acl-0001"), _dynsec_client(mosquitto, "acl-0000")
+        kept = _dynsec_client(mosquitto, f"{namespace}.acl-0001")
+        gone = _dynsec_client(mosquitto, f"{namespace}.acl-0000")
 
     assert [r["state"] for r in rounds] == ["committed"] * 2, group.logs()
     # Anonymous clients are refused here, so every device connected with its own login.
     assert all(r["accepted"] == 20 for r in rounds)
-    assert "fedmq.acl-0001" in kept and "not found" not in kept.lower()
+    assert f"{namespace}.acl-0001" in kept and "not found" not in kept.lower()
     assert "not found" in gone.lower(), f"the revoked device's broker user is still there: {gone}"
 
 
-def _dynsec_client(deployment: Deployment, device_id: str) -> str:
-    """Return what Mosquitto's own admin tool says of a device's broker user."""
+def _dynsec_client(deployment: Deployment, username: str) -> str:
+    """Return what Mosquitto's own admin tool says of a broker user."""
     admin = urlsplit(deployment.admin_url)
     command = [
         "mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(admin.port), "-u", "admin",
-        "-P", str(admin.password), "dynsec", "getClient", f"fedmq.{device_id}",
+        "-P", str(admin.password), "dynsec", "getClient", username,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     return done.stdout + done.stderr
