@@ -46,6 +46,8 @@ that the queue of a process killed without closing does not linger for long.
 """
 # Longest the loop blocks inside pika when idle; a new command wakes it sooner.
 _TICK = 1.0
+_NOT_FOUND = 404
+"""AMQP's reply code for a passive declare of something that does not exist."""
 _REFUSED = (pe.ProbableAuthenticationError, pe.AuthenticationError, pe.ProbableAccessDeniedError)
 
 
@@ -348,13 +350,35 @@ class IoThread:
                 conn.close()
 
     def _declare_topology(self) -> None:
+        if not self._topology_exists():
+            channel = self._conn.channel()
+            channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+            channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
+            channel.queue_declare(DEAD_LETTERS, durable=True)
+            channel.queue_bind(DEAD_LETTERS, DEAD_LETTER_EXCHANGE)
+            channel.close()
         channel = self._conn.channel()
-        channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
-        channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
-        channel.queue_declare(DEAD_LETTERS, durable=True)
-        channel.queue_bind(DEAD_LETTERS, DEAD_LETTER_EXCHANGE)
         channel.confirm_delivery()
         self._publisher = channel
+
+    def _topology_exists(self) -> bool:
+        """Check the shared exchanges and queue passively, which needs no configure right.
+
+        A device's broker user has none on them: RabbitMQ has no separate delete
+        right, so configure on the exchange would let a device delete it. The
+        first server component to connect declares them.
+        """
+        channel = self._conn.channel()
+        try:
+            channel.exchange_declare(EXCHANGE, passive=True)
+            channel.exchange_declare(DEAD_LETTER_EXCHANGE, passive=True)
+            channel.queue_declare(DEAD_LETTERS, passive=True)
+        except pe.ChannelClosedByBroker as exc:
+            if exc.reply_code == _NOT_FOUND:
+                return False
+            raise
+        channel.close()
+        return True
 
     def _consume(self, consumer: Consumer) -> None:
         channel = self._conn.channel()

@@ -4,16 +4,15 @@ What each user may touch, as RabbitMQ checks it (resources are exchanges and
 queues of the vhost; topic permissions are routing keys on the ``fedmq``
 exchange, which the MQTT plugin must use too: ``mqtt.exchange = fedmq``):
 
-- A device, over AMQP (``broker.amqp``): configure and write the exchanges
-  ``fedmq`` and ``fedmq.dlx``, the queue ``fedmq.dead-letters`` (every
-  connection declares that topology) and plain subscription queues
-  ``fedmq.sub.<hex>``; read ``fedmq``, ``fedmq.dlx`` and its plain queues.
+- A device, over AMQP (``broker.amqp``): configure, write and read its plain
+  subscription queues ``fedmq.sub.<hex>``; write ``fedmq`` and ``fedmq.dlx``
+  (where its queues dead-letter), read ``fedmq``. It checks the shared topology
+  passively and never declares it, so it cannot delete it.
   Over MQTT (the plugin): configure, write and read its own queues
   ``mqtt-subscription-<device id>qos0|1``, write and read ``fedmq``.
   Topic permissions: write ``NS.checkin.D`` and ``NS.updates.<any>.D``, read
   ``NS.device.D`` (checked on every publish and every queue binding).
-  ``device_amqp=0`` drops the AMQP resources: RabbitMQ has no separate delete
-  permission, so configure on ``fedmq`` would let a device delete the exchange.
+  ``device_amqp=0`` drops the AMQP resources for fleets that speak MQTT only.
 - A server component: configure, write and read ``fedmq`` and every
   ``fedmq.*`` resource (group queues ``fedmq.group.<group>`` included) and any
   MQTT subscription queue; topic permissions on ``NS.*`` and the MQTT
@@ -34,7 +33,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
-from broker._amqp_io import DEAD_LETTER_EXCHANGE, DEAD_LETTERS, EXCHANGE, PLAIN_PREFIX
+from broker._amqp_io import DEAD_LETTER_EXCHANGE, EXCHANGE, PLAIN_PREFIX
 from broker._mqtt_routing import DEAD_LETTER_PREFIX
 from broker.access._common import (
     AdminUrl,
@@ -72,10 +71,14 @@ def device_permissions(
     mqtt_queue = re.escape(f"{MQTT_QUEUE_PREFIX}{device_id}") + "qos[01]"
     exchange = re.escape(EXCHANGE)
     if amqp:
-        dlx, dead = re.escape(DEAD_LETTER_EXCHANGE), re.escape(DEAD_LETTERS)
+        dlx = re.escape(DEAD_LETTER_EXCHANGE)
         plain = re.escape(PLAIN_PREFIX) + "[0-9a-f]+"
-        configure = write = _any_of(exchange, dlx, dead, plain, mqtt_queue)
-        read = _any_of(exchange, dlx, plain, mqtt_queue)
+        # No configure on the shared exchanges and queue (that would let a device
+        # delete them); it checks them passively. Write on the dead-letter exchange
+        # is what RabbitMQ asks of whoever declares a queue that dead-letters there.
+        configure = _any_of(plain, mqtt_queue)
+        write = _any_of(exchange, dlx, plain, mqtt_queue)
+        read = _any_of(exchange, plain, mqtt_queue)
     else:
         configure = _any_of(mqtt_queue)
         write = read = _any_of(exchange, mqtt_queue)

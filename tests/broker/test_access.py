@@ -84,7 +84,8 @@ def test_a_devices_rabbitmq_resources_exclude_shared_queues() -> None:
     configure = re.compile(with_amqp["configure"])
 
     assert configure.match("fedmq.sub.0123abcd") and configure.match("mqtt-subscription-Aqos1")
-    for name in ("fedmq.group.fedmq-aggregators", "mqtt-subscription-Bqos1", "amq.default"):
+    shared = ("fedmq", "fedmq.dlx", "fedmq.dead-letters", "fedmq.group.fedmq-aggregators")
+    for name in (*shared, "mqtt-subscription-Bqos1", "amq.default"):
         assert not configure.match(name), name
     assert not re.match(mqtt_only["configure"], "fedmq")
 

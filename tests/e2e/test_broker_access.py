@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pika
 import pytest
 
 from broker import Delivery, Transport, connect
+from broker._amqp_io import DEAD_LETTER_EXCHANGE, DEAD_LETTERS, EXCHANGE
 from broker._mqtt_routing import DEAD_LETTER_PREFIX
 from broker.access import BrokerAccess, DeviceCredentials, open_access
 from broker.errors import BrokerError
@@ -380,6 +382,40 @@ def test_the_server_role_does_what_the_service_and_a_worker_do(
     at_service.wait_for(T.events("exp"), b"committed")
     if mqtt:
         at_service.wait_for(f"{DEAD_LETTER_PREFIX}/{T.updates('exp', a)}", b"bad")
+
+
+def test_a_device_on_amqp_cannot_delete_the_shared_topology(
+    deployment: Deployment, opened: list[Transport]
+) -> None:
+    if deployment.name != "rabbitmq-amqp":
+        pytest.skip("exchanges and queues are AMQP's; MQTT clients cannot name them")
+    (a,) = _ids(1)
+    credentials = deployment.access.grant(a)
+    service = _server(deployment, opened, T.all_checkins)
+    device = deployment.device(credentials, a)  # it connects, checking the topology passively
+    opened.append(device)
+    # FedMQ's own URL options are not pika's.
+    login = pika.URLParameters(credentials.url_for(deployment.url).partition("?")[0])
+
+    refused = []
+    for delete in (
+        lambda ch: ch.exchange_delete(EXCHANGE),
+        lambda ch: ch.exchange_delete(DEAD_LETTER_EXCHANGE),
+        lambda ch: ch.queue_delete(DEAD_LETTERS),
+        lambda ch: ch.exchange_declare(EXCHANGE, exchange_type="fanout"),
+    ):
+        connection = pika.BlockingConnection(login)
+        try:
+            delete(connection.channel())
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            refused.append(exc.reply_code)
+        finally:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.close()
+    device.publish(T.checkin(a), b"still routed")
+
+    assert refused == [403] * 4
+    service.wait_for(T.checkin(a), b"still routed")
 
 
 def test_a_deployment_whose_devices_each_log_in_as_themselves(
