@@ -224,9 +224,7 @@ class AsyncIntake:
         self._keep_base(opened.experiment_id, opened.base_version, current)
         checkpoint = self._checkpoints.latest(opened.experiment_id, opened.round)
         if checkpoint is not None:
-            deltas = step.buffer.deltas
-            deltas.sums, deltas.total_weight = checkpoint.sums, checkpoint.total_weight
-            deltas.count = checkpoint.count
+            step.buffer.merge(checkpoint.partial)
             step.accepted = list(checkpoint.accepted)
             step.counted = set(checkpoint.accepted)
             step.accepted_devices = set(checkpoint.accepted_devices)
@@ -239,7 +237,7 @@ class AsyncIntake:
                 opened.experiment_id,
                 opened.round,
                 checkpoint.sequence,
-                checkpoint.count,
+                len(checkpoint.accepted),
             )
         return step
 
@@ -304,7 +302,7 @@ class AsyncIntake:
 
     def _checkpoint(self, step: _Step) -> None:
         """Make the step's folded updates durable, then ack them."""
-        step.checkpoint(self._checkpoints, step.opened, step.buffer.deltas, list(step.reports))
+        step.checkpoint(self._checkpoints, step.opened, step.buffer.partial(), list(step.reports))
 
     def _close(self, step: _Step, *, deadline: bool) -> None:
         """End the step: commit or abandon it, publish the outcome, settle its updates."""
@@ -387,7 +385,7 @@ class AsyncIntake:
         exp, version = opened.experiment_id, opened.base_version + 1
         checkpoint = self._checkpoints.latest(exp, opened.round)
         artifact = self._store.get_manifest(exp, version).artifacts[WEIGHTS_ARTIFACT]
-        ledger = checkpoint or RoundCheckpoint(sequence=0, sums={}, total_weight=0.0, count=0)
+        ledger = checkpoint or RoundCheckpoint(sequence=0)
         outcome = RoundCommitted(
             experiment_id=exp,
             round=opened.round,

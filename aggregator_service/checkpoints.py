@@ -1,13 +1,22 @@
-"""Durable checkpoints of a round's running aggregate, so updates can be acked early.
+"""Durable checkpoints of a round's partial aggregates, and the seal that ends a round's intake.
 
-The worker acknowledges a batch of folded updates only after a checkpoint
-holding their contribution is in the store: the float64 sums, the total
-weight, and the ledger of counted update ids and devices. A worker that
-takes over the round restores the newest checkpoint; updates folded after it
-were never acked, so the broker redelivers them and they are folded once.
-Checkpoints are store versions of a model id of their own,
-``<experiment>.r<round>.ckpt``, written with the store's create-only
-manifests, so two workers can never both claim the same sequence number.
+A worker acknowledges folded updates only after a checkpoint holding their
+contribution is in the store: its share of the round state (a ``Partial``:
+float64 sums and totals) and the ledger of counted update ids and devices.
+Each worker of a cohort round keeps a chain of its own,
+``<experiment>.r<round>.<worker>.ckpt``, whose versions are the checkpoint
+sequence; the asynchronous intake keeps one chain per step. Versions are
+written with the store's create-only manifests, which is what makes the
+seal safe.
+
+A round's roster (``<experiment>.r<round>.roster``) lists the workers that
+folded any of it, each joining before its first checkpoint. Whoever combines
+the round seals it: every listed chain gets a seal version after its newest
+checkpoint, then the roster gets one naming those checkpoints. A worker that
+tries to checkpoint or join after that finds the version taken and acks
+nothing, so its unsaved updates go back to the broker. Hence every acked
+update is in exactly one sealed checkpoint, however many workers there were
+and whichever of them died.
 """
 
 from __future__ import annotations
@@ -18,21 +27,30 @@ from typing import Any
 
 import numpy as np
 
+from aggregator_service.strategies import Partial
 from broker import decode_weights, encode_weights
 from model_store import ModelStore
+from model_store.errors import ManifestError
 
 AGGREGATE = "aggregate.safetensors"
 MEDIA_TYPE = "application/vnd.fedmq.aggregate+safetensors"
+_SEALED = "sealed"
+
+
+class Sealed(Exception):
+    """The round was sealed for combining: nothing more may be saved for it."""
+
+
+class _Taken(Exception):
+    """A create-only version number is already used by other content."""
 
 
 @dataclass
 class RoundCheckpoint:
-    """Everything needed to resume a round's aggregation."""
+    """Everything needed to resume, or combine, one worker's share of a round."""
 
     sequence: int
-    sums: dict[str, np.ndarray]
-    total_weight: float
-    count: int
+    partial: Partial = field(default_factory=Partial)
     accepted: list[str] = field(default_factory=list)
     accepted_devices: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
@@ -42,21 +60,32 @@ class RoundCheckpoint:
 
 
 class Checkpoints:
-    """Writes and reads round checkpoints in a model store."""
+    """Writes, reads and seals round checkpoints in a model store."""
 
     def __init__(self, store: ModelStore) -> None:
         self._store = store
 
     @staticmethod
-    def model_id(experiment_id: str, round_number: int) -> str:
-        """Return the store id checkpoints of a round are versions of."""
-        return f"{experiment_id}.r{round_number}.ckpt"
+    def model_id(experiment_id: str, round_number: int, worker: str | None = None) -> str:
+        """Return the store id a chain of checkpoints are versions of."""
+        chain = f".{worker}" if worker else ""
+        return f"{experiment_id}.r{round_number}{chain}.ckpt"
 
-    def save(self, experiment_id: str, round_number: int, checkpoint: RoundCheckpoint) -> None:
-        """Write ``checkpoint`` durably (raises the store's error if it cannot)."""
+    @staticmethod
+    def roster_id(experiment_id: str, round_number: int) -> str:
+        """Return the store id of a round's roster of workers."""
+        return f"{experiment_id}.r{round_number}.roster"
+
+    def save(
+        self,
+        experiment_id: str,
+        round_number: int,
+        checkpoint: RoundCheckpoint,
+        worker: str | None = None,
+    ) -> None:
+        """Write ``checkpoint`` durably; ``Sealed`` if the chain was sealed first."""
         metadata: dict[str, Any] = {
-            "total_weight": checkpoint.total_weight,
-            "count": checkpoint.count,
+            "scalars": checkpoint.partial.scalars,
             "accepted": checkpoint.accepted,
             "accepted_devices": checkpoint.accepted_devices,
             "rejected": checkpoint.rejected,
@@ -64,29 +93,144 @@ class Checkpoints:
             "examples": checkpoint.examples,
             "loss_sum": checkpoint.loss_sum,
         }
-        seq = checkpoint.sequence
-        self._store.publish(
-            self.model_id(experiment_id, round_number),
-            seq,
-            {AGGREGATE: (encode_weights(checkpoint.sums), MEDIA_TYPE)},
-            parent=seq - 1 if seq > 0 else None,
-            metadata=metadata,
-        )
+        model_id = self.model_id(experiment_id, round_number, worker)
+        artifacts = {AGGREGATE: (encode_weights(checkpoint.partial.tensors), MEDIA_TYPE)}
+        try:
+            self._create(model_id, checkpoint.sequence, artifacts, metadata)
+        except _Taken as exc:
+            raise Sealed(f"{model_id} was sealed (or written by another worker)") from exc
 
-    def latest(self, experiment_id: str, round_number: int) -> RoundCheckpoint | None:
-        """Return the newest checkpoint of a round, or None if it has none."""
-        model_id = self.model_id(experiment_id, round_number)
+    def latest(
+        self, experiment_id: str, round_number: int, worker: str | None = None
+    ) -> RoundCheckpoint | None:
+        """Return a chain's newest checkpoint (before its seal), or None if it has none."""
+        model_id = self.model_id(experiment_id, round_number, worker)
         seq = self._store.latest_version(model_id)
-        if seq is None:
-            return None
-        manifest = self._store.get_manifest(model_id, seq)
+        if seq is not None and self._is_seal(model_id, seq):
+            seq -= 1
+        return None if seq is None or seq < 0 else self._read(model_id, seq)
+
+    def read(
+        self, experiment_id: str, round_number: int, worker: str, sequence: int
+    ) -> RoundCheckpoint:
+        """Return one checkpoint of a worker's chain."""
+        return self._read(self.model_id(experiment_id, round_number, worker), sequence)
+
+    def counted_by_others(self, experiment_id: str, round_number: int, worker: str) -> set[str]:
+        """Return the update ids the other workers' newest checkpoints of the round hold.
+
+        Reads manifests only. A worker asks when an update comes back
+        redelivered: a predecessor may have saved it and died before its ack.
+        """
+        members = self._roster(self.roster_id(experiment_id, round_number)) or []
+        counted: set[str] = set()
+        for member in members:
+            if member == worker:
+                continue
+            model_id = self.model_id(experiment_id, round_number, member)
+            seq = self._store.latest_version(model_id)
+            if seq is not None and self._is_seal(model_id, seq):
+                seq -= 1
+            if seq is not None and seq >= 0:
+                counted.update(self._store.get_manifest(model_id, seq).metadata["accepted"])
+        return counted
+
+    def is_sealed(self, experiment_id: str, round_number: int) -> bool:
+        """Return whether the round was sealed for combining."""
+        return self._roster(self.roster_id(experiment_id, round_number)) is None
+
+    def join(self, experiment_id: str, round_number: int, worker: str) -> None:
+        """Put ``worker`` on the round's roster; ``Sealed`` if the round was sealed first."""
+        roster = self.roster_id(experiment_id, round_number)
+        while True:
+            members = self._roster(roster)
+            if members is None:
+                raise Sealed(f"{experiment_id} round {round_number} is sealed")
+            if worker in members:
+                return
+            try:
+                self._create(roster, len(members), {}, {"worker": worker})
+                return
+            except _Taken:
+                continue  # another worker joined at that number, or a seal: look again
+
+    def seal(self, experiment_id: str, round_number: int) -> dict[str, int]:
+        """Seal the round (idempotent); return each worker's last checkpoint sequence (-1: none).
+
+        A second sealer (the first died midway) finishes the same seal: the
+        roster's seal, once written, fixes the answer.
+        """
+        roster = self.roster_id(experiment_id, round_number)
+        while True:
+            members = self._roster(roster)
+            if members is None:
+                manifest = self._store.get_manifest(roster, self._store.latest_version(roster) or 0)
+                return {str(k): int(v) for k, v in manifest.metadata[_SEALED].items()}
+            last = {w: self._seal_chain(experiment_id, round_number, w) for w in members}
+            try:
+                self._create(roster, len(members), {}, {_SEALED: last})
+            except _Taken:
+                continue  # a worker joined meanwhile (its chain is sealed next time round)
+            return last
+
+    def _seal_chain(self, experiment_id: str, round_number: int, worker: str) -> int:
+        """Seal one worker's chain after its newest checkpoint; return that checkpoint's number."""
+        model_id = self.model_id(experiment_id, round_number, worker)
+        while True:
+            latest = self._store.latest_version(model_id)
+            if latest is not None and self._is_seal(model_id, latest):
+                return latest - 1
+            following = -1 if latest is None else latest
+            try:
+                self._create(model_id, following + 1, {}, {_SEALED: True})
+                return following
+            except _Taken:
+                continue  # the worker saved one more first: seal after it
+
+    def _roster(self, roster: str) -> list[str] | None:
+        """Return the roster's workers in joining order, or None once it is sealed."""
+        latest = self._store.latest_version(roster)
+        members: list[str] = []
+        for version in range(0 if latest is None else latest + 1):
+            metadata = self._store.get_manifest(roster, version).metadata
+            if _SEALED in metadata:
+                return None
+            members.append(str(metadata["worker"]))
+        return members
+
+    def _is_seal(self, model_id: str, version: int) -> bool:
+        return _SEALED in self._store.get_manifest(model_id, version).metadata
+
+    def _create(
+        self,
+        model_id: str,
+        version: int,
+        artifacts: Mapping[str, tuple[bytes, str]],
+        metadata: Mapping[str, Any],
+    ) -> None:
+        """Create a version, or raise ``_Taken`` if that number holds other content."""
+        try:
+            self._store.publish(
+                model_id,
+                version,
+                artifacts,
+                parent=version - 1 if version > 0 else None,
+                metadata=metadata,
+            )
+        except ManifestError as exc:
+            if self._store.latest_version(model_id) is None:
+                raise  # not a conflict: the store refused the manifest itself
+            raise _Taken(f"{model_id} v{version}") from exc
+
+    def _read(self, model_id: str, sequence: int) -> RoundCheckpoint:
+        manifest = self._store.get_manifest(model_id, sequence)
         meta: Mapping[str, Any] = manifest.metadata
-        sums = decode_weights(self._store.get_blob(manifest.artifacts[AGGREGATE].sha256), copy=True)
+        tensors: dict[str, np.ndarray] = decode_weights(
+            self._store.get_blob(manifest.artifacts[AGGREGATE].sha256), copy=True
+        )
         return RoundCheckpoint(
-            sequence=seq,
-            sums=sums,
-            total_weight=float(meta["total_weight"]),
-            count=int(meta["count"]),
+            sequence=sequence,
+            partial=Partial(tensors, {str(k): float(v) for k, v in meta["scalars"].items()}),
             accepted=list(meta["accepted"]),
             accepted_devices=list(meta["accepted_devices"]),
             rejected={str(k): int(v) for k, v in meta["rejected"].items()},

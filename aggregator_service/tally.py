@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
-from aggregator_service.strategies import WeightedSum
+from aggregator_service.strategies import Partial
 from broker import Delivery, ModelUpdate, RoundOpened
 
 
@@ -43,27 +43,27 @@ class Tally:
         self,
         checkpoints: Checkpoints,
         opened: RoundOpened,
-        sums: WeightedSum,
+        partial: Partial,
         reporters: list[str],
-    ) -> None:
-        """Save the ledger with the running ``sums``, then ack what they hold."""
-        checkpoints.save(
-            opened.experiment_id,
-            opened.round,
-            RoundCheckpoint(
-                sequence=self.checkpoints,
-                sums=sums.sums,
-                total_weight=sums.total_weight,
-                count=sums.count,
-                accepted=list(self.accepted),
-                accepted_devices=sorted(self.accepted_devices),
-                rejected=dict(self.rejected),
-                reporters=reporters,
-                examples=self.examples,
-                loss_sum=self.loss_sum,
-            ),
+        worker: str | None = None,
+    ) -> RoundCheckpoint:
+        """Save the ledger with the running ``partial``, then ack what it holds; return it.
+
+        Raises ``Sealed`` (acking nothing) if the round was sealed first.
+        """
+        saved = RoundCheckpoint(
+            sequence=self.checkpoints,
+            partial=partial,
+            accepted=list(self.accepted),
+            accepted_devices=sorted(self.accepted_devices),
+            rejected=dict(self.rejected),
+            reporters=reporters,
+            examples=self.examples,
+            loss_sum=self.loss_sum,
         )
+        checkpoints.save(opened.experiment_id, opened.round, saved, worker)
         self.checkpoints += 1
         for delivery in self.pending:
             delivery.ack()
         self.pending.clear()
+        return saved

@@ -1,10 +1,11 @@
-"""The aggregator worker: consumes updates, validates and folds them, commits rounds.
+"""The aggregator worker: consumes updates, validates and folds them into its share of a round.
 
 It keeps one open round per experiment. An update's delivery is acknowledged
 only once its effect is durable: rejections at once (the verdict is final),
-accepted updates when the round's new model version is in the store, so a
-worker that dies mid-round has every counted update redelivered to its
-successor.
+accepted updates once a checkpoint of this worker's share holds them. A
+worker that dies mid-round leaves its last checkpoint on the round's roster,
+to be combined, and its unacked updates go back to the queue, to be folded
+by the others: never both, never neither (see ``checkpoints``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from aggregator_service.async_intake import AsyncIntake, Outcome
-from aggregator_service.checkpoints import Checkpoints
+from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint, Sealed
+from aggregator_service.combine import Combiner
 from aggregator_service.config import build_strategy, is_asynchronous
 from aggregator_service.gate import UpdateGate
 from aggregator_service.links import upload_name
-from aggregator_service.strategies import Strategy, WeightedSum
+from aggregator_service.strategies import Strategy, merge_state, state_partial
 from aggregator_service.tally import Tally
 from aggregator_service.types import ClientUpdate, Weights
 from aggregator_service.validation import (
@@ -30,17 +33,21 @@ from aggregator_service.validation import (
     check_finite,
     decode_update_weights,
 )
-from aggregator_service.versions import read_strategy_state, write_version
+from aggregator_service.versions import read_strategy_state
 from broker import (
     CloseRound,
+    CombineRound,
     Delivery,
     ErrorReply,
+    Message,
     MessageKind,
     ModelUpdate,
+    PartialReady,
     RejectReason,
     RoundAbandoned,
     RoundCommitted,
     RoundOpened,
+    RoundProgress,
     Transport,
     UpdateRejected,
     decode_weights,
@@ -62,18 +69,19 @@ CONTROL_DELTA = "control_delta"
 
 @dataclass
 class _OpenRound(Tally):
-    """Everything the worker tracks about the round it is aggregating."""
+    """Everything the worker tracks about its share of the round it is aggregating."""
 
     opened: RoundOpened
     current: Weights
     strategy: Strategy
-    state: WeightedSum
+    state: Any
     reporters: set[str] = field(default_factory=set)
-
-    @property
-    def reported(self) -> int:
-        """Return how many selected devices have answered (an update or a refusal)."""
-        return len(self.reporters)
+    joined: bool = False
+    """Whether this worker is on the round's roster (it joins before its first checkpoint)."""
+    dirty: bool = False
+    """Whether the share changed since its last checkpoint (a fold or a counted refusal)."""
+    saved: RoundCheckpoint | None = None
+    """The last checkpoint, as saved (its tensors are the state's own arrays)."""
 
     @property
     def spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -81,13 +89,27 @@ class _OpenRound(Tally):
         return weights_spec(self.current)
 
 
+@dataclass(frozen=True)
+class _Flushed:
+    """A round this worker closed: its last checkpoint, kept for repeats and for combining."""
+
+    round: int
+    share: RoundCheckpoint | None
+
+
 class AggregatorWorker:
-    """Folds the updates of every open round into a running aggregate.
+    """Folds its share of every open round into a partial; combines rounds when asked.
+
+    Several workers may consume one update queue: each folds the updates it
+    receives into a partial aggregate, tells the coordinator who reported
+    (``RoundProgress``), and on ``CloseRound`` makes its partial durable
+    (``PartialReady``). The coordinator then hands ``CombineRound`` to one
+    worker, which seals the round and merges every partial (``combine``).
 
     Parameters
     ----------
     transport
-        The bus: round control in, updates in, outcomes and rejections out.
+        The bus: round control in, updates in, progress and outcomes out.
     store
         The model store: versions, checkpoints, uploaded updates.
     identity
@@ -99,6 +121,8 @@ class AggregatorWorker:
         The deployment's topics (its namespace).
     group
         The shared update queue (default: the namespace's worker group).
+    checkpoint_every
+        Checkpoint a round's share (and ack its updates) every this many folds.
     """
 
     MAX_EARLY = 10_000
@@ -121,14 +145,15 @@ class AggregatorWorker:
     ) -> None:
         name = identity.name
         self._identity = identity
+        self._name = name
         self._topics = topics or Topics()
         self.refusals = Refusals(f"worker {name}")
         self._gate = UpdateGate(service_key, self._topics)
         self._control = Verifier(
             KeyRing({SERVICE_NAME: service_key}),
-            kinds=(MessageKind.ROUND_OPENED, MessageKind.CLOSE_ROUND),
+            kinds=(MessageKind.ROUND_OPENED, MessageKind.CLOSE_ROUND, MessageKind.COMBINE_ROUND),
             max_age_s=self.CONTROL_MAX_AGE_S,
-            topic_for=lambda message: self._topics.control(message.experiment_id),
+            topic_for=self._control_topic,
         )
         self._transport = transport
         self._checkpoints = Checkpoints(store)
@@ -137,12 +162,16 @@ class AggregatorWorker:
         self._store = store
         self._lock = threading.RLock()
         self._rounds: dict[str, _OpenRound] = {}
+        self._flushed: dict[str, _Flushed] = {}
         self._outcomes: dict[str, RoundCommitted | RoundAbandoned] = {}
         # experiment -> (strategy config, instance, model version its state belongs to)
         self._strategies: dict[str, tuple[str, Strategy, int]] = {}
         self._early: list[tuple[ModelUpdate, Delivery]] = []
         self._early_bytes = 0
         self._last_closed: dict[str, int] = {}
+        self._combiner = Combiner(
+            store, name=name, strategy_for=self._strategy_at, own_share=self._own_share
+        )
         # Asynchronous (FedBuff) experiments: server steps over updates from any recent version.
         self._async = AsyncIntake(
             self._publish_outcome,
@@ -155,32 +184,48 @@ class AggregatorWorker:
         )
 
     def start(self) -> None:
-        """Subscribe to round control and to the shared update queue."""
+        """Subscribe to round control, the combiners' queue and the shared update queue."""
         self._transport.subscribe(self._topics.all_control, self._on_control)
+        combiners = self._topics.combiners_group(self._group)
+        self._transport.subscribe(self._topics.all_combine, self._on_control, group=combiners)
         self._transport.subscribe(self._topics.all_updates, self._on_update, group=self._group)
+
+    def _control_topic(self, message: Message) -> str:
+        """Return the topic a control message must have come on (combine requests: their own)."""
+        assert isinstance(message, RoundOpened | CloseRound | CombineRound)
+        if isinstance(message, CombineRound):
+            return self._topics.combine(message.experiment_id)
+        return self._topics.control(message.experiment_id)
+
+    def _publish(self, message: Message) -> None:
+        """Sign and publish a message on its experiment's event topic."""
+        assert isinstance(message, RoundProgress | PartialReady | RoundCommitted | RoundAbandoned)
+        self._transport.publish(
+            self._topics.events(message.experiment_id), encode(message, self._identity)
+        )
 
     def _publish_outcome(self, outcome: Outcome) -> None:
         """Sign and publish a round's outcome, with this worker's refusal counts so far."""
-        outcome = dataclasses.replace(outcome, refused=self.refusals.snapshot())
-        topic = self._topics.events(outcome.experiment_id)
-        self._transport.publish(topic, encode(outcome, self._identity))
+        self._publish(dataclasses.replace(outcome, refused=self.refusals.snapshot()))
 
     def _on_control(self, delivery: Delivery) -> None:
         message = self.refusals.admit(delivery, self._control.open_delivery)
         if message is None:
             return
-        assert isinstance(message, RoundOpened | CloseRound)
+        assert isinstance(message, RoundOpened | CloseRound | CombineRound)
         with self._lock:
-            if isinstance(message, RoundOpened | CloseRound) and self._repeat_outcome(message):
+            if isinstance(message, CombineRound):
+                self._combine(message)
+            elif self._repeat_outcome(message):
                 pass
             elif isinstance(message, RoundOpened) and is_asynchronous(message.strategy):
                 self._open_async(message)
             elif isinstance(message, RoundOpened):
                 self._open(message)
-            elif isinstance(message, CloseRound) and self._async.knows(message.experiment_id):
+            elif self._async.knows(message.experiment_id):
                 self._async.close(message.experiment_id, message.round)
-            elif isinstance(message, CloseRound):
-                self._close(message.experiment_id, message.round, deadline=True)
+            else:
+                self._flush(message.experiment_id, message.round)
         delivery.ack()
 
     def _repeat_outcome(self, message: RoundOpened | CloseRound) -> bool:
@@ -199,11 +244,21 @@ class AggregatorWorker:
             return  # a redelivered announcement of a round already closed
         existing = self._rounds.get(exp)
         if existing is not None and existing.opened.round >= opened.round:
+            # A repeat: the coordinator may have lost track (a restart), so tell it
+            # again everything this worker has counted of the round.
+            if existing.opened.round == opened.round and existing.reporters:
+                self._progress(
+                    existing, tuple(existing.reporters), tuple(existing.accepted_devices)
+                )
             return
+        if existing is not None:
+            self._flush(exp, existing.opened.round)
         current = decode_weights(self._store.get_blob(opened.model.sha256))
-        strategy = self._strategy_for(opened)
+        strategy = self._strategy_at(exp, dict(opened.strategy), opened.base_version)
         rnd = _OpenRound(opened, current, strategy, strategy.begin(opened.round, current))
-        self._resume(rnd)
+        if not self._resume(rnd):
+            self._last_closed[exp] = opened.round
+            return
         self._rounds[exp] = rnd
         for update, delivery in self._take_early(exp):
             self._handle_update(update, delivery)
@@ -222,29 +277,29 @@ class AggregatorWorker:
         for update, delivery in self._take_early(exp):
             self._async.handle(update, delivery)
 
-    def _strategy_for(self, opened: RoundOpened) -> Strategy:
-        """Return the experiment's strategy, carrying its server state across rounds."""
-        key = json.dumps(opened.strategy, sort_keys=True)
-        cached = self._strategies.get(opened.experiment_id)
-        if cached is not None and cached[0] == key and cached[2] == opened.base_version:
+    def _strategy_at(self, experiment_id: str, config: dict[str, Any], version: int) -> Strategy:
+        """Return the experiment's strategy with its server state at ``version``."""
+        key = json.dumps(config, sort_keys=True)
+        cached = self._strategies.get(experiment_id)
+        if cached is not None and cached[0] == key and cached[2] == version:
             return cached[1]
-        # A new worker, or a round after an abandoned one: rebuild from the store.
-        strategy = build_strategy(opened.strategy)
-        strategy.load_state_dict(
-            read_strategy_state(self._store, opened.experiment_id, opened.base_version)
-        )
-        self._strategies[opened.experiment_id] = (key, strategy, opened.base_version)
+        # A new worker, a round another worker combined, or one after an abandoned
+        # round: the state is the one stored with the version.
+        strategy = build_strategy(config)
+        strategy.load_state_dict(read_strategy_state(self._store, experiment_id, version))
+        self._strategies[experiment_id] = (key, strategy, version)
         return strategy
 
-    def _resume(self, rnd: _OpenRound) -> None:
-        """Restore the round's newest checkpoint, if another worker left one."""
-        checkpoint = self._checkpoints.latest(rnd.opened.experiment_id, rnd.opened.round)
-        if checkpoint is None or not isinstance(rnd.state, WeightedSum):
-            return
-        rnd.state.sums = checkpoint.sums
-        rnd.state.total_weight = checkpoint.total_weight
-        rnd.state.count = checkpoint.count
-        rnd.accepted = checkpoint.accepted
+    def _resume(self, rnd: _OpenRound) -> bool:
+        """Restore this worker's newest checkpoint of the round; False if the round is sealed."""
+        exp, number = rnd.opened.experiment_id, rnd.opened.round
+        if self._checkpoints.is_sealed(exp, number):
+            return False
+        checkpoint = self._checkpoints.latest(exp, number, self._name)
+        if checkpoint is None:
+            return True
+        merge_state(rnd.state, checkpoint.partial)
+        rnd.accepted = list(checkpoint.accepted)
         rnd.counted = set(checkpoint.accepted)
         rnd.accepted_devices = set(checkpoint.accepted_devices)
         rnd.rejected = Counter(checkpoint.rejected)
@@ -252,19 +307,30 @@ class AggregatorWorker:
         rnd.examples = checkpoint.examples
         rnd.loss_sum = checkpoint.loss_sum
         rnd.checkpoints = checkpoint.sequence + 1
+        rnd.joined = True
         log.info(
             "resumed %s round %d from checkpoint %d (%d updates)",
-            rnd.opened.experiment_id,
-            rnd.opened.round,
+            exp,
+            number,
             checkpoint.sequence,
-            checkpoint.count,
+            len(checkpoint.accepted),
         )
+        return True
 
     def _checkpoint(self, rnd: _OpenRound) -> None:
-        """Make the folded updates durable, then ack them (bounds what is held unacked)."""
-        if not isinstance(rnd.state, WeightedSum):
-            return  # a state the worker cannot checkpoint keeps its acks until the commit
-        rnd.checkpoint(self._checkpoints, rnd.opened, rnd.state, sorted(rnd.reporters))
+        """Make this worker's share durable, then ack what it holds.
+
+        Raises ``Sealed`` (acking nothing) if the round was sealed first.
+        """
+        opened = rnd.opened
+        if not rnd.joined:
+            self._checkpoints.join(opened.experiment_id, opened.round, self._name)
+            rnd.joined = True
+        partial = state_partial(rnd.state)
+        rnd.saved = rnd.checkpoint(
+            self._checkpoints, opened, partial, sorted(rnd.reporters), self._name
+        )
+        rnd.dirty = False
 
     def _should_hold(self, update: ModelUpdate) -> bool:
         """Return whether ``update`` may belong to a round this worker has not heard of yet.
@@ -305,7 +371,8 @@ class AggregatorWorker:
         if rnd is not None and in_round and reply.sender in rnd.opened.selected:
             rnd.reporters.add(reply.sender)
             rnd.rejected[f"device_{reply.code}"] += 1
-            self._close_if_complete(rnd)
+            rnd.dirty = True
+            self._progress(rnd, (reply.sender,), ())
 
     def _handle_update(self, update: ModelUpdate, delivery: Delivery) -> None:
         if self._async.knows(update.experiment_id):
@@ -316,7 +383,7 @@ class AggregatorWorker:
             self._early.append((update, delivery))  # unacked, until its round is announced
             self._early_bytes += len(delivery.body)
             return
-        if rnd is not None and update.message_id in rnd.counted:
+        if rnd is not None and self._counted_before(rnd, update, delivery):
             delivery.ack()  # a redelivered copy of an update already counted
             return
         try:
@@ -331,14 +398,50 @@ class AggregatorWorker:
         except Rejected as rejection:
             if rnd is not None and update.round == rnd.opened.round:
                 rnd.rejected[rejection.reason.value] += 1
+                rnd.dirty = True
+                if update.device_id in rnd.reporters:
+                    self._progress(rnd, (update.device_id,), ())
             self._reject(update, rejection)
             delivery.ack()
-            if rnd is not None:
-                self._close_if_complete(rnd)
             return
         rnd.pending.append(delivery)
-        if not self._close_if_complete(rnd) and len(rnd.pending) >= self._checkpoint_every:
-            self._checkpoint(rnd)
+        self._progress(rnd, (update.device_id,), (update.device_id,))
+        if len(rnd.accepted) >= rnd.opened.target_reports:
+            # Enough here alone: the first target_reports count, as over-selection
+            # intends. (With several workers, what the others folded before the
+            # coordinator closed the round counts too.)
+            self._flush(update.experiment_id, rnd.opened.round)
+        elif len(rnd.pending) >= self._checkpoint_every and not rnd.strategy.keeps_updates:
+            try:
+                self._checkpoint(rnd)
+            except Sealed:
+                self._sealed_under(rnd)
+
+    def _counted_before(self, rnd: _OpenRound, update: ModelUpdate, delivery: Delivery) -> bool:
+        """Return whether this worker, or a predecessor that saved it and died, counted it."""
+        if update.message_id in rnd.counted:
+            return True
+        if not delivery.redelivered:
+            return False
+        opened = rnd.opened
+        elsewhere = self._checkpoints.counted_by_others(
+            opened.experiment_id, opened.round, self._name
+        )
+        return update.message_id in elsewhere
+
+    def _progress(
+        self, rnd: _OpenRound, reported: tuple[str, ...], accepted: tuple[str, ...]
+    ) -> None:
+        """Tell the coordinator which devices answered (it alone sees every worker's count)."""
+        opened = rnd.opened
+        self._publish(
+            RoundProgress(
+                experiment_id=opened.experiment_id,
+                round=opened.round,
+                reported=reported,
+                accepted=accepted,
+            )
+        )
 
     def _may_hold(self, delivery: Delivery) -> bool:
         """Return whether one more early update fits the bounds on held updates."""
@@ -346,14 +449,6 @@ class AggregatorWorker:
             len(self._early) < self.MAX_EARLY
             and self._early_bytes + len(delivery.body) <= self.MAX_EARLY_BYTES
         )
-
-    def _close_if_complete(self, rnd: _OpenRound) -> bool:
-        """Close the round once the target is met or every selected device has answered."""
-        opened = rnd.opened
-        if len(rnd.accepted) >= opened.target_reports or rnd.reported >= len(opened.selected):
-            self._close(opened.experiment_id, opened.round, deadline=False)
-            return True
-        return False
 
     def _fold(self, rnd: _OpenRound, update: ModelUpdate) -> None:
         """Validate ``update`` against the open round and fold it, or raise ``Rejected``."""
@@ -363,6 +458,7 @@ class AggregatorWorker:
             raise Rejected(RejectReason.NOT_SELECTED, f"{update.device_id} was not selected")
         # Counted before validation: a device whose update is refused has answered.
         rnd.reporters.add(update.device_id)
+        rnd.dirty = True
         if update.base_version != rnd.opened.base_version:
             raise Rejected(
                 RejectReason.STALE,
@@ -422,87 +518,83 @@ class AggregatorWorker:
         topic = self._topics.device(update.device_id)
         self._transport.publish(topic, encode(notice, self._identity))
 
-    def _close(self, experiment_id: str, round_number: int, *, deadline: bool) -> None:
+    def _flush(self, experiment_id: str, round_number: int) -> None:
+        """Stop taking the round's updates; make this worker's share durable and say so."""
         rnd = self._rounds.get(experiment_id)
         if rnd is None or rnd.opened.round != round_number:
+            self._last_closed[experiment_id] = max(
+                self._last_closed.get(experiment_id, -1), round_number
+            )
+            flushed = self._flushed.get(experiment_id)
+            if flushed is not None and flushed.round == round_number:
+                self._partial_ready(experiment_id, flushed)  # a repeated close
             return
         del self._rounds[experiment_id]
-        try:
-            outcome = self._outcome(rnd)
-            self._publish_outcome(outcome)
-        except Exception:
-            # Nothing is lost: checkpointed updates stay in the store, the rest go
-            # back to the broker, and the coordinator announces the round again.
-            log.exception(
-                "could not close %s round %d; it will be retried", experiment_id, round_number
-            )
-            self._strategies.pop(experiment_id, None)  # finish() may have advanced it
-            for delivery in rnd.pending:
-                delivery.nack(requeue=True)
-            return
         self._last_closed[experiment_id] = round_number
-        self._outcomes[experiment_id] = outcome
-        for delivery in rnd.pending:
-            delivery.ack()
+        try:
+            if rnd.dirty or rnd.pending:
+                self._checkpoint(rnd)
+        except Sealed:
+            self._sealed_under(rnd)
+            return
+        if rnd.joined and rnd.saved is None:  # resumed, and nothing new since
+            rnd.saved = self._checkpoints.latest(experiment_id, round_number, self._name)
+        flushed = _Flushed(round_number, rnd.saved)
+        self._flushed[experiment_id] = flushed
+        self._partial_ready(experiment_id, flushed)
         log.info(
-            "closed %s round %d (%s): %s",
+            "closed %s round %d: %d update(s) in this worker's share",
             experiment_id,
             round_number,
-            "deadline" if deadline else "complete",
-            type(outcome).__name__,
+            len(rnd.accepted),
         )
 
-    def _outcome(self, rnd: _OpenRound) -> RoundCommitted | RoundAbandoned:
-        """Commit the round, or describe why it is abandoned."""
-        opened = rnd.opened
-        reason = None
-        if len(rnd.accepted) < max(opened.min_reports, 1):
-            reason = f"{len(rnd.accepted)} accepted reports, {opened.min_reports} needed"
-        else:
-            try:
-                return self._commit(rnd)
-            except ValueError as exc:  # the rule cannot aggregate these (Krum with n <= 2f+2)
-                reason = f"{rnd.strategy.name} could not aggregate: {exc}"
-            except Rejected as exc:  # the aggregate itself is not finite: never written
-                reason = f"the aggregate is not finite: {exc.detail}"
-            # finish() may have moved the server state (momentum, moments): the next
-            # round on this base version rebuilds it from the store.
-            self._strategies.pop(opened.experiment_id, None)
-        return RoundAbandoned(
-            experiment_id=opened.experiment_id,
-            round=opened.round,
-            reason=reason,
-            reported=rnd.reported,
-            accepted=len(rnd.accepted),
-            rejected=dict(rnd.rejected),
+    def _partial_ready(self, experiment_id: str, flushed: _Flushed) -> None:
+        share = flushed.share
+        self._publish(
+            PartialReady(
+                experiment_id=experiment_id,
+                round=flushed.round,
+                sequence=-1 if share is None else share.sequence,
+            )
         )
 
-    def _commit(self, rnd: _OpenRound) -> RoundCommitted:
-        """Write the round's aggregate as the next model version and describe it."""
+    def _sealed_under(self, rnd: _OpenRound) -> None:
+        """Hand the share's updates back to the queue: the round was sealed before they were saved.
+
+        They were never acked, so the broker delivers them again, and whoever
+        gets them refuses them as late: nothing is counted twice or silently lost.
+        """
         opened = rnd.opened
-        new = rnd.strategy.finish(opened.round, rnd.current, rnd.state)
-        assert new is not None, "a round with accepted updates always aggregates"
-        check_finite(new)
-        version = opened.base_version + 1
-        ref = write_version(
-            self._store,
+        log.warning(
+            "%s round %d was sealed before %d update(s) here were saved; returned to the queue",
             opened.experiment_id,
-            opened.base_version,
-            version,
-            new,
-            rnd.strategy.state_dict(),
+            opened.round,
+            len(rnd.pending),
         )
-        key, strategy, _ = self._strategies[opened.experiment_id]
-        self._strategies[opened.experiment_id] = (key, strategy, version)
-        return RoundCommitted(
-            experiment_id=opened.experiment_id,
-            round=opened.round,
-            version=version,
-            model=ref,
-            reported=rnd.reported,
-            accepted=tuple(rnd.accepted),
-            accepted_devices=tuple(sorted(rnd.accepted_devices)),
-            rejected=dict(rnd.rejected),
-            num_examples=rnd.examples,
-            metrics={"train_loss": rnd.loss_sum / rnd.examples} if rnd.examples else {},
-        )
+        self._rounds.pop(opened.experiment_id, None)
+        self._last_closed[opened.experiment_id] = opened.round
+        for delivery in rnd.pending:
+            delivery.nack(requeue=True)
+
+    def _own_share(
+        self, experiment_id: str, round_number: int, sequence: int
+    ) -> RoundCheckpoint | None:
+        flushed = self._flushed.get(experiment_id)
+        if flushed is None or flushed.round != round_number or flushed.share is None:
+            return None
+        return flushed.share if flushed.share.sequence == sequence else None
+
+    def _combine(self, request: CombineRound) -> None:
+        """Seal a closed round, merge every worker's share, publish the outcome."""
+        exp = request.experiment_id
+        self._flush(exp, request.round)  # this worker's own share goes in, if it has one
+        outcome, advanced = self._combiner.combine(request)
+        if advanced is None:
+            self._strategies.pop(exp, None)
+        else:
+            key = json.dumps(dict(request.strategy), sort_keys=True)
+            self._strategies[exp] = (key, advanced, request.base_version + 1)
+        self._outcomes[exp] = outcome
+        self._publish_outcome(outcome)
+        log.info("combined %s round %d: %s", exp, request.round, type(outcome).__name__)

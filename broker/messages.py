@@ -40,6 +40,9 @@ class MessageKind(Enum):
     ROUND_COMMITTED = "round_committed"
     ROUND_ABANDONED = "round_abandoned"
     TASK_GRANT = "task_grant"
+    ROUND_PROGRESS = "round_progress"
+    PARTIAL_READY = "partial_ready"
+    COMBINE_ROUND = "combine_round"
 
 
 class RejectReason(Enum):
@@ -230,11 +233,51 @@ class RoundOpened(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class CloseRound(Message):
-    """Coordinator to workers: the deadline passed; commit what you have or abandon."""
+    """Coordinator to workers: stop taking the round's updates, make your share durable."""
 
     KIND: ClassVar[MessageKind] = MessageKind.CLOSE_ROUND
     experiment_id: str
     round: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundProgress(Message):
+    """Worker to coordinator: devices that answered this worker since its last progress.
+
+    Several workers share a round's updates, so only the coordinator sees
+    them all: it closes the round when the devices accepted across workers
+    meet the target, or every selected device has answered.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.ROUND_PROGRESS
+    experiment_id: str
+    round: int
+    reported: tuple[str, ...] = ()
+    accepted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartialReady(Message):
+    """Worker to coordinator: its share of a closing round is durable up to ``sequence``."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.PARTIAL_READY
+    experiment_id: str
+    round: int
+    sequence: int
+    """The worker's last checkpoint of the round (-1: it has nothing to add)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CombineRound(Message):
+    """Coordinator to one worker (a shared queue): seal the round, merge the partials, commit."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.COMBINE_ROUND
+    experiment_id: str
+    round: int
+    base_version: int
+    model: ModelRef
+    min_reports: int
+    strategy: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,5 +329,8 @@ MESSAGE_TYPES: Mapping[MessageKind, type[Message]] = {
         RoundCommitted,
         RoundAbandoned,
         TaskGrant,
+        RoundProgress,
+        PartialReady,
+        CombineRound,
     )
 }

@@ -54,6 +54,9 @@ SERVICE_KINDS = frozenset(
         MessageKind.CLOSE_ROUND,
         MessageKind.ROUND_COMMITTED,
         MessageKind.ROUND_ABANDONED,
+        MessageKind.ROUND_PROGRESS,
+        MessageKind.PARTIAL_READY,
+        MessageKind.COMBINE_ROUND,
     }
 )
 """Kinds only the coordinator and the workers exchange; ``envelope.json`` alone covers them."""

@@ -82,6 +82,20 @@ class Topics:
         """Return the pattern matching every experiment's event topic."""
         return f"{self.namespace}/events/+"
 
+    def combine(self, experiment_id: str) -> str:
+        """Return the topic the coordinator asks one worker to combine a closed round on."""
+        return f"{self.namespace}/combine/{_segment(experiment_id)}"
+
+    @property
+    def all_combine(self) -> str:
+        """Return the pattern matching every experiment's combine topic."""
+        return f"{self.namespace}/combine/+"
+
+    @staticmethod
+    def combiners_group(updates_group: str) -> str:
+        """Return the shared queue handing each combine request to one of a worker group."""
+        return f"{updates_group}-combine"
+
     @property
     def updates_group(self) -> str:
         """Return the shared queue this deployment's aggregator workers consume updates from."""

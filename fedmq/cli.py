@@ -66,6 +66,7 @@ def _run_and_report(
     out: Path | None,
     broker: str = "memory://",
     profile: str | None = None,
+    workers: int = 1,
 ) -> RunResult:
     """Run an experiment with a progress table; write results to ``out``.
 
@@ -92,6 +93,7 @@ def _run_and_report(
         progress=_print_round,
         timeout_s=timeout,
         profile=speed,
+        workers=workers,
     )
     final = result.final_metrics
     print(
@@ -136,7 +138,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    _run_and_report(load_config(args.config), args.rounds, args.out, profile=args.profile)
+    config = load_config(args.config)
+    _run_and_report(config, args.rounds, args.out, profile=args.profile, workers=args.workers)
     return 0
 
 
@@ -274,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cmd.add_argument("--rounds", type=_positive, help="override rounds.count")
     simulate_cmd.add_argument("--out", type=Path, help="write results into this folder")
     _add_profile_flag(simulate_cmd, "devices train in emulated time (deterministic)")
+    simulate_cmd.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="aggregator workers sharing the update queue (default 1)",
+    )
     simulate_cmd.set_defaults(func=_cmd_simulate)
 
     server = sub.add_parser("server", help="the REST API, dashboard and round coordinator")

@@ -67,6 +67,7 @@ def simulate(
     progress: Progress | None = None,
     stop_when: Callable[[RoundRecord], bool] | None = None,
     profile: SpeedProfile | None = None,
+    workers: int = 1,
 ) -> RunResult:
     """Run an experiment on the in-process bus: deterministic for a config and seed.
 
@@ -86,6 +87,8 @@ def simulate(
         Device speeds: the run then goes in emulated time (a 1x device's
         training lasts one emulated second; round timings are emulated
         seconds), still deterministic.
+    workers
+        Aggregator workers sharing the update queue, each folding its share.
 
     Returns
     -------
@@ -99,6 +102,7 @@ def simulate(
         progress=progress,
         stop_when=stop_when,
         profile=profile,
+        workers=workers,
     )
 
 
@@ -114,8 +118,9 @@ def run_experiment(
     evaluate: bool = True,
     stop_when: Callable[[RoundRecord], bool] | None = None,
     profile: SpeedProfile | None = None,
+    workers: int = 1,
 ) -> RunResult:
-    """Run service, worker and fleet in this process over ``broker_url``.
+    """Run service, workers and fleet in this process over ``broker_url``.
 
     On ``memory://`` one dispatcher thread delivers every message in publish
     order, so the run is a deterministic function of config and seed. On a
@@ -127,7 +132,8 @@ def run_experiment(
     accuracy reached). ``profile`` slows devices down: in emulated time on
     ``memory://`` (``VirtualTime``: trainings complete in the order of their
     emulated durations, the coordinator's clock reads emulated seconds), by
-    real sleeps on a real broker.
+    real sleeps on a real broker. ``workers`` aggregator workers share the
+    update queue, each folding its share of every round.
     """
     started = time.perf_counter()
     count = rounds or config.rounds.count
@@ -144,30 +150,31 @@ def run_experiment(
         stack.callback(track.close)
         # Every party signs with a key of its own, made for this run.
         service_identity = Identity.generate(SERVICE_NAME)
-        worker = Identity.generate(unique_client_id("worker"))
+        aggregators = [Identity.generate(unique_client_id("worker")) for _ in range(workers)]
         service = _coordinator(
             stack,
             track,
             store,
             db,
             service_identity,
-            KeyRing({worker.name: worker.public_key}),
+            KeyRing({w.name: w.public_key for w in aggregators}),
             in_process=in_process,
             evaluate=evaluate,
             clock=virtual,
         )
         service.add_listener(ended)
         service.start()
-        # A private update queue: this run's worker must not share a broker-wide
+        # A private update queue: this run's workers must not share a broker-wide
         # group with other deployments' workers.
         group = unique_client_id("aggregators")
-        AggregatorWorker(
-            track(worker.name),
-            store,
-            identity=worker,
-            service_key=service_identity.public_key,
-            group=group,
-        ).start()
+        for worker in aggregators:
+            AggregatorWorker(
+                track(worker.name),
+                store,
+                identity=worker,
+                service_key=service_identity.public_key,
+                group=group,
+            ).start()
         experiment_id = service.create_experiment(config)
         ended.on_stop = lambda: service.stop_after_current_round(experiment_id)
         fleet = _fleet(

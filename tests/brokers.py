@@ -11,6 +11,8 @@ import socket
 
 import pytest
 
+from broker.topics import Topics
+
 AMQP_PORT = int(os.environ.get("FEDMQ_TEST_AMQP_PORT", "5672"))
 MQTT_PORT = int(os.environ.get("FEDMQ_TEST_MQTT_PORT", "1883"))
 
@@ -55,7 +57,10 @@ def skip_or_fail(message: str) -> None:
 
 
 def delete_amqp_groups(groups: list[str]) -> None:
-    """Delete the durable queues a test's groups left on the shared RabbitMQ."""
+    """Delete the durable queues a test's worker groups left on the shared RabbitMQ.
+
+    A worker group has two: its updates and its combine requests.
+    """
     import pika
 
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url()))
@@ -63,5 +68,6 @@ def delete_amqp_groups(groups: list[str]) -> None:
         channel = connection.channel()
         for group in groups:
             channel.queue_delete(f"fedmq.group.{group}")
+            channel.queue_delete(f"fedmq.group.{Topics.combiners_group(group)}")
     finally:
         connection.close()

@@ -19,8 +19,10 @@ from broker import (
     ErrorReply,
     Message,
     ModelUpdate,
+    PartialReady,
     RoundAbandoned,
     RoundCommitted,
+    RoundProgress,
     Transport,
     encode,
 )
@@ -76,7 +78,7 @@ def identity_of(message: Message) -> Identity:
         return device(message.device_id)
     if isinstance(message, ErrorReply):
         return device(message.sender)
-    if isinstance(message, RoundCommitted | RoundAbandoned):
+    if isinstance(message, RoundCommitted | RoundAbandoned | RoundProgress | PartialReady):
         return WORKER
     return SERVICE
 

@@ -18,15 +18,17 @@ from aggregator_service.privacy.noise import (
 )
 from aggregator_service.strategies import _checks
 from aggregator_service.strategies.base import StateValue, Strategy
-from aggregator_service.strategies.ops import WeightedSum, check_keys, step_from
+from aggregator_service.strategies.ops import SummedState, WeightedSum, check_keys, step_from
 from aggregator_service.types import ClientUpdate, Scalar, Weights
 
 _RNG_KEYS = ("rng_state", "rng_inc", "rng_has_uint32", "rng_uinteger")
 
 
 @dataclass
-class DPState:
+class DPState(SummedState):
     """A DP-FedAvg round in progress: the clipped delta sum and the unclipped count."""
+
+    SUMMED = ("clipped", "unclipped")
 
     base: Weights
     clip_norm: float

@@ -7,7 +7,6 @@ never touches an update itself.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import threading
@@ -23,6 +22,7 @@ from aggregator_service.errors import ConfigError, Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
 from aggregator_service.rounds.asynchronous import AsyncRounds
+from aggregator_service.rounds.closing import RoundClosing
 from aggregator_service.rounds.records import new_round_record
 from aggregator_service.rounds.recovery import in_flight_rounds
 from aggregator_service.rounds.registry import DeviceRegistry, Registration
@@ -30,12 +30,14 @@ from aggregator_service.rounds.tasks import TaskDispatch
 from broker import (
     CheckIn,
     CheckOut,
-    CloseRound,
     Delivery,
+    Message,
     MessageKind,
+    PartialReady,
     RoundAbandoned,
     RoundCommitted,
     RoundOpened,
+    RoundProgress,
     Transport,
     decode_weights,
     encode,
@@ -69,8 +71,8 @@ EvaluatorFactory = Callable[[ExperimentConfig, bytes], Evaluator | None]
 class RoundService:
     """Coordinates experiments and their rounds over a transport."""
 
-    REPEAT_S = 5.0
-    """How often a training round is re-announced, or its overdue close re-sent."""
+    REPEAT_S = RoundClosing.REPEAT_S
+    """How often a round's current phase message is sent again (see ``RoundClosing``)."""
     SEEN_EVERY_S = 10.0
     """How stale a device's recorded last check-in may get before it is written again."""
     CHECK_IN_MAX_AGE_S = 600.0
@@ -116,7 +118,12 @@ class RoundService:
         )
         self._workers = Verifier(
             worker_keys,
-            kinds=(MessageKind.ROUND_COMMITTED, MessageKind.ROUND_ABANDONED),
+            kinds=(
+                MessageKind.ROUND_COMMITTED,
+                MessageKind.ROUND_ABANDONED,
+                MessageKind.ROUND_PROGRESS,
+                MessageKind.PARTIAL_READY,
+            ),
             max_age_s=None,
             topic_for=lambda message: self._topics.events(message.experiment_id),
         )
@@ -142,10 +149,7 @@ class RoundService:
         self._seen_at: dict[str, float] = {}  # device id -> last check-in written to the db
         self._grace_until = 0.0
         self._evaluators: dict[str, Evaluator | None] = {}
-        # Rounds in training, by (experiment, round): their announcement, and when
-        # the last announcement or close was sent.
-        self._announced: dict[tuple[str, int], RoundOpened] = {}
-        self._last_sent: dict[tuple[str, int], float] = {}
+        self._closing = RoundClosing(self._sign_and_publish, self._topics, clock)
         self._listeners: list[RoundListener] = []
         # Asynchronous (FedBuff) experiments: tasks flow without a cohort barrier.
         self._async = AsyncRounds(
@@ -168,7 +172,7 @@ class RoundService:
         self._grace_until = self._clock() + recovery_grace_s
         with self._lock:
             for opened in in_flight_rounds(self._db, self._store, self._links, sender=self._name):
-                self._announced[(opened.experiment_id, opened.round)] = opened
+                self._track(opened)
                 log.info("recovered %s round %d in flight", opened.experiment_id, opened.round)
                 # The crash may have cut the task dispatch short; a device that
                 # already reported is refused as a duplicate, so sending all is safe.
@@ -390,12 +394,14 @@ class RoundService:
         log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
 
     def _announce(self, opened: RoundOpened) -> None:
-        """Tell the workers a round is open; ``tick`` repeats it until the round ends."""
-        self._transport.publish(
-            self._topics.control(opened.experiment_id), encode(opened, self._identity)
-        )
-        self._announced[(opened.experiment_id, opened.round)] = opened
-        self._last_sent[(opened.experiment_id, opened.round)] = self._clock()
+        """Tell the workers a round is open; ``tick`` drives it from there to its outcome."""
+        self._track(opened)
+
+    def _track(self, opened: RoundOpened) -> None:
+        self._closing.track(opened, asynchronous=is_asynchronous(opened.strategy))
+
+    def _sign_and_publish(self, topic: str, message: Message) -> None:
+        self._transport.publish(topic, encode(message, self._identity))
 
     def _resend_tasks(self, opened: RoundOpened) -> None:
         """Send a recovered round's tasks again (an asynchronous step refills at check-ins)."""
@@ -408,11 +414,9 @@ class RoundService:
         self._tasks.send(opened, config, refs, later=[])
 
     def tick(self) -> None:
-        """Re-announce training rounds and close those past their deadline; call periodically.
+        """Close rounds past their deadline and repeat what workers may have missed.
 
-        Both are repeated every ``REPEAT_S`` until the round's outcome arrives:
-        a worker that starts mid-round learns of it, and a close lost with a
-        worker's connection is sent again. Workers ignore repeats.
+        Call periodically; see ``RoundClosing`` for the phases and their repeats.
         """
         now = self._clock()
         with self._lock:
@@ -420,26 +424,20 @@ class RoundService:
                 self._grace_until = 0.0
                 self._start_waiting(None)
             self._async.expire(now, self._online)
-            for (experiment_id, number), opened in list(self._announced.items()):
-                if now - self._last_sent.get((experiment_id, number), 0.0) < self.REPEAT_S:
-                    continue
-                self._last_sent[(experiment_id, number)] = now
-                # Signed afresh, in wall time like every signature (an emulated run's
-                # clock is not): receivers refuse control signed long ago as replays.
-                message: RoundOpened | CloseRound = dataclasses.replace(opened, sent_at=time.time())
-                if now >= opened.deadline_at:
-                    message = CloseRound(experiment_id=experiment_id, round=number)
-                self._transport.publish(
-                    self._topics.control(experiment_id), encode(message, self._identity)
-                )
+            self._closing.tick()
 
     def _on_event(self, delivery: Delivery) -> None:
         message = self.refusals.admit(delivery, self._workers.open_delivery)
         if message is None:
             return
-        assert isinstance(message, RoundCommitted | RoundAbandoned)
+        assert isinstance(message, RoundCommitted | RoundAbandoned | RoundProgress | PartialReady)
         with self._lock:
-            self.worker_refusals[message.sender] = dict(message.refused)
+            if isinstance(message, RoundProgress):
+                self._closing.progress(message)
+            elif isinstance(message, PartialReady):
+                self._closing.ready(message)
+            else:
+                self.worker_refusals[message.sender] = dict(message.refused)
             if isinstance(message, RoundCommitted):
                 self._committed(message)
             elif isinstance(message, RoundAbandoned):
@@ -529,8 +527,7 @@ class RoundService:
 
     def _round_ended(self, experiment_id: str, number: int) -> None:
         """Tell listeners, then start the next requested round or go idle."""
-        self._announced.pop((experiment_id, number), None)
-        self._last_sent.pop((experiment_id, number), None)
+        self._closing.ended(experiment_id, number)
         record = next(r for r in self._db.rounds(experiment_id) if r.number == number)
         for listener in self._listeners:
             listener(record)

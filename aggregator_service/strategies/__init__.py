@@ -7,7 +7,14 @@ from aggregator_service.strategies.fedavg import FedAvg, FedAvgM, FedProx
 from aggregator_service.strategies.fedbuff import FedBuff, StaleUpdate, staleness_weight
 from aggregator_service.strategies.fednova import FedNova
 from aggregator_service.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
-from aggregator_service.strategies.ops import WeightedSum, weighted_mean
+from aggregator_service.strategies.ops import (
+    Mergeable,
+    Partial,
+    WeightedSum,
+    merge_state,
+    state_partial,
+    weighted_mean,
+)
 from aggregator_service.strategies.qfedavg import QFedAvg
 from aggregator_service.strategies.robust import (
     Krum,
@@ -52,7 +59,9 @@ __all__ = [
     "FedYogi",
     "Krum",
     "Median",
+    "Mergeable",
     "MultiKrum",
+    "Partial",
     "QFedAvg",
     "RobustStrategy",
     "Scaffold",
@@ -61,6 +70,8 @@ __all__ = [
     "Strategy",
     "TrimmedMean",
     "WeightedSum",
+    "merge_state",
     "staleness_weight",
+    "state_partial",
     "weighted_mean",
 ]

@@ -34,6 +34,8 @@ class Strategy:
 
     name: ClassVar[str] = "base"
 
+    keeps_updates: ClassVar[bool] = False
+    """Whether the round state holds every update (robust rules): checkpointed only at close."""
     takes_deltas: ClassVar[bool] = False
     takes_control_delta: ClassVar[bool] = False
     """Whether updates carry a control-variate delta (``control_delta/<name>`` tensors)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from aggregator_service.strategies import _checks
 from aggregator_service.strategies.base import StateValue, Strategy
-from aggregator_service.strategies.ops import WeightedSum, check_keys, step_from
+from aggregator_service.strategies.ops import SummedState, WeightedSum, check_keys, step_from
 from aggregator_service.types import ClientUpdate, Scalar, Weights
 
 
@@ -18,8 +18,10 @@ class StaleUpdate(ValueError):
 
 
 @dataclass
-class BufferState:
+class BufferState(SummedState):
     """A FedBuff buffer being filled: the staleness-weighted delta sum at one model version."""
+
+    SUMMED = ("deltas",)
 
     version: int
     deltas: WeightedSum

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aggregator_service.strategies import _checks
 from aggregator_service.strategies.base import Strategy
-from aggregator_service.strategies.ops import WeightedSum, step_from
+from aggregator_service.strategies.ops import SummedState, WeightedSum, step_from
 from aggregator_service.types import ClientUpdate, Weights
 
 LOCAL_STEPS = "local_steps"
@@ -14,8 +14,10 @@ LOCAL_STEPS = "local_steps"
 
 
 @dataclass
-class NovaState:
+class NovaState(SummedState):
     """A FedNova round in progress: sums of normalised deltas and of the weights."""
+
+    SUMMED = ("normalised", "examples", "weighted_steps")
 
     base: Weights
     normalised: WeightedSum

@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from aggregator_service.types import Weights
 
 
-class WeightedSum:
+@dataclass
+class Partial:
+    """One worker's share of a round's running state, as sums that add across workers.
+
+    What a worker checkpoints and a combiner merges: ``tensors`` are float64
+    sums (or, for the rules that keep every update, the updates themselves),
+    ``scalars`` are totals (weights, counts). Merging shares in any order and
+    grouping gives the state one worker folding every update would hold, up
+    to float64 rounding.
+    """
+
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+class Mergeable:
+    """Base of a round state with its own ``partial`` and ``merge`` (no shared sums)."""
+
+    def partial(self) -> Partial:
+        """Return this worker's share of the state."""
+        raise NotImplementedError
+
+    def merge(self, partial: Partial) -> None:
+        """Add another worker's share."""
+        raise NotImplementedError
+
+
+class WeightedSum(Mergeable):
     """A running weighted sum of weight sets, folded one update at a time.
 
     Memory is two float64 copies of the model (the sums and one scratch buffer
@@ -69,6 +98,23 @@ class WeightedSum:
             sq += float(np.vdot(scratch, scratch))
         return sq
 
+    def partial(self, prefix: str = "") -> Partial:
+        """Return the sums and totals, keyed ``prefix + name`` (views, not copies)."""
+        return Partial(
+            {prefix + k: v for k, v in self.sums.items()},
+            {prefix + "total_weight": self.total_weight, prefix + "count": float(self.count)},
+        )
+
+    def merge(self, partial: Partial, prefix: str = "") -> None:
+        """Add another worker's share (``partial``'s ``prefix``-keyed entries)."""
+        for name, acc in self.sums.items():
+            share = partial.tensors[prefix + name]
+            if share.shape != acc.shape:
+                raise ValueError(f"partial {prefix + name!r} has shape {share.shape}")
+            np.add(acc, share, out=acc)
+        self.total_weight += partial.scalars[prefix + "total_weight"]
+        self.count += int(partial.scalars[prefix + "count"])
+
     def mean64(self) -> Weights:
         """Return the weighted mean in float64, for server optimisers to step from."""
         if self.total_weight <= 0:
@@ -78,6 +124,55 @@ class WeightedSum:
     def mean(self) -> Weights:
         """Return the weighted mean in each tensor's original dtype."""
         return {k: acc.astype(self.dtypes[k], copy=False) for k, acc in self.mean64().items()}
+
+
+class SummedState(Mergeable):
+    """Mixin of a dataclass round state whose ``SUMMED`` fields add across workers.
+
+    A ``WeightedSum`` field contributes its sums and totals under ``field/``;
+    a number field its value. Every other field (the round's base model, a
+    clip norm, a version) is the same on every worker and stays as begun.
+    """
+
+    SUMMED: ClassVar[tuple[str, ...]] = ()
+
+    def partial(self) -> Partial:
+        """Return this worker's share of the state."""
+        out = Partial()
+        for name in self.SUMMED:
+            value = getattr(self, name)
+            if isinstance(value, WeightedSum):
+                share = value.partial(name + "/")
+                out.tensors.update(share.tensors)
+                out.scalars.update(share.scalars)
+            else:
+                out.scalars[name] = float(value)
+        return out
+
+    def merge(self, partial: Partial) -> None:
+        """Add another worker's share."""
+        for name in self.SUMMED:
+            value = getattr(self, name)
+            if isinstance(value, WeightedSum):
+                value.merge(partial, name + "/")
+            else:
+                total = value + partial.scalars[name]
+                setattr(self, name, type(value)(total))
+
+
+def state_partial(state: object) -> Partial:
+    """Return a round state's share as a ``Partial``; ``TypeError`` if it has none."""
+    if isinstance(state, Mergeable):
+        return state.partial()
+    raise TypeError(f"{type(state).__name__} cannot be shared between workers")
+
+
+def merge_state(state: object, partial: Partial) -> None:
+    """Add ``partial`` into a round state (see ``state_partial``)."""
+    if isinstance(state, Mergeable):
+        state.merge(partial)
+        return
+    raise TypeError(f"{type(state).__name__} cannot be shared between workers")
 
 
 def weighted_mean(updates: list[tuple[Mapping[str, np.ndarray], float]]) -> Weights:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aggregator_service.strategies import _checks
 from aggregator_service.strategies.base import Strategy
-from aggregator_service.strategies.ops import WeightedSum, step_from
+from aggregator_service.strategies.ops import SummedState, WeightedSum, step_from
 from aggregator_service.types import ClientUpdate, Scalar, Weights
 
 LOSS_BEFORE = "loss_before"
@@ -14,8 +14,10 @@ LOSS_BEFORE = "loss_before"
 
 
 @dataclass
-class QState:
+class QState(SummedState):
     """A q-FedAvg round in progress: the loss-weighted delta sum and the sum of the ``h_k``."""
+
+    SUMMED = ("deltas", "h_sum")
 
     base: Weights
     deltas: WeightedSum

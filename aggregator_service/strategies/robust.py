@@ -9,15 +9,31 @@ import numpy as np
 
 from aggregator_service.strategies import _checks
 from aggregator_service.strategies.base import Strategy
+from aggregator_service.strategies.ops import Mergeable, Partial
 from aggregator_service.types import ClientUpdate, Scalar, Weights
 
 
 @dataclass
-class Collected:
-    """A robust round in progress: the round's base model and every update's weights."""
+class Collected(Mergeable):
+    """A robust round in progress: the round's base model and every update's weights.
+
+    These rules need every update in one place, so a worker's share is its
+    updates themselves (``<i>/<tensor>``) and merging appends them: the
+    combiner holds them all, as one worker would have.
+    """
 
     base: Weights
     updates: list[Mapping[str, np.ndarray]] = field(default_factory=list)
+
+    def partial(self) -> Partial:
+        """Return the collected updates, keyed by their index."""
+        tensors = {f"{i}/{k}": v for i, u in enumerate(self.updates) for k, v in u.items()}
+        return Partial(tensors, {"updates": float(len(self.updates))})
+
+    def merge(self, partial: Partial) -> None:
+        """Append another worker's updates."""
+        for i in range(int(partial.scalars["updates"])):
+            self.updates.append({k: partial.tensors[f"{i}/{k}"] for k in self.base})
 
 
 class RobustStrategy(Strategy):
@@ -34,6 +50,7 @@ class RobustStrategy(Strategy):
     """
 
     name = "robust"
+    keeps_updates = True
 
     def __init__(self, *, max_updates: int = 1000) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ import numpy as np
 from aggregator_service.strategies import _checks
 from aggregator_service.strategies.base import StateValue, Strategy
 from aggregator_service.strategies.ops import (
+    SummedState,
     WeightedSum,
     check_keys,
     check_like,
@@ -21,8 +22,10 @@ from aggregator_service.types import ClientUpdate, Scalar, Weights
 
 
 @dataclass
-class ScaffoldState:
+class ScaffoldState(SummedState):
     """A SCAFFOLD round in progress: sums of the model and control deltas."""
+
+    SUMMED = ("model_deltas", "control_deltas")
 
     base: Weights
     model_deltas: WeightedSum

@@ -271,16 +271,18 @@ def test_rounds_requested_through_the_api_run_and_are_reported(
     rounds = client.get(f"/api/v1/experiments/{experiment_id}/rounds", headers=VIEWER).json[
         "rounds"
     ]
-    # Over-selection (default 1.3): 6 invited for a target of 4; the first 4 count.
-    assert [(r["round"], r["state"], r["selected"], r["accepted"]) for r in rounds] == [
-        (1, "committed", 6, 4),
-        (2, "committed", 6, 4),
+    # Over-selection (default 1.3): 6 invited for a target of 4; the round closes once
+    # 4 are in, and the updates already folded by then count too.
+    assert [(r["round"], r["state"], r["selected"]) for r in rounds] == [
+        (1, "committed", 6),
+        (2, "committed", 6),
     ]
+    assert all(4 <= r["accepted"] <= 6 for r in rounds)
     assert all(0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["metrics"]["loss"] > 0 for r in rounds)
     shown = client.get(f"/api/v1/experiments/{experiment_id}", headers=VIEWER).json
     assert shown["model_version"] == 2
     devices = client.get("/api/v1/devices", headers=VIEWER).json["devices"]
-    assert sum(d["rounds_served"] for d in devices) == 8
+    assert sum(d["rounds_served"] for d in devices) == sum(r["accepted"] for r in rounds)
     model = f"/api/v1/experiments/{experiment_id}/model"
     v1 = load(client.get(f"{model}?version=1", headers=VIEWER).data)
     v2 = load(client.get(model, headers=AUTH).data)  # the admin token opens reads too

@@ -1,4 +1,4 @@
-"""The coordinator re-announces training rounds and re-sends overdue closes until an outcome."""
+"""The coordinator repeats each phase of a round (announce, close, combine) until an outcome."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from aggregator_service import Database
 from broker import (
     CheckIn,
     CloseRound,
+    CombineRound,
     Delivery,
     MemoryTransport,
     Message,
@@ -46,6 +47,7 @@ def test_rounds_are_reannounced_and_closed_after_the_deadline(
         delivery.ack()
 
     transport.subscribe(TOPICS.all_control, record)
+    transport.subscribe(TOPICS.all_combine, record)
     config = small_config(rounds={"deadline_s": 30.0})
     experiment_id = service.create_experiment(config)
     for i in range(6):
@@ -61,9 +63,11 @@ def test_rounds_are_reannounced_and_closed_after_the_deadline(
     transport.join(timeout=10)
 
     kinds = [type(m).__name__ for m in control]
-    # t=0 announce, t=6 re-announce, t=31 close, t=37 close again (t=1, 7, 32: too soon)
-    assert kinds == ["RoundOpened", "RoundOpened", "CloseRound", "CloseRound"]
-    assert all(isinstance(m, RoundOpened | CloseRound) and m.round == 1 for m in control)
+    # t=0 announce, t=6 re-announce, t=31 close; no worker reported anything, so
+    # nobody's partial is awaited: combine at once, and again at t=37 (t=1, 7, 32: too soon)
+    assert kinds == ["RoundOpened", "RoundOpened", "CloseRound", "CombineRound", "CombineRound"]
+    assert all(isinstance(m, RoundOpened | CloseRound | CombineRound) for m in control)
+    assert all(m.round == 1 for m in control)  # type: ignore[attr-defined]
 
     abandoned = RoundAbandoned(experiment_id=experiment_id, round=1, reason="no reports")
     transport.publish(TOPICS.events(experiment_id), sign(abandoned))
@@ -72,7 +76,7 @@ def test_rounds_are_reannounced_and_closed_after_the_deadline(
     service.tick()
     transport.join(timeout=10)
 
-    assert len(control) == 4  # the outcome arrived: nothing more is sent
+    assert len(control) == 5  # the outcome arrived: nothing more is sent
     assert service.rounds(experiment_id)[0].state == "abandoned"
     transport.close()
     db.close()

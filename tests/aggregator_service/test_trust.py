@@ -41,6 +41,7 @@ from broker.identity import SERVICE_NAME, Identity
 from broker.messages import TaskGrant
 from broker.verify import Refusal, issue_grant
 from model_store import LocalStore, MemoryStore
+from tests.aggregator_service.round_driver import RoundDriver
 from tests.identities import (
     SERVICE,
     TOPICS,
@@ -68,6 +69,7 @@ class Bench:
     base_ref: ModelRef
     events: list[Message]
     notices: list[Message]
+    driver: RoundDriver
 
     def refusals(self) -> dict[str, int]:
         return self.worker.refusals.snapshot()
@@ -89,7 +91,6 @@ def bench() -> Iterator[Bench]:
         EXP, 0, {"weights.safetensors": (data, "application/vnd.fedmq.safetensors")}, parent=None
     )
     sha = manifest.artifacts["weights.safetensors"].sha256
-    events: list[Message] = []
     notices: list[Message] = []
 
     def record(into: list[Message]) -> Callable[[Delivery], None]:
@@ -99,12 +100,12 @@ def bench() -> Iterator[Bench]:
 
         return handler
 
-    transport.subscribe(TOPICS.all_events, record(events))
+    driver = RoundDriver(transport)
     transport.subscribe(f"{TOPICS.namespace}/device/+", record(notices))
     worker = aggregator(transport, store)
     worker.start()
     ref = ModelRef(store.blob_url(sha), sha, len(data))
-    yield Bench(transport, store, worker, ref, events, notices)
+    yield Bench(transport, store, worker, ref, driver.outcomes, notices, driver)  # type: ignore[arg-type]
     transport.close()
 
 
@@ -125,7 +126,7 @@ def _opened(
 
 
 def _open(bench: Bench, **kwargs: Any) -> None:
-    bench.transport.publish(TOPICS.control(EXP), sign(_opened(bench, **kwargs)))
+    bench.driver.open(_opened(bench, **kwargs))
 
 
 def _update(device_id: str, value: float, n: int = 10, **fields: Any) -> ModelUpdate:
@@ -332,7 +333,7 @@ def test_a_close_sent_by_anyone_but_the_service_is_ignored(
 
     bench.assert_untouched()
     assert bench.refusals() == {reason.value: 1}
-    bench.transport.publish(TOPICS.control(EXP), sign(CloseRound(experiment_id=EXP, round=1)))
+    bench.driver.deadline()  # the service's own close
     bench.transport.join(timeout=10)
     (committed,) = bench.events
     assert isinstance(committed, RoundCommitted) and committed.accepted_devices == ("a",)
@@ -368,7 +369,7 @@ def test_a_round_after_a_non_finite_aggregate_starts_from_a_clean_strategy_state
 
     # The coordinator runs round 2 on the same base version, v0, with sane updates.
     second = dataclasses.replace(_opened(bench, target=2, strategy=strategy), round=2)
-    bench.transport.publish(TOPICS.control(EXP), sign(second))
+    bench.driver.open(second)
     for device_id in ("a", "b"):
         update = dataclasses.replace(_update(device_id, 1.0), round=2)
         bench.transport.publish(TOPICS.updates(EXP, device_id), sign(update))

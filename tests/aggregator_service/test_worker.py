@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from broker import (
-    CloseRound,
     Delivery,
     MemoryTransport,
     Message,
@@ -25,6 +24,7 @@ from broker import (
     encode_weights,
 )
 from model_store import MemoryStore
+from tests.aggregator_service.round_driver import RoundDriver
 from tests.identities import TOPICS, aggregator, sign
 
 EXP = "exp1"
@@ -38,6 +38,7 @@ class Bench:
     base_ref: ModelRef
     events: list[Message]
     notices: list[UpdateRejected]
+    driver: RoundDriver
 
 
 @pytest.fixture
@@ -50,7 +51,6 @@ def bench() -> Iterator[Bench]:
     )
     manifest = store.get_manifest(EXP, 0)
     sha = manifest.artifacts["weights.safetensors"].sha256
-    events: list[Message] = []
     notices: list[UpdateRejected] = []
 
     def record(into: list) -> object:  # type: ignore[type-arg]
@@ -60,10 +60,11 @@ def bench() -> Iterator[Bench]:
 
         return handler
 
-    transport.subscribe(TOPICS.events(EXP), record(events))  # type: ignore[arg-type]
+    driver = RoundDriver(transport)
     transport.subscribe(f"{TOPICS.namespace}/device/+", record(notices))  # type: ignore[arg-type]
     aggregator(transport, store).start()
-    yield Bench(transport, store, ModelRef(store.blob_url(sha), sha, len(data)), events, notices)
+    ref = ModelRef(store.blob_url(sha), sha, len(data))
+    yield Bench(transport, store, ref, driver.outcomes, notices, driver)  # type: ignore[arg-type]
     transport.close()
 
 
@@ -81,7 +82,7 @@ def _open(
         deadline_at=0.0,
         strategy={"name": "fedavg"},
     )
-    bench.transport.publish(TOPICS.control(EXP), sign(opened))
+    bench.driver.open(opened)
 
 
 def _send(
@@ -201,7 +202,7 @@ def test_updates_after_commit_are_late(bench: Bench) -> None:
 def test_closing_below_the_minimum_abandons_the_round_and_writes_no_version(bench: Bench) -> None:
     _open(bench, target=3, minimum=2)
     _send(bench, "a", _good(1.0))
-    bench.transport.publish(TOPICS.control(EXP), sign(CloseRound(experiment_id=EXP, round=1)))
+    bench.driver.deadline()
     bench.transport.join(timeout=10)
 
     (abandoned,) = bench.events
@@ -214,7 +215,7 @@ def test_closing_at_the_minimum_commits_what_arrived(bench: Bench) -> None:
     _open(bench, target=3, minimum=2)
     _send(bench, "a", _good(1.0))
     _send(bench, "b", _good(3.0))
-    bench.transport.publish(TOPICS.control(EXP), sign(CloseRound(experiment_id=EXP, round=1)))
+    bench.driver.deadline()
     bench.transport.join(timeout=10)
 
     (committed,) = bench.events

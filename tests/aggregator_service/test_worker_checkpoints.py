@@ -1,5 +1,7 @@
-"""Checkpointed acks: a worker acks folded updates once a checkpoint holds them,
-and a successor resumes from the checkpoint, counting every update exactly once."""
+"""Checkpointed acks: a worker acks folded updates once a checkpoint holds them; after a
+crash the round still counts every update exactly once, whether the worker restarts
+under its name (it resumes its share) or another worker takes over (the dead one's
+share is combined as it was saved)."""
 
 from __future__ import annotations
 
@@ -7,17 +9,20 @@ import numpy as np
 
 from aggregator_service import AggregatorWorker
 from broker import (
+    CombineRound,
     ModelRef,
     ModelUpdate,
     RoundCommitted,
     RoundOpened,
+    RoundProgress,
     decode,
     decode_weights,
     encode_weights,
 )
+from broker.identity import Identity
 from model_store import MemoryStore
 from tests.aggregator_service.worker_doubles import Bus
-from tests.identities import TOPICS, aggregator
+from tests.identities import TOPICS, WORKER, aggregator, sign
 
 EXP = "exp-ckpt"
 DEVICES = ("a", "b", "c", "d")
@@ -56,11 +61,36 @@ def _update(device: str, value: float, message_id: str | None = None) -> ModelUp
     )
 
 
-def _start(store: MemoryStore) -> tuple[AggregatorWorker, Bus]:
+def _start(store: MemoryStore, identity: Identity = WORKER) -> tuple[AggregatorWorker, Bus]:
     bus = Bus()
-    worker = aggregator(bus, store, checkpoint_every=2)  # type: ignore[arg-type]
+    worker = aggregator(bus, store, identity=identity, checkpoint_every=2)  # type: ignore[arg-type]
     worker.start()
     return worker, bus
+
+
+def _combine(bus: Bus, opened: RoundOpened) -> RoundCommitted:
+    """Ask the worker on ``bus`` to combine the round; return the outcome it published."""
+    request = CombineRound(
+        experiment_id=EXP,
+        round=opened.round,
+        base_version=opened.base_version,
+        model=opened.model,
+        min_reports=opened.min_reports,
+        strategy=opened.strategy,
+    )
+    bus.deliver(TOPICS.combine(EXP), request, TOPICS.all_combine)
+    outcomes = [
+        m
+        for m in (decode(body) for topic, body in bus.published if topic == TOPICS.events(EXP))
+        if isinstance(m, RoundCommitted)
+    ]
+    (committed,) = outcomes
+    return committed
+
+
+def _published(bus: Bus, kind: type) -> list:  # type: ignore[type-arg]
+    messages = (decode(body) for topic, body in bus.published if topic == TOPICS.events(EXP))
+    return [m for m in messages if isinstance(m, kind)]
 
 
 def test_folded_updates_are_acked_once_a_checkpoint_holds_them() -> None:
@@ -73,10 +103,11 @@ def test_folded_updates_are_acked_once_a_checkpoint_holds_them() -> None:
     second = bus.deliver(TOPICS.updates(EXP, "b"), _update("b", 2.0), TOPICS.all_updates)
 
     assert first.settled == ["ack"] and second.settled == ["ack"]
-    assert store.latest_version(f"{EXP}.r1.ckpt") == 0
+    assert store.latest_version(f"{EXP}.r1.{WORKER.name}.ckpt") == 0
+    assert [p.reported for p in _published(bus, RoundProgress)] == [("a",), ("b",)]
 
 
-def test_a_successor_resumes_the_checkpoint_and_counts_each_update_once() -> None:
+def test_a_restarted_worker_resumes_its_share_and_counts_each_update_and_device_once() -> None:
     store, opened = _setup()
     _, dying = _start(store)
     dying.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
@@ -85,22 +116,54 @@ def test_a_successor_resumes_the_checkpoint_and_counts_each_update_once() -> Non
         dying.deliver(TOPICS.updates(EXP, update.device_id), update, TOPICS.all_updates)
     # the worker dies here: a and b are checkpointed and acked, c was never acked
 
-    _, successor = _start(store)
-    # The redelivered update reaches the new worker before the round's re-announcement.
-    replayed_c = successor.deliver(TOPICS.updates(EXP, "c"), c, TOPICS.all_updates)
+    _, restarted = _start(store)  # the same name: it resumes its own chain
+    # The redelivered update reaches the worker before the round's re-announcement.
+    replayed_c = restarted.deliver(TOPICS.updates(EXP, "c"), c, TOPICS.all_updates)
     assert replayed_c.settled == []  # held until the worker learns of the round
-    successor.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
-    duplicate_a = successor.deliver(TOPICS.updates(EXP, "a"), a, TOPICS.all_updates)
-    successor.deliver(TOPICS.updates(EXP, "d"), _update("d", 8.0), TOPICS.all_updates)
-
-    events = [decode(body) for topic, body in successor.published if topic == TOPICS.events(EXP)]
-    (committed,) = events
-    assert isinstance(committed, RoundCommitted)
-    assert sorted(committed.accepted) == sorted(
-        [a.message_id, b.message_id, c.message_id, committed.accepted[-1]]
+    restarted.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
+    copy_of_a = restarted.deliver(TOPICS.updates(EXP, "a"), a, TOPICS.all_updates)
+    fresh_from_a = restarted.deliver(
+        TOPICS.updates(EXP, "a"), _update("a", 100.0), TOPICS.all_updates
     )
-    # The copy of a, already counted before the crash, is acked silently, not rejected.
-    assert len(set(committed.accepted)) == 4 and committed.rejected == {}
+    restarted.deliver(TOPICS.updates(EXP, "d"), _update("d", 8.0), TOPICS.all_updates)
+    committed = _combine(restarted, opened)
+
+    assert len(committed.accepted) == 4 and set(committed.accepted) >= {
+        a.message_id,
+        b.message_id,
+        c.message_id,
+    }
+    # A copy of a counted update is acked silently; a fresh one from its device is a duplicate.
+    assert copy_of_a.settled == ["ack"] and fresh_from_a.settled == ["ack"]
+    assert committed.rejected == {"duplicate": 1}
     new = decode_weights(store.get_blob(committed.model.sha256))
     np.testing.assert_allclose(new["w"], np.full(3, (1 + 2 + 4 + 8) / 4))
-    assert replayed_c.settled == ["ack"] and duplicate_a.settled == ["ack"]
+    assert replayed_c.settled == ["ack"]
+
+
+def test_another_worker_takes_over_and_the_dead_workers_share_is_combined_once() -> None:
+    store, opened = _setup()
+    _, dying = _start(store, Identity.generate("dies"))
+    dying.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
+    a, b, c = _update("a", 1.0), _update("b", 2.0), _update("c", 4.0)
+    for update in (a, b, c):
+        dying.deliver(TOPICS.updates(EXP, update.device_id), update, TOPICS.all_updates)
+    # "dies" is killed between saving a and b and the acks reaching the broker,
+    # so a and b come back redelivered too, with c that it never saved.
+
+    _, survivor = _start(store)
+    survivor.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
+    copies = [
+        survivor.deliver_frame(
+            TOPICS.updates(EXP, u.device_id), sign(u), TOPICS.all_updates, redelivered=True
+        )
+        for u in (a, b, c)
+    ]
+    survivor.deliver(TOPICS.updates(EXP, "d"), _update("d", 8.0), TOPICS.all_updates)
+    committed = _combine(survivor, opened)
+
+    assert len(committed.accepted) == 4 and len(set(committed.accepted)) == 4
+    assert sorted(committed.accepted_devices) == ["a", "b", "c", "d"]
+    new = decode_weights(store.get_blob(committed.model.sha256))
+    np.testing.assert_allclose(new["w"], np.full(3, (1 + 2 + 4 + 8) / 4))
+    assert [d.settled for d in copies] == [["ack"], ["ack"], ["ack"]]

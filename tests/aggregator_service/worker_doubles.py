@@ -46,8 +46,10 @@ class Bus:
         """Hand ``message``, signed by its sender, to the handler subscribed to ``pattern``."""
         return self.deliver_frame(topic, sign(message), pattern)
 
-    def deliver_frame(self, topic: str, body: bytes, pattern: str) -> FakeDelivery:
+    def deliver_frame(
+        self, topic: str, body: bytes, pattern: str, *, redelivered: bool = False
+    ) -> FakeDelivery:
         """Hand the frame ``body`` as it is to the handler subscribed to ``pattern``."""
-        delivery = FakeDelivery(body, topic)
+        delivery = FakeDelivery(body, topic, redelivered)
         self.handlers[pattern](delivery)  # type: ignore[operator]
         return delivery

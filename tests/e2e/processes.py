@@ -154,8 +154,13 @@ def start_service_and_worker(
     """Start the server, then (once it has written the service key the worker pins) a worker."""
     group.start("server", "server", "--port", str(port))
     api.wait_healthy()
-    group.start("worker", "worker", "--name", worker, *worker_flags)
-    wait_until(lambda: "fedmq worker on" in group.log("worker"), 60, "the worker", group)
+    start_worker(group, "worker", worker, *worker_flags)
+
+
+def start_worker(group: Processes, process: str, name: str, *flags: str) -> None:
+    """Start ``fedmq worker --name NAME`` as child ``process`` and wait until it listens."""
+    group.start(process, "worker", "--name", name, *flags)
+    wait_until(lambda: "fedmq worker on" in group.log(process), 60, process, group)
 
 
 def start_fleet(group: Processes, api: Api, experiment_id: str, *flags: str) -> None:

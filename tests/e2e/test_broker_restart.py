@@ -194,7 +194,7 @@ def test_a_broker_restarted_mid_round_loses_and_doubles_no_update(
 
         # Round 2's first checkpoint: 5 updates folded and acked, more folded and
         # unacked, the rest still training or on their way to the worker.
-        checkpoint = tmp_path / "store" / "models" / f"{experiment_id}.r2.ckpt"
+        checkpoint = tmp_path / "store" / "models" / f"{experiment_id}.r2.w-{group}.ckpt"
         wait_until(
             lambda: checkpoint.exists() and any(checkpoint.iterdir()),
             120,

@@ -14,14 +14,12 @@ import numpy as np
 from broker import (
     Delivery,
     Handler,
-    Message,
     ModelRef,
     ModelUpdate,
     RoundCommitted,
     RoundOpened,
     Subscription,
     Transport,
-    decode,
     decode_weights,
     encode_weights,
 )
@@ -30,6 +28,7 @@ from broker.topics import Topics
 from fedmq.processes import start_worker
 from fedmq.wiring import transport_factory
 from model_store import LocalStore
+from tests.aggregator_service.round_driver import RoundDriver
 from tests.broker.conftest import wait_until
 from tests.brokers import MQTT_PORT, mqtt_url, require
 from tests.identities import SERVICE, sign
@@ -132,10 +131,8 @@ def test_an_offloaded_worker_commits_a_round_over_mosquitto_acking_each_update_o
     topics = Topics(f"offload-{uid}")
     open_transport = transport_factory(mqtt_url(), session_expiry_s=SESSION_S)
     driver = open_transport(f"offload-driver-{uid}")
-    outcomes: list[Message] = []
-    driver.subscribe(
-        topics.events(experiment), lambda d: (outcomes.append(decode(d.body)), d.ack())
-    )
+    rounds = RoundDriver(driver, topics)  # the coordinator's part: close, then combine
+    outcomes = rounds.outcomes
     real = Settlements(open_transport(name), f"{topics.namespace}/updates/{experiment}/")
     settings = {
         "store_url": store.root.as_uri(),
@@ -148,7 +145,7 @@ def test_an_offloaded_worker_commits_a_round_over_mosquitto_acking_each_update_o
     worker = OffloadedProcess(start_worker, settings)
     try:
         worker.wait_booted(timeout=120).serve(real, timeout=60)
-        driver.publish(topics.control(experiment), sign(opened))
+        rounds.open(opened)
         for device, update in zip(DEVICES, updates, strict=True):
             driver.publish(topics.updates(experiment, device), update)
         assert wait_until(lambda: bool(outcomes), timeout=60)

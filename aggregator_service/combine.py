@@ -1,0 +1,170 @@
+"""Combining a closed round: seal it, merge every worker's partial, commit or abandon.
+
+Any worker may be asked (through the combiners' shared queue) and the whole
+step may be repeated: the seal is idempotent, a version already in the store
+is reported rather than computed again, and the ledgers are read back from
+the sealed checkpoints, so a combiner that dies midway is simply replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
+from aggregator_service.strategies import Strategy, merge_state
+from aggregator_service.types import Weights
+from aggregator_service.validation import Rejected, check_finite
+from aggregator_service.versions import WEIGHTS_ARTIFACT, write_version
+from broker import CombineRound, ModelRef, RoundAbandoned, RoundCommitted, decode_weights
+from model_store import ModelStore
+
+log = logging.getLogger(__name__)
+
+Outcome = RoundCommitted | RoundAbandoned
+StrategyFor = Callable[[str, dict[str, object], int], Strategy]
+"""Returns an experiment's strategy with its server state at a base version."""
+OwnShare = Callable[[str, int, int], RoundCheckpoint | None]
+"""Returns this worker's own checkpoint ``(experiment, round, sequence)`` if still in memory."""
+
+
+@dataclass
+class Ledger:
+    """What the partials of a round say about its reports, added up."""
+
+    accepted: list[str] = field(default_factory=list)
+    accepted_devices: set[str] = field(default_factory=set)
+    rejected: Counter[str] = field(default_factory=Counter)
+    reporters: set[str] = field(default_factory=set)
+    examples: int = 0
+    loss_sum: float = 0.0
+
+    def add(self, share: RoundCheckpoint) -> None:
+        """Add one worker's ledger."""
+        self.accepted.extend(share.accepted)
+        self.accepted_devices.update(share.accepted_devices)
+        self.rejected.update(share.rejected)
+        self.reporters.update(share.reporters)
+        self.examples += share.examples
+        self.loss_sum += share.loss_sum
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Return the example-weighted mean training loss, if any example was reported."""
+        return {"train_loss": self.loss_sum / self.examples} if self.examples else {}
+
+
+class Combiner:
+    """Turns a sealed round's partials into its outcome.
+
+    Parameters
+    ----------
+    store
+        The model store: checkpoints in, the new version out.
+    name
+        This worker's name (its own checkpoints may still be in memory).
+    strategy_for
+        Returns the experiment's strategy at the round's base version.
+    own_share
+        Returns this worker's own last checkpoint without reading it back.
+    """
+
+    def __init__(
+        self, store: ModelStore, *, name: str, strategy_for: StrategyFor, own_share: OwnShare
+    ) -> None:
+        self._store = store
+        self._checkpoints = Checkpoints(store)
+        self._name = name
+        self._strategy_for = strategy_for
+        self._own_share = own_share
+
+    def combine(self, request: CombineRound) -> tuple[Outcome, Strategy | None]:
+        """Seal the round, merge its partials and commit (or abandon) it.
+
+        Returns the outcome, and the strategy if this call advanced its server
+        state to the new version (None: it did not, so any cached copy is stale).
+        """
+        exp, number = request.experiment_id, request.round
+        last = self._checkpoints.seal(exp, number)
+        strategy = self._strategy_for(exp, dict(request.strategy), request.base_version)
+        current = decode_weights(self._store.get_blob(request.model.sha256))
+        state = strategy.begin(number, current)
+        ledger = Ledger()
+        for worker, sequence in sorted(last.items()):
+            if sequence < 0:
+                continue
+            share = self._share(exp, number, worker, sequence)
+            merge_state(state, share.partial)
+            ledger.add(share)
+        log.info(
+            "%s round %d: merged %d partial(s)", exp, number, sum(s >= 0 for s in last.values())
+        )
+        reason = None
+        if len(ledger.accepted) < max(request.min_reports, 1):
+            reason = f"{len(ledger.accepted)} accepted reports, {request.min_reports} needed"
+        else:
+            try:
+                committed, advanced = self._commit(request, strategy, current, state, ledger)
+                return committed, strategy if advanced else None
+            except ValueError as exc:  # the rule cannot aggregate these (Krum with n <= 2f+2)
+                reason = f"{strategy.name} could not aggregate: {exc}"
+            except Rejected as exc:  # the aggregate itself is not finite: never written
+                reason = f"the aggregate is not finite: {exc.detail}"
+        abandoned = RoundAbandoned(
+            experiment_id=exp,
+            round=number,
+            reason=reason,
+            reported=len(ledger.reporters),
+            accepted=len(ledger.accepted),
+            rejected=dict(ledger.rejected),
+        )
+        return abandoned, None
+
+    def _share(self, exp: str, number: int, worker: str, sequence: int) -> RoundCheckpoint:
+        """Return one worker's sealed checkpoint, from memory when it is this worker's."""
+        if worker == self._name:
+            mine = self._own_share(exp, number, sequence)
+            if mine is not None:
+                return mine
+        return self._checkpoints.read(exp, number, worker, sequence)
+
+    def _commit(
+        self,
+        request: CombineRound,
+        strategy: Strategy,
+        current: Weights,
+        state: Any,
+        ledger: Ledger,
+    ) -> tuple[RoundCommitted, bool]:
+        """Write the merged aggregate as the next version (or find it written); describe it."""
+        exp, version = request.experiment_id, request.base_version + 1
+        advanced = False
+        if (self._store.latest_version(exp) or 0) >= version:
+            # Combined before by a worker that died before its outcome was heard:
+            # report that version; finishing again would advance the server state twice.
+            artifact = self._store.get_manifest(exp, version).artifacts[WEIGHTS_ARTIFACT]
+            ref = ModelRef(self._store.blob_url(artifact.sha256), artifact.sha256, artifact.size)
+        else:
+            new = strategy.finish(request.round, current, state)
+            advanced = True
+            assert new is not None, "a round with accepted updates always aggregates"
+            check_finite(new)
+            ref = write_version(
+                self._store, exp, request.base_version, version, new, strategy.state_dict()
+            )
+        committed = RoundCommitted(
+            experiment_id=exp,
+            round=request.round,
+            version=version,
+            model=ref,
+            reported=len(ledger.reporters),
+            accepted=tuple(ledger.accepted),
+            accepted_devices=tuple(sorted(ledger.accepted_devices)),
+            rejected=dict(ledger.rejected),
+            num_examples=ledger.examples,
+            metrics=ledger.metrics,
+        )
+        return committed, advanced

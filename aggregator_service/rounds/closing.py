@@ -1,0 +1,174 @@
+"""When a round closes and when it is combined: the coordinator's view across workers.
+
+Several workers share a round's updates, so none of them knows whether the
+round is complete; the coordinator does, from their ``RoundProgress``. A
+cohort round moves through three phases, each message repeated every
+``REPEAT_S`` until the next phase (a worker may have missed it, or the
+coordinator may have restarted):
+
+- training: ``RoundOpened``, until the accepted devices meet the target,
+  every selected device has answered, or the deadline passes;
+- closing: ``CloseRound``, until every worker that reported has answered
+  ``PartialReady`` (or ``PARTIALS_WAIT_S`` passed: a worker that died says
+  nothing, and its last checkpoint is combined as it stands);
+- combining: ``CombineRound`` to one worker, until the outcome arrives.
+
+An asynchronous (FedBuff) step has no cohort: its worker closes it, so it is
+only announced, and closed at its deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from broker import CloseRound, CombineRound, Message, PartialReady, RoundOpened, RoundProgress
+from broker.topics import Topics
+
+Publish = Callable[[str, Message], None]
+"""Signs and publishes a message on a topic."""
+
+
+@dataclass
+class _Round:
+    """What the coordinator knows of one round in flight."""
+
+    opened: RoundOpened
+    asynchronous: bool
+    reported: set[str] = field(default_factory=set)
+    accepted: set[str] = field(default_factory=set)
+    workers: set[str] = field(default_factory=set)
+    """Workers that counted any report of the round: their partials are awaited."""
+    ready: set[str] = field(default_factory=set)
+    closed_at: float | None = None
+    combining: bool = False
+    last_sent: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """Return whether the target is met or every selected device has answered."""
+        opened = self.opened
+        answered = len(self.reported.intersection(opened.selected))
+        return len(self.accepted) >= opened.target_reports or answered >= len(opened.selected)
+
+
+class RoundClosing:
+    """Drives each round in flight from announcement to combination.
+
+    Parameters
+    ----------
+    publish
+        Signs and publishes a control message.
+    topics
+        The deployment's topics.
+    clock
+        The coordinator's clock (deadlines are in its time).
+    """
+
+    REPEAT_S = 5.0
+    """How often the current phase's message is sent again."""
+    PARTIALS_WAIT_S = 10.0
+    """How long after closing a round to wait for a worker's partial before combining without."""
+
+    def __init__(
+        self, publish: Publish, topics: Topics, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._publish = publish
+        self._topics = topics
+        self._clock = clock
+        self._rounds: dict[tuple[str, int], _Round] = {}
+
+    def track(self, opened: RoundOpened, *, asynchronous: bool) -> None:
+        """Announce a round and follow it until ``ended``."""
+        key = (opened.experiment_id, opened.round)
+        self._rounds[key] = _Round(opened, asynchronous)
+        self._send(self._rounds[key], opened)
+
+    def progress(self, message: RoundProgress) -> None:
+        """Count the devices a worker heard from; close the round once it is complete."""
+        rnd = self._rounds.get((message.experiment_id, message.round))
+        if rnd is None or rnd.asynchronous:
+            return
+        rnd.workers.add(message.sender)
+        selected = rnd.opened.selected
+        rnd.reported.update(d for d in message.reported if d in selected)
+        rnd.accepted.update(d for d in message.accepted if d in selected)
+        if rnd.closed_at is None and rnd.complete:
+            self._close(rnd)
+
+    def ready(self, message: PartialReady) -> None:
+        """Note a worker's durable partial; combine once every worker's is in."""
+        rnd = self._rounds.get((message.experiment_id, message.round))
+        if rnd is None or rnd.asynchronous or rnd.closed_at is None:
+            return
+        rnd.workers.add(message.sender)
+        rnd.ready.add(message.sender)
+        if not rnd.combining and rnd.ready >= rnd.workers:
+            self._combine(rnd)
+
+    def ended(self, experiment_id: str, number: int) -> None:
+        """Forget a round whose outcome arrived."""
+        self._rounds.pop((experiment_id, number), None)
+
+    def tick(self) -> None:
+        """Close rounds past their deadline, stop waiting for silent workers, repeat messages."""
+        now = self._clock()
+        for rnd in list(self._rounds.values()):
+            opened = rnd.opened
+            if rnd.closed_at is None and now >= opened.deadline_at:
+                self._close(rnd)
+            elif self._waited_long_enough(rnd, now):
+                self._combine(rnd)
+            if now - rnd.last_sent >= self.REPEAT_S:
+                self._repeat(rnd)
+
+    def _waited_long_enough(self, rnd: _Round, now: float) -> bool:
+        """Return whether a closing round has waited its time for silent workers' partials."""
+        closing = rnd.closed_at is not None and not rnd.asynchronous and not rnd.combining
+        return closing and now - (rnd.closed_at or 0.0) >= self.PARTIALS_WAIT_S
+
+    def _repeat(self, rnd: _Round) -> None:
+        """Send the round's current phase message again, signed afresh."""
+        opened = rnd.opened
+        if rnd.combining:
+            self._send(rnd, self._combine_request(opened))
+        elif rnd.closed_at is not None:
+            self._send(rnd, CloseRound(experiment_id=opened.experiment_id, round=opened.round))
+        else:
+            # Signed in wall time like every signature (an emulated run's clock is
+            # not): receivers refuse control signed long ago as replays.
+            self._send(rnd, dataclasses.replace(opened, sent_at=time.time()))
+
+    def _close(self, rnd: _Round) -> None:
+        rnd.closed_at = self._clock()
+        opened = rnd.opened
+        self._send(rnd, CloseRound(experiment_id=opened.experiment_id, round=opened.round))
+        if not rnd.asynchronous and not rnd.workers:
+            self._combine(rnd)  # nobody counted anything: the combiner abandons it at once
+
+    def _combine(self, rnd: _Round) -> None:
+        rnd.combining = True
+        self._send(rnd, self._combine_request(rnd.opened))
+
+    @staticmethod
+    def _combine_request(opened: RoundOpened) -> CombineRound:
+        return CombineRound(
+            experiment_id=opened.experiment_id,
+            round=opened.round,
+            base_version=opened.base_version,
+            model=opened.model,
+            min_reports=opened.min_reports,
+            strategy=opened.strategy,
+        )
+
+    def _send(self, rnd: _Round, message: Message) -> None:
+        exp = rnd.opened.experiment_id
+        topic = (
+            self._topics.combine(exp)
+            if isinstance(message, CombineRound)
+            else self._topics.control(exp)
+        )
+        self._publish(topic, message)
+        rnd.last_sent = self._clock()
