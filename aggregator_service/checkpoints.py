@@ -41,6 +41,10 @@ class Sealed(Exception):
     """The round was sealed for combining: nothing more may be saved for it."""
 
 
+class NameClash(Exception):
+    """Another process saved a checkpoint under this worker's name: two workers share it."""
+
+
 class _Taken(Exception):
     """A create-only version number is already used by other content."""
 
@@ -98,17 +102,20 @@ class Checkpoints:
         try:
             self._create(model_id, checkpoint.sequence, artifacts, metadata)
         except _Taken as exc:
-            raise Sealed(f"{model_id} was sealed (or written by another worker)") from exc
+            if self._is_seal(model_id, checkpoint.sequence):
+                raise Sealed(f"{model_id} was sealed for combining") from exc
+            raise NameClash(
+                f"{model_id} v{checkpoint.sequence} was saved by another process: "
+                "give every worker a --name of its own"
+            ) from exc
 
     def latest(
         self, experiment_id: str, round_number: int, worker: str | None = None
     ) -> RoundCheckpoint | None:
         """Return a chain's newest checkpoint (before its seal), or None if it has none."""
         model_id = self.model_id(experiment_id, round_number, worker)
-        seq = self._store.latest_version(model_id)
-        if seq is not None and self._is_seal(model_id, seq):
-            seq -= 1
-        return None if seq is None or seq < 0 else self._read(model_id, seq)
+        seq = self._newest(model_id)
+        return None if seq < 0 else self._read(model_id, seq)
 
     def read(
         self, experiment_id: str, round_number: int, worker: str, sequence: int
@@ -128,12 +135,20 @@ class Checkpoints:
             if member == worker:
                 continue
             model_id = self.model_id(experiment_id, round_number, member)
-            seq = self._store.latest_version(model_id)
-            if seq is not None and self._is_seal(model_id, seq):
-                seq -= 1
-            if seq is not None and seq >= 0:
+            seq = self._newest(model_id)
+            if seq >= 0:
                 counted.update(self._store.get_manifest(model_id, seq).metadata["accepted"])
         return counted
+
+    def roster(self, experiment_id: str, round_number: int) -> list[str]:
+        """Return the workers on the round's roster (sealed or not)."""
+        roster = self.roster_id(experiment_id, round_number)
+        latest = self._store.latest_version(roster)
+        metadata = [
+            self._store.get_manifest(roster, v).metadata
+            for v in range(0 if latest is None else latest + 1)
+        ]
+        return [str(m["worker"]) for m in metadata if "worker" in m]
 
     def is_sealed(self, experiment_id: str, round_number: int) -> bool:
         """Return whether the round was sealed for combining."""
@@ -197,6 +212,13 @@ class Checkpoints:
                 return None
             members.append(str(metadata["worker"]))
         return members
+
+    def _newest(self, model_id: str) -> int:
+        """Return a chain's newest checkpoint number, skipping its seal (-1: none)."""
+        seq = self._store.latest_version(model_id)
+        if seq is not None and self._is_seal(model_id, seq):
+            seq -= 1
+        return -1 if seq is None else seq
 
     def _is_seal(self, model_id: str, version: int) -> bool:
         return _SEALED in self._store.get_manifest(model_id, version).metadata

@@ -41,9 +41,15 @@ class Ledger:
     reporters: set[str] = field(default_factory=set)
     examples: int = 0
     loss_sum: float = 0.0
+    twice: set[str] = field(default_factory=set)
+    """Update ids that two workers' shares both hold."""
+    devices_twice: set[str] = field(default_factory=set)
+    """Devices with an update (each its own id) in two workers' shares."""
 
     def add(self, share: RoundCheckpoint) -> None:
-        """Add one worker's ledger."""
+        """Add one worker's ledger, noting anything another share already holds."""
+        self.twice.update(set(share.accepted).intersection(self.accepted))
+        self.devices_twice.update(self.accepted_devices.intersection(share.accepted_devices))
         self.accepted.extend(share.accepted)
         self.accepted_devices.update(share.accepted_devices)
         self.rejected.update(share.rejected)
@@ -103,7 +109,22 @@ class Combiner:
             "%s round %d: merged %d partial(s)", exp, number, sum(s >= 0 for s in last.values())
         )
         reason = None
-        if len(ledger.accepted) < max(request.min_reports, 1):
+        if ledger.devices_twice and not ledger.twice:
+            # Two signed updates of one device, each to another worker: what a
+            # compromised device can do (its weight counts twice, within its grant).
+            log.warning(
+                "%s round %d: devices counted by two workers: %s",
+                exp,
+                number,
+                sorted(ledger.devices_twice)[:5],
+            )
+        if ledger.twice:
+            # Two workers folded one update (a publisher's resend, or a redelivery
+            # while its first receiver was cut off). Sums cannot be taken apart, and
+            # a double count is never committed: the round is run again instead.
+            reason = f"update(s) counted by two workers: {sorted(ledger.twice)[:5]}"
+            log.warning("%s round %d abandoned: %s", exp, number, reason)
+        elif len(ledger.accepted) < max(request.min_reports, 1):
             reason = f"{len(ledger.accepted)} accepted reports, {request.min_reports} needed"
         else:
             try:

@@ -241,7 +241,19 @@ class AggregatorWorker:
     def _open(self, opened: RoundOpened) -> None:
         exp = opened.experiment_id
         if self._last_closed.get(exp, -1) >= opened.round:
-            return  # a redelivered announcement of a round already closed
+            # Closed here: a coordinator that restarted since learns what this share holds.
+            flushed = self._flushed.get(exp)
+            if flushed is not None and flushed.round == opened.round and flushed.share:
+                share = flushed.share
+                self._publish(
+                    RoundProgress(
+                        experiment_id=exp,
+                        round=opened.round,
+                        reported=tuple(share.reporters),
+                        accepted=tuple(share.accepted_devices),
+                    )
+                )
+            return
         existing = self._rounds.get(exp)
         if existing is not None and existing.opened.round >= opened.round:
             # A repeat: the coordinator may have lost track (a restart), so tell it
@@ -323,9 +335,7 @@ class AggregatorWorker:
         Raises ``Sealed`` (acking nothing) if the round was sealed first.
         """
         opened = rnd.opened
-        if not rnd.joined:
-            self._checkpoints.join(opened.experiment_id, opened.round, self._name)
-            rnd.joined = True
+        self._join(rnd)
         partial = state_partial(rnd.state)
         rnd.saved = rnd.checkpoint(
             self._checkpoints, opened, partial, sorted(rnd.reporters), self._name
@@ -394,7 +404,12 @@ class AggregatorWorker:
                 late = update.round <= past
                 reason = RejectReason.ROUND_CLOSED if late else RejectReason.UNKNOWN_ROUND
                 raise Rejected(reason, f"round {update.round} is not open")
+            self._join(rnd)
             self._fold(rnd, update)
+        except Sealed:
+            self._sealed_under(rnd)  # type: ignore[arg-type]
+            self._handle_update(update, delivery)  # now refused as late
+            return
         except Rejected as rejection:
             if rnd is not None and update.round == rnd.opened.round:
                 rnd.rejected[rejection.reason.value] += 1
@@ -412,16 +427,36 @@ class AggregatorWorker:
             # coordinator closed the round counts too.)
             self._flush(update.experiment_id, rnd.opened.round)
         elif len(rnd.pending) >= self._checkpoint_every and not rnd.strategy.keeps_updates:
-            try:
-                self._checkpoint(rnd)
-            except Sealed:
-                self._sealed_under(rnd)
+            self._try_checkpoint(rnd)
+
+    def _try_checkpoint(self, rnd: _OpenRound) -> bool:
+        """Checkpoint the share; on failure keep its updates unacked for the next try."""
+        try:
+            self._checkpoint(rnd)
+            return True
+        except Sealed:
+            self._sealed_under(rnd)
+        except Exception:  # the store's own errors: nothing is acked, nothing is lost
+            opened = rnd.opened
+            log.exception("could not save %s round %d here", opened.experiment_id, opened.round)
+        return False
+
+    def _join(self, rnd: _OpenRound) -> None:
+        """Put this worker on the round's roster before its first fold (``Sealed`` if late).
+
+        The coordinator waits for the partial of every worker on the roster, so
+        a worker whose progress is still on its way is not combined without.
+        """
+        if not rnd.joined:
+            opened = rnd.opened
+            self._checkpoints.join(opened.experiment_id, opened.round, self._name)
+            rnd.joined = True
 
     def _counted_before(self, rnd: _OpenRound, update: ModelUpdate, delivery: Delivery) -> bool:
         """Return whether this worker, or a predecessor that saved it and died, counted it."""
         if update.message_id in rnd.counted:
             return True
-        if not delivery.redelivered:
+        if not delivery.redelivered or update.round != rnd.opened.round:
             return False
         opened = rnd.opened
         elsewhere = self._checkpoints.counted_by_others(
@@ -522,21 +557,15 @@ class AggregatorWorker:
         """Stop taking the round's updates; make this worker's share durable and say so."""
         rnd = self._rounds.get(experiment_id)
         if rnd is None or rnd.opened.round != round_number:
-            self._last_closed[experiment_id] = max(
-                self._last_closed.get(experiment_id, -1), round_number
-            )
+            self._closed(experiment_id, round_number)
             flushed = self._flushed.get(experiment_id)
             if flushed is not None and flushed.round == round_number:
                 self._partial_ready(experiment_id, flushed)  # a repeated close
             return
+        if (rnd.dirty or rnd.pending) and not self._try_checkpoint(rnd):
+            return  # sealed (its updates went back to the queue), or retried at the next close
         del self._rounds[experiment_id]
-        self._last_closed[experiment_id] = round_number
-        try:
-            if rnd.dirty or rnd.pending:
-                self._checkpoint(rnd)
-        except Sealed:
-            self._sealed_under(rnd)
-            return
+        self._closed(experiment_id, round_number)
         if rnd.joined and rnd.saved is None:  # resumed, and nothing new since
             rnd.saved = self._checkpoints.latest(experiment_id, round_number, self._name)
         flushed = _Flushed(round_number, rnd.saved)
@@ -548,6 +577,22 @@ class AggregatorWorker:
             round_number,
             len(rnd.accepted),
         )
+
+    def _closed(self, experiment_id: str, round_number: int) -> None:
+        """Remember a round as closed here, and refuse what was held for it."""
+        last = max(self._last_closed.get(experiment_id, -1), round_number)
+        self._last_closed[experiment_id] = last
+        late = [
+            (u, d) for u, d in self._early if u.experiment_id == experiment_id and u.round <= last
+        ]
+        if late:
+            self._early = [(u, d) for u, d in self._early if (u, d) not in late]
+            self._early_bytes -= sum(len(d.body) for _, d in late)
+            for update, delivery in late:
+                self._reject(
+                    update, Rejected(RejectReason.ROUND_CLOSED, f"round {update.round} is closed")
+                )
+                delivery.ack()
 
     def _partial_ready(self, experiment_id: str, flushed: _Flushed) -> None:
         share = flushed.share
@@ -573,9 +618,10 @@ class AggregatorWorker:
             len(rnd.pending),
         )
         self._rounds.pop(opened.experiment_id, None)
-        self._last_closed[opened.experiment_id] = opened.round
         for delivery in rnd.pending:
             delivery.nack(requeue=True)
+        rnd.pending.clear()
+        self._closed(opened.experiment_id, opened.round)
 
     def _own_share(
         self, experiment_id: str, round_number: int, sequence: int
@@ -589,7 +635,11 @@ class AggregatorWorker:
         """Seal a closed round, merge every worker's share, publish the outcome."""
         exp = request.experiment_id
         self._flush(exp, request.round)  # this worker's own share goes in, if it has one
-        outcome, advanced = self._combiner.combine(request)
+        try:
+            outcome, advanced = self._combiner.combine(request)
+        except Exception:
+            self._strategies.pop(exp, None)  # finish() may have advanced it: reload next time
+            raise
         if advanced is None:
             self._strategies.pop(exp, None)
         else:

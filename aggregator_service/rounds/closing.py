@@ -8,10 +8,13 @@ coordinator may have restarted):
 
 - training: ``RoundOpened``, until the accepted devices meet the target,
   every selected device has answered, or the deadline passes;
-- closing: ``CloseRound``, until every worker that reported has answered
-  ``PartialReady`` (or ``PARTIALS_WAIT_S`` passed: a worker that died says
-  nothing, and its last checkpoint is combined as it stands);
-- combining: ``CombineRound`` to one worker, until the outcome arrives.
+- closing: ``CloseRound``, until every worker on the round's roster (each
+  joins it before its first fold) or that reported has answered
+  ``PartialReady``, or no worker has said anything for ``PARTIALS_WAIT_S``
+  (a worker that died says nothing; its last checkpoint is combined as it
+  stands);
+- combining: ``CombineRound`` to one worker, until the outcome arrives,
+  repeated at growing intervals (a combine may take a while).
 
 An asynchronous (FedBuff) step has no cohort: its worker closes it, so it is
 only announced, and closed at its deadline.
@@ -29,6 +32,8 @@ from broker.topics import Topics
 
 Publish = Callable[[str, Message], None]
 """Signs and publishes a message on a topic."""
+Roster = Callable[[str, int], list[str]]
+"""Returns the workers on a round's roster (``Checkpoints.roster``)."""
 
 
 @dataclass
@@ -43,8 +48,11 @@ class _Round:
     """Workers that counted any report of the round: their partials are awaited."""
     ready: set[str] = field(default_factory=set)
     closed_at: float | None = None
+    heard_at: float = 0.0
+    """When a worker last said anything about the round (or it was closed)."""
     combining: bool = False
     last_sent: float = 0.0
+    repeats: int = 0
 
     @property
     def complete(self) -> bool:
@@ -69,15 +77,23 @@ class RoundClosing:
 
     REPEAT_S = 5.0
     """How often the current phase's message is sent again."""
-    PARTIALS_WAIT_S = 10.0
-    """How long after closing a round to wait for a worker's partial before combining without."""
+    COMBINE_REPEAT_MAX_S = 60.0
+    """The longest interval between repeats of a combine request (they double from 5 s)."""
+    PARTIALS_WAIT_S = 15.0
+    """How long a closing round waits on silent workers before it is combined without them."""
 
     def __init__(
-        self, publish: Publish, topics: Topics, clock: Callable[[], float] = time.time
+        self,
+        publish: Publish,
+        topics: Topics,
+        clock: Callable[[], float] = time.time,
+        *,
+        roster: Roster = lambda _experiment, _round: [],
     ) -> None:
         self._publish = publish
         self._topics = topics
         self._clock = clock
+        self._roster = roster
         self._rounds: dict[tuple[str, int], _Round] = {}
 
     def track(self, opened: RoundOpened, *, asynchronous: bool) -> None:
@@ -91,10 +107,13 @@ class RoundClosing:
         rnd = self._rounds.get((message.experiment_id, message.round))
         if rnd is None or rnd.asynchronous:
             return
+        before = (len(rnd.workers), len(rnd.reported), len(rnd.accepted))
         rnd.workers.add(message.sender)
         selected = rnd.opened.selected
         rnd.reported.update(d for d in message.reported if d in selected)
         rnd.accepted.update(d for d in message.accepted if d in selected)
+        if (len(rnd.workers), len(rnd.reported), len(rnd.accepted)) != before:
+            rnd.heard_at = self._clock()  # news, not a repeat: the workers are at work
         if rnd.closed_at is None and rnd.complete:
             self._close(rnd)
 
@@ -103,9 +122,11 @@ class RoundClosing:
         rnd = self._rounds.get((message.experiment_id, message.round))
         if rnd is None or rnd.asynchronous or rnd.closed_at is None:
             return
+        if message.sender not in rnd.ready:  # a repeat does not postpone the wait
+            rnd.heard_at = self._clock()
         rnd.workers.add(message.sender)
         rnd.ready.add(message.sender)
-        if not rnd.combining and rnd.ready >= rnd.workers:
+        if not rnd.combining and self._all_ready(rnd):
             self._combine(rnd)
 
     def ended(self, experiment_id: str, number: int) -> None:
@@ -121,18 +142,32 @@ class RoundClosing:
                 self._close(rnd)
             elif self._waited_long_enough(rnd, now):
                 self._combine(rnd)
-            if now - rnd.last_sent >= self.REPEAT_S:
+            if self._due(rnd, now):
                 self._repeat(rnd)
+
+    def _all_ready(self, rnd: _Round) -> bool:
+        """Return whether every worker that reported or joined the roster sent its partial."""
+        opened = rnd.opened
+        expected = rnd.workers.union(self._roster(opened.experiment_id, opened.round))
+        return rnd.ready >= expected
 
     def _waited_long_enough(self, rnd: _Round, now: float) -> bool:
         """Return whether a closing round has waited its time for silent workers' partials."""
         closing = rnd.closed_at is not None and not rnd.asynchronous and not rnd.combining
-        return closing and now - (rnd.closed_at or 0.0) >= self.PARTIALS_WAIT_S
+        return closing and now - rnd.heard_at >= self.PARTIALS_WAIT_S
+
+    def _due(self, rnd: _Round, now: float) -> bool:
+        """Return whether the round's current message is due again."""
+        interval = self.REPEAT_S
+        if rnd.combining:
+            interval = min(self.REPEAT_S * 2**rnd.repeats, self.COMBINE_REPEAT_MAX_S)
+        return now - rnd.last_sent >= interval
 
     def _repeat(self, rnd: _Round) -> None:
         """Send the round's current phase message again, signed afresh."""
         opened = rnd.opened
         if rnd.combining:
+            rnd.repeats += 1
             self._send(rnd, self._combine_request(opened))
         elif rnd.closed_at is not None:
             self._send(rnd, CloseRound(experiment_id=opened.experiment_id, round=opened.round))
@@ -142,11 +177,11 @@ class RoundClosing:
             self._send(rnd, dataclasses.replace(opened, sent_at=time.time()))
 
     def _close(self, rnd: _Round) -> None:
-        rnd.closed_at = self._clock()
+        rnd.closed_at = rnd.heard_at = self._clock()
         opened = rnd.opened
         self._send(rnd, CloseRound(experiment_id=opened.experiment_id, round=opened.round))
-        if not rnd.asynchronous and not rnd.workers:
-            self._combine(rnd)  # nobody counted anything: the combiner abandons it at once
+        if not rnd.asynchronous and self._all_ready(rnd):
+            self._combine(rnd)  # no worker holds any of it: the combiner abandons it at once
 
     def _combine(self, rnd: _Round) -> None:
         rnd.combining = True

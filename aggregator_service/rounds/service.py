@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from aggregator_service.checkpoints import Checkpoints
 from aggregator_service.config import ExperimentConfig, is_asynchronous
 from aggregator_service.errors import ConfigError, Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
@@ -149,7 +150,9 @@ class RoundService:
         self._seen_at: dict[str, float] = {}  # device id -> last check-in written to the db
         self._grace_until = 0.0
         self._evaluators: dict[str, Evaluator | None] = {}
-        self._closing = RoundClosing(self._sign_and_publish, self._topics, clock)
+        self._closing = RoundClosing(
+            self._sign_and_publish, self._topics, clock, roster=Checkpoints(store).roster
+        )
         self._listeners: list[RoundListener] = []
         # Asynchronous (FedBuff) experiments: tasks flow without a cohort barrier.
         self._async = AsyncRounds(

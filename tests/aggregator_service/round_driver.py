@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 
+from aggregator_service.checkpoints import Checkpoints
 from aggregator_service.rounds.closing import RoundClosing
 from broker import (
     Delivery,
@@ -23,18 +24,22 @@ from broker import (
     decode,
 )
 from broker.topics import Topics
+from model_store import ModelStore
 from tests.identities import TOPICS, sign
 
 
 class RoundDriver:
     """Announces, closes and combines rounds the way the coordinator does."""
 
-    def __init__(self, transport: Transport, topics: Topics = TOPICS) -> None:
+    def __init__(
+        self, transport: Transport, topics: Topics = TOPICS, store: ModelStore | None = None
+    ) -> None:
         self.now = 0.0
         self.outcomes: list[RoundCommitted | RoundAbandoned] = []
         self._transport = transport
         self._lock = threading.Lock()
-        self.closing = RoundClosing(self._publish, topics, clock=lambda: self.now)
+        roster = Checkpoints(store).roster if store is not None else (lambda _e, _r: [])
+        self.closing = RoundClosing(self._publish, topics, clock=lambda: self.now, roster=roster)
         transport.subscribe(topics.all_events, self._on_event)
 
     def open(self, opened: RoundOpened) -> None:

@@ -9,9 +9,11 @@ import numpy as np
 
 from aggregator_service import AggregatorWorker
 from broker import (
+    CloseRound,
     CombineRound,
     ModelRef,
     ModelUpdate,
+    RoundAbandoned,
     RoundCommitted,
     RoundOpened,
     RoundProgress,
@@ -167,3 +169,29 @@ def test_another_worker_takes_over_and_the_dead_workers_share_is_combined_once()
     new = decode_weights(store.get_blob(committed.model.sha256))
     np.testing.assert_allclose(new["w"], np.full(3, (1 + 2 + 4 + 8) / 4))
     assert [d.settled for d in copies] == [["ack"], ["ack"], ["ack"]]
+
+
+def test_an_update_two_workers_both_folded_abandons_the_round_rather_than_count_twice() -> None:
+    store, opened = _setup()
+    _, first = _start(store, Identity.generate("first"))
+    _, second = _start(store)
+    a = _update("a", 1.0)
+    for bus in (first, second):
+        bus.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
+        # A publisher's resend after a reconnect: two broker messages, one update id.
+        bus.deliver(TOPICS.updates(EXP, "a"), a, TOPICS.all_updates)
+        bus.deliver(TOPICS.control(EXP), CloseRound(experiment_id=EXP, round=1), TOPICS.all_control)
+    request = CombineRound(
+        experiment_id=EXP,
+        round=1,
+        base_version=0,
+        model=opened.model,
+        min_reports=1,
+        strategy=opened.strategy,
+    )
+
+    second.deliver(TOPICS.combine(EXP), request, TOPICS.all_combine)
+
+    (abandoned,) = _published(second, RoundAbandoned)
+    assert abandoned.reason is not None and "counted by two workers" in abandoned.reason
+    assert store.latest_version(EXP) == 0
