@@ -106,7 +106,8 @@ def test_folded_updates_are_acked_once_a_checkpoint_holds_them() -> None:
 
     assert first.settled == ["ack"] and second.settled == ["ack"]
     assert store.latest_version(f"{EXP}.r1.{WORKER.name}.ckpt") == 0
-    assert [p.reported for p in _published(bus, RoundProgress)] == [("a",), ("b",)]
+    # Who reported goes to the coordinator in one batch, with the checkpoint.
+    assert [p.reported for p in _published(bus, RoundProgress)] == [("a", "b")]
 
 
 def test_a_restarted_worker_resumes_its_share_and_counts_each_update_and_device_once() -> None:
