@@ -172,7 +172,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         name=args.name or f"fedmq-worker-{socket.gethostname()}",
         checkpoint_every=args.checkpoint_every,
         health_file=args.health_file,
-        processes=args.processes,
         keys=_keys(args),
         namespace=namespace(args),
     )
@@ -316,15 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--group",
         help="update queue shared by this deployment's workers "
         "(default: $FEDMQ_WORKER_GROUP, else NAMESPACE-aggregators)",
-    )
-    worker.add_argument(
-        "--processes",
-        type=int,
-        choices=(1, 2),
-        default=1,
-        help="2: aggregate in a child process while this one holds the broker connection, "
-        "so receiving and folding updates do not share one interpreter lock; needs a spare "
-        "core (default 1; memory:// always runs in one process)",
     )
     add_location_flags(worker, "broker", "store")
     add_trust_flags(worker)

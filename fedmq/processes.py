@@ -23,7 +23,6 @@ from aggregator_service.rounds.registry import DeviceRegistry
 from broker import Transport
 from broker.access import DeviceCredentials, open_access
 from broker.identity import Identity, KeyRing, decode_public_key
-from broker.offload import OffloadedProcess, OffloadError
 from broker.topics import Topics
 from device_sdk.emulator import Fleet
 from device_sdk.emulator.profiles import load_profile
@@ -35,7 +34,6 @@ from fedmq.wiring import (
     Ticker,
     TransportPool,
     executor_runner,
-    is_in_process,
     start_http,
     unique_client_id,
 )
@@ -136,48 +134,33 @@ def run_worker(
     name: str,
     checkpoint_every: int = 32,
     health_file: Path | None = None,
-    processes: int = 1,
     keys: KeyFolder | None = None,
     namespace: str = "fedmq",
 ) -> None:
     """Aggregate updates until signalled.
 
     ``name`` is the worker's MQTT client id: a restarted worker with the same
-    name resumes its session, and with it the updates it had not acked.
-    ``processes=2`` runs the worker in a child process and keeps the broker
-    connection here (``broker.offload``), so receiving and folding updates do
-    not share one interpreter lock; ``memory://`` always runs in-process.
+    name resumes its session, and with it the updates it had not acked. More
+    intake comes from more workers in the same ``group``, each with a name
+    of its own: they share every round and one of them combines it.
     """
     keys = keys or KeyFolder.default(home())
     keys.service_key()  # fail at once, in one line, when the service key is not here
-    settings: dict[str, Any] = {
-        "store_url": store_url,
-        "name": name,
-        "group": group,
-        "checkpoint_every": checkpoint_every,
-        "keys_dir": str(keys.root),
-        "namespace": namespace,
-    }
-    offload = None
-    if processes > 1 and not is_in_process(broker):
-        # Booted before connecting: a resumed session delivers at once, and what
-        # it delivers before the worker subscribes waits parked in the transport.
-        offload = OffloadedProcess(start_worker, settings, on_exit=_wake_main, name=name)
-        offload.wait_booted()
     transports = TransportPool(broker)
     try:
-        if offload is not None:
-            offload.serve(transports(name))
-        else:
-            start_worker(transports(name), **settings)
+        start_worker(
+            transports(name),
+            store_url=store_url,
+            name=name,
+            group=group,
+            checkpoint_every=checkpoint_every,
+            keys_dir=str(keys.root),
+            namespace=namespace,
+        )
         print(f"fedmq worker on {redact(broker)}", flush=True)
         wait_for_signal(health_file)
     finally:
-        if offload is not None:
-            offload.stop()
         transports.close()
-    if offload is not None and offload.failed:
-        raise OffloadError(f"the worker process exited with status {offload.exitcode}")
 
 
 def start_worker(
@@ -190,7 +173,7 @@ def start_worker(
     keys_dir: str,
     namespace: str,
 ) -> None:
-    """Start an aggregator worker on ``transport`` (in this process or an offloaded one)."""
+    """Start an aggregator worker on ``transport``."""
     keys = KeyFolder(Path(keys_dir))
     AggregatorWorker(
         transport,
@@ -201,12 +184,6 @@ def start_worker(
         group=group,
         checkpoint_every=checkpoint_every,
     ).start()
-
-
-def _wake_main() -> None:
-    """End ``wait_for_signal``: the worker process died, so this one must exit too."""
-    # A process-directed signal reaches the main thread, where the wait runs.
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_fleet(

@@ -6,9 +6,8 @@ Run ``python -m experiments.bench.transport`` (add ``--quick`` for a smoke run,
 ``experiments/results/bench_transport.{md,json}``. Needs RabbitMQ on
 127.0.0.1:5672 and Mosquitto on 127.0.0.1:1883 (``make brokers``); the MQTT
 intake runs on a private Mosquitto of its own when the binary is installed.
-The intake runs one round's backlog through the worker in-process, offloaded
-to a child process (``fedmq worker --processes 2``, ``broker.offload``), and
-as two and four worker processes sharing the round; the bench coordinates the
+The intake runs one round's backlog through one worker in-process and
+through two and four worker processes sharing the round; the bench coordinates the
 round (``RoundClosing``) and the workers checkpoint to a shared ``LocalStore``.
 """
 
@@ -57,7 +56,6 @@ from broker import (
 from broker.embedded import EmbeddedBroker, find_mosquitto
 from broker.identity import SERVICE_NAME, Identity
 from broker.messages import TaskGrant
-from broker.offload import OffloadedProcess
 from broker.topics import Topics
 from broker.transport import Handler, ReconnectListener, Subscription
 from broker.verify import issue_grant
@@ -151,10 +149,10 @@ def round_overhead(broker: str, devices: int, params: int, rounds: int) -> dict[
     }
 
 
-WORKERS = ("1 worker", "offloaded", "2 workers", "4 workers")
-"""How the intake bench runs the workers: one in this process; one offloaded to a child
-(``--processes 2``); two or four worker processes, each with its own connection and name."""
-WORKER_COUNT = {"1 worker": 1, "offloaded": 1, "2 workers": 2, "4 workers": 4}
+WORKERS = ("1 worker", "2 workers", "4 workers")
+"""How the intake bench runs the workers: one in this process; two or four worker
+processes, each with its own connection and name."""
+WORKER_COUNT = {"1 worker": 1, "2 workers": 2, "4 workers": 4}
 AMQP_PREFETCH = 64
 """Unacked frames RabbitMQ hands each intake consumer ahead (URL ``prefetch``; default 1000).
 
@@ -243,8 +241,7 @@ def bench_worker(
 ) -> None:
     """Start a worker on the shared model store in ``store_root`` (version 0 already there).
 
-    Module-level, with its keys as raw bytes, so that an offloaded worker or a
-    worker process can run it in its own process.
+    Module-level, with its keys as raw bytes, so that a worker process can run it.
     """
     AggregatorWorker(
         transport,
@@ -380,12 +377,12 @@ class _Coordinator:
 
 
 class _ParentHeld:
-    """One worker whose broker connection this process holds: in-process or offloaded.
+    """One worker in this process.
 
-    ``boot`` runs before the clock: the offloaded child imports its target and,
-    when ``gated`` (AMQP), the worker connects and subscribes with its update
-    group held back. ``go`` starts the intake: it opens the group, or (MQTT)
-    connects, which resumes the session holding the backlog.
+    ``boot`` runs before the clock: when ``gated`` (AMQP), the worker connects
+    and subscribes with its update group held back. ``go`` starts the intake:
+    it opens the group, or (MQTT) connects, which resumes the session holding
+    the backlog.
     """
 
     def __init__(
@@ -393,22 +390,15 @@ class _ParentHeld:
         open_transport: Callable[[str], Transport],
         settings: dict[str, Any],
         *,
-        offloaded: bool,
         gated: bool,
     ) -> None:
         self._open_transport = open_transport
         self._settings = settings
-        self._offloaded = offloaded
         self._gated = gated
-        self._offload: OffloadedProcess | None = None
         self._bus: Transport | None = None
         self._gate: _Gated | None = None
 
     def boot(self) -> None:
-        if self._offloaded:
-            name = self._settings["worker_name"]
-            self._offload = OffloadedProcess(bench_worker, self._settings, name=name)
-            self._offload.wait_booted()
         if self._gated:
             self._bus = self._open_transport(self._settings["worker_name"])
             self._gate = _Gated(self._bus, self._settings["group"])
@@ -422,18 +412,12 @@ class _ParentHeld:
         self._start(self._bus)
 
     def _start(self, transport: Transport) -> None:
-        if self._offload is not None:
-            self._offload.serve(transport)
-        else:
-            bench_worker(transport, **self._settings)
+        bench_worker(transport, **self._settings)
 
     def check(self) -> None:
-        if self._offload is not None and self._offload.failed:
-            raise RuntimeError(f"the offloaded worker exited ({self._offload.exitcode})")
+        """Nothing to check: the worker lives in this process."""
 
     def stop(self) -> None:
-        if self._offload is not None:
-            self._offload.stop()
         if self._bus is not None:
             self._bus.close()
 
@@ -611,9 +595,8 @@ def _worker_rate(
         coordinator = _Coordinator(driver, topics, experiment, service, store)
         cleanup.callback(coordinator.close)
         workers: _ParentHeld | _Spawned
-        if worker in ("1 worker", "offloaded"):
-            offloaded = worker == "offloaded"
-            workers = _ParentHeld(open_transport, settings[0], offloaded=offloaded, gated=gated)
+        if worker == "1 worker":
+            workers = _ParentHeld(open_transport, settings[0], gated=gated)
         else:
             workers = _Spawned(url, settings, gated=gated)
         cleanup.callback(workers.stop)
@@ -888,8 +871,7 @@ def render(results: dict[str, list[dict[str, Any]]]) -> str:
         "the coordinator (`RoundClosing`: it closes the round once every update is counted,",
         "then one worker combines the partials), and the workers checkpoint every 32 folds",
         "to a shared `LocalStore` on disk. Worker `1 worker` runs in the bench's process;",
-        "`offloaded` is `fedmq worker --processes 2` (the worker in a child process, the",
-        "broker connection in the parent); `2 workers` and `4 workers` are that many worker",
+        "`2 workers` and `4 workers` are that many worker",
         "processes, each with its own connection and name, in one group. AMQP workers",
         f"compete on the group queue (prefetch {AMQP_PREFETCH}); on MQTT, Mosquitto deals the",
         "backlog round-robin to the workers' sessions. Largest share: the most updates one",
