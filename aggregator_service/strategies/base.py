@@ -37,9 +37,9 @@ class Strategy:
     keeps_updates: ClassVar[bool] = False
     """Whether the round state holds every update (robust rules): checkpointed only at close."""
     takes_deltas: ClassVar[bool] = False
+    """Whether ``ClientUpdate.weights`` must be the client's delta, not its model."""
     takes_control_delta: ClassVar[bool] = False
     """Whether updates carry a control-variate delta (``control_delta/<name>`` tensors)."""
-    """Whether ``ClientUpdate.weights`` must be the client's delta, not its model."""
 
     def __init__(self, **settings: Any) -> None:
         if settings:
