@@ -384,11 +384,11 @@ def test_the_server_role_does_what_the_service_and_a_worker_do(
         at_service.wait_for(f"{DEAD_LETTER_PREFIX}/{T.updates('exp', a)}", b"bad")
 
 
+# Exchanges and queues are AMQP's: MQTT clients cannot name them.
+@pytest.mark.parametrize("deployment", ["rabbitmq-amqp"], indirect=True)
 def test_a_device_on_amqp_cannot_delete_the_shared_topology(
     deployment: Deployment, opened: list[Transport]
 ) -> None:
-    if deployment.name != "rabbitmq-amqp":
-        pytest.skip("exchanges and queues are AMQP's; MQTT clients cannot name them")
     (a,) = _ids(1)
     credentials = deployment.access.grant(a)
     service = _server(deployment, opened, T.all_checkins)
