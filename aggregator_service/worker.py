@@ -78,7 +78,7 @@ class _OpenRound(Tally):
     state: Any
     reporters: set[str] = field(default_factory=set)
     joined: bool = False
-    """Whether this worker is on the round's roster (it joins before its first checkpoint)."""
+    """Whether this worker is on the round's roster (it joins before its first fold)."""
     dirty: bool = False
     """Whether the share changed since its last checkpoint (a fold or a counted refusal)."""
     saved: RoundCheckpoint | None = None
@@ -275,7 +275,7 @@ class AggregatorWorker:
         strategy = self._strategy_at(exp, dict(opened.strategy), opened.base_version)
         rnd = _OpenRound(opened, current, strategy, strategy.begin(opened.round, current))
         if not self._resume(rnd):
-            self._last_closed[exp] = opened.round
+            self._closed(exp, opened.round)  # sealed already: combined without this worker
             return
         self._rounds[exp] = rnd
         for update, delivery in self._take_early(exp):
