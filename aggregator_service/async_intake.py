@@ -39,11 +39,10 @@ from aggregator_service.validation import (
     check_finite,
     decode_update_weights,
 )
-from aggregator_service.versions import WEIGHTS_ARTIFACT, write_version
+from aggregator_service.versions import WEIGHTS_ARTIFACT, stored_ref, write_version
 from broker import (
     Delivery,
     ErrorReply,
-    ModelRef,
     ModelUpdate,
     RejectReason,
     RoundAbandoned,
@@ -384,13 +383,12 @@ class AsyncIntake:
         """Report a step a predecessor committed, from the ledger it checkpointed first."""
         exp, version = opened.experiment_id, opened.base_version + 1
         checkpoint = self._checkpoints.latest(exp, opened.round)
-        artifact = self._store.get_manifest(exp, version).artifacts[WEIGHTS_ARTIFACT]
         ledger = checkpoint or RoundCheckpoint(sequence=0)
         outcome = RoundCommitted(
             experiment_id=exp,
             round=opened.round,
             version=version,
-            model=ModelRef(self._store.blob_url(artifact.sha256), artifact.sha256, artifact.size),
+            model=stored_ref(self._store, exp, version),
             reported=len(ledger.reporters),
             accepted=tuple(ledger.accepted),
             accepted_devices=tuple(ledger.accepted_devices),

@@ -18,8 +18,8 @@ from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
 from aggregator_service.strategies import Strategy, merge_state
 from aggregator_service.types import Weights
 from aggregator_service.validation import Rejected, check_finite
-from aggregator_service.versions import WEIGHTS_ARTIFACT, write_version
-from broker import CombineRound, ModelRef, RoundAbandoned, RoundCommitted, decode_weights
+from aggregator_service.versions import stored_ref, write_version
+from broker import CombineRound, RoundAbandoned, RoundCommitted, decode_weights
 from model_store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,7 @@ class Combiner:
         if (self._store.latest_version(exp) or 0) >= version:
             # Combined before by a worker that died before its outcome was heard:
             # report that version; finishing again would advance the server state twice.
-            artifact = self._store.get_manifest(exp, version).artifacts[WEIGHTS_ARTIFACT]
-            ref = ModelRef(self._store.blob_url(artifact.sha256), artifact.sha256, artifact.size)
+            ref = stored_ref(self._store, exp, version)
         else:
             new = strategy.finish(request.round, current, state)
             advanced = True

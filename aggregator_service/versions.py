@@ -39,8 +39,7 @@ def write_version(
     """
     latest = store.latest_version(model_id)
     if latest is not None and latest >= version:
-        existing = store.get_manifest(model_id, version).artifacts[WEIGHTS_ARTIFACT]
-        return ModelRef(store.blob_url(existing.sha256), existing.sha256, existing.size)
+        return stored_ref(store, model_id, version)
     data = encode_weights(weights)
     sha = store.put_blob(data)
     base = store.get_manifest(model_id, parent)
@@ -65,6 +64,12 @@ def write_version(
         )
     )
     return ModelRef(store.blob_url(sha), sha, len(data))
+
+
+def stored_ref(store: ModelStore, model_id: str, version: int) -> ModelRef:
+    """Return the reference of a stored version's weights."""
+    artifact = store.get_manifest(model_id, version).artifacts[WEIGHTS_ARTIFACT]
+    return ModelRef(store.blob_url(artifact.sha256), artifact.sha256, artifact.size)
 
 
 def read_strategy_state(store: ModelStore, model_id: str, version: int) -> dict[str, StateValue]:

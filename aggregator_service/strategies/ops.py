@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -26,16 +27,16 @@ class Partial:
     scalars: dict[str, float] = field(default_factory=dict)
 
 
-class Mergeable:
-    """Base of a round state with its own ``partial`` and ``merge`` (no shared sums)."""
+class Mergeable(ABC):
+    """A round state that several workers can each hold a share of, and add up."""
 
+    @abstractmethod
     def partial(self) -> Partial:
         """Return this worker's share of the state."""
-        raise NotImplementedError
 
+    @abstractmethod
     def merge(self, partial: Partial) -> None:
         """Add another worker's share."""
-        raise NotImplementedError
 
 
 class WeightedSum(Mergeable):

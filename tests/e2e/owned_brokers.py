@@ -29,6 +29,7 @@ from __future__ import annotations
 import getpass
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -433,3 +434,15 @@ def _started(kind: Callable[[Path], _Broker], folder: Path) -> Iterator[_Broker]
         yield broker
     finally:
         broker.close()
+
+
+def shipped_rabbitmq_config(admin_password: str) -> str:
+    """Return the shipped rabbitmq.conf without its ports (the node picks them), plus an admin."""
+    shipped = Path(__file__).resolve().parents[2] / "deploy/rabbitmq/rabbitmq.conf"
+    conf = re.sub(
+        r"(?m)^(listeners\.tcp\.default|\S+\.tcp(\.default|\.port)) = .*$", "", shipped.read_text()
+    )
+    return (
+        conf + f"\ndefault_user = admin\ndefault_pass = {admin_password}\n"
+        "default_user_tags.administrator = true\n"
+    )

@@ -36,7 +36,12 @@ from broker.errors import BrokerError
 from broker.topics import Topics
 from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import skip_or_fail
-from tests.e2e.owned_brokers import OwnedMosquitto, OwnedRabbitMQ, owned_rabbitmq
+from tests.e2e.owned_brokers import (
+    OwnedMosquitto,
+    OwnedRabbitMQ,
+    owned_rabbitmq,
+    shipped_rabbitmq_config,
+)
 from tests.e2e.processes import (
     Api,
     deployment_env,
@@ -126,16 +131,6 @@ def _shipped_mosquitto(plugin: Path) -> str:
     return conf + "\nuser {user}\n"
 
 
-def _shipped_rabbitmq(admin_password: str) -> str:
-    """Return the shipped rabbitmq.conf without its ports (the node picks them), plus an admin."""
-    conf = (ROOT / "deploy/rabbitmq/rabbitmq.conf").read_text()
-    conf = re.sub(r"(?m)^(listeners\.tcp\.default|\S+\.tcp(\.default|\.port)) = .*$", "", conf)
-    return (
-        conf + f"\ndefault_user = admin\ndefault_pass = {admin_password}\n"
-        "default_user_tags.administrator = true\n"
-    )
-
-
 @pytest.fixture(scope="module")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     plugin, ctl = _dynsec_plugin(), shutil.which("mosquitto_ctrl")
@@ -169,7 +164,7 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OwnedRa
     password = secrets.token_urlsafe(16)
     plugins = ("rabbitmq_management", "rabbitmq_mqtt")
     folder = tmp_path_factory.mktemp("rabbitmq")
-    with owned_rabbitmq(folder, _shipped_rabbitmq(password), plugins) as node:
+    with owned_rabbitmq(folder, shipped_rabbitmq_config(password), plugins) as node:
         yield node, password
 
 

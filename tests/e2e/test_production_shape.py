@@ -12,7 +12,6 @@ service publishes over AMQP reach each device's MQTT session. The model equals
 from __future__ import annotations
 
 import copy
-import re
 import secrets
 import uuid
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.numpy import load
 from aggregator_service import ExperimentConfig
 from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
-from tests.e2e.owned_brokers import owned_rabbitmq
+from tests.e2e.owned_brokers import owned_rabbitmq, shipped_rabbitmq_config
 from tests.e2e.processes import (
     Api,
     deployment_env,
@@ -37,15 +36,7 @@ from tests.e2e.processes import (
     wait_until,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
-
-
-def _shipped_config(admin_password: str) -> str:
-    """Return the shipped rabbitmq.conf without its fixed ports (the node picks them)."""
-    conf = (ROOT / "deploy/rabbitmq/rabbitmq.conf").read_text()
-    conf = re.sub(r"(?m)^(listeners\.tcp\.default|\S+\.tcp(\.default|\.port)) = .*$", "", conf)
-    return conf + f"\ndefault_user = admin\ndefault_pass = {admin_password}\n"
 
 
 def test_devices_on_mqtt_and_workers_on_amqp_through_one_rabbitmq(tmp_path: Path) -> None:
@@ -53,7 +44,7 @@ def test_devices_on_mqtt_and_workers_on_amqp_through_one_rabbitmq(tmp_path: Path
     raw["rounds"]["count"] = ROUNDS
     password = secrets.token_urlsafe(16)
     plugins = ("rabbitmq_mqtt",)
-    with owned_rabbitmq(tmp_path / "rabbitmq", _shipped_config(password), plugins) as node:
+    with owned_rabbitmq(tmp_path / "rabbitmq", shipped_rabbitmq_config(password), plugins) as node:
         amqp = f"amqp://admin:{password}@127.0.0.1:{node.port}/%2F"
         mqtt = f"mqtt://admin:{password}@127.0.0.1:{node.mqtt_port}?protocol=3.1.1"
         port = free_port()
