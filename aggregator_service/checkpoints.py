@@ -123,15 +123,17 @@ class Checkpoints:
         """Return one checkpoint of a worker's chain."""
         return self._read(self.model_id(experiment_id, round_number, worker), sequence)
 
-    def counted_by_others(self, experiment_id: str, round_number: int, worker: str) -> set[str]:
-        """Return the update ids the other workers' newest checkpoints of the round hold.
+    def counted_by_others(
+        self, experiment_id: str, round_number: int, worker: str | None = None
+    ) -> set[str]:
+        """Return the update ids the newest checkpoints of the round's other workers hold.
 
-        Reads manifests only. A worker asks when an update comes back
-        redelivered: a predecessor may have saved it and died before its ack.
+        Reads manifests only; ``worker=None`` reads every worker's, sealed or
+        not. A worker asks when an update comes back redelivered: a
+        predecessor may have saved it and died before its ack.
         """
-        members = self._roster(self.roster_id(experiment_id, round_number)) or []
         counted: set[str] = set()
-        for member in members:
+        for member in self.roster(experiment_id, round_number):
             if member == worker:
                 continue
             model_id = self.model_id(experiment_id, round_number, member)

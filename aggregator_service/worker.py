@@ -1,5 +1,11 @@
 """The aggregator worker: consumes updates, validates and folds them into its share of a round.
 
+One pipeline takes every update: frame in (signature and grant checked by the
+gate), placed (folded, held for a round not announced yet, or refused as
+late), validated, folded into this worker's share. The round's policy
+(``policies``: a cohort round or a buffered FedBuff step), chosen once from
+the experiment's strategy, answers the questions on which the two differ.
+
 It keeps one open round per experiment. An update's delivery is acknowledged
 only once its effect is durable: rejections at once (the verdict is final),
 accepted updates once a checkpoint of this worker's share holds them. A
@@ -14,19 +20,17 @@ import dataclasses
 import json
 import logging
 import threading
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from aggregator_service.async_intake import AsyncIntake, Outcome
 from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint, Sealed
-from aggregator_service.combine import Combiner
+from aggregator_service.combine import Combiner, Outcome
 from aggregator_service.config import build_strategy, is_asynchronous
 from aggregator_service.gate import UpdateGate
 from aggregator_service.links import upload_name
-from aggregator_service.strategies import Strategy, merge_state, state_partial
-from aggregator_service.tally import Tally
-from aggregator_service.types import ClientUpdate, Weights
+from aggregator_service.policies import BufferedPolicy, CohortPolicy, Placement, RoundPolicy
+from aggregator_service.share import Share
+from aggregator_service.strategies import FedBuff, Strategy, merge_state, state_partial
 from aggregator_service.validation import (
     Rejected,
     check_examples,
@@ -52,7 +56,6 @@ from broker import (
     UpdateRejected,
     decode_weights,
     encode,
-    weights_spec,
 )
 from broker.errors import BrokerError
 from broker.identity import SERVICE_NAME, Identity, KeyRing
@@ -66,30 +69,6 @@ log = logging.getLogger(__name__)
 
 CONTROL_DELTA = "control_delta"
 """Prefix of the control-variate delta tensors a SCAFFOLD update carries."""
-
-
-@dataclass
-class _OpenRound(Tally):
-    """Everything the worker tracks about its share of the round it is aggregating."""
-
-    opened: RoundOpened
-    current: Weights
-    strategy: Strategy
-    state: Any
-    reporters: set[str] = field(default_factory=set)
-    joined: bool = False
-    """Whether this worker is on the round's roster (it joins before its first fold)."""
-    dirty: bool = False
-    """Whether the share changed since its last checkpoint (a fold or a counted refusal)."""
-    saved: RoundCheckpoint | None = None
-    """The last checkpoint, as saved (its tensors are the state's own arrays)."""
-    unsent: tuple[list[str], list[str]] = field(default_factory=lambda: ([], []))
-    """Devices that reported (and those accepted) since the last ``RoundProgress``."""
-
-    @property
-    def spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Return the names, shapes and dtypes every update must have."""
-        return weights_spec(self.current)
 
 
 @dataclass(frozen=True)
@@ -166,7 +145,12 @@ class AggregatorWorker:
         self._group = group or self._topics.updates_group
         self._store = store
         self._lock = threading.RLock()
-        self._rounds: dict[str, _OpenRound] = {}
+        self._rounds: dict[str, Share] = {}
+        self._cohort = CohortPolicy()
+        self._buffered = BufferedPolicy(store)
+        self._policies: dict[str, RoundPolicy] = {}
+        self._recent: dict[str, set[str]] = {}
+        """Update ids counted in this worker's last closed share of each experiment."""
         self._flushed: dict[str, _Flushed] = {}
         self._outcomes: dict[str, RoundCommitted | RoundAbandoned] = {}
         # experiment -> (strategy config, instance, model version its state belongs to)
@@ -177,16 +161,6 @@ class AggregatorWorker:
         self._last_closed: dict[str, int] = {}
         self._combiner = Combiner(
             store, name=name, strategy_for=self._strategy_at, own_share=self._own_share
-        )
-        # Asynchronous (FedBuff) experiments: server steps over updates from any recent version.
-        self._async = AsyncIntake(
-            self._publish_outcome,
-            store,
-            name=name,
-            checkpoint_every=checkpoint_every,
-            update_bytes=self._update_bytes,
-            reject=self._reject,
-            outcomes=self._outcomes,
         )
 
     def start(self) -> None:
@@ -224,12 +198,8 @@ class AggregatorWorker:
                 self._combine(message)
             elif self._repeat_outcome(message):
                 pass
-            elif isinstance(message, RoundOpened) and is_asynchronous(message.strategy):
-                self._open_async(message)
             elif isinstance(message, RoundOpened):
                 self._open(message)
-            elif self._async.knows(message.experiment_id):
-                self._async.close(message.experiment_id, message.round)
             else:
                 self._flush(message.experiment_id, message.round)
         delivery.ack()
@@ -271,9 +241,13 @@ class AggregatorWorker:
             return
         if existing is not None:
             self._flush(exp, existing.opened.round)
+        policy: RoundPolicy = self._cohort
+        if is_asynchronous(opened.strategy):
+            policy = self._buffered
+        self._policies[exp] = policy
         current = decode_weights(self._store.get_blob(opened.model.sha256))
         strategy = self._strategy_at(exp, dict(opened.strategy), opened.base_version)
-        rnd = _OpenRound(opened, current, strategy, strategy.begin(opened.round, current))
+        rnd = Share(opened, current, strategy, policy.begin(opened, strategy, current))
         if not self._resume(rnd):
             self._closed(exp, opened.round)  # sealed already: combined without this worker
             return
@@ -288,13 +262,6 @@ class AggregatorWorker:
         self._early_bytes -= sum(len(d.body) for _, d in held)
         return held
 
-    def _open_async(self, opened: RoundOpened) -> None:
-        """Open an asynchronous step, with the updates held before the experiment was known."""
-        exp = opened.experiment_id
-        self._async.open(opened)
-        for update, delivery in self._take_early(exp):
-            self._async.handle(update, delivery)
-
     def _strategy_at(self, experiment_id: str, config: dict[str, Any], version: int) -> Strategy:
         """Return the experiment's strategy with its server state at ``version``."""
         key = json.dumps(config, sort_keys=True)
@@ -305,10 +272,12 @@ class AggregatorWorker:
         # round: the state is the one stored with the version.
         strategy = build_strategy(config)
         strategy.load_state_dict(read_strategy_state(self._store, experiment_id, version))
+        if isinstance(strategy, FedBuff):
+            strategy.set_version(version)  # its server state is the version it steps from
         self._strategies[experiment_id] = (key, strategy, version)
         return strategy
 
-    def _resume(self, rnd: _OpenRound) -> bool:
+    def _resume(self, rnd: Share) -> bool:
         """Restore this worker's newest checkpoint of the round; False if the round is sealed."""
         exp, number = rnd.opened.experiment_id, rnd.opened.round
         if self._checkpoints.is_sealed(exp, number):
@@ -317,15 +286,7 @@ class AggregatorWorker:
         if checkpoint is None:
             return True
         merge_state(rnd.state, checkpoint.partial)
-        rnd.accepted = list(checkpoint.accepted)
-        rnd.counted = set(checkpoint.accepted)
-        rnd.accepted_devices = set(checkpoint.accepted_devices)
-        rnd.rejected = Counter(checkpoint.rejected)
-        rnd.reporters = set(checkpoint.reporters)
-        rnd.examples = checkpoint.examples
-        rnd.loss_sum = checkpoint.loss_sum
-        rnd.checkpoints = checkpoint.sequence + 1
-        rnd.joined = True
+        rnd.restore(checkpoint)
         log.info(
             "resumed %s round %d from checkpoint %d (%d updates)",
             exp,
@@ -335,7 +296,7 @@ class AggregatorWorker:
         )
         return True
 
-    def _checkpoint(self, rnd: _OpenRound) -> None:
+    def _checkpoint(self, rnd: Share) -> None:
         """Make this worker's share durable, then ack what it holds.
 
         Raises ``Sealed`` (acking nothing) if the round was sealed first.
@@ -348,19 +309,6 @@ class AggregatorWorker:
         )
         rnd.dirty = False
         self._send_progress(rnd)
-
-    def _should_hold(self, update: ModelUpdate) -> bool:
-        """Return whether ``update`` may belong to a round this worker has not heard of yet.
-
-        That is the round after the open one (its update overtook the
-        announcement), or any round of an experiment this worker knows nothing
-        about (it started mid-round; the coordinator re-announces open rounds).
-        """
-        rnd = self._rounds.get(update.experiment_id)
-        if rnd is not None:
-            return update.round == rnd.opened.round + 1
-        last = self._last_closed.get(update.experiment_id)
-        return last is None or update.round == last + 1
 
     def _on_update(self, delivery: Delivery) -> None:
         admitted = self.refusals.admit(delivery, self._gate.admit)
@@ -380,23 +328,24 @@ class AggregatorWorker:
         log.info(
             "device %s could not train: %s %s", reply.sender, reply.code[:40], reply.detail[:200]
         )
-        if self._async.knows(experiment_id):
-            self._async.device_failed(experiment_id, reply)
-            return
         rnd = self._rounds.get(experiment_id)
-        in_round = rnd is not None and grant.round == rnd.opened.round
-        if rnd is not None and in_round and reply.sender in rnd.opened.selected:
+        policy = self._policies.get(experiment_id)
+        if (
+            rnd is not None
+            and policy is not None
+            and policy.counts_refusal(rnd, grant, reply.sender)
+        ):
             rnd.reporters.add(reply.sender)
             rnd.rejected[f"device_{reply.code}"] += 1
             rnd.dirty = True
             self._progress(rnd, (reply.sender,), ())
 
     def _handle_update(self, update: ModelUpdate, delivery: Delivery) -> None:
-        if self._async.knows(update.experiment_id):
-            self._async.handle(update, delivery)
-            return
-        rnd = self._rounds.get(update.experiment_id)
-        if self._should_hold(update) and self._may_hold(delivery):
+        """Fold ``update`` into its round's share, hold it for a round to come, or refuse it."""
+        exp = update.experiment_id
+        rnd = self._rounds.get(exp)
+        placement = self._place(update, rnd)
+        if placement is Placement.HOLD and self._may_hold(delivery):
             self._early.append((update, delivery))  # unacked, until its round is announced
             self._early_bytes += len(delivery.body)
             return
@@ -404,8 +353,8 @@ class AggregatorWorker:
             delivery.ack()  # a redelivered copy of an update already counted
             return
         try:
-            if rnd is None or update.round != rnd.opened.round:
-                past = self._last_closed.get(update.experiment_id, -1)
+            if rnd is None or placement is not Placement.FOLD:
+                past = self._last_closed.get(exp, -1)
                 if rnd is not None:
                     past = max(past, rnd.opened.round - 1)
                 late = update.round <= past
@@ -415,10 +364,10 @@ class AggregatorWorker:
             self._fold(rnd, update)
         except Sealed:
             self._sealed_under(rnd)  # type: ignore[arg-type]
-            self._handle_update(update, delivery)  # now refused as late
+            self._handle_update(update, delivery)  # now held for the next step, or late
             return
         except Rejected as rejection:
-            if rnd is not None and update.round == rnd.opened.round:
+            if rnd is not None and placement is Placement.FOLD:
                 rnd.rejected[rejection.reason.value] += 1
                 rnd.dirty = True
                 if update.device_id in rnd.reporters:
@@ -436,7 +385,19 @@ class AggregatorWorker:
         elif len(rnd.pending) >= self._checkpoint_every and not rnd.strategy.keeps_updates:
             self._try_checkpoint(rnd)
 
-    def _try_checkpoint(self, rnd: _OpenRound) -> bool:
+    def _place(self, update: ModelUpdate, rnd: Share | None) -> Placement:
+        """Return where an update goes; a round of an experiment unknown here is awaited.
+
+        A worker that started mid-round knows nothing of the experiment yet:
+        the coordinator re-announces open rounds, so its updates are held.
+        """
+        policy = self._policies.get(update.experiment_id)
+        if policy is None:
+            return Placement.HOLD
+        open_round = None if rnd is None else rnd.opened.round
+        return policy.place(update, open_round, self._last_closed.get(update.experiment_id))
+
+    def _try_checkpoint(self, rnd: Share) -> bool:
         """Checkpoint the share; on failure keep its updates unacked for the next try."""
         try:
             self._checkpoint(rnd)
@@ -448,7 +409,7 @@ class AggregatorWorker:
             log.exception("could not save %s round %d here", opened.experiment_id, opened.round)
         return False
 
-    def _join(self, rnd: _OpenRound) -> None:
+    def _join(self, rnd: Share) -> None:
         """Put this worker on the round's roster before its first fold (``Sealed`` if late).
 
         The coordinator waits for the partial of every worker on the roster, so
@@ -459,21 +420,22 @@ class AggregatorWorker:
             self._checkpoints.join(opened.experiment_id, opened.round, self._name)
             rnd.joined = True
 
-    def _counted_before(self, rnd: _OpenRound, update: ModelUpdate, delivery: Delivery) -> bool:
+    def _counted_before(self, rnd: Share, update: ModelUpdate, delivery: Delivery) -> bool:
         """Return whether this worker, or a predecessor that saved it and died, counted it."""
-        if update.message_id in rnd.counted:
+        exp = update.experiment_id
+        if update.message_id in rnd.counted or update.message_id in self._recent.get(exp, ()):
             return True
-        if not delivery.redelivered or update.round != rnd.opened.round:
+        if not delivery.redelivered or update.round > rnd.opened.round:
             return False
-        opened = rnd.opened
-        elsewhere = self._checkpoints.counted_by_others(
-            opened.experiment_id, opened.round, self._name
-        )
-        return update.message_id in elsewhere
+        policy = self._policies[exp]
+        for number in policy.ledger_rounds(rnd, update):
+            # The open round's own ledger is in memory; closed ones are read whole.
+            skip = self._name if number == rnd.opened.round else None
+            if update.message_id in self._checkpoints.counted_by_others(exp, number, skip):
+                return True
+        return False
 
-    def _progress(
-        self, rnd: _OpenRound, reported: tuple[str, ...], accepted: tuple[str, ...]
-    ) -> None:
+    def _progress(self, rnd: Share, reported: tuple[str, ...], accepted: tuple[str, ...]) -> None:
         """Note devices that answered, for the coordinator (it alone sees every worker's count).
 
         Batched: a publish waits for the broker's acknowledgement, which once per
@@ -483,7 +445,7 @@ class AggregatorWorker:
         """
         rnd.unsent[0].extend(reported)
         rnd.unsent[1].extend(accepted)
-        if len(rnd.reporters) >= len(rnd.opened.selected):
+        if self._policies[rnd.opened.experiment_id].all_answered(rnd):
             self._send_progress(rnd)
         elif self._progress_timer is None:
             self._progress_timer = threading.Timer(self.PROGRESS_EVERY_S, self._progress_due)
@@ -500,7 +462,7 @@ class AggregatorWorker:
                 # Not lost for good: the close, and each repeated announcement, carry it.
                 log.warning("could not send round progress: %s", exc)
 
-    def _send_progress(self, rnd: _OpenRound) -> None:
+    def _send_progress(self, rnd: Share) -> None:
         """Publish the devices noted since the last ``RoundProgress``, if any."""
         reported, accepted = rnd.unsent
         if not reported and not accepted:
@@ -513,6 +475,7 @@ class AggregatorWorker:
                 round=opened.round,
                 reported=tuple(reported),
                 accepted=tuple(accepted),
+                folded=len(rnd.accepted),
             )
         )
 
@@ -523,20 +486,14 @@ class AggregatorWorker:
             and self._early_bytes + len(delivery.body) <= self.MAX_EARLY_BYTES
         )
 
-    def _fold(self, rnd: _OpenRound, update: ModelUpdate) -> None:
+    def _fold(self, rnd: Share, update: ModelUpdate) -> None:
         """Validate ``update`` against the open round and fold it, or raise ``Rejected``."""
-        if update.device_id in rnd.accepted_devices:
-            raise Rejected(RejectReason.DUPLICATE, f"{update.device_id} already reported")
-        if update.device_id not in rnd.opened.selected:
-            raise Rejected(RejectReason.NOT_SELECTED, f"{update.device_id} was not selected")
+        policy = self._policies[update.experiment_id]
+        policy.check_sender(rnd, update)
         # Counted before validation: a device whose update is refused has answered.
         rnd.reporters.add(update.device_id)
         rnd.dirty = True
-        if update.base_version != rnd.opened.base_version:
-            raise Rejected(
-                RejectReason.STALE,
-                f"trained on v{update.base_version}, round is on v{rnd.opened.base_version}",
-            )
+        policy.check_base(rnd, update)  # before the weights are fetched: a stale one costs none
         check_examples(update.num_examples)
         with_control = rnd.strategy.takes_control_delta
         spec = rnd.spec
@@ -547,19 +504,13 @@ class AggregatorWorker:
         control = None
         if with_control:
             control = {k: weights.pop(f"{CONTROL_DELTA}/{k}") for k in rnd.spec}
-        client = ClientUpdate(
-            update.device_id,
-            weights,
-            update.num_examples,
-            update.metrics,
-            base_version=update.base_version,
-            control_delta=control,
-        )
+        client = policy.client_update(rnd, update, weights, control)
         try:
             rnd.strategy.fold(rnd.state, client)
         except ValueError as exc:  # the rule refuses it: a missing metric, too many updates
             raise Rejected(RejectReason.STRATEGY_REFUSED, str(exc)) from exc
         rnd.count_accepted(update)
+        rnd.tasks.add(update.task_id)
 
     def _update_bytes(self, update: ModelUpdate) -> bytes | memoryview:
         """Return the update's weights bytes, inline or from the store by reference."""
@@ -604,6 +555,9 @@ class AggregatorWorker:
             return  # sealed (its updates went back to the queue), or retried at the next close
         self._send_progress(rnd)  # before PartialReady: the coordinator counts, then combines
         del self._rounds[experiment_id]
+        # Acked after this share's last checkpoint; a copy redelivered before then
+        # (a crash in between) may arrive during the next round, where it must not count.
+        self._recent[experiment_id] = rnd.counted
         self._closed(experiment_id, round_number)
         if rnd.joined and rnd.saved is None:  # resumed, and nothing new since
             rnd.saved = self._checkpoints.latest(experiment_id, round_number, self._name)
@@ -618,9 +572,12 @@ class AggregatorWorker:
         )
 
     def _closed(self, experiment_id: str, round_number: int) -> None:
-        """Remember a round as closed here, and refuse what was held for it."""
+        """Remember a round as closed here, and refuse what was held for it (cohort rounds)."""
         last = max(self._last_closed.get(experiment_id, -1), round_number)
         self._last_closed[experiment_id] = last
+        policy = self._policies.get(experiment_id, self._cohort)
+        if not policy.refuses_held_when_closed:
+            return  # a buffered step's updates wait for the next step
         late = [
             (u, d) for u, d in self._early if u.experiment_id == experiment_id and u.round <= last
         ]
@@ -643,11 +600,12 @@ class AggregatorWorker:
             )
         )
 
-    def _sealed_under(self, rnd: _OpenRound) -> None:
+    def _sealed_under(self, rnd: Share) -> None:
         """Hand the share's updates back to the queue: the round was sealed before they were saved.
 
         They were never acked, so the broker delivers them again, and whoever
-        gets them refuses them as late: nothing is counted twice or silently lost.
+        gets them refuses them as late (a buffered step's wait for the next step):
+        nothing is counted twice or silently lost.
         """
         opened = rnd.opened
         log.warning(

@@ -254,6 +254,8 @@ class RoundProgress(Message):
     round: int
     reported: tuple[str, ...] = ()
     accepted: tuple[str, ...] = ()
+    folded: int = 0
+    """Updates in the sender's share of the round so far (a buffered step counts updates)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,13 +15,11 @@ from pathlib import Path
 
 from aggregator_service import (
     AggregatorWorker,
-    ConfigError,
     Database,
     ExperimentConfig,
     RoundService,
 )
 from aggregator_service.api.app import create_app
-from aggregator_service.config import is_asynchronous
 from aggregator_service.evaluation import held_out_evaluator
 from aggregator_service.links import SignedLinks
 from aggregator_service.persistence import RoundRecord
@@ -142,10 +140,6 @@ def run_experiment(
     real sleeps on a real broker. ``workers`` aggregator workers share the
     update queue, each folding its share of every round.
     """
-    if workers > 1 and is_asynchronous(config.strategy):
-        raise ConfigError(
-            f"{config.strategy.get('name')} steps are not shared between workers yet: run one"
-        )
     started = time.perf_counter()
     count = rounds or config.rounds.count
     in_process = is_in_process(broker_url)

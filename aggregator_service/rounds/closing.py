@@ -16,8 +16,10 @@ coordinator may have restarted):
 - combining: ``CombineRound`` to one worker, until the outcome arrives,
   repeated at growing intervals (a combine may take a while).
 
-An asynchronous (FedBuff) step has no cohort: its worker closes it, so it is
-only announced, and closed at its deadline.
+An asynchronous (FedBuff) step goes through the same phases. It has no
+cohort: its devices are whoever had a task, and it is complete once the
+workers' shares hold ``target_reports`` (the buffer size ``K``) updates
+between them, each worker reporting how many its share holds.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class _Round:
     asynchronous: bool
     reported: set[str] = field(default_factory=set)
     accepted: set[str] = field(default_factory=set)
+    folded: dict[str, int] = field(default_factory=dict)
+    """Updates in each worker's share, as it last said."""
     workers: set[str] = field(default_factory=set)
     """Workers that counted any report of the round: their partials are awaited."""
     ready: set[str] = field(default_factory=set)
@@ -58,6 +62,8 @@ class _Round:
     def complete(self) -> bool:
         """Return whether the target is met or every selected device has answered."""
         opened = self.opened
+        if self.asynchronous:
+            return sum(self.folded.values()) >= opened.target_reports
         answered = len(self.reported.intersection(opened.selected))
         return len(self.accepted) >= opened.target_reports or answered >= len(opened.selected)
 
@@ -105,14 +111,18 @@ class RoundClosing:
     def progress(self, message: RoundProgress) -> None:
         """Count the devices a worker heard from; close the round once it is complete."""
         rnd = self._rounds.get((message.experiment_id, message.round))
-        if rnd is None or rnd.asynchronous:
+        if rnd is None:
             return
-        before = (len(rnd.workers), len(rnd.reported), len(rnd.accepted))
+        before = (len(rnd.workers), len(rnd.reported), len(rnd.accepted), sum(rnd.folded.values()))
         rnd.workers.add(message.sender)
         selected = rnd.opened.selected
         rnd.reported.update(d for d in message.reported if d in selected)
         rnd.accepted.update(d for d in message.accepted if d in selected)
-        if (len(rnd.workers), len(rnd.reported), len(rnd.accepted)) != before:
+        if rnd.asynchronous:  # a share only grows: a repeat or a reordered message says less
+            folded = max(rnd.folded.get(message.sender, 0), message.folded)
+            rnd.folded[message.sender] = folded
+        after = (len(rnd.workers), len(rnd.reported), len(rnd.accepted), sum(rnd.folded.values()))
+        if after != before:
             rnd.heard_at = self._clock()  # news, not a repeat: the workers are at work
         if rnd.closed_at is None and rnd.complete:
             self._close(rnd)
@@ -120,7 +130,7 @@ class RoundClosing:
     def ready(self, message: PartialReady) -> None:
         """Note a worker's durable partial; combine once every worker's is in."""
         rnd = self._rounds.get((message.experiment_id, message.round))
-        if rnd is None or rnd.asynchronous or rnd.closed_at is None:
+        if rnd is None or rnd.closed_at is None:
             return
         if message.sender not in rnd.ready:  # a repeat does not postpone the wait
             rnd.heard_at = self._clock()
@@ -153,7 +163,7 @@ class RoundClosing:
 
     def _waited_long_enough(self, rnd: _Round, now: float) -> bool:
         """Return whether a closing round has waited its time for silent workers' partials."""
-        closing = rnd.closed_at is not None and not rnd.asynchronous and not rnd.combining
+        closing = rnd.closed_at is not None and not rnd.combining
         return closing and now - rnd.heard_at >= self.PARTIALS_WAIT_S
 
     def _due(self, rnd: _Round, now: float) -> bool:
@@ -180,7 +190,7 @@ class RoundClosing:
         rnd.closed_at = rnd.heard_at = self._clock()
         opened = rnd.opened
         self._send(rnd, CloseRound(experiment_id=opened.experiment_id, round=opened.round))
-        if not rnd.asynchronous and self._all_ready(rnd):
+        if self._all_ready(rnd):
             self._combine(rnd)  # no worker holds any of it: the combiner abandons it at once
 
     def _combine(self, rnd: _Round) -> None:

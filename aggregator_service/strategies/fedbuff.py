@@ -40,8 +40,10 @@ class FedBuff(Strategy):
     on, which the caller computes from the stored ``base_version``. The
     staleness is ``tau_i = version - update.base_version``; an update with
     ``tau_i > max_staleness`` raises ``StaleUpdate``. ``finish`` steps ``x <-
-    x + server_lr * sum(s(tau_i) Δ_i) / K`` with ``s(tau) = 1/sqrt(1 + tau)``,
-    dividing by K even when the round closed on fewer updates. Streaming,
+    x + server_lr * sum(s(tau_i) Δ_i) / max(K, n)`` with ``s(tau) = 1/sqrt(1 +
+    tau)``, dividing by K even when the step closed on fewer updates, and by
+    the ``n`` it holds when several workers' shares together overshot K (each
+    folds until it hears the step closed), so no step is inflated. Streaming,
     O(model) memory.
 
     The current model version must be known: call ``set_version(v)`` (the
@@ -121,7 +123,8 @@ class FedBuff(Strategy):
         if state.deltas.count == 0:
             return None
         self.version = state.version + 1
-        return step_from(current, state.deltas.sums, self.server_lr / self.buffer_size)
+        scale = self.server_lr / max(self.buffer_size, state.deltas.count)
+        return step_from(current, state.deltas.sums, scale)
 
     def summary(self) -> dict[str, Any]:
         """Return the settings and the current model version."""

@@ -54,3 +54,17 @@ def test_three_workers_commit_what_one_worker_commits(
         np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-6)
     initial = load(one.initial_weights)
     assert any(not np.array_equal(initial[k], got[k]) for k in initial)
+
+
+def test_three_workers_share_fedbuff_steps_counting_every_update_once(small_config: Any) -> None:
+    strategy = {"name": "fedbuff", "buffer_size": 4, "max_staleness": 4}
+    config = small_config(strategy=strategy, rounds={"count": 4})
+
+    three = simulate(config, workers=3)
+
+    assert [r.state for r in three.rounds] == ["committed"] * 4, three.rounds
+    assert [r.version for r in three.rounds] == [1, 2, 3, 4]
+    counted = [update for r in three.rounds for update in r.accepted]
+    assert len(counted) == len(set(counted)) >= 4 * 4  # once each, across steps too
+    initial, final = load(three.initial_weights), load(three.final_weights)
+    assert any(not np.array_equal(initial[k], final[k]) for k in initial)

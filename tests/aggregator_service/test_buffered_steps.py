@@ -1,4 +1,9 @@
-"""The worker's asynchronous (FedBuff) intake: staleness-weighted deltas, steps of K, dedupe."""
+"""Buffered (FedBuff) steps through the worker's one pipeline: staleness, steps of K, dedupe.
+
+The worker folds a step's updates into its share and closes it once the share
+holds ``K`` (``PartialReady``); the coordinator then asks for the combine,
+which these tests send themselves (``Bus.combine``).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,14 @@ import math
 import numpy as np
 
 from broker import (
+    CloseRound,
+    CombineRound,
     Message,
     ModelRef,
     ModelUpdate,
+    PartialReady,
     RejectReason,
+    RoundAbandoned,
     RoundCommitted,
     RoundOpened,
     UpdateRejected,
@@ -18,10 +27,11 @@ from broker import (
     decode_weights,
     encode_weights,
 )
+from broker.identity import Identity
 from model_store import MemoryStore
 from tests.aggregator_service.worker_doubles import Bus as SharedBus
 from tests.aggregator_service.worker_doubles import FakeDelivery
-from tests.identities import TOPICS, aggregator
+from tests.identities import TOPICS, aggregator, sign
 
 EXP = "exp-async"
 VERSIONS = [np.zeros(2, np.float32), np.full(2, 1.0, np.float32), np.full(2, 2.0, np.float32)]
@@ -33,10 +43,31 @@ class Bus(SharedBus):
     def control(self, message: Message) -> None:
         self.deliver(TOPICS.control(EXP), message, TOPICS.all_control)
 
-    def update(self, update: ModelUpdate) -> FakeDelivery:
-        return self.deliver(TOPICS.updates(EXP, update.device_id), update, TOPICS.all_updates)
+    def update(self, update: ModelUpdate, *, redelivered: bool = False) -> FakeDelivery:
+        topic = TOPICS.updates(EXP, update.device_id)
+        return self.deliver_frame(topic, sign(update), TOPICS.all_updates, redelivered=redelivered)
+
+    def combine(self, opened: RoundOpened) -> None:
+        """Ask for the step's combine, as the coordinator does once every partial is ready."""
+        request = CombineRound(
+            experiment_id=EXP,
+            round=opened.round,
+            base_version=opened.base_version,
+            model=opened.model,
+            min_reports=opened.min_reports,
+            strategy=opened.strategy,
+        )
+        self.deliver(TOPICS.combine(EXP), request, TOPICS.all_combine)
+
+    def ready(self) -> list[int]:
+        """Return the steps this worker said its share of is durable."""
+        return [m.round for m in self._events() if isinstance(m, PartialReady)]
 
     def events(self) -> list[Message]:
+        """Return the outcomes published."""
+        return [m for m in self._events() if isinstance(m, RoundCommitted | RoundAbandoned)]
+
+    def _events(self) -> list[Message]:
         return [decode(body) for topic, body in self.published if topic == TOPICS.events(EXP)]
 
     def notices(self) -> list[UpdateRejected]:
@@ -104,10 +135,13 @@ def _model(store: MemoryStore, event: Message) -> np.ndarray:
 def test_deltas_from_an_older_version_are_down_weighted_by_their_staleness() -> None:
     store = _store(versions=2)
     bus = _worker(store)
-    bus.control(_opened(store, number=2, base=1, server_lr=1.0))
+    opened = _opened(store, number=2, base=1, server_lr=1.0)
+    bus.control(opened)
 
     fresh = bus.update(_update("a", 1.5, base=1, round_number=2))  # delta 0.5, tau 0
     late = bus.update(_update("b", 4.0, base=0))  # trained on v0: delta 4.0, tau 1
+    assert bus.ready() == [2] and bus.events() == []  # K in the share: closed here
+    bus.combine(opened)
 
     (committed,) = bus.events()
     assert isinstance(committed, RoundCommitted)
@@ -123,11 +157,13 @@ def test_deltas_from_an_older_version_are_down_weighted_by_their_staleness() -> 
 def test_an_update_beyond_the_staleness_bound_is_refused_as_stale() -> None:
     store = _store(versions=3)
     bus = _worker(store)
-    bus.control(_opened(store, number=3, base=2, max_staleness=1))
+    opened = _opened(store, number=3, base=2, max_staleness=1)
+    bus.control(opened)
 
     stale = bus.update(_update("old", 9.0, base=0))  # 2 versions behind, bound 1
     bus.update(_update("a", 3.0, base=2, round_number=3))
     bus.update(_update("b", 3.0, base=1, round_number=2))  # 1 behind: still fine
+    bus.combine(opened)
 
     (notice,) = bus.notices()
     assert notice.reason == RejectReason.STALE and "2 versions behind" in notice.detail
@@ -141,17 +177,21 @@ def test_an_update_beyond_the_staleness_bound_is_refused_as_stale() -> None:
 def test_a_version_is_committed_every_k_updates_and_later_ones_wait_for_the_next_step() -> None:
     store = _store(versions=1)
     bus = _worker(store)
-    bus.control(_opened(store, number=1, base=0))
+    step_one = _opened(store, number=1, base=0)
+    bus.control(step_one)
 
     first = [bus.update(_update(d, 1.0, base=0)) for d in ("a", "b")]
     held = [bus.update(_update(d, 2.0, base=0)) for d in ("c", "d")]
+    bus.combine(step_one)
 
     assert [type(e).__name__ for e in bus.events()] == ["RoundCommitted"]
     assert all(d.settled == ["ack"] for d in first)
     assert all(d.settled == [] for d in held)  # no step open: held, not refused
     assert bus.notices() == []
 
-    bus.control(_opened(store, number=2, base=1))  # the coordinator announces step 2
+    step_two = _opened(store, number=2, base=1)
+    bus.control(step_two)  # the coordinator announces step 2
+    bus.combine(step_two)
 
     one, two = bus.events()
     assert isinstance(two, RoundCommitted) and (two.round, two.version) == (2, 2)
@@ -164,15 +204,17 @@ def test_a_version_is_committed_every_k_updates_and_later_ones_wait_for_the_next
 def test_redelivered_updates_are_counted_once_even_after_their_step_committed() -> None:
     store = _store(versions=1)
     bus = _worker(store)
-    bus.control(_opened(store, number=1, base=0, buffer_size=3))
+    step_one = _opened(store, number=1, base=0, buffer_size=3)
+    bus.control(step_one)
     a, b = _update("a", 1.0, base=0), _update("b", 2.0, base=0)
 
     bus.update(a)
-    again = bus.update(a)  # redelivered before the commit
+    again = bus.update(a, redelivered=True)  # redelivered before the commit
     bus.update(b)
     bus.update(_update("c", 3.0, base=0))
+    bus.combine(step_one)
     bus.control(_opened(store, number=2, base=1, buffer_size=3))
-    late_copy = bus.update(b)  # redelivered after its step committed
+    late_copy = bus.update(b, redelivered=True)  # redelivered after its step committed
 
     assert again.settled == ["ack"] and late_copy.settled == ["ack"]
     assert bus.notices() == []
@@ -184,17 +226,20 @@ def test_redelivered_updates_are_counted_once_even_after_their_step_committed() 
 def test_a_successor_republishes_a_step_committed_before_a_crash() -> None:
     store = _store(versions=1)
     dying = _worker(store)
-    dying.control(_opened(store, number=1, base=0))
+    step_one = _opened(store, number=1, base=0)
+    dying.control(step_one)
     a, b = _update("a", 1.0, base=0), _update("b", 3.0, base=0)
     dying.update(a)
     dying.update(b)
+    dying.combine(step_one)
     (original,) = dying.events()
-    # The coordinator never heard of it: it announces step 1 again, to a new worker.
+    # The coordinator never heard of it: it asks again, and a new worker answers.
 
     successor = _worker(store)
-    successor.control(_opened(store, number=1, base=0))
+    successor.control(step_one)  # sealed: nothing more goes into it
+    successor.combine(step_one)
     successor.control(_opened(store, number=2, base=1))
-    replayed = successor.update(a)
+    replayed = successor.update(a, redelivered=True)  # its ack was lost in the crash
 
     (repeated,) = successor.events()
     assert isinstance(original, RoundCommitted) and isinstance(repeated, RoundCommitted)
@@ -202,3 +247,51 @@ def test_a_successor_republishes_a_step_committed_before_a_crash() -> None:
     assert sorted(repeated.accepted) == sorted(original.accepted)
     assert replayed.settled == ["ack"] and successor.notices() == []
     assert store.latest_version(EXP) == 1
+
+
+def test_two_workers_fill_one_step_and_their_shares_combine_into_one_version() -> None:
+    store = _store(versions=1)
+    one, two = _worker(store), _worker_named(store, "worker-2")
+    opened = _opened(store, number=1, base=0, buffer_size=4)
+    one.control(opened)
+    two.control(opened)
+
+    for device, value in (("a", 1.0), ("b", 2.0)):
+        one.update(_update(device, value, base=0))
+    for device, value in (("c", 3.0), ("d", 6.0)):
+        two.update(_update(device, value, base=0))
+    # Neither share holds K = 4: the coordinator closes the step from their progress.
+    assert one.ready() == [] and two.ready() == []
+    one.control(CloseRound(experiment_id=EXP, round=1))
+    two.control(CloseRound(experiment_id=EXP, round=1))
+    two.combine(opened)
+
+    (committed,) = two.events()
+    assert isinstance(committed, RoundCommitted)
+    assert sorted(committed.accepted_devices) == ["a", "b", "c", "d"]
+    np.testing.assert_allclose(_model(store, committed), np.full(2, 3.0))  # (1+2+3+6) / 4
+
+
+def test_a_step_two_shares_overfilled_steps_by_the_mean_of_what_it_holds() -> None:
+    store = _store(versions=1)
+    one, two = _worker(store), _worker_named(store, "worker-2")
+    opened = _opened(store, number=1, base=0, buffer_size=2)
+    one.control(opened)
+    two.control(opened)
+
+    # Both shares reach K before either hears that the step closed.
+    for device, value in (("a", 1.0), ("b", 2.0)):
+        one.update(_update(device, value, base=0))
+    for device, value in (("c", 3.0), ("d", 6.0)):
+        two.update(_update(device, value, base=0))
+    one.combine(opened)
+
+    (committed,) = one.events()
+    assert isinstance(committed, RoundCommitted) and len(committed.accepted) == 4
+    np.testing.assert_allclose(_model(store, committed), np.full(2, 3.0))  # mean, not sum / K
+
+
+def _worker_named(store: MemoryStore, name: str) -> Bus:
+    bus = Bus()
+    aggregator(bus, store, identity=Identity.generate(name), checkpoint_every=100).start()  # type: ignore[arg-type]
+    return bus
