@@ -88,6 +88,8 @@ class MemoryTransport:
         self._closed = False
         self.dead_letters: list[tuple[str, bytes]] = []
         self.unsettled = 0
+        self.delivered = 0
+        """Messages handed to a handler so far (a drained bus stops counting)."""
         self._thread = threading.Thread(target=self._dispatch, name="fedmq-memory", daemon=True)
         self._thread.start()
 
@@ -188,6 +190,7 @@ class MemoryTransport:
             delivery = MemoryDelivery(topic, body, redelivered, queue, self)
             self._run(consumer.handler, delivery)
             with self._lock:
+                self.delivered += 1
                 self._busy = False
                 self._lock.notify_all()
 

@@ -55,6 +55,11 @@ class Topics:
         """Return the topic a single device receives its tasks and replies on."""
         return f"{self.namespace}/device/{_segment(device_id)}"
 
+    @property
+    def all_devices(self) -> str:
+        """Return the pattern matching every device's topic."""
+        return f"{self.namespace}/device/+"
+
     def updates(self, experiment_id: str, device_id: str) -> str:
         """Return the topic a device publishes an experiment's model updates to."""
         return f"{self.namespace}/updates/{_segment(experiment_id)}/{_segment(device_id)}"

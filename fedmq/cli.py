@@ -14,7 +14,7 @@ from aggregator_service import ConfigError, ExperimentConfig, ServiceError, load
 from aggregator_service.persistence import RoundRecord
 from broker import BrokerError
 from broker.embedded import EmbeddedBroker
-from broker.topics import Topics
+from broker.topics import Topics, is_valid_segment
 from device_sdk import DeviceError
 from device_sdk.data.errors import DataError
 from device_sdk.emulator.profiles import PROFILES, load_profile
@@ -24,7 +24,7 @@ from fedmq.devices import add_devices_command
 from fedmq.export import EXPORT_PLATFORMS, ExportUsageError, export_package, parse_shape
 from fedmq.keys import KeyFolder
 from fedmq.platforms import parse_mix
-from fedmq.processes import run_fleet, run_server, run_worker
+from fedmq.processes import run_bridge, run_fleet, run_server, run_worker
 from fedmq.results import round_row, write_results
 from fedmq.settings import (
     ENVIRONMENT,
@@ -67,6 +67,7 @@ def _run_and_report(
     broker: str = "memory://",
     profile: str | None = None,
     workers: int = 1,
+    regions: int = 1,
 ) -> RunResult:
     """Run an experiment with a progress table; write results to ``out``.
 
@@ -94,6 +95,7 @@ def _run_and_report(
         timeout_s=timeout,
         profile=speed,
         workers=workers,
+        regions=regions,
     )
     final = result.final_metrics
     print(
@@ -139,7 +141,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    _run_and_report(config, args.rounds, args.out, profile=args.profile, workers=args.workers)
+    _run_and_report(
+        config,
+        args.rounds,
+        args.out,
+        profile=args.profile,
+        workers=args.workers,
+        regions=args.regions,
+    )
     return 0
 
 
@@ -174,6 +183,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         health_file=args.health_file,
         keys=_keys(args),
         namespace=namespace(args),
+    )
+    return 0
+
+
+def _cmd_bridge(args: argparse.Namespace) -> int:
+    run_bridge(
+        root=resolve(args, "broker"),
+        region=args.region,
+        name=args.name,
+        namespace=namespace(args),
+        health_file=args.health_file,
     )
     return 0
 
@@ -244,6 +264,12 @@ def _add_profile_flag(parser: argparse.ArgumentParser, how: str) -> None:
     )
 
 
+def _segment(text: str) -> str:
+    if not is_valid_segment(text):
+        raise argparse.ArgumentTypeError("letters, digits, '_' and '-' only")
+    return text
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -280,7 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_positive,
         default=1,
-        help="aggregator workers sharing the update queue (default 1)",
+        help="aggregator workers sharing the update queue (per region with --regions; default 1)",
+    )
+    simulate_cmd.add_argument(
+        "--regions",
+        type=_positive,
+        default=1,
+        help="run an aggregation tree: N regions, each its own bus, devices and edge "
+        "workers, bridged to a root that combines (default 1: no tree)",
     )
     simulate_cmd.set_defaults(func=_cmd_simulate)
 
@@ -319,6 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_location_flags(worker, "broker", "store")
     add_trust_flags(worker)
     worker.set_defaults(func=_cmd_worker)
+
+    bridge = sub.add_parser(
+        "bridge",
+        help="carry a region's traffic to and from the root broker (an aggregation tree)",
+        description="Bridge a region's broker to the root's (--broker). The region's devices "
+        "and edge workers (`fedmq worker --broker REGION_URL`) use the region's broker; "
+        "check-ins and the workers' partials go up, round control and tasks come down, "
+        "updates stay in the region. Example: fedmq bridge --name eu "
+        "--region mqtt://eu-broker:1883 --broker amqp://root-broker:5672/",
+    )
+    bridge.add_argument("--region", metavar="URL", required=True, help="the region's broker")
+    bridge.add_argument(
+        "--name", required=True, type=_segment, help="the region's name (names its queues)"
+    )
+    bridge.add_argument("--health-file", type=Path, help="touch this file every 5 s")
+    add_location_flags(bridge, "broker")
+    bridge.set_defaults(func=_cmd_bridge)
 
     fleet = sub.add_parser("fleet", help="an emulated device fleet")
     fleet.add_argument("--devices", type=_positive, required=True, help="how many devices")

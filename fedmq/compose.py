@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aggregator_service import (
     AggregatorWorker,
+    ConfigError,
     Database,
     ExperimentConfig,
     RoundService,
@@ -24,9 +25,11 @@ from aggregator_service.evaluation import held_out_evaluator
 from aggregator_service.links import SignedLinks
 from aggregator_service.persistence import RoundRecord
 from broker import MemoryTransport, Transport
+from broker.bridge import Bridge
 from broker.identity import SERVICE_NAME, Identity, KeyRing
+from broker.transport import Will
 from device_sdk.emulator import Fleet, TrainerFactory
-from device_sdk.emulator.fleet import Enroll
+from device_sdk.emulator.fleet import Enroll, TransportFor
 from device_sdk.emulator.profiles import SpeedProfile, VirtualTime
 from fedmq.platforms import platform_packagers
 from fedmq.wiring import (
@@ -73,6 +76,7 @@ def simulate(
     stop_when: Callable[[RoundRecord], bool] | None = None,
     profile: SpeedProfile | None = None,
     workers: int = 1,
+    regions: int = 1,
 ) -> RunResult:
     """Run an experiment on the in-process bus: deterministic for a config and seed.
 
@@ -93,7 +97,12 @@ def simulate(
         training lasts one emulated second; round timings are emulated
         seconds), still deterministic.
     workers
-        Aggregator workers sharing the update queue, each folding its share.
+        Aggregator workers sharing the update queue, each folding its share
+        (per region, with ``regions``).
+    regions
+        Run an aggregation tree: this many regions, each its own bus with its
+        share of the devices and its edge workers, bridged to the root, whose
+        one worker combines the regions' partials.
 
     Returns
     -------
@@ -108,6 +117,7 @@ def simulate(
         stop_when=stop_when,
         profile=profile,
         workers=workers,
+        regions=regions,
     )
 
 
@@ -124,6 +134,7 @@ def run_experiment(
     stop_when: Callable[[RoundRecord], bool] | None = None,
     profile: SpeedProfile | None = None,
     workers: int = 1,
+    regions: int = 1,
 ) -> RunResult:
     """Run service, workers and fleet in this process over ``broker_url``.
 
@@ -139,7 +150,16 @@ def run_experiment(
     emulated durations, the coordinator's clock reads emulated seconds), by
     real sleeps on a real broker. ``workers`` aggregator workers share the
     update queue, each folding its share of every round.
+
+    ``regions`` > 1 (``memory://`` only) runs an aggregation tree: each region
+    is a bus of its own with its share of the devices and ``workers`` edge
+    workers, bridged to the root bus (``broker.bridge``), where the
+    coordinator and one root worker, which combines, run.
     """
+    if regions > 1 and not is_in_process(broker_url):
+        raise ConfigError(
+            "regions are emulated on memory:// only; on brokers, run `fedmq bridge` per region"
+        )
     started = time.perf_counter()
     count = rounds or config.rounds.count
     in_process = is_in_process(broker_url)
@@ -155,7 +175,12 @@ def run_experiment(
         stack.callback(track.close)
         # Every party signs with a key of its own, made for this run.
         service_identity = Identity.generate(SERVICE_NAME)
-        aggregators = [Identity.generate(unique_client_id("worker")) for _ in range(workers)]
+        edges = workers * regions if regions > 1 else 0
+        roots = 1 if edges else workers
+        aggregators = [Identity.generate(unique_client_id("worker")) for _ in range(roots + edges)]
+        region_pools = [TransportPool(broker_url) for _ in range(regions if edges else 0)]
+        for pool in region_pools:
+            stack.callback(pool.close)
         service = _coordinator(
             stack,
             track,
@@ -172,19 +197,24 @@ def run_experiment(
         # A private update queue: this run's workers must not share a broker-wide
         # group with other deployments' workers.
         group = unique_client_id("aggregators")
-        for worker in aggregators:
+        # In a tree, the root's one worker combines and the regions' edge workers fold.
+        placed = [track] * roots
+        placed += [pool for pool in region_pools for _ in range(workers)]
+        for worker, pool in zip(aggregators, placed, strict=True):
             AggregatorWorker(
-                track(worker.name),
+                pool(worker.name),
                 store,
                 identity=worker,
                 service_key=service_identity.public_key,
                 group=group,
             ).start()
+        for number, pool in enumerate(region_pools):
+            Bridge(track("bridge"), pool("bridge"), name=f"region{number}").start()
         experiment_id = service.create_experiment(config)
         ended.on_stop = lambda: service.stop_after_current_round(experiment_id)
         fleet = _fleet(
             stack,
-            track,
+            _spread(region_pools) if region_pools else track,
             config,
             experiment_id,
             in_process,
@@ -194,14 +224,20 @@ def run_experiment(
             enroll=lambda identity, platform: _enroll(service, identity, platform),
         )
         fleet.start()
-        _wait_for_devices(service, len(fleet.devices), track.opened, timeout_s)
+        buses = [
+            bus
+            for pool in (track, *region_pools)
+            for bus in pool.opened
+            if isinstance(bus, MemoryTransport)
+        ]
+        _wait_for_devices(service, len(fleet.devices), buses, timeout_s)
         service.request_rounds(experiment_id, count)
         if not in_process:
             stack.callback(Ticker(service.tick).start().stop)
         if virtual is not None:
-            _run_emulated(virtual, ended, track.opened, service.tick, config, timeout_s)
+            _run_emulated(virtual, ended, buses, service.tick, config, timeout_s)
         else:
-            _wait_for_rounds(ended, track.opened, timeout_s)
+            _wait_for_rounds(ended, buses, timeout_s)
         _, initial = service.model_weights(experiment_id, 0)
         _, final = service.model_weights(experiment_id)
         elapsed = time.perf_counter() - started
@@ -262,7 +298,7 @@ def _coordinator(
 
 def _fleet(
     stack: ExitStack,
-    track: TransportPool,
+    track: TransportFor,
     config: ExperimentConfig,
     experiment_id: str,
     in_process: bool,
@@ -322,12 +358,36 @@ class _RoundCounter:
             self.done.set()
 
 
+def _spread(pools: list[TransportPool]) -> TransportFor:
+    """Return an opener that places each new device on the next region's bus, in turn."""
+    placed: dict[str, TransportPool] = {}
+
+    def open_in_region(client_id: str, will: Will | None = None) -> Transport:
+        pool = placed.setdefault(client_id, pools[len(placed) % len(pools)])
+        return pool(client_id, will)
+
+    return open_in_region
+
+
+def _drain(buses: list[MemoryTransport], timeout_s: float | None) -> None:
+    """Wait until every in-process bus is idle (bridges hand messages from one to another)."""
+    while True:
+        before = sum(bus.delivered for bus in buses)
+        for bus in buses:
+            bus.join(timeout_s)
+        failed = sum(len(bus.dead_letters) for bus in buses)
+        if failed:
+            raise RuntimeError(f"{failed} message(s) failed; see the log")
+        if sum(bus.delivered for bus in buses) == before:
+            return
+
+
 def _wait_for_devices(
-    service: RoundService, expected: int, opened: list[Transport], timeout_s: float | None
+    service: RoundService, expected: int, buses: list[MemoryTransport], timeout_s: float | None
 ) -> None:
     """Wait until every device's check-in has reached the coordinator."""
-    if isinstance(opened[0], MemoryTransport):
-        opened[0].join(timeout_s)
+    if buses:
+        _drain(buses, timeout_s)
         return
     deadline = time.monotonic() + (timeout_s or 60.0)
     while len(service.devices()) < expected:
@@ -337,14 +397,10 @@ def _wait_for_devices(
 
 
 def _wait_for_rounds(
-    ended: _RoundCounter, opened: list[Transport], timeout_s: float | None
+    ended: _RoundCounter, buses: list[MemoryTransport], timeout_s: float | None
 ) -> None:
     """Wait until the requested rounds have ended."""
-    if isinstance(opened[0], MemoryTransport):
-        bus = opened[0]
-        bus.join(timeout_s)
-        if bus.dead_letters:
-            raise RuntimeError(f"{len(bus.dead_letters)} message(s) failed; see the log")
+    _drain(buses, timeout_s)
     if not ended.done.wait(timeout_s):
         raise TimeoutError(f"{ended.ended} of {ended.count} rounds ended in {timeout_s} s")
 
@@ -352,7 +408,7 @@ def _wait_for_rounds(
 def _run_emulated(
     clock: VirtualTime,
     ended: _RoundCounter,
-    opened: list[Transport],
+    buses: list[MemoryTransport],
     tick: Callable[[], None],
     config: ExperimentConfig,
     timeout_s: float | None,
@@ -362,15 +418,11 @@ def _run_emulated(
     Between two training completions the bus drains and the coordinator
     ticks, so every step happens in one order: the run stays deterministic.
     """
-    bus = opened[0]
-    assert isinstance(bus, MemoryTransport)
     limit = time.monotonic() + (timeout_s or float("inf"))
     idle_since = clock.now
 
     def settled() -> bool:
-        bus.join(timeout_s)
-        if bus.dead_letters:
-            raise RuntimeError(f"{len(bus.dead_letters)} message(s) failed; see the log")
+        _drain(buses, timeout_s)
         return ended.done.is_set()
 
     while not settled():

@@ -22,6 +22,7 @@ from aggregator_service.links import PresignedLinks, SignedLinks
 from aggregator_service.rounds.registry import DeviceRegistry
 from broker import Transport
 from broker.access import DeviceCredentials, open_access
+from broker.bridge import Bridge
 from broker.identity import Identity, KeyRing, decode_public_key
 from broker.topics import Topics
 from device_sdk.emulator import Fleet
@@ -161,6 +162,32 @@ def run_worker(
         wait_for_signal(health_file)
     finally:
         transports.close()
+
+
+def run_bridge(
+    *,
+    root: str,
+    region: str,
+    name: str,
+    namespace: str = "fedmq",
+    health_file: Path | None = None,
+) -> None:
+    """Carry a region's device and round traffic to and from the root's broker until signalled.
+
+    The region's devices and edge workers use the region's broker; see
+    ``broker.bridge`` for what crosses and why updates never do.
+    """
+    roots, regions = TransportPool(root), TransportPool(region)
+    try:
+        client_id = f"fedmq-bridge-{name}"
+        bridge = Bridge(roots(client_id), regions(client_id), name=name, topics=Topics(namespace))
+        bridge.start()
+        print(f"fedmq bridge {name}: {redact(region)} <-> {redact(root)}", flush=True)
+        wait_for_signal(health_file)
+        bridge.stop()
+    finally:
+        regions.close()
+        roots.close()
 
 
 def start_worker(
