@@ -12,7 +12,7 @@ from typing import Any
 
 from aggregator_service.errors import ConfigError
 from aggregator_service.strategies import STRATEGIES, Strategy
-from device_sdk.data import DATASETS, PARTITIONS
+from device_sdk.data import DATASET_FACTS, DATASETS, PARTITIONS
 from model_store import ModelSpec, ModelSpecError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -85,20 +85,24 @@ class ExperimentConfig:
             raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
         if not isinstance(raw.get("model"), Mapping):
             raise ConfigError("model: required, an object such as {'zoo': 'mlp', ...}")
+        data = _section(DataConfig, raw.get("data", {}), "data")
+        rounds = _section(RoundsConfig, raw.get("rounds", {}), "rounds")
+        training = _section(TrainingConfig, raw.get("training", {}), "training")
+        strategy = dict(_typed(raw, "strategy", Mapping, {"name": "fedavg"}))
         config = cls(
             name=_typed(raw, "name", str, "experiment"),
             seed=_typed(raw, "seed", int, 0),
             model=dict(raw["model"]),
-            data=_section(DataConfig, raw.get("data", {}), "data"),
-            strategy=dict(_typed(raw, "strategy", Mapping, {"name": "fedavg"})),
-            rounds=_section(RoundsConfig, raw.get("rounds", {}), "rounds"),
-            training=_section(TrainingConfig, raw.get("training", {}), "training"),
+            data=data,
+            strategy=derived_strategy(strategy, data, rounds, training),
+            rounds=rounds,
+            training=training,
         )
         config.validate()
         return config
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` for values no run could use."""
+        """Raise ``ConfigError`` listing every value no run could use, not just the first."""
         r, t, d = self.rounds, self.training, self.data
         checks = [
             (bool(self.name.strip()), "name: must not be empty"),
@@ -120,12 +124,50 @@ class ExperimentConfig:
             (d.partition in PARTITIONS, f"data.partition: one of {PARTITIONS}"),
             (d.alpha > 0, "data.alpha: must be positive"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        build_strategy(self.strategy)
-        self.model_spec()
-        self.platforms()
+        problems = [message for ok, message in checks if not ok]
+        for check in (lambda: build_strategy(self.strategy), self.platforms, self._fits_data):
+            try:
+                check()
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise ConfigError("; ".join(problems), problems)
+
+    def _fits_data(self) -> None:
+        """Raise ``ConfigError`` if the model cannot take the data set or the fleet cannot run."""
+        spec = self.model_spec()
+        d, r = self.data, self.rounds
+        facts = DATASET_FACTS.get(d.dataset)
+        if facts is None:
+            return  # an unknown data set is reported by ``validate``
+        problems = []
+        # Every zoo model but the CNN flattens its input: the sizes must agree; the
+        # CNN needs the very (channels, height, width).
+        flat = math.prod(spec.input_shape) == math.prod(facts.input_shape)
+        exact = spec.input_shape == facts.input_shape
+        if not flat or (spec.zoo == "mnist_cnn" and not exact):
+            problems.append(
+                f"model.input_shape: {list(spec.input_shape)} does not fit {d.dataset}, "
+                f"whose examples have shape {list(facts.input_shape)}"
+            )
+        if spec.num_classes < facts.num_classes:
+            problems.append(
+                f"model.num_classes: {spec.num_classes}, but {d.dataset} has "
+                f"{facts.num_classes} classes"
+            )
+        parts = d.devices * (d.shards_per_device if d.partition == "shards" else 1)
+        if parts > facts.train_examples:
+            problems.append(
+                f"data.devices: {d.devices} devices ({parts} parts) cannot split the "
+                f"{facts.train_examples} training examples of {d.dataset}"
+            )
+        if r.devices_per_round > d.devices:
+            problems.append(
+                f"rounds.devices_per_round: {r.devices_per_round}, but data.devices "
+                f"emulates only {d.devices}: no round could start"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems), problems)
 
     def model_spec(self) -> ModelSpec:
         """Return the zoo model the config names; raise ``ConfigError`` if it cannot exist."""
@@ -169,6 +211,28 @@ def is_asynchronous(strategy: Mapping[str, Any]) -> bool:
     ``buffer_size`` updates, stale ones included, into the next version.
     """
     return strategy.get("name") in ASYNCHRONOUS
+
+
+def derived_strategy(
+    strategy: Mapping[str, Any], data: DataConfig, rounds: RoundsConfig, training: TrainingConfig
+) -> dict[str, Any]:
+    """Return the strategy section with the settings that follow from the rest of the config.
+
+    SCAFFOLD and DP-FedAvg count the clients (``data.devices``), DP-FedAvg
+    samples ``devices_per_round`` of them per round, and q-FedAvg's step is
+    ``1 / training.lr`` (Li et al. 2020). A setting the user gave is kept.
+    """
+    settings = dict(strategy)
+    name = settings.get("name")
+    if name in ("scaffold", "dpfedavg"):
+        settings.setdefault("num_clients", data.devices)
+    if name == "dpfedavg":
+        settings.setdefault(
+            "sampling_rate", min(1.0, rounds.devices_per_round / max(data.devices, 1))
+        )
+    if name == "qfedavg" and "lr" not in settings and "lipschitz" not in settings:
+        settings["lr"] = training.lr
+    return settings
 
 
 def strategy_classes() -> dict[str, type[Strategy]]:

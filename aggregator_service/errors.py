@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ServiceError(Exception):
     """Root of the service's errors; ``code`` is the stable string the API reports."""
@@ -20,9 +22,13 @@ class ServiceError(Exception):
 
 
 class ConfigError(ServiceError):
-    """An experiment config that cannot be run."""
+    """An experiment config that cannot be run; ``problems`` lists every reason, one per line."""
 
     code = "invalid_config"
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
 
 
 class NotFound(ServiceError):

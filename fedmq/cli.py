@@ -141,13 +141,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    _run_and_report(
+    result = _run_and_report(
         config,
         args.rounds,
         args.out,
         profile=args.profile,
         workers=args.workers,
         regions=args.regions,
+    )
+    abandoned = [r for r in result.rounds if r.state == "abandoned"]
+    for record in abandoned:
+        print(f"fedmq: round {record.number} abandoned: {record.reason}", file=sys.stderr)
+    return 1 if abandoned else 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    strategy = dict(config.strategy)
+    print(
+        f"{args.config}: valid. {config.name}: {config.data.devices} devices on "
+        f"{config.data.dataset}/{config.data.partition}, model {config.model.get('zoo')}, "
+        f"strategy {strategy.pop('name')} {strategy or ''}".rstrip()
     )
     return 0
 
@@ -317,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate_cmd.set_defaults(func=_cmd_simulate)
 
+    validate = sub.add_parser(
+        "validate",
+        help="check an experiment config against its data set and model",
+        description="Check a config as the service would at POST /experiments, listing every "
+        "problem (exit 2) or the settings it resolves to (exit 0). "
+        "Example: fedmq validate experiments/configs/digits_fedavg.json",
+    )
+    validate.add_argument("config", type=Path, help="experiment config (.json or .toml)")
+    validate.set_defaults(func=_cmd_validate)
+
     server = sub.add_parser("server", help="the REST API, dashboard and round coordinator")
     server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=8080, help="port (default 8080)")
@@ -439,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"fedmq: invalid config: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"fedmq: invalid config: {problem}", file=sys.stderr)
         return 2
     except _USER_ERRORS as exc:
         print(f"fedmq: {exc}", file=sys.stderr)

@@ -80,6 +80,10 @@ def register_error_handlers(app: Flask) -> None:
         if status == 500:
             current_app.logger.exception("internal error")
         response, status = error_response(exc.code, str(exc), status)
+        if isinstance(exc, ConfigError):  # every problem of the config, not just the first
+            body = response.get_json()
+            body["error"]["problems"] = exc.problems
+            response = jsonify(body)
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="fedmq"'
         return response, status

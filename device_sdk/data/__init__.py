@@ -8,7 +8,15 @@ splits its training examples across devices (``"iid"``, ``"dirichlet"``,
 
 from __future__ import annotations
 
-from device_sdk.data._datasets import DATASETS, Dataset, load_dataset
+from device_sdk.data._datasets import DATASET_FACTS, DATASETS, Dataset, DatasetFacts, load_dataset
 from device_sdk.data._partition import PARTITIONS, partition
 
-__all__ = ["DATASETS", "PARTITIONS", "Dataset", "load_dataset", "partition"]
+__all__ = [
+    "DATASETS",
+    "DATASET_FACTS",
+    "PARTITIONS",
+    "Dataset",
+    "DatasetFacts",
+    "load_dataset",
+    "partition",
+]

@@ -76,6 +76,23 @@ class Dataset:
         return tuple(int(d) for d in self.x_train.shape[1:])
 
 
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a config can be checked against without loading a data set."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_examples: int
+
+
+DATASET_FACTS = {
+    "digits": DatasetFacts((64,), 10, 1437),
+    "mnist": DatasetFacts((1, 28, 28), 10, 60000),
+    "mnist1d": DatasetFacts((40,), 10, 4000),
+}
+"""Shape, classes and training-split size of each named data set (tests check them)."""
+
+
 def load_dataset(name: str, *, data_dir: _StrPath | None = None) -> Dataset:
     """Load a named data set from local files or installed packages; never download.
 

@@ -83,7 +83,15 @@ def classes_covering(labels: npt.NDArray[np.int64], part: npt.NDArray[np.int64])
 
 def test_public_api_is_exactly_the_documented_names() -> None:
     # Prepare
-    expected = {"DATASETS", "PARTITIONS", "Dataset", "load_dataset", "partition"}
+    expected = {
+        "DATASETS",
+        "DATASET_FACTS",
+        "PARTITIONS",
+        "Dataset",
+        "DatasetFacts",
+        "load_dataset",
+        "partition",
+    }
 
     # Execute
     exported = set(data.__all__)

@@ -106,3 +106,49 @@ def test_a_run_stops_early_once_its_stop_condition_holds(small_config: Any) -> N
 
     assert [r.number for r in result.rounds] == [1, 2]
     assert all(r.state == "committed" for r in result.rounds)
+
+
+def test_validate_and_simulate_list_every_problem_one_line_each(
+    tmp_path: Path, capsys: Any
+) -> None:
+    path = tmp_path / "mismatch.json"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "mismatch",
+                "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 10},
+                "data": {"dataset": "mnist", "devices": 10},
+                "training": {"lr": -1.0},
+            }
+        )
+    )
+
+    for command in ("validate", "simulate"):
+        assert main([command, str(path)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 2, lines
+        assert all(line.startswith("fedmq: invalid config: ") for line in lines)
+        assert "does not fit mnist" in lines[1]
+
+
+def test_validate_prints_the_settings_a_config_resolves_to(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "scaffold.json"
+    model = {"zoo": "mlp", "input_shape": [64], "num_classes": 10}
+    path.write_text(json.dumps({"name": "s", "model": model, "strategy": {"name": "scaffold"}}))
+
+    assert main(["validate", str(path)]) == 0
+    assert "scaffold {'num_clients': 20}" in capsys.readouterr().out
+
+
+def test_simulate_exits_non_zero_with_one_line_per_abandoned_round(
+    small_config: Any, tmp_path: Path, capsys: Any
+) -> None:
+    # Krum cannot tolerate f = 3 Byzantine updates among 4: every round is abandoned.
+    config = small_config(strategy={"name": "krum", "num_byzantine": 3}, rounds={"count": 2})
+    path = tmp_path / "krum.json"
+    path.write_text(json.dumps(config.to_dict()))
+
+    assert main(["simulate", str(path)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("fedmq: round 1 abandoned: krum could not aggregate")

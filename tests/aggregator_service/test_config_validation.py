@@ -1,0 +1,126 @@
+"""A config is checked against its data set and model before any work, every problem at once."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from aggregator_service import ConfigError, ExperimentConfig
+from aggregator_service.api.app import create_app
+from aggregator_service.config import build_strategy
+from device_sdk.data import DATASET_FACTS, load_dataset
+from device_sdk.data.errors import DataNotFound
+
+MISMATCH: dict[str, Any] = {
+    "name": "mismatch",
+    "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 5},
+    "data": {"dataset": "mnist", "devices": 10},
+    "rounds": {"devices_per_round": 20},
+    "training": {"lr": -1.0},
+}
+
+
+def test_every_problem_of_a_config_is_listed_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig.from_dict(MISMATCH)
+
+    problems = caught.value.problems
+    assert len(problems) == 4, problems
+    assert problems[0] == "training.lr: must be positive"
+    assert "model.input_shape: [64] does not fit mnist" in problems[1]
+    assert "[1, 28, 28]" in problems[1]
+    assert "model.num_classes: 5, but mnist has 10 classes" in problems[2]
+    assert "rounds.devices_per_round: 20" in problems[3]
+
+
+def test_the_cnn_needs_the_exact_image_shape_where_flattening_models_need_the_size() -> None:
+    base = {"name": "x", "data": {"dataset": "mnist", "devices": 10}}
+    flat = {"zoo": "mlp", "input_shape": [784], "num_classes": 10}
+    ExperimentConfig.from_dict({**base, "model": flat})  # the MLP flattens (1, 28, 28)
+    cnn = {"zoo": "mnist_cnn", "input_shape": [1, 28, 28], "num_classes": 10}
+    ExperimentConfig.from_dict({**base, "model": cnn})
+    with pytest.raises(ConfigError, match="input_shape"):
+        ExperimentConfig.from_dict({**base, "model": {**cnn, "input_shape": [4, 14, 14]}})
+
+
+def test_shards_that_outnumber_the_examples_are_refused() -> None:
+    raw = {
+        "name": "x",
+        "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 10},
+        "data": {"dataset": "digits", "devices": 1000, "partition": "shards"},
+    }
+    with pytest.raises(ConfigError, match="2000 parts"):
+        ExperimentConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("name", ["scaffold", "qfedavg", "dpfedavg"])
+def test_strategy_settings_that_follow_from_the_config_default_from_it(name: str) -> None:
+    strategy: dict[str, Any] = {"name": name}
+    if name == "dpfedavg":  # the privacy choices stay the user's
+        strategy.update(clip_norm=1.0, noise_multiplier=0.5)
+    raw = {
+        "name": "x",
+        "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 10},
+        "data": {"devices": 12},
+        "rounds": {"devices_per_round": 3},
+        "training": {"lr": 0.2},
+        "strategy": strategy,
+    }
+
+    config = ExperimentConfig.from_dict(raw)
+
+    settings = dict(config.strategy)
+    expected = {
+        "scaffold": {"num_clients": 12},
+        "qfedavg": {"lr": 0.2},
+        "dpfedavg": {"num_clients": 12, "sampling_rate": 0.25},
+    }[name]
+    assert {k: settings[k] for k in expected} == expected
+    build_strategy(config.strategy)  # and the strategy builds from what is stored
+    given = ExperimentConfig.from_dict({**raw, "strategy": {**strategy, **_other(name)}})
+    assert {k: given.strategy[k] for k in _other(name)} == _other(name)  # the user's wins
+
+
+def _other(name: str) -> dict[str, Any]:
+    return {
+        "scaffold": {"num_clients": 40},
+        "qfedavg": {"lr": 0.5},
+        "dpfedavg": {"num_clients": 40, "sampling_rate": 0.5},
+    }[name]
+
+
+@pytest.mark.parametrize("name", sorted(DATASET_FACTS))
+def test_the_data_set_facts_match_the_data_sets(name: str) -> None:
+    try:
+        dataset = load_dataset(name)
+    except DataNotFound:
+        pytest.skip(f"{name} files are not on this machine")
+    facts = DATASET_FACTS[name]
+    assert facts.input_shape == dataset.input_shape
+    assert facts.num_classes == dataset.num_classes
+    assert facts.train_examples == len(dataset.x_train)
+
+
+@pytest.fixture
+def client(stack: Any) -> Iterator[FlaskClient]:
+    app = create_app({"TESTING": True, "ADMIN_TOKEN": "t"}, service=stack.service)
+    with app.test_client() as client:
+        yield client
+
+
+def test_the_api_refuses_a_mismatched_config_listing_every_problem(client: FlaskClient) -> None:
+    response = client.post(
+        "/api/v1/experiments", json=copy.deepcopy(MISMATCH), headers={"Authorization": "Bearer t"}
+    )
+
+    assert response.status_code == 400
+    error = response.json["error"]  # type: ignore[index]
+    assert error["code"] == "invalid_config"
+    assert len(error["problems"]) == 4
+    assert client.get("/api/v1/experiments", headers={"Authorization": "Bearer t"}).json == {
+        "experiments": []
+    }
