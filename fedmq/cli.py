@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ from fedmq.keys import KeyFolder
 from fedmq.platforms import parse_mix
 from fedmq.processes import run_bridge, run_fleet, run_server, run_worker
 from fedmq.results import round_row, write_results
+from fedmq.runs import add_run_commands
 from fedmq.settings import (
     ENVIRONMENT,
     add_location_flags,
@@ -296,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmq", description="Message-queue based federated learning."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details (anywhere on the line)"
+    )
+    parser.add_argument("--version", action="version", version=f"fedmq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a federated demo on embedded defaults")
@@ -423,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_flags(fleet)
     fleet.set_defaults(func=_cmd_fleet)
     add_devices_command(sub)
+    add_run_commands(sub)
 
     export = sub.add_parser("export", help="package a torch model for a device platform")
     source = export.add_mutually_exclusive_group(required=True)
@@ -451,9 +457,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fedmq")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
+def _verbose_first(argv: Sequence[str]) -> list[str]:
+    """Move ``-v``/``--verbose`` before the command, so it is taken wherever it was typed."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in ("-v", "--verbose")]
+    rest = [a for i, a in enumerate(argv) if i >= end or a not in ("-v", "--verbose")]
+    return flags[:1] + rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `fedmq` command; return its exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_verbose_first(sys.argv[1:] if argv is None else argv))
     level = logging.INFO if args.verbose else logging.WARNING
     # force: onnxruntime configures the root logger when it is imported
     logging.basicConfig(

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from aggregator_service import ServiceError
 from broker.identity import Identity
+from fedmq.rest import ADMIN, ENROLLER, VIEWER, RestClient, token_from
 from fedmq.settings import add_location_flags, resolve
 
 
@@ -48,14 +46,12 @@ def _enroll(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"platform": args.platform, "public_key": identity.public_key_text}
     if args.device_id:
         body["device_id"] = args.device_id
-    token = os.environ.get("FEDMQ_ENROLLMENT_TOKEN") or os.environ.get("FEDMQ_ADMIN_TOKEN")
-    answer = _call(args, "POST", "/api/v1/devices", body, token)
+    answer = _call(args, "POST", "/api/v1/devices", body, token_from(ENROLLER))
     return _show(args, answer, f"enrolled {answer['device_id']}; key in {args.key_file}")
 
 
 def _list(args: argparse.Namespace) -> int:
-    token = os.environ.get("FEDMQ_VIEWER_TOKEN") or os.environ.get("FEDMQ_ADMIN_TOKEN")
-    answer = _call(args, "GET", "/api/v1/devices", None, token)
+    answer = _call(args, "GET", "/api/v1/devices", None, token_from(VIEWER))
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
@@ -74,13 +70,13 @@ def _rotate(args: argparse.Namespace) -> int:
     identity = _new_key(args.key_file, args.device_id)
     path = f"/api/v1/devices/{args.device_id}/rotate"
     body = {"public_key": identity.public_key_text}
-    answer = _call(args, "POST", path, body, os.environ.get("FEDMQ_ADMIN_TOKEN"))
+    answer = _call(args, "POST", path, body, token_from(ADMIN))
     return _show(args, answer, f"rotated {args.device_id}; new key in {args.key_file}")
 
 
 def _revoke(args: argparse.Namespace) -> int:
     path = f"/api/v1/devices/{args.device_id}"
-    answer = _call(args, "DELETE", path, None, os.environ.get("FEDMQ_ADMIN_TOKEN"))
+    answer = _call(args, "DELETE", path, None, token_from(ADMIN))
     return _show(args, answer, f"revoked {args.device_id}")
 
 
@@ -98,24 +94,7 @@ def _show(args: argparse.Namespace, answer: dict[str, Any], summary: str) -> int
 def _call(
     args: argparse.Namespace, method: str, path: str, body: Any, token: str | None
 ) -> dict[str, Any]:
-    server = resolve(args, "server").rstrip("/")
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server + path, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            answer: dict[str, Any] = json.loads(response.read())
-            return answer
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise ServiceError(f"{method} {path}: HTTP {exc.code}: {message}") from None
-    except OSError as exc:
-        raise ServiceError(f"cannot reach the FedMQ service at {server}: {exc}") from None
+    return RestClient(resolve(args, "server"), token).json(method, path, body)
 
 
 __all__ = ["add_devices_command"]

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
 import signal
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +26,7 @@ from device_sdk.emulator import Fleet
 from device_sdk.emulator.profiles import load_profile
 from fedmq.keys import KeyFolder
 from fedmq.platforms import assign_platforms, mixed_trainers, platform_packagers
+from fedmq.rest import ENROLLER, VIEWER, RestClient, token_from
 from fedmq.settings import home, redact
 from fedmq.wiring import (
     DEFAULT_MAX_INLINE_BYTES,
@@ -292,41 +290,10 @@ def run_fleet(
         print(f"fedmq fleet stopped: {fleet.summary()}", flush=True)
 
 
-def _bearer(*variables: str) -> dict[str, str]:
-    """Return an ``Authorization`` header from the first of ``variables`` that is set."""
-    for name in variables:
-        token = os.environ.get(name)
-        if token:
-            return {"Authorization": f"Bearer {token}"}
-    return {}
-
-
-def _call(
-    server: str, path: str, headers: Mapping[str, str], body: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """Call the service's REST API; translate HTTP and network errors to one-line errors."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        server.rstrip("/") + path,
-        data=data,
-        headers={**headers, "Content-Type": "application/json"},
-        method="GET" if body is None else "POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            answer: dict[str, Any] = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read()[:300].decode(errors="replace")
-        raise ServiceError(f"{server}{path}: HTTP {exc.code} {detail}") from exc
-    except (OSError, ValueError) as exc:
-        raise ServiceError(f"cannot reach the FedMQ service at {server}: {exc}") from exc
-    return answer
-
-
 def _experiment(server: str, experiment_id: str | None) -> dict[str, Any]:
     """Fetch an experiment (default: the newest) from the service's REST API."""
     path = f"/api/v1/experiments/{experiment_id}" if experiment_id else "/api/v1/experiments"
-    body = _call(server, path, _bearer("FEDMQ_VIEWER_TOKEN", "FEDMQ_ADMIN_TOKEN"))
+    body = RestClient(server, token_from(VIEWER)).json("GET", path)
     if experiment_id:
         return body
     if not body["experiments"]:
@@ -339,12 +306,12 @@ class _Enrollment:
     """Registers a fleet's devices with the service over REST, pinning the key it answers with."""
 
     def __init__(self, server: str) -> None:
-        self._server = server
-        self._headers = _bearer("FEDMQ_ENROLLMENT_TOKEN", "FEDMQ_ADMIN_TOKEN")
-        if not self._headers:
+        token = token_from(ENROLLER)
+        if not token:
             raise ServiceError(
                 "enrolling devices needs FEDMQ_ENROLLMENT_TOKEN (or FEDMQ_ADMIN_TOKEN)"
             )
+        self._api = RestClient(server, token)
         self.service_key: bytes | None = None
         self.logins: dict[str, DeviceCredentials] = {}
         """Each device's own broker user, where the service provisions them."""
@@ -352,9 +319,7 @@ class _Enrollment:
     def __call__(self, identity: Identity, platform: str) -> bytes:
         """Register ``identity``; keep its broker login; return the service key reported."""
         body = {"platform": platform, "public_key": identity.public_key_text}
-        answer = _call(
-            self._server, "/api/v1/devices", self._headers, {**body, "device_id": identity.name}
-        )
+        answer = self._api.json("POST", "/api/v1/devices", {**body, "device_id": identity.name})
         key = decode_public_key(str(answer["service_key"]))
         login = answer.get("broker")
         if isinstance(login, dict):

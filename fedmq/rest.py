@@ -1,0 +1,75 @@
+"""The commands' one client of the service's REST API: JSON in and out, errors in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+from aggregator_service import ServiceError
+
+ADMIN = ("FEDMQ_ADMIN_TOKEN",)
+"""Variables holding a token that may change things."""
+VIEWER = ("FEDMQ_VIEWER_TOKEN", "FEDMQ_ADMIN_TOKEN")
+"""Variables holding a token that may read guarded things, narrowest first."""
+ENROLLER = ("FEDMQ_ENROLLMENT_TOKEN", "FEDMQ_ADMIN_TOKEN")
+"""Variables holding a token that may register devices, narrowest first."""
+
+
+def token_from(variables: tuple[str, ...]) -> str | None:
+    """Return the first of ``variables`` that is set in the environment."""
+    return next((os.environ[name] for name in variables if os.environ.get(name)), None)
+
+
+class RestClient:
+    """Calls one FedMQ service.
+
+    Parameters
+    ----------
+    server
+        The service's base URL, e.g. ``http://127.0.0.1:8080``.
+    token
+        The bearer token sent with every call, if any.
+    timeout_s
+        Seconds a call may take.
+    """
+
+    def __init__(self, server: str, token: str | None = None, *, timeout_s: float = 10.0) -> None:
+        self.server = server.rstrip("/")
+        self._token = token
+        self._timeout_s = timeout_s
+
+    def json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """Call ``path`` (under the server's root) and return its JSON answer ({} when empty)."""
+        raw = self.raw(method, path, body)
+        return json.loads(raw) if raw else {}  # type: ignore[no-any-return]
+
+    def raw(self, method: str, path: str, body: Any = None) -> bytes:
+        """Call ``path`` and return the answer's bytes; raise ``ServiceError`` in one line."""
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.server + path, data=data, headers=headers, method=method
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+                answer: bytes = response.read()
+                return answer
+        except urllib.error.HTTPError as exc:
+            raise ServiceError(f"{method} {path}: HTTP {exc.code}: {_message(exc)}") from None
+        except (OSError, ValueError) as exc:
+            raise ServiceError(f"cannot reach the FedMQ service at {self.server}: {exc}") from None
+
+
+def _message(error: urllib.error.HTTPError) -> str:
+    """Return the API's error message (every problem of a refused config), else the reason."""
+    try:
+        body = json.loads(error.read())["error"]
+    except (ValueError, KeyError, TypeError):
+        return str(error.reason)
+    problems = body.get("problems")
+    return "; ".join(problems) if isinstance(problems, list) else str(body.get("message", ""))
