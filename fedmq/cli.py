@@ -480,7 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
-    logging.getLogger("werkzeug").setLevel(level)  # it sets INFO on itself otherwise
+    # The broker clients log every failed attempt with a traceback; FedMQ reports the
+    # outcome in one line, so theirs are for -v only.
+    for library in ("pika", "paho", "amqtt"):
+        logging.getLogger(library).setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from aggregator_service.persistence import RoundRecord
 from aggregator_service.rounds import describe
+
+log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
     "round",
@@ -75,8 +78,12 @@ def write_results(
 
 
 def plot_rounds(rounds: Sequence[RoundRecord], path: Path, *, title: str) -> None:
-    """Plot held-out accuracy and loss per round into a PNG."""
-    import matplotlib
+    """Plot held-out accuracy and loss per round into a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:  # a lean install (no `fedmq[plots]`): the tables are still written
+        log.warning("no plot: matplotlib is not installed (pip install 'fedmq[plots]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

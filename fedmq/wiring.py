@@ -10,8 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import waitress
 from flask import Flask
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from broker import MemoryTransport, Transport, connect
 from broker.access import DeviceCredentials
@@ -112,11 +112,31 @@ def executor_runner(executor: Executor) -> Callable[[Callable[[], None]], None]:
     return run
 
 
-def start_http(app: Flask, host: str, port: int) -> BaseWSGIServer:
+class HttpServer:
+    """A running production WSGI server (waitress) and how to stop it."""
+
+    THREADS = 16
+    """Requests served at once; the API's calls are short, uploads stream to disk."""
+
+    def __init__(self, app: Flask, host: str, port: int) -> None:
+        # Werkzeug's development server is not for production: waitress is, in pure Python.
+        self._server = waitress.create_server(
+            app, host=host, port=port, threads=self.THREADS, ident="fedmq"
+        )
+        self.port = int(self._server.effective_port)
+        """The bound port (the one the OS chose when asked for port 0)."""
+        self._thread = threading.Thread(target=self._server.run, name="fedmq-http", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop accepting and serving; return once the serving thread has ended."""
+        self._server.close()
+        self._thread.join(timeout=5)
+
+
+def start_http(app: Flask, host: str, port: int) -> HttpServer:
     """Serve ``app`` on a daemon thread; return the server (``.port``, ``.shutdown()``)."""
-    server = make_server(host, port, app, threaded=True)
-    threading.Thread(target=server.serve_forever, name="fedmq-http", daemon=True).start()
-    return server
+    return HttpServer(app, host, port)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

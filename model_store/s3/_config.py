@@ -84,8 +84,11 @@ def _check_endpoint(endpoint: str, url: str) -> None:
 
 def make_client(endpoint_url: str | None, region: str | None) -> Any:
     """Build an S3 client on its own boto3 session (no module-level default session)."""
-    import boto3
-    from botocore.config import Config
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as exc:  # a lean install: S3 is an extra
+        raise StoreError("the S3 store needs boto3: pip install 'fedmq[s3]'") from exc
 
     session = boto3.session.Session()
     config = Config(
