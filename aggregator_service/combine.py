@@ -167,6 +167,7 @@ class Combiner:
             # Combined before by a worker that died before its outcome was heard:
             # report that version; finishing again would advance the server state twice.
             ref = stored_ref(self._store, exp, version)
+            strategy = self._strategy_for(exp, dict(request.strategy), version)
         else:
             new = strategy.finish(request.round, current, state)
             advanced = True
@@ -185,6 +186,6 @@ class Combiner:
             accepted_devices=tuple(sorted(ledger.accepted_devices)),
             rejected=dict(ledger.rejected),
             num_examples=ledger.examples,
-            metrics=ledger.metrics,
+            metrics={**ledger.metrics, **strategy.round_metrics()},
         )
         return committed, advanced

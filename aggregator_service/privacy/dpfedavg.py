@@ -208,6 +208,13 @@ class DPFedAvg(Strategy):
             "epsilon": self.epsilon,
         }
 
+    def round_metrics(self) -> dict[str, float]:
+        """Return the epsilon spent so far (at ``delta``) and the clip norm of the next round."""
+        figures = {"clip_norm": self.current_clip_norm}
+        if self.epsilon is not None:
+            figures["epsilon"] = self.epsilon
+        return figures
+
     def state_dict(self) -> dict[str, StateValue]:
         """Return the current clip norm, the rounds accounted and the noise generator's state."""
         rng = self._rng.bit_generator.state

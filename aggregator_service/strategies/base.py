@@ -78,6 +78,13 @@ class Strategy:
         """Return the strategy's name and settings, for records and logs."""
         return {"name": self.name, **self.settings()}
 
+    def round_metrics(self) -> dict[str, float]:
+        """Return figures of the server state recorded with each committed round (none here).
+
+        Read after ``finish``: DP-FedAvg reports the privacy spent so far.
+        """
+        return {}
+
     def state_dict(self) -> dict[str, StateValue]:
         """Return a copy of the server state carried between rounds (empty when stateless)."""
         return {}
