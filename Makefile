@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit brokers clean
+.PHONY: demo test lint typecheck unit brokers results clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: $(STAMP) brokers lint typecheck unit
+
+# Regenerates every committed study table, data file and plot (about an hour on two cores;
+# the McMahan et al. rows take most of it). `make test` checks the quickest study's table.
+results: $(STAMP)
+	$(BIN)/python -m experiments.studies.strategies_noniid
+	$(BIN)/python -m experiments.studies.fedbuff_async
+	$(BIN)/python -m experiments.studies.mcmahan2017 --rows cnn-iid,2nn-iid,2nn-noniid
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

@@ -22,10 +22,10 @@ Writes experiments/results/fedbuff_async.{md,json,png}.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,9 @@ from typing import Any
 from aggregator_service import ExperimentConfig
 from aggregator_service.persistence import RoundRecord
 from device_sdk.emulator.profiles import heterogeneous
+from experiments.studies._results import add_result_flags, check
 from fedmq.compose import simulate
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 SEEDS = (0, 1, 2)
 BUDGET_S = 300.0
 """Emulated seconds each run may use."""
@@ -126,9 +126,13 @@ def accuracy_at(curve: list[tuple[float, float]], t: float) -> float:
     return reached[-1] if reached else 0.0
 
 
-def main() -> None:
-    """Run every method and seed; write the table, the curves and the plot."""
-    chosen = sys.argv[1:] or list(METHODS)
+def main(argv: list[str] | None = None) -> int:
+    """Run every method and seed; write (or check) the table, the curves and the plot."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("methods", nargs="*", help=f"from {', '.join(METHODS)} (default: all)")
+    add_result_flags(parser)
+    args = parser.parse_args(argv)
+    chosen = args.methods or list(METHODS)
     # Devices told to come back later set real-time timers that outlive the
     # emulated runs; their failed check-ins after a run ended are noise here.
     logging.getLogger("device_sdk.client").setLevel(logging.ERROR)
@@ -142,11 +146,14 @@ def main() -> None:
                 f"({outcome['rounds']} rounds, {outcome['real_s']:.1f} s)",
                 flush=True,
             )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fedbuff_async.json").write_text(json.dumps(runs, indent=2))
-    (RESULTS / "fedbuff_async.md").write_text(render(runs))
-    plot(runs, RESULTS / "fedbuff_async.png")
+    if args.check:
+        return check("fedbuff_async.md", render(runs))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fedbuff_async.json").write_text(json.dumps(runs, indent=2))
+    (args.out / "fedbuff_async.md").write_text(render(runs))
+    plot(runs, args.out / "fedbuff_async.png")
     print(render(runs))
+    return 0
 
 
 def _mean_time(times: list[float | None]) -> str:
@@ -260,4 +267,4 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -22,9 +22,8 @@ from typing import Any
 
 from aggregator_service import ExperimentConfig
 from aggregator_service.persistence import RoundRecord
+from experiments.studies._results import RESULTS, add_result_flags, check
 from fedmq.compose import simulate
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 @dataclass(frozen=True)
@@ -159,29 +158,36 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
-    """Run the chosen rows and write the table, the data and the plot."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen rows and write (or check) the table, the data and the plot."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--rows",
         default="2nn-iid,2nn-noniid,cnn-iid",
         help=f"comma-separated, from {', '.join(ROWS)}",
     )
-    args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for key in args.rows.split(","):
+    add_result_flags(parser)
+    args = parser.parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    computed = {key: run_row(ROWS[key]) for key in args.rows.split(",")}
+    if args.check:
+        saved = {key: RESULTS / f"mcmahan2017_{key}.json" for key in ROWS}
+        committed = {k: json.loads(p.read_text()) for k, p in saved.items() if p.exists()}
+        return check("mcmahan2017.md", render(list({**committed, **computed}.values())))
+    for key, row_result in computed.items():
         # One file per row, so rows can run in parallel processes and be rerun alone.
-        row_result = run_row(ROWS[key])
-        (RESULTS / f"mcmahan2017_{key}.json").write_text(json.dumps(row_result, indent=2))
+        (out / f"mcmahan2017_{key}.json").write_text(json.dumps(row_result, indent=2))
     results = [
-        json.loads((RESULTS / f"mcmahan2017_{key}.json").read_text())
+        json.loads((out / f"mcmahan2017_{key}.json").read_text())
         for key in ROWS
-        if (RESULTS / f"mcmahan2017_{key}.json").exists()
+        if (out / f"mcmahan2017_{key}.json").exists()
     ]
-    (RESULTS / "mcmahan2017.md").write_text(render(results))
-    plot(results, RESULTS / "mcmahan2017.png")
+    (out / "mcmahan2017.md").write_text(render(results))
+    plot(results, out / "mcmahan2017.png")
     print(render(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

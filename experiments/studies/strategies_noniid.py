@@ -5,13 +5,15 @@ digits, 10 devices per round, 15 rounds, 2 local epochs of SGD; alpha in
 {0.1, 0.5}; seeds 0-2. Reports the final held-out accuracy (mean and spread)
 and plots mean accuracy per round.
 
-    python -m experiments.studies.strategies_noniid
+    python -m experiments.studies.strategies_noniid [--check] [--out DIR]
 
-Writes experiments/results/strategies_noniid.{md,json,png}.
+Writes experiments/results/strategies_noniid.{md,json,png}; ``--check``
+compares instead (CI runs it: the committed table must be what HEAD computes).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -19,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from aggregator_service import ExperimentConfig
+from experiments.studies._results import add_result_flags, check
 from fedmq.compose import simulate
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 ALPHAS = (0.1, 0.5)
 SEEDS = (0, 1, 2)
 ROUNDS = 15
@@ -51,8 +53,11 @@ def config_for(strategy: dict[str, Any], alpha: float, seed: int) -> ExperimentC
     )
 
 
-def main() -> None:
-    """Run every strategy, alpha and seed; write the table, data and plot."""
+def main(argv: list[str] | None = None) -> int:
+    """Run every strategy, alpha and seed; write (or check) the table, data and plot."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_result_flags(parser)
+    args = parser.parse_args(argv)
     runs: list[dict[str, Any]] = []
     for alpha in ALPHAS:
         for key, strategy in STRATEGIES.items():
@@ -71,11 +76,14 @@ def main() -> None:
                     }
                 )
                 print(f"alpha={alpha} {key} seed={seed}: {curve[-1]:.4f}", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "strategies_noniid.json").write_text(json.dumps(runs, indent=2))
-    (RESULTS / "strategies_noniid.md").write_text(render(runs))
-    plot(runs, RESULTS / "strategies_noniid.png")
+    if args.check:
+        return check("strategies_noniid.md", render(runs))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "strategies_noniid.json").write_text(json.dumps(runs, indent=2))
+    (args.out / "strategies_noniid.md").write_text(render(runs))
+    plot(runs, args.out / "strategies_noniid.png")
     print(render(runs))
+    return 0
 
 
 def render(runs: list[dict[str, Any]]) -> str:
@@ -121,4 +129,4 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""The committed study tables are what this checkout computes (the quickest study, in full)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.studies import strategies_noniid
+from experiments.studies._results import comparable
+
+
+def test_the_committed_non_iid_strategy_table_is_what_head_computes(capsys: Any) -> None:
+    status = strategies_noniid.main(["--check"])
+
+    out = capsys.readouterr()
+    assert status == 0, out.err  # the difference; `make results` regenerates the table
+    assert "is what this checkout computes" in out.out
+
+
+def test_wall_times_are_left_out_of_the_comparison() -> None:
+    table = "| row | 3 | 24.7 min |\nCommand: `x` (1.4 min).\n| row | 3 | 0.5 s |"
+    assert comparable(table) == ["| row | 3 | |", "| row | 3 | |"]
