@@ -14,6 +14,7 @@ from typing import Any
 
 from aggregator_service import AggregatorWorker, Database, RoundService, ServiceError
 from aggregator_service.api.app import create_app
+from aggregator_service.api.metrics import LinkCounters
 from aggregator_service.evaluation import held_out_evaluator
 from aggregator_service.links import PresignedLinks, SignedLinks
 from aggregator_service.rounds.registry import DeviceRegistry
@@ -114,6 +115,9 @@ def run_server(
         store=store,
         links=served,
     )
+    link = LinkCounters()
+    transport.on_reconnect(link.reconnected)
+    app.extensions["fedmq.link"] = link  # /metrics counts the reconnects
     server = start_http(app, host, port)
     print(f"fedmq server on http://{host}:{server.port} (broker {redact(broker)})", flush=True)
     try:

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker import (
     CheckIn,
@@ -292,15 +293,13 @@ def rss_mb(pid: int) -> float:
 
 
 def metrics(text: str) -> dict[tuple[str, str], int]:
-    """Parse ``fedmq_refused_frames_total`` lines of ``/metrics`` into {(component, reason): n}."""
+    """Parse ``fedmq_refused_frames_total`` of ``/metrics`` into {(component, reason): n}."""
     counts: dict[tuple[str, str], int] = {}
-    for line in text.splitlines():
-        if line.startswith("fedmq_refused_frames_total{"):
-            labels, value = line[len("fedmq_refused_frames_total{") :].rsplit("} ", 1)
-            parts = dict(item.split("=", 1) for item in labels.split('",'))
-            component = parts["component"].strip('"')
-            reason = parts["reason"].strip('"')
-            counts[(component, reason)] = int(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fedmq_refused_frames_total":
+                key = (sample.labels["component"], sample.labels["reason"])
+                counts[key] = int(sample.value)
     return counts
 
 
