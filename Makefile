@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fedmq demo --out runs/demo
 
+# The brokers, and the browser the dashboard tests drive.
 brokers:
 	./.ci/ensure-brokers
+	./.ci/ensure-browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

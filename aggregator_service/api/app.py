@@ -9,7 +9,16 @@ from typing import Any
 
 from flask import Flask
 
-from aggregator_service.api import blobs, devices, experiments, meta, metrics, models
+from aggregator_service.api import (
+    blobs,
+    configs,
+    dashboard,
+    devices,
+    experiments,
+    meta,
+    metrics,
+    models,
+)
 from aggregator_service.api.errors import register_error_handlers
 from aggregator_service.links import SignedLinks
 from aggregator_service.rounds import RoundService
@@ -34,6 +43,9 @@ def create_app(
         ``VIEWER_TOKEN`` (optional) opens the reads that reveal devices,
         cohorts, configs or weights, which the admin token opens too. Unset,
         they come from ``FEDMQ_ADMIN_TOKEN`` and ``FEDMQ_VIEWER_TOKEN``.
+        ``CONFIGS_DIR`` (``FEDMQ_CONFIGS_DIR``) holds the example configs the
+        dashboard offers (default: the ``experiments/configs`` shipped beside
+        the packages).
     service
         The round coordinator the views call. Without an admin token a random
         one nobody knows is set, so state-changing calls are refused.
@@ -46,7 +58,7 @@ def create_app(
     Flask
         The application, with the API under ``/api/v1`` and the dashboard at ``/``.
     """
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the dashboard serves its own files, by name
     app.config.from_prefixed_env(prefix="FEDMQ")
     if config:
         app.config.update(config)
@@ -60,7 +72,15 @@ def create_app(
     app.config["VIEWER_TOKEN"] = str(app.config.get("VIEWER_TOKEN") or "")
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["fedmq.rounds"] = service
-    for blueprint in (experiments.bp, models.bp, devices.bp, meta.bp, metrics.bp):
+    for blueprint in (
+        experiments.bp,
+        models.bp,
+        devices.bp,
+        configs.bp,
+        meta.bp,
+        metrics.bp,
+        dashboard.bp,
+    ):
         app.register_blueprint(blueprint)
     if store is not None and links is not None:
         app.extensions["fedmq.store"] = store

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hmac
 from typing import Any
 
@@ -9,11 +10,20 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from aggregator_service.api.errors import BadRequest, admin_required, json_body, viewer_required
 from aggregator_service.errors import Unauthorized
+from aggregator_service.persistence import DeviceRecord
 from aggregator_service.rounds import RoundService
 from aggregator_service.rounds.registry import PLATFORMS, Registration
 from broker.identity import encode_key
 
 bp = Blueprint("devices", __name__, url_prefix="/api/v1/devices")
+
+
+class DeviceState(enum.Enum):
+    """A device as an operator sees it: revoked, or whether it is checked in now."""
+
+    REVOKED = "revoked"
+    ONLINE = "online"
+    OFFLINE = "offline"
 
 
 def _service() -> RoundService:
@@ -97,13 +107,15 @@ def revoke(device_id: str) -> tuple[Response, int]:
 @bp.get("")
 @viewer_required
 def list_all() -> Response:
-    """List known devices with platform, last check-in, rounds served and revocation."""
+    """List known devices with platform, state, last check-in, rounds served and revocation."""
+    online = _service().online_devices()
     return jsonify(
         {
             "devices": [
                 {
                     "id": d.id,
                     "platform": d.platform,
+                    "state": _state(d, online).value,
                     "registered_at": d.registered_at,
                     "last_seen": d.last_seen,
                     "rounds_served": d.rounds_served,
@@ -114,3 +126,10 @@ def list_all() -> Response:
             ]
         }
     )
+
+
+def _state(device: DeviceRecord, online: frozenset[str]) -> DeviceState:
+    """Return a device's state; online means checked in and not gone since."""
+    if device.revoked_at is not None:
+        return DeviceState.REVOKED
+    return DeviceState.ONLINE if device.id in online else DeviceState.OFFLINE

@@ -1,7 +1,8 @@
-"""Experiments and their rounds."""
+"""Experiments and their rounds: create, show, queue, pause, stop, delete, and live progress."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -15,7 +16,7 @@ from aggregator_service.api.errors import (
 )
 from aggregator_service.config import ExperimentConfig
 from aggregator_service.errors import ConfigError
-from aggregator_service.persistence import ExperimentRecord
+from aggregator_service.persistence import ExperimentRecord, RoundRecord
 from aggregator_service.rounds import RoundService, describe
 from model_store import ModelSpecError
 
@@ -28,6 +29,7 @@ def _service() -> RoundService:
 
 
 def _describe(exp: ExperimentRecord) -> dict[str, Any]:
+    waiting = _service().waiting(exp)
     return {
         "id": exp.id,
         "name": exp.name,
@@ -37,7 +39,27 @@ def _describe(exp: ExperimentRecord) -> dict[str, Any]:
         "model_version": exp.model_version,
         "created_at": exp.created_at,
         "config": exp.config,
+        "waiting": None if waiting is None else dataclasses.asdict(waiting),
     }
+
+
+def _describe_round(record: RoundRecord) -> dict[str, Any]:
+    """Return a round's JSON; one still training adds what the coordinator knows so far."""
+    described = describe(record)
+    if record.state == "training":
+        status = _service().round_status(record.experiment_id, record.number)
+        described["progress"] = None
+        if status is not None:
+            described["progress"] = {
+                "phase": status.phase.value,
+                "reported": status.reported,
+                "accepted": status.accepted,
+                "target": status.target,
+                "minimum": status.minimum,
+                "deadline_at": status.deadline_at,
+                "remaining_s": status.remaining_s,  # a browser's clock need not be ours
+            }
+    return described
 
 
 @bp.post("")
@@ -81,9 +103,33 @@ def start_rounds(experiment_id: str) -> tuple[Response, int]:
     return jsonify(_describe(_service().experiment(experiment_id))), 202
 
 
+@bp.post("/<experiment_id>/pause")
+@admin_required
+def pause(experiment_id: str) -> tuple[Response, int]:
+    """Start no more queued rounds; the round in flight finishes."""
+    _service().stop_after_current_round(path_id(experiment_id, "experiment"))
+    return jsonify(_describe(_service().experiment(experiment_id))), 202
+
+
+@bp.post("/<experiment_id>/stop")
+@admin_required
+def stop(experiment_id: str) -> tuple[Response, int]:
+    """Abandon the round in flight now and drop the rounds queued."""
+    _service().stop(path_id(experiment_id, "experiment"))
+    return jsonify(_describe(_service().experiment(experiment_id))), 202
+
+
+@bp.delete("/<experiment_id>")
+@admin_required
+def delete(experiment_id: str) -> tuple[str, int]:
+    """Remove an experiment without a round in flight, and its rounds; 409 otherwise."""
+    _service().delete_experiment(path_id(experiment_id, "experiment"))
+    return "", 204
+
+
 @bp.get("/<experiment_id>/rounds")
 @viewer_required
 def list_rounds(experiment_id: str) -> Response:
-    """List an experiment's rounds with their outcome and metrics."""
+    """List an experiment's rounds with their outcome and metrics (live progress in flight)."""
     rounds = _service().rounds(path_id(experiment_id, "experiment"))
-    return jsonify({"rounds": [describe(r) for r in rounds]})
+    return jsonify({"rounds": [_describe_round(r) for r in rounds]})

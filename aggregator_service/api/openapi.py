@@ -59,6 +59,34 @@ OPENAPI: dict[str, Any] = {
         "/experiments/{experiment_id}": {
             "parameters": _ID,
             "get": _op("Show an experiment", "200", auth="viewer", errors=("404",)),
+            "delete": {
+                "summary": "Delete an experiment and its rounds (its model versions stay)",
+                "security": _SECURITY["admin"],
+                "responses": {
+                    "204": {"description": "deleted"},
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "409": _ERROR,
+                },
+            },
+        },
+        "/experiments/{experiment_id}/pause": {
+            "parameters": _ID,
+            "post": _op(
+                "Start no more queued rounds (the round in flight finishes)",
+                "202",
+                auth="admin",
+                errors=("404",),
+            ),
+        },
+        "/experiments/{experiment_id}/stop": {
+            "parameters": _ID,
+            "post": _op(
+                "Abandon the round in flight and drop the queued rounds",
+                "202",
+                auth="admin",
+                errors=("404",),
+            ),
         },
         "/experiments/{experiment_id}/rounds": {
             "parameters": _ID,
@@ -77,6 +105,13 @@ OPENAPI: dict[str, Any] = {
                     "404": _ERROR,
                 },
             },
+        },
+        "/configs": {"get": _op("List the example configs", "200", auth="viewer")},
+        "/configs/{name}": {
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "get": _op("Show an example config", "200", auth="viewer", errors=("400", "404")),
         },
         "/devices": {
             "post": _op("Register a device", "201", auth="admin", body=True, errors=("400",)),

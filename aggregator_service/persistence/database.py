@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-from sqlalchemy import Connection, create_engine, event, func, insert, select, update
+from sqlalchemy import Connection, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Engine, RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -91,6 +91,17 @@ class Database:
                 .where(schema.experiments.c.id == experiment_id)
                 .values(**values)
             )
+
+    def delete_experiment(self, experiment_id: str) -> None:
+        """Remove an experiment and its rounds in one transaction, or raise ``NotFound``."""
+        with self._tx() as conn:
+            rounds = schema.rounds
+            conn.execute(delete(rounds).where(rounds.c.experiment_id == experiment_id))
+            done = conn.execute(
+                delete(schema.experiments).where(schema.experiments.c.id == experiment_id)
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"no experiment {experiment_id!r}")
 
     def add_round(self, record: RoundRecord) -> None:
         """Insert a new round."""

@@ -25,6 +25,7 @@ between them, each worker reporting how many its share holds.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,30 @@ Publish = Callable[[str, Message], None]
 """Signs and publishes a message on a topic."""
 Roster = Callable[[str, int], list[str]]
 """Returns the workers on a round's roster (``Checkpoints.roster``)."""
+
+
+class Phase(enum.Enum):
+    """Where a round in flight is: which of the three messages the coordinator repeats."""
+
+    TRAINING = "training"
+    CLOSING = "closing"
+    COMBINING = "combining"
+
+
+@dataclass(frozen=True)
+class RoundStatus:
+    """What the coordinator knows of a round in flight, for an operator watching it."""
+
+    phase: Phase
+    reported: int
+    """Devices of the round's selection that answered, as the workers' progress said."""
+    accepted: int
+    """Devices of the selection whose update a worker folded (a step: updates folded)."""
+    target: int
+    minimum: int
+    deadline_at: float
+    remaining_s: float
+    """Seconds to the deadline on the coordinator's clock (a viewer's clock may differ)."""
 
 
 @dataclass
@@ -57,6 +82,13 @@ class _Round:
     combining: bool = False
     last_sent: float = 0.0
     repeats: int = 0
+
+    @property
+    def phase(self) -> Phase:
+        """Return the phase whose message is repeated now."""
+        if self.combining:
+            return Phase.COMBINING
+        return Phase.TRAINING if self.closed_at is None else Phase.CLOSING
 
     @property
     def complete(self) -> bool:
@@ -142,6 +174,42 @@ class RoundClosing:
     def ended(self, experiment_id: str, number: int) -> None:
         """Forget a round whose outcome arrived."""
         self._rounds.pop((experiment_id, number), None)
+
+    def status(self, experiment_id: str, number: int) -> RoundStatus | None:
+        """Return a round's phase and counts so far (None: not in flight here)."""
+        rnd = self._rounds.get((experiment_id, number))
+        if rnd is None:
+            return None
+        opened = rnd.opened
+        accepted = sum(rnd.folded.values()) if rnd.asynchronous else len(rnd.accepted)
+        return RoundStatus(
+            phase=rnd.phase,
+            reported=len(rnd.reported),
+            accepted=accepted,
+            target=opened.target_reports,
+            minimum=opened.min_reports,
+            deadline_at=opened.deadline_at,
+            remaining_s=max(opened.deadline_at - self._clock(), 0.0),
+        )
+
+    def withdraw(self, experiment_id: str, number: int) -> bool:
+        """Stop a round before its combine: close it once, then forget it; False if too late.
+
+        The one ``CloseRound`` lets every worker make its share durable and
+        release the updates it holds; nothing is repeated, and no combine is
+        ever requested. A round whose combine request is out cannot be
+        withdrawn: a worker may be writing its version, which the next round,
+        on the same base version, would otherwise find in the store and take
+        for its own.
+        """
+        rnd = self._rounds.get((experiment_id, number))
+        if rnd is None:
+            return True
+        if rnd.combining:
+            return False
+        del self._rounds[(experiment_id, number)]
+        self._send(rnd, CloseRound(experiment_id=experiment_id, round=number))
+        return True
 
     def tick(self) -> None:
         """Close rounds past their deadline, stop waiting for silent workers, repeat messages."""

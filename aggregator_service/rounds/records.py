@@ -1,7 +1,8 @@
-"""Round records: the one created when a round is announced, and its JSON view."""
+"""Round records: the one created when a round is announced, its JSON view, and why none runs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from aggregator_service.persistence import RoundRecord
@@ -51,3 +52,15 @@ def describe(record: RoundRecord) -> dict[str, Any]:
         "ended_at": record.ended_at,
         "duration_s": record.duration_s,
     }
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why an experiment with rounds queued has none in flight."""
+
+    online: int
+    """Online devices it may select."""
+    needed: int
+    """Devices a round needs (its minimum of reports)."""
+    grace_until: float | None = None
+    """After a restart: when the service stops waiting for devices to check in again."""

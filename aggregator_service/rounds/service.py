@@ -23,8 +23,8 @@ from aggregator_service.errors import ConfigError, Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
 from aggregator_service.rounds.asynchronous import AsyncRounds
-from aggregator_service.rounds.closing import RoundClosing
-from aggregator_service.rounds.records import new_round_record
+from aggregator_service.rounds.closing import RoundClosing, RoundStatus
+from aggregator_service.rounds.records import Waiting, new_round_record
 from aggregator_service.rounds.recovery import in_flight_rounds
 from aggregator_service.rounds.registry import DeviceRegistry, Registration
 from aggregator_service.rounds.tasks import TaskDispatch
@@ -79,6 +79,8 @@ class RoundService:
     CHECK_IN_MAX_AGE_S = 600.0
     """A check-in signed longer ago than this is a replay, not a device online now."""
     MAX_PLATFORM_CHARS = 32
+    STOPPED = "stopped by the operator"
+    """The reason recorded for a round ``stop`` abandons."""
 
     def __init__(
         self,
@@ -228,10 +230,76 @@ class RoundService:
                 self._start_round(experiment_id)
 
     def stop_after_current_round(self, experiment_id: str) -> None:
-        """Drop the rounds still queued; the round in progress finishes normally."""
+        """Pause: drop the rounds still queued; the round in progress finishes normally."""
         with self._lock:
             exp = self._db.experiment(experiment_id)
-            self._db.update_experiment(experiment_id, rounds_requested=exp.current_round)
+            values: dict[str, object] = {"rounds_requested": exp.current_round}
+            if exp.state == "waiting":  # no round in flight: nothing left to wait for
+                values["state"] = "idle"
+            self._db.update_experiment(experiment_id, **values)
+
+    def stop(self, experiment_id: str) -> None:
+        """Abandon the round in flight now (reason ``STOPPED``) and drop the rounds queued.
+
+        Workers hear the round closed once and are never asked to combine it
+        (an outcome that still arrives is ignored: the round has ended). A
+        round whose combine request is already out cannot be recalled: its
+        version may be in the store, where the next round on the same base
+        would find it, so it ends with its outcome, as after a pause.
+        """
+        with self._lock:
+            self.stop_after_current_round(experiment_id)
+            rnd = self._round_in_flight(experiment_id)
+            if rnd is None:
+                return
+            status = self._closing.status(experiment_id, rnd.number)
+            if not self._closing.withdraw(experiment_id, rnd.number):
+                log.info(
+                    "%s round %d is being combined: it ends with its outcome",
+                    experiment_id,
+                    rnd.number,
+                )
+                return
+            reported = 0 if status is None else status.reported
+            self._db.update_round(
+                experiment_id,
+                rnd.number,
+                state="abandoned",
+                reason=self.STOPPED,
+                reported=reported,
+                dropped=self._dropped(rnd, reported),
+                ended_at=self._clock(),
+            )
+            log.info("%s round %d %s", experiment_id, rnd.number, self.STOPPED)
+            self._round_ended(experiment_id, rnd.number)
+
+    def delete_experiment(self, experiment_id: str) -> None:
+        """Remove an idle experiment and its rounds (its model versions stay in the store).
+
+        Raises ``Conflict`` while a round is in flight: stop it first.
+        """
+        with self._lock:
+            self._db.experiment(experiment_id)
+            if self._round_in_flight(experiment_id) is not None:
+                raise Conflict(f"{experiment_id} has a round in flight: stop it first")
+            self._db.delete_experiment(experiment_id)
+            self._evaluators.pop(experiment_id, None)
+        log.info("deleted experiment %s", experiment_id)
+
+    def waiting(self, exp: ExperimentRecord) -> Waiting | None:
+        """Return why a waiting experiment waits: its devices online and needed (else None)."""
+        if exp.state != "waiting":
+            return None
+        needed = ExperimentConfig.from_dict(exp.config).rounds.minimum
+        with self._lock:
+            online = len(self._pool(exp.id))
+            grace = self._grace_until if self._clock() < self._grace_until else None
+        return Waiting(online=online, needed=needed, grace_until=grace)
+
+    def round_status(self, experiment_id: str, number: int) -> RoundStatus | None:
+        """Return a round's live phase and counts (None: it is not in flight)."""
+        with self._lock:
+            return self._closing.status(experiment_id, number)
 
     def experiment(self, experiment_id: str) -> ExperimentRecord:
         """Return an experiment's state."""
@@ -278,6 +346,11 @@ class RoundService:
     def devices(self) -> list[DeviceRecord]:
         """Return every known device."""
         return self._db.devices()
+
+    def online_devices(self) -> frozenset[str]:
+        """Return the devices checked in and not gone (this coordinator's view since it started)."""
+        with self._lock:
+            return frozenset(self._online)
 
     def refusal_counts(self) -> dict[str, dict[str, int]]:
         """Return refused frames by component and reason (the coordinator's and each worker's)."""
@@ -352,11 +425,7 @@ class RoundService:
         """Select the next round's cohort, record the round, and send its tasks."""
         exp = self._db.experiment(experiment_id)
         config = ExperimentConfig.from_dict(exp.config)
-        pool = sorted(
-            d
-            for d, e in self._online.items()
-            if e in ("", experiment_id) and self.registry.key(d) is not None
-        )
+        pool = self._pool(experiment_id)
         if len(pool) < config.rounds.minimum or self._clock() < self._grace_until:
             self._db.update_experiment(experiment_id, state="waiting")
             log.info(
@@ -395,6 +464,14 @@ class RoundService:
         self._announce(opened)
         self._tasks.send(opened, config, refs, later=sorted(set(pool) - set(selected)))
         log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
+
+    def _pool(self, experiment_id: str) -> list[str]:
+        """Return the online devices an experiment may select, sorted."""
+        return sorted(
+            d
+            for d, e in self._online.items()
+            if e in ("", experiment_id) and self.registry.key(d) is not None
+        )
 
     def _announce(self, opened: RoundOpened) -> None:
         """Tell the workers a round is open; ``tick`` drives it from there to its outcome."""
@@ -446,6 +523,11 @@ class RoundService:
             elif isinstance(message, RoundAbandoned):
                 self._abandoned(message)
         delivery.ack()
+
+    def _round_in_flight(self, experiment_id: str) -> RoundRecord | None:
+        """Return the experiment's round still training, if any (only its last one can be)."""
+        rounds = self._db.rounds(experiment_id)
+        return rounds[-1] if rounds and rounds[-1].state == "training" else None
 
     def _current_round(self, experiment_id: str, number: int) -> RoundRecord | None:
         """Return the round if it is still training (events may be redelivered)."""

@@ -139,12 +139,15 @@ def test_the_viewer_token_comes_from_the_environment(
 
 def test_the_dashboard_is_open_but_embeds_no_data(client: FlaskClient, experiment_id: str) -> None:
     response = client.get("/")
+    script = client.get("/static/api.js")
 
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert experiment_id.encode() not in response.data
-    assert b"api/v1" in response.data and b"sessionStorage" in response.data
+    assert b'<script type="module" src="static/dashboard.js">' in response.data
+    assert b"api/v1" in script.data and b"sessionStorage" in script.data
     policy = response.headers["Content-Security-Policy"]
-    assert "script-src 'sha256-" in policy and "connect-src 'self'" in policy
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy
+    assert "unsafe" not in policy
 
 
 def test_openapi_names_the_tokens_each_operation_needs(client: FlaskClient) -> None:

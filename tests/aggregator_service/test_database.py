@@ -108,6 +108,22 @@ def test_rounds_keep_their_lists_maps_and_order(db: Database) -> None:
     assert second.state == "training" and second.ended_at is None
 
 
+def test_deleting_an_experiment_removes_its_rounds_and_only_its_own(db: Database) -> None:
+    db.add_experiment(_experiment())
+    db.add_experiment(_experiment("exp-2"))
+    db.add_round(_round(1))
+    db.add_round(_round(2))
+
+    db.delete_experiment("exp-1")
+
+    with pytest.raises(NotFound):
+        db.experiment("exp-1")
+    assert db.rounds("exp-1") == []
+    assert [e.id for e in db.experiments()] == ["exp-2"]
+    with pytest.raises(NotFound):
+        db.delete_experiment("exp-1")
+
+
 def test_devices_are_registered_seen_and_counted(db: Database) -> None:
     db.add_device("phone-1", "android", "ab" * 32, 1.0, public_key="key-1")
     db.add_device("emu-0001", "emulated", None, 2.0)
