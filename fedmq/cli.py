@@ -353,9 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--recovery-grace",
         type=float,
-        default=0.0,
+        default=60.0,
         metavar="S",
-        help="after a restart, wait S seconds for devices to check in before new rounds",
+        help="after a restart, draw no new cohort until every device seen before it has "
+        "checked in again, for at most S seconds (default 60: two of the fleet's 30 s "
+        "heartbeats; 0 starts at once)",
     )
     add_location_flags(server, "broker", "store", "db")
     add_trust_flags(server)

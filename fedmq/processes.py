@@ -67,7 +67,7 @@ def run_server(
     store_url: str,
     db_url: str,
     public_url: str | None,
-    recovery_grace_s: float = 0.0,
+    recovery_grace_s: float = 60.0,
     keys: KeyFolder | None = None,
     namespace: str = "fedmq",
 ) -> None:

@@ -151,6 +151,8 @@ class RoundService:
         self._online: dict[str, str] = {}  # device id -> experiment id ("" for any)
         self._seen_at: dict[str, float] = {}  # device id -> last check-in written to the db
         self._grace_until = 0.0
+        self._awaited: set[str] = set()
+        """Devices online before a restart that have not checked in again yet."""
         self._evaluators: dict[str, Evaluator | None] = {}
         self._closing = RoundClosing(
             self._sign_and_publish, self._topics, clock, roster=Checkpoints(store).roster
@@ -170,11 +172,30 @@ class RoundService:
     def start(self, *, recovery_grace_s: float = 0.0) -> None:
         """Listen for check-ins and round outcomes; pick up rounds left in flight.
 
-        After a restart the online pool is empty until devices check in again,
-        so no new round starts for ``recovery_grace_s`` (rounds in flight are
-        re-announced at once and finish as usual).
+        After a restart the online pool is empty until devices check in again.
+        A cohort drawn from whichever devices came back first would not be the
+        one the uninterrupted run draws, so no new round starts until every
+        device seen in the last ``recovery_grace_s + SEEN_EVERY_S`` seconds has
+        checked in again, or ``recovery_grace_s`` has passed (rounds in flight
+        are re-announced at once and finish as usual).
         """
-        self._grace_until = self._clock() + recovery_grace_s
+        now = self._clock()
+        recent = now - recovery_grace_s - self.SEEN_EVERY_S
+        self._awaited = {
+            d.id
+            for d in self._db.devices()
+            if recovery_grace_s > 0
+            and d.revoked_at is None
+            and d.last_seen is not None
+            and d.last_seen >= recent
+        }
+        self._grace_until = now + recovery_grace_s if self._awaited else 0.0
+        if self._awaited:
+            log.info(
+                "waiting up to %.0f s for %d device(s) seen before the restart",
+                recovery_grace_s,
+                len(self._awaited),
+            )
         with self._lock:
             for opened in in_flight_rounds(self._db, self._store, self._links, sender=self._name):
                 self._track(opened)
@@ -388,6 +409,7 @@ class RoundService:
                     self._db.device_seen(device, now)
                     self._seen_at[device] = now
                 self._online[device] = message.experiment_id or ""
+                self._back_after_restart(device)
                 self._async.checked_in(
                     device, message.capabilities, message.experiment_id or "", self._online
                 )
@@ -407,6 +429,16 @@ class RoundService:
             return None
         declared = self._declared.get(device_id, self._max_examples)
         return encode_key(key), min(declared, self._max_examples)
+
+    def _back_after_restart(self, device_id: str) -> None:
+        """End the recovery wait once the last device online before a restart is back."""
+        if not self._awaited:
+            return
+        self._awaited.discard(device_id)
+        if not self._awaited and self._grace_until:
+            log.info("every device seen before the restart is back")
+            self._grace_until = 0.0
+            self._start_waiting(None)
 
     def _start_waiting(self, experiment_id: str | None) -> None:
         """Start rounds that were waiting for enough devices to check in."""
