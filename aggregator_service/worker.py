@@ -54,6 +54,7 @@ from broker import (
     RoundProgress,
     Transport,
     UpdateRejected,
+    WorkerAlive,
     decode_weights,
     encode,
 )
@@ -113,6 +114,8 @@ class AggregatorWorker:
     """Bytes of updates held for a round not yet announced, at most."""
     CONTROL_MAX_AGE_S = 600.0
     """Round control signed longer ago than this is a replay (the service re-signs repeats)."""
+    ALIVE_EVERY_S = 15.0
+    """How often the worker tells the coordinator it is up (``WorkerAlive``)."""
     PROGRESS_EVERY_S = 0.1
     """Longest a report waits before the coordinator hears of it (``RoundProgress`` batches)."""
 
@@ -158,17 +161,37 @@ class AggregatorWorker:
         self._early: list[tuple[ModelUpdate, Delivery]] = []
         self._early_bytes = 0
         self._progress_timer: threading.Timer | None = None
+        self._stopping = threading.Event()
         self._last_closed: dict[str, int] = {}
         self._combiner = Combiner(
             store, name=name, strategy_for=self._strategy_at, own_share=self._own_share
         )
 
     def start(self) -> None:
-        """Subscribe to round control, the combiners' queue and the shared update queue."""
+        """Subscribe to round control, the combiners' queue and the shared update queue.
+
+        Then say so to the coordinator, and again every ``ALIVE_EVERY_S`` (on a
+        daemon thread) until ``stop``: it is ready to run rounds once it has
+        heard from a worker.
+        """
         self._transport.subscribe(self._topics.all_control, self._on_control)
         combiners = self._topics.combiners_group(self._group)
         self._transport.subscribe(self._topics.all_combine, self._on_control, group=combiners)
         self._transport.subscribe(self._topics.all_updates, self._on_update, group=self._group)
+        threading.Thread(target=self._say_alive, name="fedmq-worker-alive", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop saying this worker is alive (the transport's owner closes the subscriptions)."""
+        self._stopping.set()
+
+    def _say_alive(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                alive = encode(WorkerAlive(group=self._group), self._identity)
+                self._transport.publish(self._topics.workers, alive)
+            except BrokerError as exc:  # said again at the next beat
+                log.info("could not say this worker is alive: %s", exc)
+            self._stopping.wait(self.ALIVE_EVERY_S)
 
     def _control_topic(self, message: Message) -> str:
         """Return the topic a control message must have come on (combine requests: their own)."""

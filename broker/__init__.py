@@ -36,6 +36,7 @@ from broker.messages import (
     RoundProgress,
     TrainTask,
     UpdateRejected,
+    WorkerAlive,
     new_message_id,
 )
 from broker.transport import (
@@ -79,6 +80,7 @@ __all__ = [
     "ModelRef",
     "ModelUpdate",
     "PartialReady",
+    "WorkerAlive",
     "RejectReason",
     "RoundAbandoned",
     "RoundCommitted",

@@ -43,6 +43,7 @@ class MessageKind(Enum):
     ROUND_PROGRESS = "round_progress"
     PARTIAL_READY = "partial_ready"
     COMBINE_ROUND = "combine_round"
+    WORKER_ALIVE = "worker_alive"
 
 
 class RejectReason(Enum):
@@ -259,6 +260,17 @@ class RoundProgress(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorkerAlive(Message):
+    """Worker to coordinator: this worker is up and consumes ``group`` (repeated while it runs).
+
+    The coordinator is ready to run rounds only once it has heard from a worker.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.WORKER_ALIVE
+    group: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class PartialReady(Message):
     """Worker to coordinator: its share of a closing round is durable up to ``sequence``."""
 
@@ -334,5 +346,6 @@ MESSAGE_TYPES: Mapping[MessageKind, type[Message]] = {
         RoundProgress,
         PartialReady,
         CombineRound,
+        WorkerAlive,
     )
 }

@@ -57,6 +57,7 @@ SERVICE_KINDS = frozenset(
         MessageKind.ROUND_PROGRESS,
         MessageKind.PARTIAL_READY,
         MessageKind.COMBINE_ROUND,
+        MessageKind.WORKER_ALIVE,
     }
 )
 """Kinds only the coordinator and the workers exchange; ``envelope.json`` alone covers them."""

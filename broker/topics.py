@@ -102,6 +102,11 @@ class Topics:
         return f"{updates_group}-combine"
 
     @property
+    def workers(self) -> str:
+        """Return the topic workers say they are alive on."""
+        return f"{self.namespace}/workers"
+
+    @property
     def updates_group(self) -> str:
         """Return the shared queue this deployment's aggregator workers consume updates from."""
         return f"{self.namespace}-aggregators"

@@ -22,6 +22,7 @@ from broker import Transport
 from broker.access import DeviceCredentials, open_access
 from broker.bridge import Bridge
 from broker.identity import Identity, KeyRing, decode_public_key
+from broker.probe import BrokerProbe
 from broker.topics import Topics
 from device_sdk.emulator import Fleet
 from device_sdk.emulator.profiles import load_profile
@@ -118,6 +119,7 @@ def run_server(
     link = LinkCounters()
     transport.on_reconnect(link.reconnected)
     app.extensions["fedmq.link"] = link  # /metrics counts the reconnects
+    app.extensions["fedmq.broker_probe"] = BrokerProbe(broker)  # /ready asks it
     server = start_http(app, host, port)
     print(f"fedmq server on http://{host}:{server.port} (broker {redact(broker)})", flush=True)
     try:

@@ -18,6 +18,7 @@ from aggregator_service.api import (
     meta,
     metrics,
     models,
+    readiness,
 )
 from aggregator_service.api.errors import register_error_handlers
 from aggregator_service.links import SignedLinks
@@ -79,6 +80,7 @@ def create_app(
         configs.bp,
         meta.bp,
         metrics.bp,
+        readiness.bp,
         dashboard.bp,
     ):
         app.register_blueprint(blueprint)

@@ -52,6 +52,11 @@ class Database:
             except SQLAlchemyError as exc:
                 raise DatabaseError(str(exc)) from exc
 
+    def ping(self) -> None:
+        """Ask the database something trivial; raise ``DatabaseError`` if it does not answer."""
+        with self._tx() as conn:
+            conn.execute(select(1))
+
     def close(self) -> None:
         """Release pooled connections."""
         self._engine.dispose()

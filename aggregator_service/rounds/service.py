@@ -22,6 +22,7 @@ from aggregator_service.config import ExperimentConfig, is_asynchronous
 from aggregator_service.errors import ConfigError, Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
+from aggregator_service.persistence.database import DatabaseError
 from aggregator_service.rounds.asynchronous import AsyncRounds
 from aggregator_service.rounds.closing import RoundClosing, RoundStatus
 from aggregator_service.rounds.records import Waiting, new_round_record
@@ -74,6 +75,8 @@ class RoundService:
 
     REPEAT_S = RoundClosing.REPEAT_S
     """How often a round's current phase message is sent again (see ``RoundClosing``)."""
+    ALIVE_MAX_AGE_S = 120.0
+    """A ``WorkerAlive`` signed longer ago than this says nothing about now."""
     SEEN_EVERY_S = 10.0
     """How stale a device's recorded last check-in may get before it is written again."""
     CHECK_IN_MAX_AGE_S = 600.0
@@ -130,6 +133,13 @@ class RoundService:
             max_age_s=None,
             topic_for=lambda message: self._topics.events(message.experiment_id),
         )
+        self._alive = Verifier(
+            worker_keys,
+            kinds=(MessageKind.WORKER_ALIVE,),
+            max_age_s=self.ALIVE_MAX_AGE_S,
+            topic_for=lambda _message: self._topics.workers,
+        )
+        self._heard: dict[str, float] = {}  # worker -> when it last said anything
         self._evaluator_factory = evaluator_factory
         self._links = links or StoreLinks(store)
         self._tasks = TaskDispatch(
@@ -205,6 +215,7 @@ class RoundService:
                 self._resend_tasks(opened)
         self._transport.subscribe(self._topics.all_checkins, self._on_checkin)
         self._transport.subscribe(self._topics.all_events, self._on_event)
+        self._transport.subscribe(self._topics.workers, self._on_worker_alive)
 
     def add_listener(self, listener: RoundListener) -> None:
         """Call ``listener`` with each round record once the round has ended."""
@@ -538,10 +549,37 @@ class RoundService:
             self._async.expire(now, self._online)
             self._closing.tick()
 
+    def clock(self) -> float:
+        """Return the coordinator's time (what deadlines and ``workers_heard`` are in)."""
+        return self._clock()
+
+    def database_reachable(self) -> bool:
+        """Return whether the database answers now."""
+        try:
+            self._db.ping()
+        except DatabaseError:
+            return False
+        return True
+
+    def workers_heard(self) -> dict[str, float]:
+        """Return when each worker last said anything (its beat, progress or an outcome)."""
+        with self._lock:
+            return dict(self._heard)
+
+    def _on_worker_alive(self, delivery: Delivery) -> None:
+        message = self.refusals.admit(delivery, self._alive.open_delivery)
+        if message is None:
+            return  # refused, counted and acked
+        with self._lock:
+            self._heard[message.sender] = self._clock()
+        delivery.ack()
+
     def _on_event(self, delivery: Delivery) -> None:
         message = self.refusals.admit(delivery, self._workers.open_delivery)
         if message is None:
             return
+        with self._lock:
+            self._heard[message.sender] = self._clock()
         assert isinstance(message, RoundCommitted | RoundAbandoned | RoundProgress | PartialReady)
         with self._lock:
             if isinstance(message, RoundProgress):

@@ -29,6 +29,7 @@ from broker import (
     TrainTask,
     UpdateRejected,
     WeightsMismatch,
+    WorkerAlive,
     decode,
     decode_weights,
     encode,
@@ -130,6 +131,7 @@ SAMPLES: list[Message] = [
     ),
     RoundProgress(experiment_id="e", round=1, reported=("a", "b"), accepted=("a",)),
     PartialReady(experiment_id="e", round=1, sequence=3),
+    WorkerAlive(group="fedmq-aggregators"),
     CombineRound(
         experiment_id="e",
         round=1,
