@@ -201,13 +201,15 @@ def run_experiment(
         placed = [track] * roots
         placed += [pool for pool in region_pools for _ in range(workers)]
         for worker, pool in zip(aggregators, placed, strict=True):
-            AggregatorWorker(
+            running = AggregatorWorker(
                 pool(worker.name),
                 store,
                 identity=worker,
                 service_key=service_identity.public_key,
                 group=group,
-            ).start()
+            )
+            running.start()
+            stack.callback(running.stop)
         for number, pool in enumerate(region_pools):
             Bridge(track("bridge"), pool("bridge"), name=f"region{number}").start()
         experiment_id = service.create_experiment(config)
