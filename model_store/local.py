@@ -82,18 +82,22 @@ class LocalStore(StoreBase):
             The lowercase hex sha256 of ``data``.
         """
         sha256 = hashlib.sha256(data).hexdigest()
+        self._put_blob_hashed(data, sha256)
+        return sha256
+
+    def _put_blob_hashed(self, data: bytes, sha256: str) -> None:
+        """Write ``data`` as the blob ``sha256`` (the caller hashed it), unless it is there."""
         path = self._blob_path(sha256)
         try:
             # Same name means same content, so an existing blob of the right
             # size is kept; a truncated one is rewritten.
             if path.is_file() and path.stat().st_size == len(data):
-                return sha256
+                return
             with _temp_file(path.parent, data) as tmp:
                 os.replace(tmp, path)
             _fsync_dir(path.parent)
         except OSError as exc:
             raise StoreError(f"cannot write blob {sha256}: {exc}") from exc
-        return sha256
 
     def get_blob(self, sha256: str) -> bytes:
         """Return the blob after checking its checksum.

@@ -55,10 +55,14 @@ class MemoryStore(StoreBase):
             The lowercase hex sha256 of ``data``.
         """
         sha256 = hashlib.sha256(data).hexdigest()
+        self._put_blob_hashed(data, sha256)
+        return sha256
+
+    def _put_blob_hashed(self, data: bytes, sha256: str) -> None:
+        """Keep ``data`` as the blob ``sha256`` (the caller hashed it)."""
         with self._lock:
             # bytes(...) so a caller's bytearray cannot change a stored blob.
             self._blobs.setdefault(sha256, bytes(data))
-        return sha256
 
     def get_blob(self, sha256: str) -> bytes:
         """Return the blob after checking its checksum.

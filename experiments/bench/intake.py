@@ -5,6 +5,13 @@ consumer starts against a backlog already queued, so the publisher is out of
 the measurement; the bench plays the coordinator (``RoundClosing``) and the
 workers checkpoint to a shared ``LocalStore``, so a figure runs from the
 backlog to the committed version.
+
+Brokers: ``amqp`` (the shared RabbitMQ), ``mqtt`` (a private Mosquitto when
+installed, else the shared one), ``rabbitmq-mqtt``: devices publish over MQTT
+to a RabbitMQ's MQTT plugin and the consumers read over MQTT from the same
+node, at a URL the caller gives (``RABBITMQ_MQTT``), and ``rabbitmq-mqtt+amqp``:
+the same devices, the consumers on that node's AMQP listener (the production
+shape: phones on MQTT, workers on AMQP work queues).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
@@ -57,6 +65,20 @@ BROKERS = {
     "amqp": "amqp://guest:guest@127.0.0.1:5672/%2F",
     "mqtt": "mqtt://127.0.0.1:1883",
 }
+RABBITMQ_MQTT = "rabbitmq-mqtt"
+"""A RabbitMQ's MQTT plugin: no default URL, the shared RabbitMQ must not be changed.
+
+Its node needs ``mqtt.prefetch`` above the workers' checkpoint interval (the
+shipped ``deploy/rabbitmq/rabbitmq.conf`` has 1000; at the plugin's default of 10
+a worker, which acks at its checkpoints, stalls until the round's deadline) and, when
+``mqtt.exchange`` names an exchange (the shipped ``fedmq``), that exchange
+(any FedMQ AMQP client declares it). Debian's 3.10 speaks MQTT 3.1.1 only:
+give the URL ``?protocol=3.1.1``.
+"""
+RABBITMQ_MQTT_AMQP = "rabbitmq-mqtt+amqp"
+"""Devices on a RabbitMQ's MQTT plugin, consumers on the same node's AMQP listener.
+
+The plugin must publish to FedMQ's exchange (``mqtt.exchange = fedmq``, as shipped)."""
 SESSION_S = 120
 """MQTT sessions of bench consumers outlive them this long, not an hour: an offline
 session subscribed to every update would queue a copy of each later trial's backlog."""
@@ -114,6 +136,28 @@ def intake_url(broker: str) -> str:
     return BROKERS[broker]
 
 
+def over_mqtt(url: str) -> bool:
+    """Return whether ``url`` names an MQTT broker (sessions hold a backlog, no gating)."""
+    return urlsplit(url).scheme in ("mqtt", "mqtts")
+
+
+def shares_groups(url: str) -> bool:
+    """Return whether worker processes at ``url`` compete for one group's messages.
+
+    MQTT 3.1.1 has no shared subscriptions: each worker's session would get
+    every update (RabbitMQ 3.10's MQTT plugin speaks nothing newer).
+    """
+    protocol = parse_qs(urlsplit(url).query).get("protocol", ["5"])[-1]
+    return not over_mqtt(url) or protocol != "3.1.1"
+
+
+def worker_variants(url: str, workers: tuple[str, ...] = WORKERS) -> tuple[str, ...]:
+    """Return the variants of ``workers`` that can run at ``url`` (one worker where none share)."""
+    if shares_groups(url):
+        return workers
+    return tuple(w for w in workers if WORKER_COUNT[w] == 1)
+
+
 def intake(
     broker: str,
     updates: int,
@@ -122,6 +166,7 @@ def intake(
     url: str | None = None,
     flip: bool = False,
     workers: tuple[str, ...] = WORKERS,
+    devices_url: str | None = None,
 ) -> list[dict[str, Any]]:
     """Return one trial: each worker variant's folds/s and a plain consumer's msgs/s, same backlog.
 
@@ -131,9 +176,13 @@ def intake(
     and commit the round, the bench acting as the coordinator that closes the
     round and has one worker combine it. The raw consumer runs first; ``flip``
     runs the variants in reverse order, so that alternating trials cancel a
-    drifting machine. ``url`` overrides ``intake_url(broker)`` (a private broker).
+    drifting machine. ``url`` overrides ``intake_url(broker)`` (a private broker);
+    variants that cannot run there (several workers without shared groups) are left out.
+    ``devices_url`` is where the frames are published, when not at ``url``.
     """
     url = url or intake_url(broker)
+    devices_url = devices_url or url
+    workers = worker_variants(url, workers)
     weights = {"w": np.random.default_rng(0).normal(size=params).astype(np.float32)}
     blob = encode_weights(weights)
     devices = tuple(f"d{i:05d}" for i in range(updates))
@@ -144,10 +193,12 @@ def intake(
     frames = [
         signed_update(service, Identity.generate(d), experiment, blob, f"t-{d}") for d in devices
     ]
-    raw_rate = _raw_consume_rate(broker, url, frames)
+    raw_rate = _raw_consume_rate(url, devices_url, frames)
     rows = []
     for worker in reversed(workers) if flip else workers:
-        rate, shares = _worker_rate(broker, url, frames, blob, devices, experiment, worker, service)
+        rate, shares = _worker_rate(
+            (url, devices_url), frames, blob, devices, experiment, worker, service
+        )
         rows.append(
             {
                 "broker": broker,
@@ -465,8 +516,7 @@ def _wait_for(
 
 
 def _worker_rate(
-    broker: str,
-    url: str,
+    urls: tuple[str, str],
     frames: list[bytes],
     blob: bytes,
     devices: tuple[str, ...],
@@ -478,8 +528,11 @@ def _worker_rate(
 
     Also returns how many updates each worker accepted, largest first. The
     clock runs from the workers' start on the backlog to the ``RoundCommitted``.
+    ``urls`` are the consumers' broker and the devices' (often the same).
     """
+    url, devices_url = urls
     open_transport = _opener(url)
+    open_device = _opener(devices_url)
     group = unique_client_id("bench-aggregators")
     names = [unique_client_id("worker") for _ in range(WORKER_COUNT[worker])]
     # A namespace of its own: no other deployment's traffic reaches these workers.
@@ -491,7 +544,7 @@ def _worker_rate(
     # sessions, offline ones included). An AMQP control queue lives only while
     # its consumer does: there each worker subscribes, update group held back,
     # and the announcement follows.
-    gated = broker != "mqtt"
+    gated = not over_mqtt(url)
     updates = [
         (topics.updates(experiment, d), frame) for d, frame in zip(devices, frames, strict=True)
     ]
@@ -503,7 +556,7 @@ def _worker_rate(
         artifacts = {"weights.safetensors": (blob, "application/octet-stream")}
         store.publish(experiment, 0, artifacts, parent=None)
         for queue_group in (group, Topics.combiners_group(group)):
-            cleanup.callback(drop_amqp_queue, broker, f"fedmq.group.{queue_group}")
+            cleanup.callback(drop_amqp_queue, url, f"fedmq.group.{queue_group}")
         opened = RoundOpened(
             experiment_id=experiment,
             round=1,
@@ -540,7 +593,7 @@ def _worker_rate(
         cleanup.callback(workers.stop)
         if gated:
             holder = [unique_client_id("holder")]
-            _backlog(open_transport, holder, topics.all_updates, group, updates)
+            _backlog(open_transport, holder, topics.all_updates, group, updates, open_device)
             workers.boot()
             coordinator.open(opened)
         else:
@@ -550,6 +603,7 @@ def _worker_rate(
                 topics.all_updates,
                 group,
                 updates,
+                open_device,
                 control=topics.all_control,
                 before=lambda: coordinator.open(opened),
             )
@@ -565,14 +619,23 @@ def _worker_rate(
 
 
 def intake_rows(
-    broker: str, updates: int, trials: int, url: str | None = None
+    broker: str,
+    updates: int,
+    trials: int,
+    url: str | None = None,
+    devices_url: str | None = None,
 ) -> list[dict[str, Any]]:
     """Return one row per worker variant: the median of ``trials`` interleaved trials."""
     # Loopback rates on this VM swing 2x between runs: interleave trials, keep the median.
-    runs = [intake(broker, updates, 100_000, url=url, flip=i % 2 == 1) for i in range(trials)]
+    runs = [
+        intake(broker, updates, 100_000, url=url, flip=i % 2 == 1, devices_url=devices_url)
+        for i in range(trials)
+    ]
     rows = []
     for kind in WORKERS:
         mine = [row for run in runs for row in run if row["worker"] == kind]
+        if not mine:
+            continue  # not possible on this broker (see ``worker_variants``)
         keys = ("worker_folds_per_s", "raw_consume_per_s", "ratio", "largest_share")
         median = {key: statistics.median(row[key] for row in mine) for key in keys}
         spread = {
@@ -591,6 +654,7 @@ def _backlog(
     pattern: str,
     group: str,
     frames: list[tuple[str, bytes]],
+    open_device: Callable[[str], Transport] | None = None,
     *,
     control: str | None = None,
     before: Callable[[], None] | None = None,
@@ -602,7 +666,8 @@ def _backlog(
     MQTT: one session per future consumer), and to ``control`` if given.
     ``before`` runs once they have: what it publishes on ``control`` reaches
     each resumed MQTT session ahead of the backlog, as a round's announcement
-    precedes its updates.
+    precedes its updates. The frames go out through ``open_device`` (the
+    devices' broker; default ``open_transport``).
     """
     for client_id in client_ids:
         holder = open_transport(client_id)
@@ -612,18 +677,19 @@ def _backlog(
         holder.close()
     if before is not None:
         before()
-    publisher = open_transport(unique_client_id("pub"))
+    publisher = (open_device or open_transport)(unique_client_id("pub"))
     for topic, frame in frames:
         publisher.publish(topic, frame)
     publisher.close()
 
 
-def _raw_consume_rate(broker: str, url: str, frames: list[bytes]) -> float:
-    """Return how fast a consumer that only acks drains ``frames`` from a backlog."""
+def _raw_consume_rate(url: str, devices_url: str, frames: list[bytes]) -> float:
+    """Return how fast a consumer at ``url`` that only acks drains ``frames`` from a backlog."""
     open_transport = _opener(url)
     topic = f"bench/raw/{uuid.uuid4().hex[:8]}"
     group, client_id = f"bench-raw-{uuid.uuid4().hex[:6]}", unique_client_id("raw")
-    _backlog(open_transport, [client_id], topic, group, [(topic, frame) for frame in frames])
+    backlog = [(topic, frame) for frame in frames]
+    _backlog(open_transport, [client_id], topic, group, backlog, _opener(devices_url))
     got = threading.Event()
     count = [0]
 
@@ -640,29 +706,47 @@ def _raw_consume_rate(broker: str, url: str, frames: list[bytes]) -> float:
         raise TimeoutError("raw consumer did not receive every frame")
     rate = len(frames) / (time.perf_counter() - start)
     consumer.close()
-    drop_amqp_queue(broker, f"fedmq.group.{group}")
+    drop_amqp_queue(url, f"fedmq.group.{group}")
     return rate
 
 
-def drop_amqp_queue(broker: str, name: str) -> None:
-    """Delete a benchmark's group queue from RabbitMQ (a durable queue outlives the run)."""
-    if broker != "amqp":
+def drop_amqp_queue(url: str, name: str) -> None:
+    """Delete a benchmark's group queue from the RabbitMQ at ``url`` (it outlives the run).
+
+    Nothing to do for an MQTT ``url``: its sessions expire (``SESSION_S``).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
         return
     import pika
 
-    connection = pika.BlockingConnection(pika.URLParameters(BROKERS["amqp"]))
+    plain = parts._replace(query="").geturl()  # FedMQ's own options are not pika's
+    connection = pika.BlockingConnection(pika.URLParameters(plain))
     connection.channel().queue_delete(name)
     connection.close()
 
 
-def isolated_intake_rows(broker: str, updates: int, trials: int) -> list[dict[str, Any]]:
+def isolated_intake_rows(
+    broker: str,
+    updates: int,
+    trials: int,
+    url: str | None = None,
+    devices_url: str | None = None,
+) -> list[dict[str, Any]]:
     """Return ``intake_rows``, on a private Mosquitto for MQTT when one is installed.
 
     Every worker on a shared broker subscribes to every update topic: the
     bench's backlogs would reach other deployments' workers and the offline
     sessions they left, and their traffic would skew the bench. A private
-    broker also lifts a stock Mosquitto's 1,000-message queue limit.
+    broker also lifts a stock Mosquitto's 1,000-message queue limit. The
+    RabbitMQ MQTT rows need their node's URLs: ``url`` for the consumers
+    (``rabbitmq-mqtt``: its mqtt:// URL; ``rabbitmq-mqtt+amqp``: its amqp://
+    URL) and, for the latter, ``devices_url`` (its mqtt:// URL).
     """
+    if broker in (RABBITMQ_MQTT, RABBITMQ_MQTT_AMQP):
+        if url is None or (broker == RABBITMQ_MQTT_AMQP and devices_url is None):
+            raise ValueError(f"{broker} has no default broker: give its node's URLs")
+        return intake_rows(broker, updates, trials, url=url, devices_url=devices_url)
     if broker != "mqtt" or find_mosquitto() is None:
         return intake_rows(broker, updates, trials)
     with EmbeddedBroker("mosquitto") as private:

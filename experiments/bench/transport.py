@@ -6,6 +6,11 @@ Run ``python -m experiments.bench.transport`` (add ``--quick`` for a smoke run,
 ``experiments/results/bench_transport.{md,json}``. Needs RabbitMQ on
 127.0.0.1:5672 and Mosquitto on 127.0.0.1:1883 (``make brokers``); the MQTT
 intake runs on a private Mosquitto of its own when the binary is installed.
+``--rabbitmq-mqtt mqtt://USER:PW@HOST:PORT?protocol=3.1.1`` adds intake rows
+for a RabbitMQ's MQTT plugin (a node of its own: see ``RABBITMQ_MQTT`` in
+``experiments.bench.intake`` for what it needs); without it they are skipped.
+``--rabbitmq-amqp amqp://USER:PW@HOST:PORT/%2F`` (the same node) adds the
+production shape: devices on its MQTT plugin, 1, 2 and 4 workers on AMQP.
 The intake part lives in ``experiments.bench.intake``.
 """
 
@@ -24,15 +29,19 @@ import numpy as np
 from aggregator_service import ExperimentConfig
 from broker import (
     TrainTask,
+    connect,
 )
 from device_sdk import DeviceContext, TrainResult
 from experiments.bench.intake import (
     AMQP_PREFETCH,
     BROKERS,
+    RABBITMQ_MQTT,
+    RABBITMQ_MQTT_AMQP,
     drop_amqp_queue,
     isolated_intake_rows,
 )
 from fedmq.compose import run_experiment
+from fedmq.wiring import with_query
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -98,7 +107,7 @@ def _drop_run_queues() -> None:
     for line in listing.splitlines():
         name, _, consumers = line.partition("\t")
         if name.startswith("fedmq.group.fedmq-aggregators-") and consumers.strip() == "0":
-            drop_amqp_queue("amqp", name)
+            drop_amqp_queue(BROKERS["amqp"], name)
 
 
 _MEMORY_PROBE = """
@@ -160,12 +169,27 @@ def main() -> None:
         "--trials", type=int, default=7, help="interleaved intake trials per broker (default 7)"
     )
     parser.add_argument(
+        "--rabbitmq-mqtt",
+        metavar="URL",
+        help="intake also through this RabbitMQ MQTT plugin, e.g. "
+        "mqtt://USER:PW@127.0.0.1:PORT?protocol=3.1.1 (a node of its own, never the shared one)",
+    )
+    parser.add_argument(
+        "--rabbitmq-amqp",
+        metavar="URL",
+        help="with --rabbitmq-mqtt: the same node's amqp:// URL, for rows with the devices on "
+        "its MQTT plugin and the workers on AMQP (it also declares the fedmq exchange the "
+        "shipped mqtt.exchange names)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=RESULTS,
         help="folder for bench_transport.{md,json} (default experiments/results)",
     )
     args = parser.parse_args()
+    if args.rabbitmq_amqp and not args.rabbitmq_mqtt:
+        parser.error("--rabbitmq-amqp needs --rabbitmq-mqtt (the same node's MQTT listener)")
     parts = args.only or PARTS
     sizes = (
         [(10, 100_000)]
@@ -190,6 +214,19 @@ def main() -> None:
         if "intake" in parts:
             updates, trials = (50, 1) if args.quick else (500, args.trials)
             results["intake"] += isolated_intake_rows(broker, updates, trials)
+    if "intake" in parts and args.rabbitmq_mqtt:
+        updates, trials = (50, 1) if args.quick else (500, args.trials)
+        if args.rabbitmq_amqp:
+            # An AMQP client declares FedMQ's exchange, where the plugin publishes.
+            connect(args.rabbitmq_amqp).close()
+        results["intake"] += isolated_intake_rows(
+            RABBITMQ_MQTT, updates, trials, url=args.rabbitmq_mqtt
+        )
+        if args.rabbitmq_amqp:
+            consumers = with_query(args.rabbitmq_amqp, prefetch=str(AMQP_PREFETCH))
+            results["intake"] += isolated_intake_rows(
+                RABBITMQ_MQTT_AMQP, updates, trials, url=consumers, devices_url=args.rabbitmq_mqtt
+            )
     if "memory" in parts:
         for broker in ("memory", *BROKERS):
             row = memory_per_device(broker, 20 if args.quick else 100)
@@ -232,6 +269,19 @@ def render(results: dict[str, list[dict[str, Any]]]) -> str:
         + (
             " MQTT rows ran on a private Mosquitto."
             if any(r.get("private_broker") for r in results["intake"])
+            else ""
+        )
+        + (
+            " `rabbitmq-mqtt`: devices publish to a RabbitMQ's MQTT plugin (3.1.1) and the"
+            " consumers read over MQTT from the same node; MQTT 3.1.1 has no shared"
+            " subscriptions, so each worker would get every update: one worker only."
+            if any(r["broker"] == RABBITMQ_MQTT for r in results["intake"])
+            else ""
+        )
+        + (
+            " `rabbitmq-mqtt+amqp`: the same devices, the consumers on that node's AMQP"
+            f" listener (prefetch {AMQP_PREFETCH}): phones on MQTT, workers on AMQP."
+            if any(r["broker"] == RABBITMQ_MQTT_AMQP for r in results["intake"])
             else ""
         ),
         "",

@@ -145,17 +145,21 @@ class S3Store(StoreBase):
             The lowercase hex sha256 of ``data``.
         """
         sha256 = hashlib.sha256(data).hexdigest()
+        self._put_blob_hashed(data, sha256)
+        return sha256
+
+    def _put_blob_hashed(self, data: bytes, sha256: str) -> None:
+        """Upload ``data`` as the blob ``sha256`` (the caller hashed it), unless it is there."""
         key = self._blob_key(sha256)
         # Same key means same content, so an object of the right size is kept
         # (its bytes are checked on every read); a truncated one is rewritten.
         if self._size(key) == len(data):
-            return sha256
+            return
         with self._errors(f"write blob {sha256}"):
             if len(data) > self._threshold:
                 self._put_multipart(key, bytes(data))
             else:
                 self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
-        return sha256
 
     def get_blob(self, sha256: str) -> bytes:
         """Return the blob after checking its checksum.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from types import SimpleNamespace
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -97,6 +99,35 @@ def test_publish_then_get_manifest_round_trip(store: StoreBase) -> None:
     assert store.get_blob(weights.sha256) == WEIGHTS_V0[0]
     assert loaded.metadata == {"num_parameters": 650, "shape": [10, 64]}
     assert loaded.created_at.endswith("Z")
+
+
+def test_publish_hashes_each_artifact_once(
+    store: StoreBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker checkpoints megabytes every few dozen updates: the digest the
+    # manifest names is the one the blob is filed under, computed once.
+    # Prepare
+    hashed: list[bytes] = []
+
+    def sha256(data: bytes = b"") -> Any:
+        hashed.append(bytes(data))
+        return hashlib.sha256(data)
+
+    counting = SimpleNamespace(sha256=sha256)
+    for module in ("store", "local", "memory", "s3.store"):  # every backend's hashing
+        monkeypatch.setattr(f"model_store.{module}.hashlib", counting)
+
+    # Execute
+    published = store.publish("digits", 0, {"weights.safetensors": WEIGHTS_V0}, parent=None)
+
+    # Assert
+    assert hashed == [WEIGHTS_V0[0]]
+    assert (
+        published.artifacts["weights.safetensors"].sha256
+        == hashlib.sha256(WEIGHTS_V0[0]).hexdigest()
+    )
+    monkeypatch.undo()
+    assert store.get_blob(published.artifacts["weights.safetensors"].sha256) == WEIGHTS_V0[0]
 
 
 def test_missing_manifest_raises_artifact_not_found(store: StoreBase) -> None:
