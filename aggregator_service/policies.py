@@ -108,7 +108,7 @@ class CohortPolicy(RoundPolicy):
         """Refuse a device that already reported, or was not selected."""
         if update.device_id in share.accepted_devices:
             raise Rejected(RejectReason.DUPLICATE, f"{update.device_id} already reported")
-        if update.device_id not in share.opened.selected:
+        if update.device_id not in share.selected:
             raise Rejected(RejectReason.NOT_SELECTED, f"{update.device_id} was not selected")
 
     def check_base(self, share: Share, update: ModelUpdate) -> None:
@@ -138,7 +138,7 @@ class CohortPolicy(RoundPolicy):
 
     def counts_refusal(self, share: Share, grant: TaskGrant, device_id: str) -> bool:
         """Count a selected device's refusal of this round's task."""
-        return grant.round == share.opened.round and device_id in share.opened.selected
+        return grant.round == share.opened.round and device_id in share.selected
 
     def all_answered(self, share: Share) -> bool:
         """Return whether every selected device has answered here."""

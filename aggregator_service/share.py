@@ -31,6 +31,11 @@ class Share(Tally):
     """The last checkpoint, as saved (its tensors are the state's own arrays)."""
     unsent: tuple[list[str], list[str]] = field(default_factory=lambda: ([], []))
     """Devices that reported (and those accepted) since the last ``RoundProgress``."""
+    selected: frozenset[str] = field(init=False)
+    """The round's cohort as a set: asked once per update, of cohorts of thousands."""
+
+    def __post_init__(self) -> None:
+        self.selected = frozenset(self.opened.selected)
 
     @property
     def spec(self) -> dict[str, tuple[tuple[int, ...], str]]:

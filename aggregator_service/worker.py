@@ -331,7 +331,7 @@ class AggregatorWorker:
             self._checkpoints, opened, partial, sorted(rnd.reporters), self._name
         )
         rnd.dirty = False
-        self._send_progress(rnd)
+        self._progress_soon()
 
     def _on_update(self, delivery: Delivery) -> None:
         admitted = self.refusals.admit(delivery, self._gate.admit)
@@ -461,16 +461,22 @@ class AggregatorWorker:
     def _progress(self, rnd: Share, reported: tuple[str, ...], accepted: tuple[str, ...]) -> None:
         """Note devices that answered, for the coordinator (it alone sees every worker's count).
 
-        Batched: a publish waits for the broker's acknowledgement, which once per
-        update would halve intake. The batch goes with each checkpoint, at the
-        close, once every selected device has answered here, or after
-        ``PROGRESS_EVERY_S``.
+        Batched, and sent off the handler's path: a publish waits for the
+        broker's acknowledgement, which queues behind the deliveries in flight
+        on the same connection. The batch goes after ``PROGRESS_EVERY_S`` from
+        a timer thread, at the close, or at once when every selected device
+        has answered here.
         """
         rnd.unsent[0].extend(reported)
         rnd.unsent[1].extend(accepted)
         if self._policies[rnd.opened.experiment_id].all_answered(rnd):
             self._send_progress(rnd)
-        elif self._progress_timer is None:
+        else:
+            self._progress_soon()
+
+    def _progress_soon(self) -> None:
+        """Have the timer thread send what is noted, ``PROGRESS_EVERY_S`` from now."""
+        if self._progress_timer is None:
             self._progress_timer = threading.Timer(self.PROGRESS_EVERY_S, self._progress_due)
             self._progress_timer.daemon = True
             self._progress_timer.start()
@@ -478,28 +484,35 @@ class AggregatorWorker:
     def _progress_due(self) -> None:
         with self._lock:
             self._progress_timer = None
+            due = [m for m in map(self._progress_message, list(self._rounds.values())) if m]
+        # Published outside the lock, so the handler folds on meanwhile. One sent
+        # after the round's PartialReady only counts again what the close counted.
+        for message in due:
             try:
-                for rnd in list(self._rounds.values()):
-                    self._send_progress(rnd)
+                self._publish(message)
             except BrokerError as exc:
                 # Not lost for good: the close, and each repeated announcement, carry it.
                 log.warning("could not send round progress: %s", exc)
 
     def _send_progress(self, rnd: Share) -> None:
         """Publish the devices noted since the last ``RoundProgress``, if any."""
+        message = self._progress_message(rnd)
+        if message is not None:
+            self._publish(message)
+
+    def _progress_message(self, rnd: Share) -> RoundProgress | None:
+        """Return the devices noted since the last ``RoundProgress`` (None: none), as sent."""
         reported, accepted = rnd.unsent
         if not reported and not accepted:
-            return
+            return None
         rnd.unsent = ([], [])
         opened = rnd.opened
-        self._publish(
-            RoundProgress(
-                experiment_id=opened.experiment_id,
-                round=opened.round,
-                reported=tuple(reported),
-                accepted=tuple(accepted),
-                folded=len(rnd.accepted),
-            )
+        return RoundProgress(
+            experiment_id=opened.experiment_id,
+            round=opened.round,
+            reported=tuple(reported),
+            accepted=tuple(accepted),
+            folded=len(rnd.accepted),
         )
 
     def _may_hold(self, delivery: Delivery) -> bool:

@@ -5,6 +5,8 @@ share is combined as it was saved)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from aggregator_service import AggregatorWorker
@@ -106,7 +108,10 @@ def test_folded_updates_are_acked_once_a_checkpoint_holds_them() -> None:
 
     assert first.settled == ["ack"] and second.settled == ["ack"]
     assert store.latest_version(f"{EXP}.r1.{WORKER.name}.ckpt") == 0
-    # Who reported goes to the coordinator in one batch, with the checkpoint.
+    # Who reported goes to the coordinator in one batch, off the handler's path.
+    deadline = time.monotonic() + 5
+    while not _published(bus, RoundProgress) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [p.reported for p in _published(bus, RoundProgress)] == [("a", "b")]
 
 
