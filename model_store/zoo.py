@@ -30,7 +30,8 @@ _CONFIG_KEYS = frozenset({"zoo", "input_shape", "num_classes", "hidden"})
 
 def _positive_ints(value: Any, what: str) -> tuple[int, ...]:
     """Return ``value`` as a tuple of positive ints, or raise ``ModelSpecError``."""
-    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+    # A list or tuple only: any other iterable (a JSON object's keys) is not a shape.
+    if not isinstance(value, list | tuple):
         raise ModelSpecError(f"{what} must be a list of positive integers, got {value!r}")
     items = tuple(value)
     if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in items):
@@ -102,6 +103,22 @@ class ModelSpec:
             hidden=cfg.get("hidden", ()),
         )
 
+    def parameter_count(self) -> int:
+        """Return how many weights the built model has, computed without building it.
+
+        Torch-free, so a service can refuse a model too large to allocate
+        before it tries (``tests/model_store/test_model_zoo.py`` holds it to
+        the built models).
+        """
+        if self.zoo == "mnist_cnn":
+            channels, height, width = self.input_shape
+            convs = channels * 32 * 25 + 32 + 32 * 64 * 25 + 64
+            return convs + _dense((64 * (height // 4) * (width // 4), 512, self.num_classes))
+        hidden = {"logreg": (), "mnist_2nn": (200, 200)}.get(
+            self.zoo, self.hidden or DEFAULT_MLP_HIDDEN
+        )
+        return _dense((math.prod(self.input_shape), *hidden, self.num_classes))
+
     def to_config(self) -> dict[str, Any]:
         """Return the JSON-able form that :meth:`from_config` reads back.
 
@@ -116,6 +133,11 @@ class ModelSpec:
             "num_classes": self.num_classes,
             "hidden": list(self.hidden),
         }
+
+
+def _dense(sizes: tuple[int, ...]) -> int:
+    """Return the weights and biases of a chain of linear layers through ``sizes``."""
+    return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes, sizes[1:], strict=False))
 
 
 def build_model(spec: ModelSpec, *, seed: int) -> nn.Module:

@@ -39,7 +39,8 @@ MAX_DEPTH = 32
 _INT_LIMIT = 1 << 63
 # Ids the service hands out are slugs plus hex; anything else cannot name a record,
 # and keeping NUL, quotes and newlines out spares the database and response headers.
-_PATH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PATH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""What ``path_id`` lets through (the OpenAPI document's pattern for ids in paths)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -157,7 +158,7 @@ def json_body() -> dict[str, Any]:
 
 def path_id(raw: str, what: str) -> str:
     """Return ``raw`` if it could name a record, else raise ``NotFound`` for ``what``."""
-    if not _PATH_ID.fullmatch(raw):
+    if not PATH_ID.fullmatch(raw):
         raise NotFound(f"no such {what}: {raw[:64]!r}")
     return raw
 

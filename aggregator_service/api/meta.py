@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from aggregator_service.api.openapi import OPENAPI
+from aggregator_service.api.openapi import document
 
 bp = Blueprint("meta", __name__)
 
@@ -17,5 +17,5 @@ def health() -> Response:
 
 @bp.get("/api/v1/openapi.json")
 def openapi() -> Response:
-    """Return the API's OpenAPI 3 document."""
-    return jsonify(OPENAPI)
+    """Return the API's OpenAPI 3.1 document."""
+    return jsonify(document())

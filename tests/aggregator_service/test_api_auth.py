@@ -158,13 +158,13 @@ def test_openapi_names_the_tokens_each_operation_needs(client: FlaskClient) -> N
         result: list[Any] | None = paths[path][method].get("security")
         return result
 
-    assert set(spec["components"]["securitySchemes"]) == {"admin", "viewer"}
+    assert set(spec["components"]["securitySchemes"]) == {"admin", "viewer", "enrollment"}
     for path, method in [
         ("/experiments", "post"),
         ("/experiments/{experiment_id}/rounds", "post"),
-        ("/devices", "post"),
     ]:
         assert security(path, method) == [{"admin": []}]
+    assert security("/devices", "post") == [{"enrollment": []}, {"admin": []}]
     for path in [
         "/experiments",
         "/experiments/{experiment_id}",

@@ -31,6 +31,7 @@ def test_every_zoo_name_has_a_test_spec() -> None:
         (ModelSpec("mnist_2nn", (1, 28, 28), 10), 199_210),
         (ModelSpec("mnist_2nn", (784,), 10), 199_210),
         (ModelSpec("mnist_cnn", (1, 28, 28), 10), 1_663_370),
+        (ModelSpec("mnist_cnn", (3, 17, 9), 5), 318_917),  # pools floor 17 -> 4, 9 -> 2
         (ModelSpec("logreg", (64,), 10), 650),
         (ModelSpec("mlp", (64,), 10), 64 * 64 + 64 + 64 * 10 + 10),
         (ModelSpec("mlp", (8, 8), 3, hidden=(16, 4)), 64 * 16 + 16 + 16 * 4 + 4 + 4 * 3 + 3),
@@ -38,6 +39,7 @@ def test_every_zoo_name_has_a_test_spec() -> None:
 )
 def test_parameter_counts(spec: ModelSpec, expected: int) -> None:
     assert _num_parameters(build_model(spec, seed=0)) == expected
+    assert spec.parameter_count() == expected  # the same, without building the model
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
@@ -121,6 +123,7 @@ def test_from_config_round_trip() -> None:
         {"zoo": "mlp", "input_shape": [64], "num_classes": 1},
         {"zoo": "mlp", "input_shape": [64], "num_classes": True},
         {"zoo": "mlp", "input_shape": [64], "num_classes": 10, "hidden": [0]},
+        {"zoo": "mlp", "input_shape": [64], "num_classes": 10, "hidden": {}},  # not a list
         {"zoo": "logreg", "input_shape": [64], "num_classes": 10, "hidden": [8]},
         {"zoo": "mnist_cnn", "input_shape": [784], "num_classes": 10},
         {"zoo": "mnist_cnn", "input_shape": [1, 2, 28], "num_classes": 10},
