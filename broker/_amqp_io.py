@@ -14,15 +14,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from concurrent.futures import Future
 from functools import partial
 from typing import Any, Protocol
 
 import pika
 import pika.exceptions as pe
 
-from broker._amqp_options import AmqpOptions, topic_of
+from broker._amqp_commands import Command, Nacked, Retries, resolve
+from broker._amqp_nodes import REFUSED, Nodes
+from broker._amqp_options import EXCHANGE, AmqpOptions, queue_arguments, topic_of
+from broker._amqp_topology import open_publisher
 from broker.connect import describe_tls_failure, is_permanent_tls_failure
 from broker.errors import ConnectionLost, TlsError, TransportError
 from broker.retry import backoff
@@ -32,23 +34,8 @@ log = logging.getLogger("broker.amqp")
 # pika ships no type information, so its connection and channels are plain Any here.
 Channel = Any
 
-EXCHANGE = "fedmq"
-DEAD_LETTER_EXCHANGE = "fedmq.dlx"
-DEAD_LETTERS = "fedmq.dead-letters"
-GROUP_PREFIX = "fedmq.group."
-PLAIN_PREFIX = "fedmq.sub."
-PLAIN_QUEUE_EXPIRY_S = 600
-"""Seconds RabbitMQ keeps a plain subscription's queue without a consumer.
-
-Longer than the reconnects of a transport before it gives up (``max_attempts``),
-so a subscriber that reconnects finds what was published meanwhile; short enough
-that the queue of a process killed without closing does not linger for long.
-"""
 # Longest the loop blocks inside pika when idle; a new command wakes it sooner.
 _TICK = 1.0
-_NOT_FOUND = 404
-"""AMQP's reply code for a passive declare of something that does not exist."""
-_REFUSED = (pe.ProbableAuthenticationError, pe.AuthenticationError, pe.ProbableAccessDeniedError)
 
 
 class Consumer(Protocol):
@@ -70,15 +57,6 @@ class Consumer(Protocol):
         """Stop the subscription's dispatcher thread."""
 
 
-@dataclass(eq=False)
-class _Command:
-    """Work for the I/O thread; ``retry`` runs it again if a reconnect interrupts it."""
-
-    run: Callable[[], object]
-    future: Future[Any] | None = None
-    retry: bool = False
-
-
 class IoThread:
     """Own the connection; run every pika call that other threads ask for."""
 
@@ -89,7 +67,7 @@ class IoThread:
         # Called on this thread after each reconnect, holding no lock: it must not block.
         self._on_reconnected = on_reconnected or _nothing
         self.consumers: list[Consumer] = []  # touched by this thread only while it runs
-        self._commands: deque[_Command] = deque()
+        self._commands: deque[Command] = deque()
         self._lock = threading.Lock()
         self._accepting = True
         self._failure: ConnectionLost | None = None
@@ -100,6 +78,8 @@ class IoThread:
         self._orphans: list[Channel] = []  # channels whose consumer the broker cancelled
         self._heal_at = 0.0
         self._heal_failures = 0
+        self._retries = Retries()
+        self._nodes = Nodes(options.addresses)
         self._ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, name="fedmq-amqp-io", daemon=True)
 
@@ -124,7 +104,7 @@ class IoThread:
     def call(self, run: Callable[[], object], *, retry: bool) -> Any:
         """Run ``run`` on this thread and return its result, waiting up to ``publish_timeout``."""
         future: Future[Any] = Future()
-        self._submit(_Command(run, future, retry))
+        self._submit(Command(run, future, retry))
         timeout = self.options.publish_timeout
         try:
             return future.result(timeout)
@@ -138,11 +118,11 @@ class IoThread:
     def settle(self, consumer: Consumer, channel: Channel, action: Callable[..., None]) -> None:
         """Ack or nack on ``channel`` without waiting; a no-op if the channel has died."""
         try:
-            self._submit(_Command(partial(self._settle_now, consumer, channel, action)))
+            self._submit(Command(partial(self._settle_now, consumer, channel, action)))
         except TransportError:
             log.debug("ack/nack after close skipped; the broker requeues the message")
 
-    def _submit(self, command: _Command) -> None:
+    def _submit(self, command: Command) -> None:
         with self._lock:
             if not self._accepting or self._stopping.is_set():
                 raise self._failure or TransportError("transport is closed")
@@ -172,7 +152,13 @@ class IoThread:
         try:
             self._publisher.basic_publish(EXCHANGE, key, body, properties=properties)
         except pe.NackError as exc:
-            raise TransportError(f"the broker refused a message to {topic_of(key)!r}") from exc
+            # RabbitMQ nacks what it cannot hand to a queue, as when a quorum queue's
+            # leader has just died; and a 3.10 channel that was nacked that way can
+            # go on nacking that queue long after a new leader is elected (measured:
+            # still after 10 minutes, while a fresh channel got through at once).
+            # So the retry goes out on a fresh channel.
+            self._publisher.close()
+            raise Nacked(f"the broker nacked a message to {topic_of(key)!r}") from exc
 
     def subscribe_now(self, consumer: Consumer) -> None:
         """Start consuming and remember the consumer for reconnects."""
@@ -240,7 +226,8 @@ class IoThread:
         while not self._stopping.is_set():
             self._woken = False
             self._drain()
-            self._conn.process_data_events(time_limit=_TICK)
+            self._conn.process_data_events(time_limit=self._retries.wait_limit(_TICK))
+            self._commands.extend(self._retries.due())
             if time.monotonic() >= self._heal_at:
                 self._heal()
 
@@ -272,19 +259,24 @@ class IoThread:
                 continue
             try:
                 result = command.run()
+            except Nacked as exc:
+                if command.retry:
+                    self._retries.add(command)
+                else:
+                    resolve(command, exc=TransportError(str(exc)))
             except (pe.AMQPConnectionError, pe.AMQPChannelError) as exc:
                 if isinstance(exc, pe.AMQPChannelError) and self._conn.is_open:
-                    _resolve(command, exc=TransportError(f"the broker refused: {exc!r}"))
+                    resolve(command, exc=TransportError(f"the broker refused: {exc!r}"))
                     continue
                 if command.retry:
                     self._commands.appendleft(command)
                 else:
-                    _resolve(command, exc=ConnectionLost(f"lost {self.options.safe_url}"))
+                    resolve(command, exc=ConnectionLost(f"lost {self.options.safe_url}"))
                 raise pe.AMQPConnectionError(f"connection lost: {exc!r}") from exc
             except Exception as exc:
-                _resolve(command, exc=exc)
+                resolve(command, exc=exc)
             else:
-                _resolve(command, result=result)
+                resolve(command, result=result)
 
     def _connect(self, attempts: int, *, first: bool) -> None:
         """Open a connection, declare the topology and restore the consumers."""
@@ -299,9 +291,11 @@ class IoThread:
             try:
                 self._open()
                 if not first:
-                    log.info("reconnected to %s", self.options.safe_url)
+                    log.info(
+                        "reconnected to %s (node %s)", self.options.safe_url, self._nodes.current
+                    )
                 return
-            except _REFUSED as exc:
+            except REFUSED as exc:
                 if first:  # wrong credentials or vhost: retrying will not help
                     raise ConnectionLost(
                         f"{self.options.safe_url} refused the login: {exc!r}"
@@ -328,7 +322,7 @@ class IoThread:
             log.info("connecting to %s failed (%s); retrying", self.options.safe_url, _why(error))
 
     def _open(self) -> None:
-        self._conn = pika.BlockingConnection(self.options.params)
+        self._conn = self._nodes.dial()
         self._declare_topology()
         for consumer in list(self.consumers):
             if not consumer.active:
@@ -350,46 +344,14 @@ class IoThread:
                 conn.close()
 
     def _declare_topology(self) -> None:
-        if not self._topology_exists():
-            channel = self._conn.channel()
-            channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
-            channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
-            channel.queue_declare(DEAD_LETTERS, durable=True)
-            channel.queue_bind(DEAD_LETTERS, DEAD_LETTER_EXCHANGE)
-            channel.close()
-        channel = self._conn.channel()
-        channel.confirm_delivery()
-        self._publisher = channel
-
-    def _topology_exists(self) -> bool:
-        """Check the shared exchanges and queue passively, which needs no configure right.
-
-        A device's broker user has none on them: RabbitMQ has no separate delete
-        right, so configure on the exchange would let a device delete it. The
-        first server component to connect declares them.
-        """
-        channel = self._conn.channel()
-        try:
-            channel.exchange_declare(EXCHANGE, passive=True)
-            channel.exchange_declare(DEAD_LETTER_EXCHANGE, passive=True)
-            channel.queue_declare(DEAD_LETTERS, passive=True)
-        except pe.ChannelClosedByBroker as exc:
-            if exc.reply_code == _NOT_FOUND:
-                return False
-            raise
-        channel.close()
-        return True
+        """Declare what is missing of the shared topology; open the publishing channel."""
+        self._publisher = open_publisher(self._conn, self.options.queue_type)
 
     def _consume(self, consumer: Consumer) -> None:
         channel = self._conn.channel()
         try:
             channel.basic_qos(prefetch_count=self.options.prefetch)
-            arguments: dict[str, object] = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
-            if consumer.group is None:
-                # Not exclusive to the connection: a plain subscriber's messages
-                # published while it reconnects, or while the broker restarts, wait
-                # in its durable queue instead of going nowhere.
-                arguments["x-expires"] = PLAIN_QUEUE_EXPIRY_S * 1000
+            arguments = queue_arguments(self.options.queue_type, plain=consumer.group is None)
             channel.queue_declare(consumer.queue, durable=True, arguments=arguments)
             channel.queue_bind(consumer.queue, EXCHANGE, routing_key=consumer.key)
             channel.add_on_cancel_callback(partial(self._on_cancelled, consumer, channel))
@@ -422,8 +384,9 @@ class IoThread:
                     for consumer in self.consumers:
                         if consumer.group is None:
                             self._release(consumer)
+        self._commands.extend(self._retries.take_all())
         while self._commands:
-            _resolve(self._commands.popleft(), exc=error)
+            resolve(self._commands.popleft(), exc=error)
         self._drop_connection()
         if self._failure is not None:
             for consumer in self.consumers:
@@ -443,20 +406,6 @@ def _why(error: Exception) -> str:
 
 def _as_transport_error(exc: Exception) -> TransportError:
     return exc if isinstance(exc, TransportError) else ConnectionLost(repr(exc))
-
-
-def _resolve(command: _Command, *, result: object = None, exc: BaseException | None = None) -> None:
-    if command.future is None:
-        if exc is not None:
-            log.debug("dropped a command: %r", exc)
-        return
-    try:
-        if exc is None:
-            command.future.set_result(result)
-        else:
-            command.future.set_exception(exc)
-    except InvalidStateError:
-        pass  # the caller gave up waiting and cancelled it
 
 
 def _nothing() -> None:

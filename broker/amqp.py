@@ -19,7 +19,7 @@ series on the I/O thread (a few thousand 1 KB messages a second), which FedMQ's
 control traffic and model references (never tensors) stay far below.
 
 Topology. A durable topic exchange ``fedmq`` carries every message, persistent
-and confirmed. A group subscription consumes the durable classic queue
+and confirmed. A group subscription consumes the durable queue
 ``fedmq.group.<group>``, shared by the group's members (competing consumers); a
 plain one its own durable queue ``fedmq.sub.<random id>``. That queue is not
 tied to the connection, so what is published to the subscriber while it
@@ -28,17 +28,24 @@ reconnects, or while the broker restarts, waits for it; ``cancel`` and
 a consumer (a process that died without closing). Both kinds dead-letter to the
 fanout exchange ``fedmq.dlx`` and its durable queue ``fedmq.dead-letters``. Each
 subscription has its own channel, so a broker error on one (say, a group queue
-declared elsewhere with other arguments) cannot take the others down.
+declared elsewhere with other arguments) cannot take the others down. The
+queues are classic, or with ``queue_type=quorum`` quorum queues, replicated
+across a cluster's nodes (``broker._amqp_options.queue_arguments`` says why
+plain ones too).
 
 Reconnect. When the connection drops, the I/O thread reconnects with
 ``broker.retry.backoff``, redeclares the topology and re-subscribes every live
-subscription on fresh channels. Deliveries from the dead channels can no longer
-be settled: their ``ack``/``nack`` is a logged no-op and the broker redelivers
-them. A publish caught by the drop is sent again after the reconnect (at least
-once); ``publish`` raises ``ConnectionLost`` only after ``publish_timeout``, and
-after ``max_attempts`` failed reconnects every call raises ``ConnectionLost``.
-``on_reconnect`` listeners run after each reconnect, on a thread of their own,
-once the subscriptions are restored.
+subscription on fresh channels. A URL naming several nodes of a cluster
+(``amqp://user:pw@host1,host2,host3/vhost``) fails over: each connect tries
+them in turn from the node after the one last reached (``broker._amqp_nodes``).
+Deliveries from the dead channels can no longer be settled: their
+``ack``/``nack`` is a logged no-op and the broker redelivers them. A publish
+caught by the drop is sent again after the reconnect (at least once), and so is
+one the broker nacks (a quorum queue between two leaders), on a fresh channel
+after a short back-off; ``publish`` raises ``ConnectionLost`` only after
+``publish_timeout``, and after ``max_attempts`` failed reconnects every call
+raises ``ConnectionLost``. ``on_reconnect`` listeners run after each
+reconnect, on a thread of their own, once the subscriptions are restored.
 
 TLS. ``amqps://`` verifies the broker's certificate against the URL's ``ca``
 (or the system's store) and its host name, with pika's ``SSLOptions`` over a
@@ -58,16 +65,18 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from broker._amqp_io import (
+from broker._amqp_io import Channel, IoThread
+from broker._amqp_options import (
     DEAD_LETTERS,
     EXCHANGE,
     GROUP_PREFIX,
     PLAIN_PREFIX,
     PLAIN_QUEUE_EXPIRY_S,
-    Channel,
-    IoThread,
+    AmqpOptions,
+    parse_url,
+    routing_key,
+    topic_of,
 )
-from broker._amqp_options import AmqpOptions, parse_url, routing_key, topic_of
 from broker.errors import TransportError
 from broker.transport import Handler, ReconnectListener, Will, notify_reconnected
 
@@ -209,7 +218,7 @@ class AmqpSubscription:
 
 
 class AmqpTransport:
-    """The RabbitMQ transport (``amqp[s]://user:pass@host:port/vhost?prefetch=N``)."""
+    """The RabbitMQ transport (``amqp[s]://user:pass@host:port[,host:port...]/vhost?...``)."""
 
     def __init__(self, options: AmqpOptions) -> None:
         self._listeners: list[ReconnectListener] = []
@@ -227,12 +236,15 @@ class AmqpTransport:
         ----------
         url
             ``amqp://user:pass@host:port/vhost`` or ``amqps://...`` (port 5671 by
-            default). Besides pika's own query options it takes ``prefetch``
-            (unacked messages per consumer, default 1000, 0 for no limit),
-            ``publish_timeout`` (seconds, default 60), ``max_attempts`` (reconnects
-            before giving up, default ``broker.retry.MAX_ATTEMPTS``, 0 for never),
-            ``client_id``, and for ``amqps://`` ``ca``, ``cert`` and ``key`` (PEM
-            file paths: the CA to verify the broker with, our certificate and key).
+            default); a cluster's nodes comma-separated, ``host1:port,host2:port``,
+            to fail over between them. Besides pika's own query options it takes
+            ``prefetch`` (unacked messages per consumer, default 1000, 0 for no
+            limit), ``publish_timeout`` (seconds, default 60), ``max_attempts``
+            (reconnects before giving up, default ``broker.retry.MAX_ATTEMPTS``, 0
+            for never), ``queue_type`` (``classic``, the default, or ``quorum``:
+            the kind of queue every subscription declares), ``client_id``, and for
+            ``amqps://`` ``ca``, ``cert`` and ``key`` (PEM file paths: the CA to
+            verify the broker with, our certificate and key).
         client_id
             The connection's name in RabbitMQ (overrides the URL's ``client_id``).
         will

@@ -33,7 +33,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
-from broker._amqp_io import DEAD_LETTER_EXCHANGE, EXCHANGE, PLAIN_PREFIX
+from broker._amqp_options import DEAD_LETTER_EXCHANGE, EXCHANGE, PLAIN_PREFIX
 from broker._mqtt_routing import DEAD_LETTER_PREFIX
 from broker.access._common import (
     AdminUrl,

@@ -13,8 +13,17 @@ import pika
 import pytest
 
 from broker import ConnectionLost, Delivery, TransportError, connect
-from broker._amqp_options import parse_url, routing_key, topic_of
-from broker.amqp import DEAD_LETTERS, GROUP_PREFIX, AmqpTransport
+from broker._amqp_nodes import Nodes
+from broker._amqp_options import (
+    QueueType,
+    parse_url,
+    queue_arguments,
+    routing_key,
+    topic_of,
+    type_argument,
+)
+from broker._amqp_topology import open_publisher
+from broker.amqp import DEAD_LETTERS, EXCHANGE, GROUP_PREFIX, AmqpTransport
 from tests.broker.conftest import wait_until
 from tests.brokers import AMQP_PORT, amqp_url, require
 from tests.tcp_proxy import TcpProxy
@@ -128,6 +137,171 @@ def test_a_bad_url_option_raises_connection_lost_without_the_password() -> None:
     assert "secret" not in str(caught.value)
     with pytest.raises(ConnectionLost, match="Unknown URL parameter"):
         parse_url("amqp://u:secret@h/?prefech=1")
+
+
+def test_a_url_may_name_several_nodes_which_share_everything_but_host_and_port() -> None:
+    options = parse_url(
+        "amqp://u:secret@n1:5673,n2,[::1]:5675/v?heartbeat=10&prefetch=3&queue_type=quorum",
+        client_id="worker-1",
+    )
+
+    assert [(a.host, a.port) for a in options.addresses] == [
+        ("n1", 5673),
+        ("n2", 5672),
+        ("::1", 5675),
+    ]
+    for address in options.addresses:
+        assert (address.credentials.username, address.credentials.password) == ("u", "secret")
+        assert (address.virtual_host, address.heartbeat) == ("v", 10)
+        assert address.client_properties == {"connection_name": "worker-1"}
+    assert (options.prefetch, options.queue_type) == (3, QueueType.QUORUM)
+    assert options.params is options.addresses[0]
+    assert "secret" not in options.safe_url and "n1:5673,n2,[::1]:5675" in options.safe_url
+
+
+def test_each_node_of_a_tls_url_verifies_its_own_host_name() -> None:
+    options = parse_url("amqps://u:p@rabbit-1,rabbit-2:5671/v")
+
+    assert [a.ssl_options.server_hostname for a in options.addresses] == ["rabbit-1", "rabbit-2"]
+    assert all(a.port == 5671 for a in options.addresses)
+    contexts = {id(a.ssl_options.context) for a in options.addresses}
+    assert len(contexts) == 1  # one context, loaded once
+
+
+def test_an_empty_node_in_a_url_is_refused() -> None:
+    with pytest.raises(ConnectionLost, match="empty host") as caught:
+        parse_url("amqp://u:secret@n1,,n2/v")
+    assert "secret" not in str(caught.value)
+
+
+def test_queue_type_is_classic_unless_the_url_asks_for_quorum() -> None:
+    assert parse_url("amqp://u:p@h/v").queue_type is QueueType.CLASSIC
+    assert parse_url("amqp://u:p@h/v?queue_type=classic").queue_type is QueueType.CLASSIC
+    assert parse_url("amqp://u:p@h/v?queue_type=quorum").queue_type is QueueType.QUORUM
+    with pytest.raises(ConnectionLost, match="queue_type must be classic or quorum") as caught:
+        parse_url("amqp://u:secret@h/v?queue_type=stream")
+    assert "secret" not in str(caught.value)
+
+
+def test_queue_arguments_name_the_queue_type_only_for_quorum_queues() -> None:
+    dead_letters = {"x-dead-letter-exchange": "fedmq.dlx"}
+    expiry = {"x-expires": 600_000}
+    quorum = {"x-queue-type": "quorum"}
+
+    # Classic queues are declared exactly as before the option existed.
+    assert queue_arguments(QueueType.CLASSIC, plain=False) == dead_letters
+    assert queue_arguments(QueueType.CLASSIC, plain=True) == dead_letters | expiry
+    assert queue_arguments(QueueType.QUORUM, plain=False) == dead_letters | quorum
+    assert queue_arguments(QueueType.QUORUM, plain=True) == dead_letters | expiry | quorum
+    assert (type_argument(QueueType.CLASSIC), type_argument(QueueType.QUORUM)) == ({}, quorum)
+
+
+class FakeDialer:
+    """Stands in for ``pika.BlockingConnection``: records each try, refuses the ports listed."""
+
+    def __init__(self, down: set[int], refusing: frozenset[int] = frozenset()) -> None:
+        self.down, self.refusing = down, refusing
+        self.tried: list[int] = []
+
+    def __call__(self, params: pika.ConnectionParameters) -> str:
+        self.tried.append(params.port)
+        if params.port in self.refusing:
+            raise pika.exceptions.ProbableAuthenticationError("no")
+        if params.port in self.down:
+            raise pika.exceptions.AMQPConnectionError("refused")
+        return f"connection to {params.port}"
+
+
+def test_each_connect_starts_at_the_node_after_the_one_last_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nodes = Nodes(parse_url("amqp://u:p@h:1,h:2,h:3/v").addresses)
+    dialer = FakeDialer(down=set())
+    monkeypatch.setattr(pika, "BlockingConnection", dialer)
+
+    first = nodes.dial()
+    dialer.down = {2}  # node 2 dies: the next connect skips to node 3
+    second = nodes.dial()
+    third = nodes.dial()  # after 3 comes 1 again
+
+    assert (first, second, third) == ("connection to 1", "connection to 3", "connection to 1")
+    assert dialer.tried == [1, 2, 3, 1]
+    assert nodes.current == "h:1"
+
+
+def test_a_connect_fails_with_the_last_error_when_no_node_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nodes = Nodes(parse_url("amqp://u:p@h:1,h:2/v").addresses)
+    monkeypatch.setattr(pika, "BlockingConnection", FakeDialer(down={1, 2}))
+
+    with pytest.raises(pika.exceptions.AMQPConnectionError, match="refused"):
+        nodes.dial()
+
+
+def test_a_refused_login_is_not_tried_on_the_other_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    nodes = Nodes(parse_url("amqp://u:p@h:1,h:2/v").addresses)
+    dialer = FakeDialer(down=set(), refusing=frozenset({1}))
+    monkeypatch.setattr(pika, "BlockingConnection", dialer)
+
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        nodes.dial()
+    assert dialer.tried == [1]
+
+
+class FakeChannel:
+    """Records declares; declaring ``DEAD_LETTERS`` fails with 404, then with ``code``."""
+
+    def __init__(self, calls: list[str], code: int) -> None:
+        self.calls, self.code = calls, code
+
+    def exchange_declare(self, name: str, **_: Any) -> None:
+        self.calls.append(f"exchange {name}")
+
+    def queue_declare(self, name: str, passive: bool = False, **kwargs: Any) -> None:
+        self.calls.append(f"queue {name} {'passive' if passive else kwargs['arguments']}")
+        raise pika.exceptions.ChannelClosedByBroker(404 if passive else self.code, "no")
+
+    def queue_bind(self, queue: str, exchange: str) -> None:
+        self.calls.append(f"bind {queue}")
+
+    def confirm_delivery(self) -> None:
+        self.calls.append("confirm")
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class FakeConnection:
+    """Hands out ``FakeChannel`` s that share one record of calls."""
+
+    def __init__(self, code: int) -> None:
+        self.calls: list[str] = []
+        self.code = code
+
+    def channel(self) -> FakeChannel:
+        return FakeChannel(self.calls, self.code)
+
+
+@pytest.mark.parametrize("code", [404, 403])
+def test_a_client_connects_when_the_dead_letter_queue_cannot_be_declared(code: int) -> None:
+    # 404: a classic queue whose node is down; 403: a user without configure right.
+    connection = FakeConnection(code)
+
+    open_publisher(connection, QueueType.QUORUM)
+
+    assert connection.calls == [
+        "exchange fedmq",
+        "exchange fedmq.dlx",
+        "queue fedmq.dead-letters passive",
+        "queue fedmq.dead-letters {'x-queue-type': 'quorum'}",
+        "confirm",
+    ]
+
+
+def test_other_refusals_of_the_dead_letter_queue_are_raised() -> None:
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        open_publisher(FakeConnection(406), QueueType.QUORUM)
 
 
 # -- against RabbitMQ -----------------------------------------------------------------
@@ -347,6 +521,71 @@ def test_publish_during_an_outage_gives_up_after_publish_timeout(root: str) -> N
     transport.close()
     proxy.close()
     assert wait_until(lambda: _amqp_threads() <= before, timeout=5)
+
+
+def test_a_url_with_several_nodes_fails_over_to_the_next_when_its_node_goes(root: str) -> None:
+    require(AMQP_PORT, "RabbitMQ")
+    # Two proxies to the one broker stand for two nodes of a cluster.
+    first, second = TcpProxy(AMQP_PORT), TcpProxy(AMQP_PORT)
+    url = amqp_url(first.port).replace(f":{first.port}/", f":{first.port},127.0.0.1:{second.port}/")
+    transport = AmqpTransport.from_url(url)
+    try:
+        held = Held()
+        transport.subscribe(f"{root}/f", held)
+
+        _take_broker_down(first)
+        transport.publish(f"{root}/f", b"through the second node")
+
+        (delivery,) = held.wait(1, timeout=10)
+        assert delivery.body == b"through the second node"
+        delivery.ack()
+        assert (first.connections, second.connections) == (1, 1)
+    finally:
+        transport.close()
+        first.close()
+        second.close()
+
+
+def test_a_nacked_publish_is_sent_again_until_the_broker_takes_it(admin: Any, root: str) -> None:
+    # A full queue that rejects publishes nacks them, as a quorum queue between two
+    # leaders does; the publish goes through once there is room again.
+    transport = AmqpTransport.from_url(amqp_url() + "?publish_timeout=30")  # declares fedmq
+    queue = f"test.nack-{uuid.uuid4().hex[:8]}"
+    admin.queue_declare(queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    admin.queue_bind(queue, EXCHANGE, routing_key=routing_key(f"{root}/n"))
+    try:
+        transport.publish(f"{root}/n", b"fills the queue")
+        sent = threading.Thread(target=transport.publish, args=(f"{root}/n", b"nacked at first"))
+        sent.start()
+        time.sleep(0.5)  # nacked, waiting to be retried
+        assert sent.is_alive()
+        admin.queue_purge(queue)
+
+        sent.join(timeout=10)
+        assert not sent.is_alive()
+        method, _properties, body = admin.basic_get(queue, auto_ack=True)
+        assert body == b"nacked at first"
+    finally:
+        transport.close()
+        admin.queue_delete(queue)
+
+
+def test_a_publish_nacked_until_publish_timeout_raises_connection_lost(
+    admin: Any, root: str
+) -> None:
+    transport = AmqpTransport.from_url(amqp_url() + "?publish_timeout=1")
+    queue = f"test.nack-{uuid.uuid4().hex[:8]}"
+    admin.queue_declare(queue, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    admin.queue_bind(queue, EXCHANGE, routing_key=routing_key(f"{root}/n"))
+    try:
+        start = time.monotonic()
+        with pytest.raises(ConnectionLost, match="within 1 s"):
+            transport.publish(f"{root}/n", b"never taken")
+        assert time.monotonic() - start < 3
+        transport.publish(f"{root}/other", b"the transport still works")
+    finally:
+        transport.close()
+        admin.queue_delete(queue)
 
 
 def test_after_max_attempts_every_call_raises_connection_lost(root: str) -> None:

@@ -20,13 +20,20 @@ How each one stops, and why:
 
 ``start()`` after a stop reuses the ports, node name and data folder, so
 clients reconnect to the same address and find what the broker kept.
-``owned_mosquitto`` and ``owned_rabbitmq`` skip a test when the broker's
-binaries are missing (and fail it under CI, like ``tests.brokers.require``).
+
+``OwnedRabbitCluster`` joins three such nodes into one cluster (a shared cookie
+and epmd, ``ErlangHost``), for the tests of losing a node: ``leader`` finds the
+node leading a quorum queue, and ``stop(graceful=False)`` on that node kills it.
+
+``owned_mosquitto``, ``owned_rabbitmq`` and ``owned_rabbitmq_cluster`` skip a
+test when the broker's binaries are missing (and fail it under CI, like
+``tests.brokers.require``).
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import random
 import re
@@ -37,10 +44,12 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tests.brokers import amqp_url, mqtt_url, skip_or_fail
 
@@ -257,6 +266,50 @@ class OwnedMosquitto:
         return self._child.log()
 
 
+@dataclass(frozen=True)
+class ErlangHost:
+    """What Erlang nodes on one machine share to see each other: a cookie and an epmd.
+
+    The epmd is private (a port of its own, loopback only), so test nodes never
+    register with the machine's shared RabbitMQ's epmd or leave one running; the
+    cookie is in ``home``, the ``HOME`` of the nodes and of the CLI tools. A
+    lone node has one of its own; a cluster's nodes share one.
+    """
+
+    home: Path
+    epmd_port: int
+
+    @classmethod
+    def create(cls, home: Path) -> ErlangHost:
+        """Write a fresh cookie under ``home`` and pick a port for the epmd."""
+        home.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.chmod(0o400)
+        return cls(home, _free_port())
+
+    def env(self) -> dict[str, str]:
+        """Return the environment a node and the CLI run with (no RABBITMQ_* of the machine's)."""
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        return {
+            **environment,
+            "HOME": str(self.home),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def kill_epmd(self) -> None:
+        """Stop the epmd once its nodes are gone."""
+        epmd = [str(_find("epmd")), "-port", str(self.epmd_port), "-kill"]
+        # epmd refuses -kill while it still lists a node, which it does for a moment
+        # after the node dies.
+        for _ in range(50):
+            done = subprocess.run(epmd, env=self.env(), capture_output=True, timeout=10)
+            if b"living nodes" not in done.stdout + done.stderr:
+                return
+            time.sleep(0.1)
+
+
 class OwnedRabbitMQ:
     """A RabbitMQ node of its own (name, ports, Erlang cookie, epmd, data folder).
 
@@ -270,9 +323,23 @@ class OwnedRabbitMQ:
     plugins
         Plugins to enable: ``rabbitmq_management`` listens on ``management_port``
         and ``rabbitmq_mqtt`` on ``mqtt_port``, both free ports of their own.
+    erlang
+        The cookie and epmd to share with other nodes (a cluster's); the node
+        has its own otherwise.
+    advanced
+        The ``advanced.config`` to run (Erlang terms, for settings that
+        ``rabbitmq.conf`` has no key for); none otherwise.
     """
 
-    def __init__(self, folder: Path, config: str = "", plugins: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        config: str = "",
+        plugins: tuple[str, ...] = (),
+        *,
+        erlang: ErlangHost | None = None,
+        advanced: str = "",
+    ) -> None:
         server, ctl = _rabbitmq_scripts()
         if server is None or ctl is None or _find("epmd") is None:
             raise FileNotFoundError("no rabbitmq-server, rabbitmqctl or epmd found")
@@ -280,12 +347,14 @@ class OwnedRabbitMQ:
         self.port = _free_port()
         self.node = f"fedmq-test-{secrets.token_hex(4)}@localhost"
         self._server, self._ctl = server, ctl
-        self._epmd = str(_find("epmd"))
         self._child = _Child(folder, "rabbitmq")
         self._dist_port = str(_free_port())
         self.management_port = _free_port()
         self.mqtt_port = _free_port()
-        self._config, self._plugins = config, plugins
+        self._config, self._plugins, self._advanced = config, plugins, advanced
+        # A node of its own owns its epmd; a cluster's nodes share the cluster's.
+        self._owns_erlang = erlang is None
+        self.erlang = erlang or ErlangHost.create(folder / "home")
         self._base_env = self._prepare(folder)
 
     @property
@@ -334,17 +403,22 @@ class OwnedRabbitMQ:
         self._child.wait(timeout=30)
 
     def close(self) -> None:
-        """Kill the node and the private epmd; idempotent."""
+        """Kill the node and, unless it is a cluster's, its private epmd; idempotent."""
         self._child.signal_group(signal.SIGKILL)
         self._child.wait(timeout=10)
-        # epmd refuses -kill while it still lists a node, which it does for a moment
-        # after the node dies.
-        epmd = [self._epmd, "-port", self._base_env["ERL_EPMD_PORT"], "-kill"]
-        for _ in range(50):
-            done = subprocess.run(epmd, env=self._base_env, capture_output=True, timeout=10)
-            if b"living nodes" not in done.stdout + done.stderr:
-                return
-            time.sleep(0.1)
+        if self._owns_erlang:
+            self.erlang.kill_epmd()
+
+    @property
+    def running(self) -> bool:
+        """Return whether the node's process runs (started and not stopped or killed)."""
+        return self._child.alive()
+
+    def join(self, node: str) -> None:
+        """Join the cluster of the running ``node``: stop the app, join, start it again."""
+        for step in (("stop_app",), ("join_cluster", node), ("start_app",)):
+            if not self._ctl_ok(*step):
+                raise RuntimeError(f"{' '.join(step)} failed on {self.node}:\n{self.log()[-4000:]}")
 
     def log(self) -> str:
         """Return what the node printed so far."""
@@ -352,11 +426,7 @@ class OwnedRabbitMQ:
 
     def _prepare(self, folder: Path) -> dict[str, str]:
         """Write the node's files; return the environment both the node and the CLI need."""
-        home = folder / "home"
-        home.mkdir(parents=True, exist_ok=True)
-        cookie = home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16).upper())
-        cookie.chmod(0o400)
+        folder.mkdir(parents=True, exist_ok=True)
         # The shared node's plugins already hold ports 15672 and 1883: take our own.
         # (A plugin's keys are unknown to the node unless the plugin is enabled.)
         listeners = {
@@ -369,18 +439,18 @@ class OwnedRabbitMQ:
         (folder / "rabbitmq.conf").write_text(conf + extra + "\n")
         (folder / "enabled_plugins").write_text(f"[{','.join(self._plugins)}].\n")
         (folder / "rabbitmq-env.conf").write_text("")
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
-        # A private epmd: nothing is registered with, or left running on, the shared one.
-        return {
-            **environment,
-            "HOME": str(home),
-            "ERL_EPMD_PORT": str(_free_port()),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-        }
+        if self._advanced:
+            (folder / "advanced.config").write_text(self._advanced)
+        return self.erlang.env()
 
-    def _ctl_ok(self, *args: str) -> bool:
+    def ctl(self, *args: str, tool: str = "rabbitmqctl") -> str | None:
+        """Run a RabbitMQ CLI tool against this node; return its output, None if it failed.
+
+        Each call starts an Erlang VM (about a second on this machine), so a test
+        makes few. A failure goes to the node's log, which test failures print.
+        """
         done = subprocess.run(
-            [self._ctl, "-n", self.node, *args],
+            [str(Path(self._ctl).with_name(tool)), "-n", self.node, *args],
             env=self._base_env,
             cwd=self.folder,
             capture_output=True,
@@ -389,9 +459,13 @@ class OwnedRabbitMQ:
         )
         if done.returncode != 0:
             with self._child.log_path.open("ab") as log:
-                log.write(b"rabbitmqctl " + " ".join(args).encode() + b" failed:\n")
+                log.write(f"{tool} {' '.join(args)} failed:\n".encode())
                 log.write(done.stdout + done.stderr)
-        return done.returncode == 0
+            return None
+        return done.stdout.decode(errors="replace")
+
+    def _ctl_ok(self, *args: str) -> bool:
+        return self.ctl(*args) is not None
 
 
 def _rabbitmq_scripts() -> tuple[str | None, str | None]:
@@ -399,6 +473,93 @@ def _rabbitmq_scripts() -> tuple[str | None, str | None]:
     if (_RABBITMQ_LIBEXEC / "rabbitmq-server").exists():
         return str(_RABBITMQ_LIBEXEC / "rabbitmq-server"), str(_RABBITMQ_LIBEXEC / "rabbitmqctl")
     return _find("rabbitmq-server"), _find("rabbitmqctl")
+
+
+_QUORUM_STATS_OFTEN = "[{rabbit, [{quorum_tick_interval, 500}]}].\n"
+"""Quorum queues report their counts every 0.5 s (5 s by default), so ``queue()`` is current."""
+
+
+class OwnedRabbitCluster:
+    """RabbitMQ nodes of their own (three by default) joined into one cluster on loopback ports.
+
+    The nodes share a cookie and a private epmd (``ErlangHost``); each has its own
+    ports, node name and data folder. They boot together, then every node but
+    the first joins the first as an operator would join one: ``rabbitmqctl
+    stop_app``, ``join_cluster``, ``start_app``. Users, vhosts, exchanges and
+    queue definitions are the cluster's; a quorum queue has a member on every
+    node and one leader (``leader``).
+
+    Parameters
+    ----------
+    folder
+        Where the shared cookie and each node's folder (``node-<i>``) go.
+    size
+        How many nodes.
+    """
+
+    def __init__(self, folder: Path, size: int = 3) -> None:
+        self.erlang = ErlangHost.create(folder / "home")
+        self.nodes = [
+            OwnedRabbitMQ(folder / f"node-{i}", erlang=self.erlang, advanced=_QUORUM_STATS_OFTEN)
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Return the ``amqp://`` URL naming every node, first node first."""
+        return self.url_from(self.nodes[0])
+
+    def url_from(self, first: OwnedRabbitMQ) -> str:
+        """Return the URL naming every node, starting at ``first`` and going round."""
+        at = self.nodes.index(first)
+        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[at:] + self.nodes[:at])
+        return f"amqp://guest:guest@{hosts}/%2F"
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Boot every node, then join the others to the first; raise if any step fails."""
+        _all(lambda node: node.start(timeout), self.nodes)
+        first = self.nodes[0].node
+        _all(lambda node: node.join(first), self.nodes[1:])
+
+    def queue(self, name: str) -> dict[str, Any]:
+        """Return a queue's type, leader, ready and unacked counts, asked of a running node."""
+        asking = next(node for node in self.nodes if node.running)
+        columns = ("name", "type", "leader", "messages_ready", "messages_unacknowledged")
+        listing = asking.ctl("-q", "list_queues", *columns, "--formatter", "json")
+        if listing is None:
+            raise RuntimeError(f"list_queues failed on {asking.node}:\n{asking.log()[-2000:]}")
+        rows: list[dict[str, Any]] = json.loads(listing)
+        found = [row for row in rows if row["name"] == name]
+        if not found:
+            raise RuntimeError(f"no queue {name} on the cluster")
+        return found[0]
+
+    def running_nodes(self, asking: OwnedRabbitMQ) -> set[str]:
+        """Return the names of the nodes that ``asking`` sees running in its cluster."""
+        status = asking.ctl("-q", "cluster_status", "--formatter", "json")
+        if status is None:
+            raise RuntimeError(f"cluster_status failed on {asking.node}:\n{asking.log()[-2000:]}")
+        return set(json.loads(status)["running_nodes"])
+
+    def leader(self, queue: str) -> OwnedRabbitMQ:
+        """Return the node leading quorum queue ``queue``."""
+        row = self.queue(queue)
+        if row["type"] != "quorum":
+            raise RuntimeError(f"{queue} is a {row['type']} queue, not a quorum queue")
+        return next(node for node in self.nodes if node.node == row["leader"])
+
+    def close(self) -> None:
+        """Kill every node, then the shared epmd; idempotent."""
+        for node in self.nodes:
+            node.close()
+        self.erlang.kill_epmd()
+
+
+def _all(run: Callable[[OwnedRabbitMQ], None], nodes: list[OwnedRabbitMQ]) -> None:
+    """Run ``run`` on every node at once (each mostly waits on its VM); re-raise a failure."""
+    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        for done in [pool.submit(run, node) for node in nodes]:
+            done.result()
 
 
 class _Ownable(Protocol):
@@ -419,6 +580,13 @@ def owned_rabbitmq(
 ) -> AbstractContextManager[OwnedRabbitMQ]:
     """Return a context yielding a started private RabbitMQ node, killed with its epmd after."""
     return _started(partial(OwnedRabbitMQ, config=config, plugins=plugins), folder)
+
+
+def owned_rabbitmq_cluster(
+    folder: Path, size: int = 3
+) -> AbstractContextManager[OwnedRabbitCluster]:
+    """Return a context yielding a started private RabbitMQ cluster, every node killed after."""
+    return _started(partial(OwnedRabbitCluster, size=size), folder)
 
 
 @contextmanager

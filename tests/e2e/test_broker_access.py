@@ -29,7 +29,7 @@ import pika
 import pytest
 
 from broker import Delivery, Transport, connect
-from broker._amqp_io import DEAD_LETTER_EXCHANGE, DEAD_LETTERS, EXCHANGE
+from broker._amqp_options import DEAD_LETTER_EXCHANGE, DEAD_LETTERS, EXCHANGE
 from broker._mqtt_routing import DEAD_LETTER_PREFIX
 from broker.access import BrokerAccess, DeviceCredentials, open_access
 from broker.errors import BrokerError
