@@ -11,6 +11,7 @@ import socket
 
 import pytest
 
+from broker.bridge import routes
 from broker.topics import Topics
 
 AMQP_PORT = int(os.environ.get("FEDMQ_TEST_AMQP_PORT", "5672"))
@@ -71,3 +72,8 @@ def delete_amqp_groups(groups: list[str]) -> None:
             channel.queue_delete(f"fedmq.group.{Topics.combiners_group(group)}")
     finally:
         connection.close()
+
+
+def bridge_groups(namespace: str, name: str) -> list[str]:
+    """Return the group queues of bridge ``name``, one a route, as ``broker.bridge`` names them."""
+    return [f"{namespace}-bridge-{name}-{index}" for index in range(len(routes(Topics(namespace))))]

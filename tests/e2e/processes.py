@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -14,7 +15,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from broker.topics import DEFAULT_NAMESPACE
+from tests.brokers import amqp_url, bridge_groups, delete_amqp_groups
+
 TOKEN = "e2e-admin-token"
+SEED = 7
+"""The experiments' seed: not 0, the seed a process falls back to without one.
+
+A process that dropped the experiment's seed (a fleet partitioning the data
+set, or its devices shuffling, with seed 0) would then train another model
+than ``fedmq simulate`` and fail the comparison; with seed 0 it would pass.
+"""
 _NARROWER_TOKENS = ("FEDMQ_ENROLLMENT_TOKEN", "FEDMQ_VIEWER_TOKEN")
 
 
@@ -36,9 +47,13 @@ class Processes:
         inherited = {k: v for k, v in os.environ.items() if k not in _NARROWER_TOKENS}
         self.env = {**inherited, **env, "FEDMQ_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.bridges: list[str] = []
+        """The names of the bridges started, whose group queues teardown deletes."""
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         """Start ``fedmq ARGS`` with its output in ``workdir/<name>.log``."""
+        if "bridge" in args and "--name" in args:
+            self.bridges.append(args[args.index("--name") + 1])
         log = (self.workdir / f"{name}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedmq", *args],
@@ -70,15 +85,32 @@ class Processes:
                 proc.kill()
                 proc.wait()
 
+    def amqp_groups(self) -> list[str]:
+        """Return the durable group queues the deployment's workers and bridges declare on AMQP."""
+        namespace = self.env.get("FEDMQ_NAMESPACE", DEFAULT_NAMESPACE)
+        workers = self.env.get("FEDMQ_WORKER_GROUP", f"{namespace}-aggregators")
+        return [workers, *(g for name in self.bridges for g in bridge_groups(namespace, name))]
+
 
 @contextmanager
 def processes(workdir: Path, env: dict[str, str]) -> Iterator[Processes]:
-    """Yield a process group that is torn down whatever happens."""
+    """Yield a process group that is torn down whatever happens.
+
+    On the shared RabbitMQ, teardown also deletes the deployment's durable
+    group queues once its processes are gone, whether the test passed or not:
+    a queue left behind would keep a copy of every later update published in
+    its namespace, which every test that sets none shares. A test's private
+    broker goes with the test.
+    """
     group = Processes(workdir, env)
     try:
         yield group
     finally:
-        group.stop()
+        try:
+            group.stop()
+        finally:
+            if env.get("FEDMQ_BROKER_URL") == amqp_url():
+                delete_amqp_groups(group.amqp_groups())
 
 
 class Api:
@@ -173,6 +205,15 @@ def start_fleet(group: Processes, api: Api, experiment_id: str, *flags: str) -> 
         "20 devices to check in",
         group,
     )
+
+
+def fleet_totals(group: Processes, name: str) -> dict[str, int]:
+    """Return the totals (tasks, uploads, failures...) fleet ``name`` printed as it stopped."""
+    for line in group.log(name).splitlines():
+        if line.startswith("fedmq fleet stopped: "):
+            totals: dict[str, int] = ast.literal_eval(line.removeprefix("fedmq fleet stopped: "))
+            return totals
+    raise AssertionError(f"{name} printed no totals: has it stopped?\n{group.logs()}")
 
 
 def rounds_when_done(api: Api, experiment_id: str, count: int) -> list[dict[str, Any]] | None:

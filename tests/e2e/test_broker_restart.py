@@ -16,6 +16,8 @@ processes through one.
 from __future__ import annotations
 
 import copy
+import logging
+import re
 import threading
 import time
 import uuid
@@ -33,6 +35,7 @@ from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import amqp_url, mqtt_url
 from tests.e2e.owned_brokers import OwnedMosquitto, OwnedRabbitMQ, owned_mosquitto, owned_rabbitmq
 from tests.e2e.processes import (
+    SEED,
     Api,
     deployment_env,
     free_port,
@@ -132,7 +135,7 @@ def test_a_plain_amqp_subscriber_gets_what_was_published_while_the_broker_restar
 
 
 def test_an_mqtt_group_gets_what_was_published_before_its_member_subscribed_again(
-    mqtt: OwnedMosquitto, proxy_to: Any
+    mqtt: OwnedMosquitto, proxy_to: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Mosquitto 2.0 restores a persistent session's plain subscriptions after a
     # restart but not its shared ones: until the member is back, a publish to the
@@ -153,8 +156,10 @@ def test_an_mqtt_group_gets_what_was_published_before_its_member_subscribed_agai
         sent = threading.Thread(
             target=publisher.publish, args=("restart/group", b"sent before the member was back")
         )
-        sent.start()
-        time.sleep(1.5)  # the publisher is back and finds no subscription
+        with caplog.at_level(logging.INFO, logger="broker.mqtt"):
+            sent.start()
+            # The publisher is back, finds no subscription and will publish again.
+            assert _logged(caplog, "nobody subscribes to restart/group yet", timeout=30)
         proxy._target = target
         sent.join(timeout=30)
 
@@ -214,7 +219,7 @@ def test_a_broker_restarted_mid_round_loses_and_doubles_no_update(
             group_of,
         )
         final = load(api.call("GET", f"/experiments/{experiment_id}/model"))
-        cut_off = [n for n in ("server", "worker", "fleet") if "reconnecting" in group_of.log(n)]
+        cut_off = [n for n in ("server", "worker", "fleet") if _lost(group_of.log(n), owned.port)]
 
     assert during.get(2) == "training", f"the broker went down outside round 2: {during}"
     assert cut_off == ["server", "worker", "fleet"], f"only {cut_off} lost the broker"
@@ -227,8 +232,25 @@ def test_a_broker_restarted_mid_round_loses_and_doubles_no_update(
     assert worst <= 1e-6, f"the restart ({outage_s:.1f} s down) changed the model by {worst}"
 
 
+def _lost(log: str, port: int) -> bool:
+    """Return whether a log holds a transport's line on losing the broker on ``port``."""
+    line = rf"lost (the connection to )?\S*127\.0\.0\.1:{port}\b.*; reconnecting$"
+    return re.search(line, log, re.MULTILINE) is not None
+
+
+def _logged(caplog: pytest.LogCaptureFixture, text: str, timeout: float) -> bool:
+    """Wait until a captured log message contains ``text``; return whether one did."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(text in record.getMessage() for record in list(caplog.records)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _config() -> dict[str, Any]:
     raw: dict[str, Any] = copy.deepcopy(DEMO_CONFIG)
+    raw["seed"] = SEED
     raw["rounds"]["count"] = ROUNDS
     raw["training"]["epochs"] = EPOCHS
     return raw

@@ -32,10 +32,11 @@ from broker import connect
 from broker.topics import Topics
 from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
-from tests.brokers import AMQP_PORT, amqp_url, delete_amqp_groups, require
+from tests.brokers import AMQP_PORT, amqp_url, require
 from tests.e2e.hostile import Attacker, metrics, rss_mb
 from tests.e2e.owned_brokers import OwnedMosquitto, owned_mosquitto
 from tests.e2e.processes import (
+    SEED,
     Api,
     deployment_env,
     free_port,
@@ -54,6 +55,7 @@ PASSES = 360  # about 30 frames a pass
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
     raw = copy.deepcopy(DEMO_CONFIG)
+    raw["seed"] = SEED
     raw["rounds"]["count"] = ROUNDS
     return raw
 
@@ -116,8 +118,6 @@ def test_hostile_traffic_changes_nothing(
         counted = metrics(_get(f"http://127.0.0.1:{port}/metrics"))
         after = {name: rss_mb(pid) for name, pid in pids.items()}
         logs = {name: group.log(name) for name in ("server", "worker", "fleet")}
-    if broker == "amqp":
-        delete_amqp_groups([env["FEDMQ_WORKER_GROUP"]])
 
     # Assert
     sent = sum(attacker.sent.values())

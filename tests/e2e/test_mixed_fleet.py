@@ -15,8 +15,10 @@ from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import MQTT_PORT, mqtt_url, require
 from tests.e2e.processes import (
+    SEED,
     Api,
     deployment_env,
+    fleet_totals,
     free_port,
     max_difference,
     processes,
@@ -34,6 +36,7 @@ def mobile_config() -> dict[str, Any]:
     """The demo's experiment as a phone can train it: ORT's plain SGD, no momentum."""
     raw: dict[str, Any] = copy.deepcopy(DEMO_CONFIG)
     raw["name"] = "digits-mixed-fleet"
+    raw["seed"] = SEED
     raw["model"]["platforms"] = ["android", "ios"]
     raw["rounds"]["count"] = ROUNDS
     raw["training"].update(momentum=0.0, lr=0.3)
@@ -110,7 +113,7 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
             final = load(api.call("GET", f"/experiments/{experiment_id}/model"))
             android_libraries = Path(f"/proc/{fleets[7].pid}/maps").read_text()
             ios_libraries = Path(f"/proc/{fleets[14].pid}/maps").read_text()
-        blobs = list_keys(s3, f"{prefix}/blobs/")
+        totals = [fleet_totals(group, f"fleet-{first}") for first in fleets]  # printed at stop
         pending_uploads = list_keys(s3, f"{prefix}/uploads/")
 
     assert [d["platform"] for d in devices] == ["emulated"] * 20  # as the fleet enrolled them
@@ -124,8 +127,11 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
     assert "libtorch" in ios_libraries  # the lite interpreter evaluates on iOS
     assert all(r["accepted"] == 20 for r in rounds), rounds
     # Every update was PUT to S3 through a presigned URL (the service serves no
-    # blobs with an S3 store) and claimed by the worker into the blob space.
-    assert len(blobs) >= ROUNDS * 20, len(blobs)
+    # blobs with an S3 store), and the worker claimed every upload.
+    sent = sum(t["updates_sent"] for t in totals)
+    uploads = sum(t["uploads"] for t in totals)
+    assert uploads == sent == ROUNDS * 20, totals
+    assert all(t["failures"] == 0 for t in totals), totals
     assert pending_uploads == []
     # ORT's SGD step equals torch's to ~1e-7, so the mixed fleet lands next to
     # the all-Python run: same accuracy band, nearly the same weights.
@@ -134,7 +140,9 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
     assert abs(accuracy - expected) <= 0.02, (accuracy, expected)
     assert accuracy >= 0.9
     # ORT and torch round float32 sums differently, and lr 0.3 amplifies it round by
-    # round. Measured 7.6e-7 after 4 rounds in an earlier environment; 1.16e-4 after 5
-    # rounds with today's fresh install (numpy 2.4, scikit-learn 1.9), the same figure
-    # before and after the scale-out change. Weights are ~0.1: 1e-3 is still close.
-    assert max_difference(final, load(all_python.final_weights)) <= 1e-3
+    # round. Measured after 5 rounds at seed 7: 8.94e-8 in each of four runs (a
+    # float32 rounding step or two); at seeds 1, 2, 3: 8.94e-8, 1.19e-7, 8.94e-8.
+    # 5e-7 is over 4x the worst of those. Seed 0, which the test no longer runs,
+    # measured 1.16e-4 in the same install: that seed amplifies the rounding more.
+    worst = max_difference(final, load(all_python.final_weights))
+    assert worst <= 5e-7, f"the mixed fleet's model is {worst} from the all-Python one's"

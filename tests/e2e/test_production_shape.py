@@ -24,6 +24,7 @@ from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
 from tests.e2e.owned_brokers import owned_rabbitmq, shipped_rabbitmq_config
 from tests.e2e.processes import (
+    SEED,
     Api,
     deployment_env,
     free_port,
@@ -41,6 +42,7 @@ ROUNDS = 3
 
 def test_devices_on_mqtt_and_workers_on_amqp_through_one_rabbitmq(tmp_path: Path) -> None:
     raw: dict[str, Any] = copy.deepcopy(DEMO_CONFIG)
+    raw["seed"] = SEED
     raw["rounds"]["count"] = ROUNDS
     password = secrets.token_urlsafe(16)
     plugins = ("rabbitmq_mqtt",)
@@ -66,7 +68,8 @@ def test_devices_on_mqtt_and_workers_on_amqp_through_one_rabbitmq(tmp_path: Path
     assert [r["state"] for r in rounds] == ["committed"] * ROUNDS, group.logs()
     assert all(r["accepted"] == 20 for r in rounds)
     assert all(len(set(r["accepted_updates"])) == 20 for r in rounds)
-    assert "mqtt://" in fleet_log and "amqp://" not in fleet_log
+    assert f"fedmq fleet: 20 devices for {experiment_id} on mqtt://" in fleet_log
+    assert "amqp://" not in fleet_log
     expected = load(simulate(ExperimentConfig.from_dict(raw)).final_weights)
     worst = max_difference(final, expected)
     assert worst <= 1e-6, f"the two-protocol run differs from simulation by {worst}"

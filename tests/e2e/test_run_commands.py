@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -66,9 +67,14 @@ def test_submit_watch_then_list_inspect_pull_and_stop_a_run(tmp_path: Path) -> N
             text=True,
         )
         submitted = wait_until(
-            lambda: "submitted" in (tmp_path / "submit.log").read_text(), 60, "submit", group
+            lambda: re.search(
+                r"^submitted (\S+): 2 round\(s\)$", (tmp_path / "submit.log").read_text(), re.M
+            ),
+            60,
+            "submit",
+            group,
         )
-        experiment_id = (tmp_path / "submit.log").read_text().split()[1].rstrip(":")
+        experiment_id = submitted[1]
         # Its rounds wait for devices: the fleet comes now. Device 0 takes 2 s more
         # than the others, so each round trains for 2 s: a stop lands in training.
         trace = tmp_path / "trace.json"
@@ -103,7 +109,6 @@ def test_submit_watch_then_list_inspect_pull_and_stop_a_run(tmp_path: Path) -> N
             lambda: _ended(api, experiment_id), 60, "the stopped experiment to settle", group
         )
 
-    assert submitted
     assert [line.split()[:2] for line in watched[2:]] == [["1", "committed"], ["2", "committed"]]
     assert listed.returncode == 0 and experiment_id in {
         e["id"] for e in json.loads(listed.stdout)["experiments"]
