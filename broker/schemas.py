@@ -4,7 +4,9 @@
 phone sees (``task_grant`` included: it rides, signed, inside a task and comes
 back inside the answer), plus ``envelope.json`` (the header every frame
 carries) and ``model_ref.json``; they are the contract Kotlin and Swift code
-is written against (``docs/mobile-protocol.md``). They describe the header
+is written against (``docs/mobile-protocol.md``). They are generated from the
+message classes in ``broker.messages`` by ``python -m broker.schema_gen``
+(``broker/schema_gen.py``), never edited by hand. They describe the header
 only: splitting a frame, signed or not, is ``broker.codec.split_frame``'s job,
 and checking its signature ``broker.verify``'s. Validation needs ``jsonschema``, a
 development dependency imported only when a header is checked: at run time
