@@ -10,20 +10,24 @@ across processes agree.
 Named profiles: ``uniform`` (no delay) and ``heterogeneous`` (speed tiers:
 50 % of the devices at 1x, 30 % at 3x, 20 % at 10x; exact shares of a fleet
 of known size, dealt by a seeded permutation). A trace file
-is a JSON object from device index to a delay in seconds (a number) or
+is either a device trace (``device_sdk.emulator.traces``, docs/traces.md:
+speeds, bandwidths and availability windows; a ``TraceProfile``) or the
+older JSON object from device index to a delay in seconds (a number) or
 ``{"factor": f}`` / ``{"delay_s": s}``; devices it does not list have no delay.
 
 On a real broker the fleet sleeps out the delay before sending the update.
 In an in-process run ``VirtualTime`` emulates it instead: trainings complete
 in the order of their emulated durations, with no sleeping, so the run stays
-deterministic and takes only the time its computation needs.
+deterministic and takes only the time its computation needs. Under a trace a
+task's length depends on the task (its examples, epochs and model size), so
+the task runs when it arrives and waits in emulated time for its update to
+be due (a ``Fiber``); a device whose window closes first never answers.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -34,7 +38,16 @@ import numpy as np
 
 from broker import TrainTask
 from device_sdk.app import DeviceContext, TrainHandler, TrainResult
-from device_sdk.errors import DeviceError
+from device_sdk.emulator._trace_io import is_trace_document, parse_trace, read_json
+from device_sdk.emulator._trace_live import WallClock
+from device_sdk.emulator._trace_model import ProfileError as ProfileError
+from device_sdk.emulator._trace_model import Trace
+from device_sdk.emulator._trace_pacing import (
+    Fiber,
+    abandonable,
+    current_fiber,
+    trace_paced,
+)
 
 Runner = Callable[[Callable[[], None]], None]
 
@@ -47,12 +60,9 @@ HETEROGENEOUS_TIERS: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.3, 3.0), 
 _SPEED_STREAM = 0x5BEED
 """Keeps the speed draw independent of the other draws seeded by ``[seed, index]``."""
 
-
-class ProfileError(DeviceError):
-    """A speed profile that cannot be used: unknown name, unreadable or malformed trace.
-
-    Raised when a fleet is set up, never sent by a device: it keeps the root's code.
-    """
+TRACE_STEP_S = 5.0
+"""Under a trace, emulated time stops at least this often: a deadline that falls
+between two trace events is seen at most this late."""
 
 
 @dataclass(frozen=True)
@@ -136,20 +146,61 @@ class SpeedProfile:
         return counts
 
 
+@dataclass(frozen=True, kw_only=True)
+class TraceProfile(SpeedProfile):
+    """Device speeds and availability from a device trace (docs/traces.md).
+
+    Device ``i`` plays the trace's entry ``i mod len``. A task takes the
+    model's download, examples x epochs x the entry's ms per example, and the
+    update's upload; a device offline when the task arrives, or whose window
+    closes before the upload is out, never answers. ``AvailabilityDriver``
+    (``device_sdk.emulator.traces``) checks devices out and in as their
+    windows close and open.
+
+    Parameters
+    ----------
+    trace
+        The devices' entries.
+    wall_clock
+        Trace time in real runs (trace second 0 is when the profile was made).
+    """
+
+    trace: Trace
+    wall_clock: WallClock = field(default_factory=WallClock, compare=False, repr=False)
+
+    def summary(self, indices: Iterable[int]) -> dict[str, int]:
+        """Return how many of the devices ``indices`` are always on, sometimes, or never online."""
+        counts: dict[str, int] = {}
+        for i in indices:
+            availability = self.trace.device(i).availability
+            key = "windows" if availability.windows else "never online"
+            if availability.always_on:
+                key = "always on"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def slowed(
+        self, handler: TrainHandler, index: int, *, sleep: Callable[[float], None] = time.sleep
+    ) -> TrainHandler:
+        """Return ``handler`` sleeping out device ``index``'s trace time, or abandoning the task."""
+        clock = WallClock(self.wall_clock.origin, sleep=sleep)
+        return trace_paced(handler, self.trace.device(index), clock, real_time=True)
+
+
 def heterogeneous(seed: int = 0, devices: int = 0) -> SpeedProfile:
     """Return the ``heterogeneous`` profile: 50 % of devices at 1x, 30 % at 3x, 20 % at 10x."""
     return SpeedProfile("heterogeneous", tiers=HETEROGENEOUS_TIERS, seed=seed, devices=devices)
 
 
 def from_trace(path: str | Path) -> SpeedProfile:
-    """Read a trace file: ``{"<index>": seconds | {"factor": f} | {"delay_s": s}, ...}``."""
+    """Read a trace file: a device trace (docs/traces.md), or the older delay map.
+
+    The delay map is ``{"<index>": seconds | {"factor": f} | {"delay_s": s}, ...}``.
+    """
     p = Path(path)
-    try:
-        raw = json.loads(p.read_text())
-    except OSError as exc:
-        raise ProfileError(f"cannot read speed trace {p}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ProfileError(f"speed trace {p} is not valid JSON: {exc}") from exc
+    raw = read_json(p, "speed trace")
+    if is_trace_document(raw):
+        return TraceProfile(name=f"trace:{p.name}", trace=parse_trace(raw, origin=str(p)))
     if not isinstance(raw, dict):
         raise ProfileError(f"speed trace {p}: expected an object from device index to delay")
     factors: dict[int, float] = {}
@@ -169,6 +220,8 @@ def load_profile(spec: str, *, seed: int = 0, devices: int = 0) -> SpeedProfile:
     """Return the profile a ``--profile`` value names: ``uniform``, ``heterogeneous`` or a trace.
 
     ``seed`` and ``devices`` (the fleet's size) fix the heterogeneous tiers.
+    A trace file is sniffed: a device trace (its ``format`` field) gives a
+    ``TraceProfile``, anything else is read as the older delay map.
     """
     if spec == "uniform":
         return SpeedProfile()
@@ -202,33 +255,77 @@ class VirtualTime:
     Pass the instance as the coordinator's clock, so round timings and
     deadlines are in emulated seconds too.
 
+    Under a trace, tasks run as fibers (``fiber_runner``) that wait for their
+    update's due time with ``sleep_until``, and ``call_at`` schedules any job
+    (an availability driver's check-outs and check-ins).
+
     Parameters
     ----------
     nominal_s
         Emulated seconds a 1x device needs for one task.
     start
         The clock's initial reading.
+    max_step_s
+        If set, ``advance`` moves the clock at most this far at once, so the
+        caller gets to look (for deadlines) between two distant events.
     """
 
-    def __init__(self, *, nominal_s: float = 1.0, start: float = 0.0) -> None:
+    def __init__(
+        self, *, nominal_s: float = 1.0, start: float = 0.0, max_step_s: float | None = None
+    ) -> None:
         self.nominal_s = nominal_s
         self.now = start
+        self.max_step_s = max_step_s
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self._fibers: set[Fiber] = set()
 
     def __call__(self) -> float:
         """Return the emulated time."""
         return self.now
 
+    def call_at(self, at: float, job: Callable[[], None]) -> None:
+        """Run ``job`` when the clock reaches ``at`` (the next ``advance``, if it has)."""
+        with self._lock:
+            heapq.heappush(self._queue, (max(at, self.now), next(self._order), job))
+
     def runner(self, duration_s: float) -> Runner:
         """Return a runner that completes each job ``duration_s`` emulated seconds later."""
 
         def run(job: Callable[[], None]) -> None:
-            with self._lock:
-                heapq.heappush(self._queue, (self.now + duration_s, next(self._order), job))
+            self.call_at(self.now + duration_s, job)
 
         return run
+
+    def fiber_runner(self) -> Runner:
+        """Return a runner that starts each job now, as a fiber that may ``sleep_until``."""
+
+        def run(job: Callable[[], None]) -> None:
+            fiber = Fiber(job, self._local)
+            with self._lock:
+                self._fibers.add(fiber)
+            self.call_at(self.now, lambda: self._step(fiber))
+
+        return run
+
+    def sleep_until(self, at: float) -> None:
+        """Pause the calling fiber until the clock reaches ``at``."""
+        fiber = current_fiber(self._local)
+        if fiber is None:
+            raise RuntimeError("VirtualTime.sleep_until is for jobs of its fiber_runner")
+        self.call_at(at, lambda: self._step(fiber))
+        fiber.pause()
+
+    def _step(self, fiber: Fiber) -> None:
+        """Run a fiber to its next pause; forget it once it ends."""
+        try:
+            fiber.step()
+        finally:
+            if fiber.done:
+                with self._lock:
+                    self._fibers.discard(fiber)
 
     @property
     def pending(self) -> int:
@@ -236,10 +333,17 @@ class VirtualTime:
         return len(self._queue)
 
     def advance(self) -> bool:
-        """Run the earliest queued training at its completion time; False if none is queued."""
+        """Run the earliest queued job at its time; False if none is queued.
+
+        With ``max_step_s``, a job further ahead than that is left queued and
+        the clock moves ``max_step_s`` on (True: time passed).
+        """
         with self._lock:
             if not self._queue:
                 return False
+            if self.max_step_s is not None and self._queue[0][0] > self.now + self.max_step_s:
+                self.now += self.max_step_s
+                return True
             at, _, job = heapq.heappop(self._queue)
             self.now = max(self.now, at)
         job()
@@ -248,6 +352,14 @@ class VirtualTime:
     def skip(self, seconds: float) -> None:
         """Let ``seconds`` of emulated time pass with nothing completing (deadlines may expire)."""
         self.now += seconds
+
+    def close(self) -> None:
+        """Drop queued jobs and end paused fibers (their tasks never answer)."""
+        with self._lock:
+            self._queue.clear()
+            fibers, self._fibers = self._fibers, set()
+        for fiber in fibers:
+            fiber.cancel()
 
 
 def paced(
@@ -260,8 +372,18 @@ def paced(
     """Return device ``index``'s handler and runner, slowed down as ``profile`` says.
 
     In emulated time the runner defers the training; otherwise the handler
-    sleeps out the delay after training.
+    sleeps out the delay after training. Under a ``TraceProfile`` the task's
+    length comes from the trace and the task itself (see ``TraceProfile``);
+    in emulated time the clock then stops at least every ``TRACE_STEP_S``.
     """
+    if isinstance(profile, TraceProfile):
+        device = profile.trace.device(index)
+        if virtual_time is not None:
+            if virtual_time.max_step_s is None:
+                virtual_time.max_step_s = TRACE_STEP_S
+            paced_handler = trace_paced(handler, device, virtual_time, real_time=False)
+            return paced_handler, virtual_time.fiber_runner()
+        return profile.slowed(handler, index), abandonable(run)
     if virtual_time is not None:
         duration = (profile or SpeedProfile()).duration_s(index, virtual_time.nominal_s)
         return handler, virtual_time.runner(duration)
