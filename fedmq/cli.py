@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
-import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from aggregator_service import ConfigError, ExperimentConfig, ServiceError, load
 from aggregator_service.persistence import RoundRecord
 from broker import BrokerError
 from broker.embedded import EmbeddedBroker
-from broker.topics import Topics, is_valid_segment
+from broker.topics import is_valid_segment
 from device_sdk import DeviceError
 from device_sdk.data.errors import DataError
 from device_sdk.emulator.profiles import PROFILES, load_profile
@@ -23,19 +22,17 @@ from fedmq.compose import RunResult, run_experiment
 from fedmq.defaults import DEMO_CONFIG
 from fedmq.devices import add_devices_command
 from fedmq.export import EXPORT_PLATFORMS, ExportUsageError, export_package, parse_shape
-from fedmq.keys import KeyFolder
 from fedmq.platforms import parse_mix
-from fedmq.processes import run_bridge, run_fleet, run_server, run_worker
+from fedmq.processes import FleetOptions, run_bridge, run_fleet, run_server, run_worker
 from fedmq.results import round_row, write_results
 from fedmq.runs import add_run_commands
 from fedmq.settings import (
-    ENVIRONMENT,
+    Settings,
+    SettingsError,
     add_location_flags,
     add_trust_flags,
-    home,
-    namespace,
+    load_settings,
     redact,
-    resolve,
 )
 from model_store import StoreError
 
@@ -64,6 +61,7 @@ def _print_round(record: RoundRecord) -> None:
 
 def _run_and_report(
     config: ExperimentConfig,
+    settings: Settings,
     rounds: int | None,
     out: Path | None,
     broker: str = "memory://",
@@ -98,6 +96,7 @@ def _run_and_report(
         profile=speed,
         workers=workers,
         regions=regions,
+        settings=settings,
     )
     final = result.final_metrics
     print(
@@ -121,7 +120,7 @@ def _run_and_report(
     return result
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     raw = dict(DEMO_CONFIG)
     if args.devices is not None:
         raw["data"] = {**raw["data"], "devices": args.devices}
@@ -132,19 +131,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "min_reports": min(raw["rounds"]["min_reports"], per_round),
         }
     config = ExperimentConfig.from_dict(raw)
-    url = args.broker or os.environ.get(ENVIRONMENT["broker"])
-    if url:
-        _run_and_report(config, args.rounds, args.out, url)
+    if settings.broker:
+        _run_and_report(config, settings, args.rounds, args.out, settings.broker)
         return 0
     with EmbeddedBroker() as embedded:
-        _run_and_report(config, args.rounds, args.out, embedded.url)
+        _run_and_report(config, settings, args.rounds, args.out, embedded.url)
     return 0
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
+def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     config = load_config(args.config)
     result = _run_and_report(
         config,
+        settings,
         args.rounds,
         args.out,
         profile=args.profile,
@@ -157,7 +156,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 1 if abandoned else 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     config = load_config(args.config)
     strategy = dict(config.strategy)
     print(
@@ -168,56 +167,34 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_server(args: argparse.Namespace) -> int:
+def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     run_server(
+        settings,
         host=args.host,
         port=args.port,
-        broker=resolve(args, "broker"),
-        store_url=resolve(args, "store"),
-        db_url=resolve(args, "db"),
         public_url=args.public_url,
         recovery_grace_s=args.recovery_grace,
-        keys=_keys(args),
-        namespace=namespace(args),
     )
     return 0
 
 
-def _keys(args: argparse.Namespace) -> KeyFolder:
-    return KeyFolder(args.keys) if args.keys else KeyFolder.default(home())
-
-
-def _cmd_worker(args: argparse.Namespace) -> int:
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     run_worker(
-        broker=resolve(args, "broker"),
-        store_url=resolve(args, "store"),
-        group=args.group
-        or os.environ.get("FEDMQ_WORKER_GROUP")
-        or Topics(namespace(args)).updates_group,
+        settings,
         name=args.name or f"fedmq-worker-{socket.gethostname()}",
         checkpoint_every=args.checkpoint_every,
         health_file=args.health_file,
-        keys=_keys(args),
-        namespace=namespace(args),
     )
     return 0
 
 
-def _cmd_bridge(args: argparse.Namespace) -> int:
-    run_bridge(
-        root=resolve(args, "broker"),
-        region=args.region,
-        name=args.name,
-        namespace=namespace(args),
-        health_file=args.health_file,
-    )
+def _cmd_bridge(args: argparse.Namespace, settings: Settings) -> int:
+    run_bridge(settings, region=args.region, name=args.name, health_file=args.health_file)
     return 0
 
 
-def _cmd_fleet(args: argparse.Namespace) -> int:
-    run_fleet(
-        broker=resolve(args, "broker"),
-        server=resolve(args, "server"),
+def _cmd_fleet(args: argparse.Namespace, settings: Settings) -> int:
+    options = FleetOptions(
         devices=args.devices,
         experiment_id=args.experiment,
         seed=args.seed,
@@ -225,12 +202,10 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         concurrency=args.concurrency,
         heartbeat_s=args.heartbeat,
-        health_file=args.health_file,
         platforms=args.platforms,
         profile=args.profile,
-        keys=_keys(args),
-        namespace=namespace(args),
     )
+    run_fleet(settings, options, health_file=args.health_file)
     return 0
 
 
@@ -241,7 +216,7 @@ def _platform_mix(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     try:
         written = export_package(
             platform=args.platform,
@@ -314,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="broker URL (default: $FEDMQ_BROKER_URL, else an embedded MQTT broker; "
         "memory:// runs on the in-process bus)",
     )
+    add_location_flags(demo, "store")
     demo.set_defaults(func=_cmd_demo)
 
     simulate_cmd = sub.add_parser("simulate", help="simulate an experiment config in-process")
@@ -334,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run an aggregation tree: N regions, each its own bus, devices and edge "
         "workers, bridged to a root that combines (default 1: no tree)",
     )
+    add_location_flags(simulate_cmd, "store")
     simulate_cmd.set_defaults(func=_cmd_simulate)
 
     validate = sub.add_parser(
@@ -377,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--group",
+        type=_segment,
         help="update queue shared by this deployment's workers "
         "(default: $FEDMQ_WORKER_GROUP, else NAMESPACE-aggregators)",
     )
@@ -487,7 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for library in ("pika", "paho", "amqtt"):
         logging.getLogger(library).setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
-        return int(args.func(args))
+        # The one read of the environment: every command gets these settings passed.
+        settings = load_settings(args)
+        return int(args.func(args, settings))
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"fedmq: invalid setting: {problem}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"fedmq: invalid config: {problem}", file=sys.stderr)

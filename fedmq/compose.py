@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -13,16 +12,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator_service import (
-    AggregatorWorker,
-    ConfigError,
-    Database,
-    ExperimentConfig,
-    RoundService,
-)
-from aggregator_service.api.app import create_app
-from aggregator_service.evaluation import held_out_evaluator
-from aggregator_service.links import SignedLinks
+from aggregator_service import ConfigError, Database, ExperimentConfig, RoundService
 from aggregator_service.persistence import RoundRecord
 from broker import MemoryTransport, Transport
 from broker.bridge import Bridge
@@ -31,9 +21,10 @@ from broker.transport import Will
 from device_sdk.emulator import Fleet, TrainerFactory
 from device_sdk.emulator.fleet import Enroll, TransportFor
 from device_sdk.emulator.profiles import SpeedProfile, VirtualTime
-from fedmq.platforms import platform_packagers
+from fedmq import components
+from fedmq.drive import Progress, RoundCounter, run_emulated, wait_for_devices, wait_for_rounds
+from fedmq.settings import Settings
 from fedmq.wiring import (
-    DEFAULT_MAX_INLINE_BYTES,
     Ticker,
     TransportPool,
     executor_runner,
@@ -42,9 +33,7 @@ from fedmq.wiring import (
     start_http,
     unique_client_id,
 )
-from model_store import LocalStore
-
-Progress = Callable[[RoundRecord], None]
+from model_store import LocalStore, ModelStore, open_store
 
 
 @dataclass(frozen=True)
@@ -77,6 +66,7 @@ def simulate(
     profile: SpeedProfile | None = None,
     workers: int = 1,
     regions: int = 1,
+    settings: Settings | None = None,
 ) -> RunResult:
     """Run an experiment on the in-process bus: deterministic for a config and seed.
 
@@ -103,6 +93,9 @@ def simulate(
         Run an aggregation tree: this many regions, each its own bus with its
         share of the devices and its edge workers, bridged to the root, whose
         one worker combines the regions' partials.
+    settings
+        The store (default: a folder in ``workdir``), data folders, namespace
+        and limits (default: ``Settings()``, the embedded defaults).
 
     Returns
     -------
@@ -118,6 +111,7 @@ def simulate(
         profile=profile,
         workers=workers,
         regions=regions,
+        settings=settings,
     )
 
 
@@ -135,6 +129,7 @@ def run_experiment(
     profile: SpeedProfile | None = None,
     workers: int = 1,
     regions: int = 1,
+    settings: Settings | None = None,
 ) -> RunResult:
     """Run service, workers and fleet in this process over ``broker_url``.
 
@@ -155,7 +150,13 @@ def run_experiment(
     is a bus of its own with its share of the devices and ``workers`` edge
     workers, bridged to the root bus (``broker.bridge``), where the
     coordinator and one root worker, which combines, run.
+
+    The components are built as ``fedmq server``, ``worker`` and ``fleet``
+    build theirs (``fedmq.components``) from ``settings``: a store given there
+    (default: a folder in ``workdir``) is used with the same artifact links,
+    e.g. an S3 store's presigned URLs. The database stays in memory.
     """
+    settings = settings or Settings()
     if regions > 1 and not is_in_process(broker_url):
         raise ConfigError(
             "regions are emulated on memory:// only; on brokers, run `fedmq bridge` per region"
@@ -163,11 +164,11 @@ def run_experiment(
     started = time.perf_counter()
     count = rounds or config.rounds.count
     in_process = is_in_process(broker_url)
-    ended = _RoundCounter(count, progress, stop_when)
+    ended = RoundCounter(count, progress, stop_when)
     virtual = VirtualTime() if in_process and profile is not None else None
     with ExitStack() as stack:
         root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmq-")))
-        store = LocalStore(root / "store")
+        store = open_store(settings.store) if settings.store else LocalStore(root / "store")
         db = Database("sqlite://")
         stack.callback(db.close)
         # This run's devices live only as long as the run: short MQTT sessions.
@@ -186,6 +187,7 @@ def run_experiment(
             track,
             store,
             db,
+            settings,
             service_identity,
             KeyRing({w.name: w.public_key for w in aggregators}),
             in_process=in_process,
@@ -201,9 +203,10 @@ def run_experiment(
         placed = [track] * roots
         placed += [pool for pool in region_pools for _ in range(workers)]
         for worker, pool in zip(aggregators, placed, strict=True):
-            running = AggregatorWorker(
+            running = components.build_worker(
                 pool(worker.name),
                 store,
+                settings,
                 identity=worker,
                 service_key=service_identity.public_key,
                 group=group,
@@ -211,12 +214,16 @@ def run_experiment(
             running.start()
             stack.callback(running.stop)
         for number, pool in enumerate(region_pools):
-            Bridge(track("bridge"), pool("bridge"), name=f"region{number}").start()
+            bridge = Bridge(
+                track("bridge"), pool("bridge"), name=f"region{number}", topics=settings.topics
+            )
+            bridge.start()
         experiment_id = service.create_experiment(config)
         ended.on_stop = lambda: service.stop_after_current_round(experiment_id)
         fleet = _fleet(
             stack,
             _spread(region_pools) if region_pools else track,
+            settings,
             config,
             experiment_id,
             in_process,
@@ -232,14 +239,14 @@ def run_experiment(
             for bus in pool.opened
             if isinstance(bus, MemoryTransport)
         ]
-        _wait_for_devices(service, len(fleet.devices), buses, timeout_s)
+        wait_for_devices(service, len(fleet.devices), buses, timeout_s)
         service.request_rounds(experiment_id, count)
         if not in_process:
             stack.callback(Ticker(service.tick).start().stop)
         if virtual is not None:
-            _run_emulated(virtual, ended, buses, service.tick, config, timeout_s)
+            run_emulated(virtual, ended, buses, service.tick, config, timeout_s)
         else:
-            _wait_for_rounds(ended, buses, timeout_s)
+            wait_for_rounds(ended, buses, timeout_s)
         _, initial = service.model_weights(experiment_id, 0)
         _, final = service.model_weights(experiment_id)
         elapsed = time.perf_counter() - started
@@ -263,8 +270,9 @@ def _enroll(service: RoundService, identity: Identity, platform: str) -> bytes:
 def _coordinator(
     stack: ExitStack,
     track: TransportPool,
-    store: LocalStore,
+    store: ModelStore,
     db: Database,
+    settings: Settings,
     identity: Identity,
     worker_keys: KeyRing,
     *,
@@ -272,35 +280,35 @@ def _coordinator(
     evaluate: bool,
     clock: Callable[[], float] | None = None,
 ) -> RoundService:
-    """Build the coordinator; off the in-process bus, with its HTTP blob service.
+    """Build the coordinator; off the in-process bus, with its HTTP service.
 
     Devices then reach the store as they would remotely: signed URLs served
-    over HTTP, and large updates uploaded, not inlined.
+    over HTTP (or the object store's presigned ones), and large updates
+    uploaded, not inlined.
     """
-    port = free_port()
-    links = None if in_process else SignedLinks(secrets.token_bytes(32), f"http://127.0.0.1:{port}")
-    service = RoundService(
+    port = None if in_process else free_port()
+    coordinator = components.build_coordinator(
         track(unique_client_id("coordinator")),
         store,
         db,
+        settings,
         identity=identity,
         worker_keys=worker_keys,
-        evaluator_factory=held_out_evaluator if evaluate else None,
-        links=links,
-        packagers=platform_packagers(),
-        max_inline_bytes=0 if in_process else DEFAULT_MAX_INLINE_BYTES,
+        public_url=None if port is None else f"http://127.0.0.1:{port}",
+        evaluate=evaluate,
         clock=clock or time.time,
     )
-    if links is not None:
-        token = secrets.token_urlsafe(24)
-        app = create_app({"ADMIN_TOKEN": token}, service=service, store=store, links=links)
+    if port is not None:
+        token = settings.admin_token or secrets.token_urlsafe(24)
+        app = components.build_app(coordinator, store, settings, admin_token=token)
         stack.callback(start_http(app, "127.0.0.1", port).shutdown)
-    return service
+    return coordinator.service
 
 
 def _fleet(
     stack: ExitStack,
     track: TransportFor,
+    settings: Settings,
     config: ExperimentConfig,
     experiment_id: str,
     in_process: bool,
@@ -318,9 +326,10 @@ def _fleet(
         executor = ThreadPoolExecutor(threads, thread_name_prefix="fedmq-train")
         stack.callback(executor.shutdown, wait=True, cancel_futures=True)
         run = executor_runner(executor)
-    return Fleet(
+    return components.build_fleet(
         track,
         config.to_dict()["data"],
+        settings,
         seed=config.seed,
         experiment_id=experiment_id,
         run=run,
@@ -333,33 +342,6 @@ def _fleet(
     )
 
 
-class _RoundCounter:
-    """Round listener that reports progress and signals when the last round ended."""
-
-    def __init__(
-        self,
-        count: int,
-        progress: Progress | None,
-        stop_when: Callable[[RoundRecord], bool] | None = None,
-    ) -> None:
-        self.count = count
-        self.ended = 0
-        self.done = threading.Event()
-        self.on_stop: Callable[[], None] = lambda: None
-        self._progress = progress
-        self._stop_when = stop_when
-
-    def __call__(self, record: RoundRecord) -> None:
-        if self._progress is not None:
-            self._progress(record)
-        self.ended += 1
-        if self._stop_when is not None and self._stop_when(record):
-            self.on_stop()
-            self.count = self.ended
-        if self.ended >= self.count:
-            self.done.set()
-
-
 def _spread(pools: list[TransportPool]) -> TransportFor:
     """Return an opener that places each new device on the next region's bus, in turn."""
     placed: dict[str, TransportPool] = {}
@@ -369,73 +351,3 @@ def _spread(pools: list[TransportPool]) -> TransportFor:
         return pool(client_id, will)
 
     return open_in_region
-
-
-def _drain(buses: list[MemoryTransport], timeout_s: float | None) -> None:
-    """Wait until every in-process bus is idle (bridges hand messages from one to another)."""
-    while True:
-        before = sum(bus.delivered for bus in buses)
-        for bus in buses:
-            bus.join(timeout_s)
-        failed = sum(len(bus.dead_letters) for bus in buses)
-        if failed:
-            raise RuntimeError(f"{failed} message(s) failed; see the log")
-        if sum(bus.delivered for bus in buses) == before:
-            return
-
-
-def _wait_for_devices(
-    service: RoundService, expected: int, buses: list[MemoryTransport], timeout_s: float | None
-) -> None:
-    """Wait until every device's check-in has reached the coordinator."""
-    if buses:
-        _drain(buses, timeout_s)
-        return
-    deadline = time.monotonic() + (timeout_s or 60.0)
-    while len(service.devices()) < expected:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(service.devices())} of {expected} devices checked in")
-        time.sleep(0.05)
-
-
-def _wait_for_rounds(
-    ended: _RoundCounter, buses: list[MemoryTransport], timeout_s: float | None
-) -> None:
-    """Wait until the requested rounds have ended."""
-    _drain(buses, timeout_s)
-    if not ended.done.wait(timeout_s):
-        raise TimeoutError(f"{ended.ended} of {ended.count} rounds ended in {timeout_s} s")
-
-
-def _run_emulated(
-    clock: VirtualTime,
-    ended: _RoundCounter,
-    buses: list[MemoryTransport],
-    tick: Callable[[], None],
-    config: ExperimentConfig,
-    timeout_s: float | None,
-) -> None:
-    """Drive an in-process run in emulated time until the requested rounds have ended.
-
-    Between two training completions the bus drains and the coordinator
-    ticks, so every step happens in one order: the run stays deterministic.
-    """
-    limit = time.monotonic() + (timeout_s or float("inf"))
-    idle_since = clock.now
-
-    def settled() -> bool:
-        _drain(buses, timeout_s)
-        return ended.done.is_set()
-
-    while not settled():
-        tick()  # deadlines, expired tasks and repeats, seen with the bus idle
-        if settled():
-            return
-        if clock.advance():
-            idle_since = clock.now
-        elif clock.now - idle_since > 2 * config.rounds.deadline_s + 2 * RoundService.REPEAT_S:
-            raise RuntimeError(f"{ended.ended} of {ended.count} rounds ended; nothing left to run")
-        else:
-            clock.skip(RoundService.REPEAT_S)  # only a deadline can move the run on
-        if time.monotonic() > limit:
-            raise TimeoutError(f"{ended.ended} of {ended.count} rounds ended in {timeout_s} s")

@@ -9,8 +9,8 @@ from typing import Any
 
 from aggregator_service import ServiceError
 from broker.identity import Identity
-from fedmq.rest import ADMIN, ENROLLER, VIEWER, RestClient, token_from
-from fedmq.settings import add_location_flags, resolve
+from fedmq.rest import RestClient
+from fedmq.settings import Settings, add_location_flags
 
 
 def add_devices_command(sub: Any) -> None:
@@ -41,17 +41,17 @@ def add_devices_command(sub: Any) -> None:
         add_location_flags(parser, "server")
 
 
-def _enroll(args: argparse.Namespace) -> int:
+def _enroll(args: argparse.Namespace, settings: Settings) -> int:
     identity = _new_key(args.key_file, args.device_id or "device")
     body: dict[str, Any] = {"platform": args.platform, "public_key": identity.public_key_text}
     if args.device_id:
         body["device_id"] = args.device_id
-    answer = _call(args, "POST", "/api/v1/devices", body, token_from(ENROLLER))
+    answer = _call(settings, "POST", "/api/v1/devices", body, settings.enrollment_credential)
     return _show(args, answer, f"enrolled {answer['device_id']}; key in {args.key_file}")
 
 
-def _list(args: argparse.Namespace) -> int:
-    answer = _call(args, "GET", "/api/v1/devices", None, token_from(VIEWER))
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    answer = _call(settings, "GET", "/api/v1/devices", None, settings.viewer_credential)
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
@@ -66,17 +66,17 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rotate(args: argparse.Namespace) -> int:
+def _rotate(args: argparse.Namespace, settings: Settings) -> int:
     identity = _new_key(args.key_file, args.device_id)
     path = f"/api/v1/devices/{args.device_id}/rotate"
     body = {"public_key": identity.public_key_text}
-    answer = _call(args, "POST", path, body, token_from(ADMIN))
+    answer = _call(settings, "POST", path, body, settings.admin_token)
     return _show(args, answer, f"rotated {args.device_id}; new key in {args.key_file}")
 
 
-def _revoke(args: argparse.Namespace) -> int:
+def _revoke(args: argparse.Namespace, settings: Settings) -> int:
     path = f"/api/v1/devices/{args.device_id}"
-    answer = _call(args, "DELETE", path, None, token_from(ADMIN))
+    answer = _call(settings, "DELETE", path, None, settings.admin_token)
     return _show(args, answer, f"revoked {args.device_id}")
 
 
@@ -92,9 +92,9 @@ def _show(args: argparse.Namespace, answer: dict[str, Any], summary: str) -> int
 
 
 def _call(
-    args: argparse.Namespace, method: str, path: str, body: Any, token: str | None
+    settings: Settings, method: str, path: str, body: Any, token: str | None
 ) -> dict[str, Any]:
-    return RestClient(resolve(args, "server"), token).json(method, path, body)
+    return RestClient(settings.server_url, token).json(method, path, body)
 
 
 __all__ = ["add_devices_command"]

@@ -1,6 +1,7 @@
 """The deployment's keys on disk: the service's, each worker's, and an emulated fleet's devices'.
 
-Layout of the key folder (``--keys``, ``$FEDMQ_KEYS``, else ``$FEDMQ_HOME/keys``)::
+Layout of the key folder (``Settings.key_folder``: ``--keys``, ``$FEDMQ_KEYS``, else
+``$FEDMQ_HOME/keys``)::
 
     service.key            the service's private key (mode 0600; only the server reads it)
     service.pub            its public key: every worker pins it at start
@@ -16,14 +17,11 @@ register (``POST /api/v1/devices``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from broker.errors import IdentityError
 from broker.identity import SERVICE_NAME, Identity, decode_public_key, encode_key
 from broker.topics import is_valid_segment
-
-ENVIRONMENT = "FEDMQ_KEYS"
 
 
 class KeyFolder:
@@ -31,11 +29,6 @@ class KeyFolder:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-
-    @classmethod
-    def default(cls, home: Path) -> KeyFolder:
-        """Return ``$FEDMQ_KEYS`` or ``HOME/keys``."""
-        return cls(Path(os.environ.get(ENVIRONMENT) or home / "keys"))
 
     def service_identity(self) -> Identity:
         """Return the service's identity, creating it (and ``service.pub``) on first start."""

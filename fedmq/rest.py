@@ -1,26 +1,16 @@
-"""The commands' one client of the service's REST API: JSON in and out, errors in one line."""
+"""The commands' one client of the service's REST API: JSON in and out, errors in one line.
+
+Which token a call carries is the caller's choice, from its ``Settings``.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 from typing import Any
 
 from aggregator_service import ServiceError
-
-ADMIN = ("FEDMQ_ADMIN_TOKEN",)
-"""Variables holding a token that may change things."""
-VIEWER = ("FEDMQ_VIEWER_TOKEN", "FEDMQ_ADMIN_TOKEN")
-"""Variables holding a token that may read guarded things, narrowest first."""
-ENROLLER = ("FEDMQ_ENROLLMENT_TOKEN", "FEDMQ_ADMIN_TOKEN")
-"""Variables holding a token that may register devices, narrowest first."""
-
-
-def token_from(variables: tuple[str, ...]) -> str | None:
-    """Return the first of ``variables`` that is set in the environment."""
-    return next((os.environ[name] for name in variables if os.environ.get(name)), None)
 
 
 class RestClient:

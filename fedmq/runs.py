@@ -1,9 +1,9 @@
 """Commands that drive a running service: submit, ls, status, watch, stop, model pull.
 
 Each is a thin client of the REST API (``fedmq.rest``); ``--json`` prints the
-API's own answer for scripts. The server is ``--server`` or
-``$FEDMQ_SERVER_URL``; reads use ``$FEDMQ_VIEWER_TOKEN`` (or the admin
-token), changes ``$FEDMQ_ADMIN_TOKEN``.
+API's own answer for scripts. The server is the settings' (``--server`` or
+``$FEDMQ_SERVER_URL``); reads use the viewer token (or the admin token),
+changes the admin token.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from aggregator_service import load_config
-from fedmq.rest import ADMIN, VIEWER, RestClient, token_from
-from fedmq.settings import add_location_flags, resolve
+from fedmq.rest import RestClient
+from fedmq.settings import Settings, add_location_flags
 
 EXPERIMENTS = "/api/v1/experiments"
 POLL_S = 1.0
@@ -91,13 +91,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _api(args: argparse.Namespace, *, admin: bool = False) -> RestClient:
-    return RestClient(resolve(args, "server"), token_from(ADMIN if admin else VIEWER))
+def _api(settings: Settings, *, admin: bool = False) -> RestClient:
+    token = settings.admin_token if admin else settings.viewer_credential
+    return RestClient(settings.server_url, token)
 
 
-def _submit(args: argparse.Namespace) -> int:
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
     config = load_config(args.config)  # every problem listed here, before the service sees it
-    api = _api(args, admin=True)
+    api = _api(settings, admin=True)
     experiment_id = str(api.json("POST", EXPERIMENTS, config.to_dict())["id"])
     count = args.rounds or config.rounds.count
     started = api.json("POST", f"{EXPERIMENTS}/{experiment_id}/rounds", {"count": count})
@@ -108,8 +109,8 @@ def _submit(args: argparse.Namespace) -> int:
     return _follow(api, experiment_id, as_json=args.json) if args.watch else 0
 
 
-def _list(args: argparse.Namespace) -> int:
-    experiments = _api(args).json("GET", EXPERIMENTS)
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    experiments = _api(settings).json("GET", EXPERIMENTS)
     if args.json:
         print(json.dumps(experiments, indent=2))
         return 0
@@ -123,8 +124,8 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
-    api = _api(args)
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    api = _api(settings)
     exp = api.json("GET", f"{EXPERIMENTS}/{args.experiment}")
     rounds = api.json("GET", f"{EXPERIMENTS}/{args.experiment}/rounds")["rounds"]
     if args.json:
@@ -144,13 +145,13 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch(args: argparse.Namespace) -> int:
-    return _follow(_api(args), args.experiment, as_json=args.json)
+def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    return _follow(_api(settings), args.experiment, as_json=args.json)
 
 
-def _stop(args: argparse.Namespace) -> int:
+def _stop(args: argparse.Namespace, settings: Settings) -> int:
     action = "pause" if args.after_round else "stop"
-    answer = _api(args, admin=True).json("POST", f"{EXPERIMENTS}/{args.experiment}/{action}")
+    answer = _api(settings, admin=True).json("POST", f"{EXPERIMENTS}/{args.experiment}/{action}")
     if args.json:
         print(json.dumps(answer, indent=2))
     elif args.after_round:
@@ -160,9 +161,9 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pull(args: argparse.Namespace) -> int:
+def _pull(args: argparse.Namespace, settings: Settings) -> int:
     query = "" if args.version is None else f"?version={args.version}"
-    api = _api(args)
+    api = _api(settings)
     data = api.raw("GET", f"{EXPERIMENTS}/{args.experiment}/model{query}")
     version = args.version
     if version is None:

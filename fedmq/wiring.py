@@ -18,9 +18,6 @@ from broker.access import DeviceCredentials
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_INLINE_BYTES = 1 << 20
-"""Updates above 1 MiB go to the store and travel by reference (claim check)."""
-
 
 def is_in_process(broker_url: str) -> bool:
     """Return whether ``broker_url`` names the in-process bus."""

