@@ -20,10 +20,8 @@ PACKAGES = (
 READER = "fedmq/settings.py"
 ENVIRONMENT_NAMES = frozenset({"environ", "environb", "getenv", "getenvb"})
 
-# Flask's from_prefixed_env reads FEDMQ_* too. The service's app factory still calls
-# it; fedmq.components passes every value it reads explicitly, so it changes nothing
-# there. No other module may start.
-PREFIXED_ENV_READERS = frozenset({"aggregator_service/api/app.py"})
+# Flask's from_prefixed_env reads FEDMQ_* too: no module may call it.
+PREFIXED_ENV_READERS: frozenset[str] = frozenset()
 
 
 def environment_reads(source: str) -> list[int]:

@@ -60,7 +60,6 @@ def create_app(
         The application, with the API under ``/api/v1`` and the dashboard at ``/``.
     """
     app = Flask(__name__, static_folder=None)  # the dashboard serves its own files, by name
-    app.config.from_prefixed_env(prefix="FEDMQ")
     if config:
         app.config.update(config)
     if not app.config.get("ADMIN_TOKEN"):

@@ -10,6 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from aggregator_service.api.app import create_app
+from fedmq.settings import load_settings
 
 ADMIN = "auth-admin-token"
 VIEWER = "auth-viewer-token"
@@ -126,14 +127,20 @@ def test_without_any_token_configured_every_guarded_call_is_refused(
         _assert_401(client.post("/api/v1/devices", json={"platform": "ios"}))
 
 
-def test_the_viewer_token_comes_from_the_environment(
+def test_the_viewer_token_comes_from_the_settings_not_from_the_app(
     stack: Any, experiment_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The app reads nothing from the environment itself: the entry point's
+    # settings carry the variable in.
     monkeypatch.setenv("FEDMQ_VIEWER_TOKEN", "from-the-env")
+    settings = load_settings({})
 
     with _app(stack, ADMIN_TOKEN=ADMIN).test_client() as client:
+        ignored = client.get("/api/v1/experiments", headers=_bearer("from-the-env"))
+    with _app(stack, ADMIN_TOKEN=ADMIN, VIEWER_TOKEN=settings.viewer_token).test_client() as client:
         response = client.get("/api/v1/experiments", headers=_bearer("from-the-env"))
 
+    assert ignored.status_code == 401
     assert response.status_code == 200
 
 
