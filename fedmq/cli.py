@@ -246,12 +246,15 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _add_profile_flag(parser: argparse.ArgumentParser, how: str) -> None:
-    """Add ``--profile NAME|TRACE`` (device speeds) to a subcommand."""
+    """Add ``--profile NAME|TRACE`` (alias ``--trace``: device speeds) to a subcommand."""
     parser.add_argument(
         "--profile",
+        "--trace",
+        dest="profile",
         metavar="NAME|TRACE",
         help=f"device speeds: {' or '.join(PROFILES)} (50%% at 1x, 30%% at 3x, 20%% at 10x), "
-        f'or a JSON trace file {{index: delay seconds | {{"factor": f}}}}; {how}',
+        "a device trace file (compute, bandwidth and availability windows; docs/traces.md), "
+        f'or a JSON delay map {{index: delay seconds | {{"factor": f}}}}; {how}',
     )
 
 

@@ -20,7 +20,8 @@ from broker.identity import SERVICE_NAME, Identity, KeyRing
 from broker.transport import Will
 from device_sdk.emulator import Fleet, TrainerFactory
 from device_sdk.emulator.fleet import Enroll, TransportFor
-from device_sdk.emulator.profiles import SpeedProfile, VirtualTime
+from device_sdk.emulator.profiles import SpeedProfile, TraceProfile, VirtualTime
+from device_sdk.emulator.traces import AvailabilityDriver
 from fedmq import components
 from fedmq.drive import Progress, RoundCounter, run_emulated, wait_for_devices, wait_for_rounds
 from fedmq.settings import Settings
@@ -233,6 +234,14 @@ def run_experiment(
             enroll=lambda identity, platform: _enroll(service, identity, platform),
         )
         fleet.start()
+        if virtual is not None:
+            stack.callback(virtual.close)  # ends tasks still waiting in emulated time
+        if isinstance(profile, TraceProfile):
+            # Devices leave and rejoin the pool as their availability windows say.
+            clock = virtual if virtual is not None else profile.wall_clock
+            AvailabilityDriver(profile.trace, clock).attach(fleet.devices)
+            if virtual is None:
+                stack.callback(profile.wall_clock.close)
         buses = [
             bus
             for pool in (track, *region_pools)

@@ -25,7 +25,8 @@ from broker.bridge import Bridge
 from broker.identity import Identity, KeyRing, decode_public_key
 from broker.probe import BrokerProbe
 from device_sdk.emulator import Fleet
-from device_sdk.emulator.profiles import load_profile
+from device_sdk.emulator.profiles import TraceProfile, load_profile
+from device_sdk.emulator.traces import AvailabilityDriver
 from fedmq import components
 from fedmq.keys import KeyFolder
 from fedmq.platforms import assign_platforms, mixed_trainers
@@ -242,6 +243,9 @@ def fleet_running(settings: Settings, options: FleetOptions) -> Iterator[Fleet]:
             identities=KeyFolder(settings.key_folder).device_identity,
         )
         fleet.start(heartbeat_s=options.heartbeat_s)
+        if isinstance(speed, TraceProfile):
+            # Devices leave and rejoin as their availability windows say.
+            AvailabilityDriver(speed.trace, speed.wall_clock).attach(fleet.devices, first=first)
         where = redact(settings.broker_url)
         print(
             f"fedmq fleet: {options.devices} devices for {experiment['id']} on {where}",
@@ -254,6 +258,8 @@ def fleet_running(settings: Settings, options: FleetOptions) -> Iterator[Fleet]:
     finally:
         if fleet is not None:
             fleet.stop()
+        if isinstance(speed, TraceProfile):
+            speed.wall_clock.close()
         executor.shutdown(wait=False, cancel_futures=True)
         transports.close()
         if fleet is not None:

@@ -1,0 +1,94 @@
+"""`fedmq fleet --trace`: devices leave and rejoin the service's pool as their windows say.
+
+Server and fleet are processes on Mosquitto in a namespace of their own. The
+trace has two kinds of device: one always online, one whose first window
+closes 6 s after the fleet starts and whose next one opens at 14 s. The fleet
+plays entry ``i mod 2`` for device ``i``, so devices 1 and 3 go offline and
+come back while 0 and 2 stay.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fedmq.defaults import DEMO_CONFIG
+from tests.brokers import MQTT_PORT, mqtt_url, require
+from tests.e2e.processes import Api, deployment_env, free_port, processes, wait_until
+
+TRACE = {
+    "format": "fedmq-device-trace",
+    "version": 1,
+    "period_s": 1000,
+    "source": "tests: one device always on, one away from 6 s to 14 s",
+    "devices": [
+        {"id": "always", "compute_ms_per_example": 1, "down_mbps": 100, "up_mbps": 50},
+        {
+            "id": "away",
+            "compute_ms_per_example": 1,
+            "down_mbps": 100,
+            "up_mbps": 50,
+            "online": [[0, 6], [14, 1000]],
+        },
+    ],
+}
+LEAVING = {"emu-0001", "emu-0003"}
+STAYING = {"emu-0000", "emu-0002"}
+
+
+def _states(api: Api) -> dict[str, str]:
+    devices: list[dict[str, Any]] = api.call("GET", "/devices")["devices"]
+    return {d["id"]: d["state"] for d in devices if d["last_seen"]}
+
+
+def test_fleet_trace_takes_devices_offline_and_back_as_the_trace_says(tmp_path: Path) -> None:
+    require(MQTT_PORT, "mqtt")
+    raw = copy.deepcopy(DEMO_CONFIG)
+    raw["data"]["devices"] = 4
+    raw["rounds"].update(devices_per_round=4, min_reports=2)
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(TRACE))
+    namespace = f"trace{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = deployment_env(
+        tmp_path, mqtt_url(), port, f"{namespace}-aggregators", FEDMQ_NAMESPACE=namespace
+    )
+    api = Api(env["FEDMQ_SERVER_URL"])
+    with processes(tmp_path, env) as group:
+        group.start("server", "server", "--port", str(port))
+        api.wait_healthy()
+        experiment_id = api.call("POST", "/experiments", raw)["id"]
+        group.start(
+            "fleet", "fleet", "--devices", "4", "--experiment", experiment_id, "--trace", str(trace)
+        )
+        started = time.monotonic()
+        wait_until(lambda: len(_states(api)) == 4, 30, "4 devices to check in", group)
+        everyone = _states(api)
+        assert set(everyone.values()) == {"online"}, everyone
+
+        away = wait_until(
+            lambda: (s := _states(api)) and all(s[d] == "offline" for d in LEAVING) and s,
+            20,
+            "devices 1 and 3 to go offline",
+            group,
+        )
+        left_after = time.monotonic() - started
+        assert all(away[d] == "online" for d in STAYING), away
+
+        back = wait_until(
+            lambda: (s := _states(api)) and all(s[d] == "online" for d in LEAVING) and s,
+            30,
+            "devices 1 and 3 to come back",
+            group,
+        )
+        back_after = time.monotonic() - started
+        assert all(back[d] == "online" for d in STAYING), back
+
+    # The windows are trace seconds from the fleet's start; the fleet starts
+    # (and enrolls) a little after we do, so allow for that, not for early moves.
+    assert 5.0 <= left_after < 14.0, left_after
+    assert back_after >= 13.0, back_after
