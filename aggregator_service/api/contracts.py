@@ -115,10 +115,16 @@ class Round(BaseModel):
     base_version: int
     version: int | None = Field(description="The version the round committed (else null).")
     selected: int
-    selected_devices: list[str]
+    selected_devices: list[str] | None = Field(
+        description="The selected devices' ids, up to 100 of them; null for a longer list "
+        "(page through it at /experiments/{experiment_id}/rounds/{number}/devices)."
+    )
     reported: int
     accepted: int
-    accepted_updates: list[str]
+    accepted_updates: list[str] | None = Field(
+        description="The accepted updates' ids, up to 100 of them; null for a longer list "
+        "(paged like selected_devices)."
+    )
     rejected: dict[str, int] = Field(description="Refused updates by reason.")
     dropped: int
     metrics: dict[str, float] = Field(
@@ -140,6 +146,27 @@ class RoundList(BaseModel):
     """An experiment's rounds, oldest first."""
 
     rounds: list[Round]
+
+
+class RoundDevice(BaseModel):
+    """A device a round selected."""
+
+    id: str
+    accepted: bool = Field(description="Whether its update was accepted (in flight: so far).")
+
+
+class RoundDevices(BaseModel):
+    """A page of a round's selected devices, and the same slice of its accepted updates."""
+
+    round: int
+    selected: int = Field(description="How many devices the round selected.")
+    accepted: int = Field(description="How many updates it accepted (in flight: so far).")
+    offset: int
+    next_offset: int | None = Field(description="Where the next page starts (null: none).")
+    devices: list[RoundDevice] = Field(description="Selected devices from offset, in order.")
+    accepted_updates: list[str] = Field(
+        description="Accepted updates' ids from offset (empty until the round commits)."
+    )
 
 
 # -- devices -------------------------------------------------------------------
@@ -209,10 +236,22 @@ class Device(BaseModel):
     revoked: bool
 
 
+class DeviceCounts(BaseModel):
+    """Every registered device, counted by state."""
+
+    online: int
+    offline: int
+    revoked: int
+
+
 class DeviceList(BaseModel):
-    """Every known device."""
+    """The known devices by id: all of them, or a page (``?limit=n&after=id``)."""
 
     devices: list[Device]
+    counts: DeviceCounts
+    next_after: str | None = Field(
+        description="The last id of this page when more follow (pass it as after), else null."
+    )
 
 
 # -- example configs and uploads -------------------------------------------------
@@ -262,6 +301,7 @@ RESPONSES: tuple[type[BaseModel], ...] = (
     Experiment,
     ExperimentList,
     RoundList,
+    RoundDevices,
     Registered,
     Revoked,
     DeviceList,
@@ -280,6 +320,7 @@ __all__ = [
     "ConfigList",
     "Created",
     "Device",
+    "DeviceCounts",
     "DeviceList",
     "ErrorBody",
     "ErrorDetail",
@@ -294,6 +335,8 @@ __all__ = [
     "Revoked",
     "Rotation",
     "Round",
+    "RoundDevice",
+    "RoundDevices",
     "RoundList",
     "RoundsRequest",
     "Uploaded",

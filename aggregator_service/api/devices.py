@@ -8,14 +8,24 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from aggregator_service.api.errors import BadRequest, admin_required, json_body, viewer_required
+from aggregator_service.api.errors import (
+    BadRequest,
+    admin_required,
+    json_body,
+    query_int,
+    viewer_required,
+)
 from aggregator_service.errors import Unauthorized
 from aggregator_service.persistence import DeviceRecord
 from aggregator_service.rounds import RoundService
 from aggregator_service.rounds.registry import PLATFORMS, Registration
+from broker import topics
 from broker.identity import encode_key
 
 bp = Blueprint("devices", __name__, url_prefix="/api/v1/devices")
+
+MAX_PAGE = 10_000
+"""The most devices one page holds (``limit``)."""
 
 
 class DeviceState(enum.Enum):
@@ -107,8 +117,22 @@ def revoke(device_id: str) -> tuple[Response, int]:
 @bp.get("")
 @viewer_required
 def list_all() -> Response:
-    """List known devices with platform, state, last check-in, rounds served and revocation."""
-    online = _service().online_devices()
+    """List known devices with platform, state, last check-in, rounds served and revocation.
+
+    By id: every device, or with ``?limit=n`` the first ``n`` (after ``?after=id``),
+    ``next_after`` naming where the next page starts. ``counts`` counts them all by state.
+    """
+    after = request.args.get("after")
+    if after is not None and not topics.is_valid_segment(after):
+        raise BadRequest("after must be a device id")
+    limit = query_int("limit", 1, MAX_PAGE)
+    service = _service()
+    online = service.online_devices()
+    records = service.devices(after=after, limit=None if limit is None else limit + 1)
+    next_after = None
+    if limit is not None and len(records) > limit:
+        records = records[:limit]
+        next_after = records[-1].id
     return jsonify(
         {
             "devices": [
@@ -122,8 +146,10 @@ def list_all() -> Response:
                     "public_key": d.public_key,
                     "revoked": d.revoked_at is not None,
                 }
-                for d in _service().devices()
-            ]
+                for d in records
+            ],
+            "counts": service.device_counts(),
+            "next_after": next_after,
         }
     )
 

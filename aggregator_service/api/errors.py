@@ -156,6 +156,19 @@ def json_body() -> dict[str, Any]:
     return body
 
 
+def query_int(name: str, low: int, high: int) -> int | None:
+    """Return the query parameter ``name`` as an integer in ``[low, high]`` (None: not given).
+
+    Raises ``BadRequest`` for anything but ASCII digits in that range.
+    """
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18 or not low <= int(raw) <= high:
+        raise BadRequest(f"{name} must be an integer between {low} and {high}")
+    return int(raw)
+
+
 def path_id(raw: str, what: str) -> str:
     """Return ``raw`` if it could name a record, else raise ``NotFound`` for ``what``."""
     if not PATH_ID.fullmatch(raw):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -12,12 +13,14 @@ from aggregator_service.api.errors import (
     admin_required,
     json_body,
     path_id,
+    query_int,
     viewer_required,
 )
 from aggregator_service.config import ExperimentConfig
-from aggregator_service.errors import ConfigError
-from aggregator_service.persistence import ExperimentRecord, RoundRecord
+from aggregator_service.errors import ConfigError, NotFound
+from aggregator_service.persistence import ExperimentRecord, RoundSummary
 from aggregator_service.rounds import RoundService, describe
+from aggregator_service.rounds.records import MAX_INLINE_IDS
 from model_store import ModelSpecError
 
 bp = Blueprint("experiments", __name__, url_prefix="/api/v1/experiments")
@@ -50,7 +53,13 @@ def _describe(exp: ExperimentRecord) -> dict[str, Any]:
     }
 
 
-def _describe_round(record: RoundRecord) -> dict[str, Any]:
+MAX_PAGE = 10_000
+"""The most entries one page of a round's devices holds (``limit``)."""
+
+_ROUND = re.compile(r"[0-9]{1,9}")
+
+
+def _describe_round(record: RoundSummary) -> dict[str, Any]:
     """Return a round's JSON; one still training adds what the coordinator knows so far."""
     described = describe(record)
     if record.state == "training":
@@ -149,6 +158,35 @@ def delete(experiment_id: str) -> tuple[str, int]:
 @bp.get("/<experiment_id>/rounds")
 @viewer_required
 def list_rounds(experiment_id: str) -> Response:
-    """List an experiment's rounds with their outcome and metrics (live progress in flight)."""
-    rounds = _service().rounds(path_id(experiment_id, "experiment"))
+    """List an experiment's rounds with their outcome and metrics (live progress in flight).
+
+    A round's ``selected_devices`` and ``accepted_updates`` are listed up to
+    ``MAX_INLINE_IDS`` ids; a longer list is null, paged at ``/rounds/<n>/devices``.
+    """
+    rounds = _service().round_summaries(
+        path_id(experiment_id, "experiment"), max_ids=MAX_INLINE_IDS
+    )
     return jsonify({"rounds": [_describe_round(r) for r in rounds]})
+
+
+@bp.get("/<experiment_id>/rounds/<number>/devices")
+@viewer_required
+def round_devices(experiment_id: str, number: str) -> Response:
+    """Page through a round's selected devices (with whether each was accepted) and updates."""
+    path_id(experiment_id, "experiment")
+    if not _ROUND.fullmatch(number):
+        raise NotFound(f"no such round: {number[:24]!r}")
+    offset = query_int("offset", 0, 10**9) or 0
+    limit = query_int("limit", 1, MAX_PAGE) or 1_000
+    page = _service().round_devices(experiment_id, int(number), offset=offset, limit=limit)
+    return jsonify(
+        {
+            "round": page.round,
+            "selected": page.selected,
+            "accepted": page.accepted,
+            "offset": page.offset,
+            "next_offset": page.next_offset,
+            "devices": [{"id": d, "accepted": ok} for d, ok in page.devices],
+            "accepted_updates": page.accepted_updates,
+        }
+    )

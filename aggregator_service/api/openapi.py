@@ -73,6 +73,29 @@ _VERSION = {
     "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
 }
 
+_ROUND = _path("number", "A round's number.", "^[0-9]{1,9}$")
+
+
+def _query(name: str, description: str, minimum: int, maximum: int) -> dict[str, Any]:
+    schema = {"type": "integer", "minimum": minimum, "maximum": maximum}
+    return {"name": name, "in": "query", "description": description, "schema": schema}
+
+
+_PAGE = (
+    _query("offset", "Where the page starts (default 0).", 0, 10**9),
+    _query("limit", "How many entries (default 1000).", 1, 10_000),
+)
+_DEVICES_PAGE = (
+    _query("limit", "How many devices (default: every one).", 1, 10_000),
+    {
+        "name": "after",
+        "in": "query",
+        "description": "List the devices whose id sorts after this one (the last page's "
+        "next_after).",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
+    },
+)
+
 
 @dataclass(frozen=True)
 class Operation:
@@ -180,6 +203,16 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "get",
+        "/experiments/{experiment_id}/rounds/{number}/devices",
+        "Page through a round's selected devices and accepted updates",
+        "200",
+        c.RoundDevices,
+        auth="viewer",
+        errors=("400", "404"),
+        parameters=(_EXPERIMENT, _ROUND, *_PAGE),
+    ),
+    Operation(
+        "get",
         "/experiments/{experiment_id}/model",
         "Download global weights (safetensors)",
         "200",
@@ -217,7 +250,16 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=("409",),
         link=("device_id", "$response.body#/device_id"),
     ),
-    Operation("get", "/devices", "List devices", "200", c.DeviceList, auth="viewer"),
+    Operation(
+        "get",
+        "/devices",
+        "List devices (all, or a page), counted by state",
+        "200",
+        c.DeviceList,
+        auth="viewer",
+        errors=("400",),
+        parameters=_DEVICES_PAGE,
+    ),
     Operation(
         "post",
         "/devices/{device_id}/rotate",

@@ -3,18 +3,40 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-from sqlalchemy import Connection, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    null,
+    select,
+    update,
+)
 from sqlalchemy.engine import Engine, RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from aggregator_service.errors import NotFound, ServiceError
 from aggregator_service.persistence import migrate, schema
-from aggregator_service.persistence.records import DeviceRecord, ExperimentRecord, RoundRecord
+from aggregator_service.persistence.records import (
+    DeviceRecord,
+    ExperimentRecord,
+    RoundRecord,
+    RoundSummary,
+)
+
+_LISTS = ("selected", "accepted", "accepted_devices")
+"""A round's columns that hold lists of ids (JSON)."""
+_COUNTS = {"selected": "selected_count", "accepted": "accepted_count"}
+"""The column that holds each listed column's length."""
 
 
 class DatabaseError(ServiceError):
@@ -110,17 +132,13 @@ class Database:
 
     def add_round(self, record: RoundRecord) -> None:
         """Insert a new round."""
-        values = dict(record.__dict__)
-        for key in ("selected", "accepted", "accepted_devices"):
-            values[key] = list(values[key])
+        values = _listed(dict(record.__dict__))
         with self._tx() as conn:
             conn.execute(insert(schema.rounds).values(**values))
 
     def update_round(self, experiment_id: str, number: int, **values: Any) -> None:
         """Change some fields of a round."""
-        for key in ("selected", "accepted", "accepted_devices"):
-            if key in values:
-                values[key] = list(values[key])
+        values = _listed(values)
         with self._tx() as conn:
             conn.execute(
                 update(schema.rounds)
@@ -130,7 +148,7 @@ class Database:
             )
 
     def rounds(self, experiment_id: str) -> list[RoundRecord]:
-        """Return an experiment's rounds in order."""
+        """Return an experiment's rounds in order, with every list of ids."""
         with self._tx() as conn:
             rows = conn.execute(
                 select(schema.rounds)
@@ -138,6 +156,41 @@ class Database:
                 .order_by(schema.rounds.c.number)
             ).mappings()
             return [_round(row) for row in rows]
+
+    def round_record(self, experiment_id: str, number: int) -> RoundRecord | None:
+        """Return one round with its lists of ids (None: no such round)."""
+        r = schema.rounds
+        query = select(r).where(r.c.experiment_id == experiment_id).where(r.c.number == number)
+        with self._tx() as conn:
+            row = conn.execute(query).mappings().first()
+            return None if row is None else _round(row)
+
+    def last_round(self, experiment_id: str) -> RoundRecord | None:
+        """Return an experiment's latest round with its lists of ids (None: none yet)."""
+        r = schema.rounds
+        query = select(r).where(r.c.experiment_id == experiment_id).order_by(r.c.number.desc())
+        with self._tx() as conn:
+            row = conn.execute(query.limit(1)).mappings().first()
+            return None if row is None else _round(row)
+
+    def round_summaries(self, experiment_id: str, *, max_ids: int) -> list[RoundSummary]:
+        """Return an experiment's rounds in order, each list of ids only if at most ``max_ids``.
+
+        Longer lists are never read back from the database.
+        """
+        r = schema.rounds
+        scalars = [c for c in r.c if c.name not in ("id", *_LISTS)]
+        query = (
+            select(
+                *scalars,
+                case((r.c.selected_count <= max_ids, r.c.selected), else_=null()).label("ids"),
+                case((r.c.accepted_count <= max_ids, r.c.accepted), else_=null()).label("updates"),
+            )
+            .where(r.c.experiment_id == experiment_id)
+            .order_by(r.c.number)
+        )
+        with self._tx() as conn:
+            return [_summary(row) for row in conn.execute(query).mappings()]
 
     def add_device(
         self,
@@ -182,6 +235,16 @@ class Database:
             )
             return None if row is None else _device(row)
 
+    def device_keys(self) -> dict[str, str | None]:
+        """Return every device's public key (base64), None where revoked or keyless."""
+        d = schema.devices
+        query = select(d.c.id, d.c.public_key, d.c.revoked_at)
+        with self._tx() as conn:
+            return {
+                str(device_id): None if revoked is not None else key
+                for device_id, key, revoked in conn.execute(query)
+            }
+
     def count_devices(self) -> int:
         """Return how many devices are registered."""
         with self._tx() as conn:
@@ -189,10 +252,30 @@ class Database:
 
     def device_seen(self, device_id: str, now: float) -> None:
         """Record a registered device's check-in (an unknown id changes nothing)."""
+        self.devices_seen({device_id: now})
+
+    def devices_seen(self, seen: Mapping[str, float]) -> None:
+        """Record many devices' last check-ins in one statement (unknown ids change nothing)."""
+        if not seen:
+            return
+        d = schema.devices
+        statement = update(d).where(d.c.id == bindparam("device")).values(last_seen=bindparam("at"))
         with self._tx() as conn:
-            conn.execute(
-                update(schema.devices).where(schema.devices.c.id == device_id).values(last_seen=now)
-            )
+            conn.execute(statement, [{"device": k, "at": v} for k, v in seen.items()])
+
+    def recently_seen(self, since: float) -> list[str]:
+        """Return the unrevoked devices whose recorded last check-in is at ``since`` or later."""
+        d = schema.devices
+        query = select(d.c.id).where(d.c.revoked_at.is_(None)).where(d.c.last_seen >= since)
+        with self._tx() as conn:
+            return [str(device_id) for device_id in conn.execute(query).scalars()]
+
+    def count_revoked(self) -> int:
+        """Return how many registered devices are revoked."""
+        d = schema.devices
+        query = select(func.count()).select_from(d).where(d.c.revoked_at.is_not(None))
+        with self._tx() as conn:
+            return int(conn.execute(query).scalar_one())
 
     def devices_served(self, device_ids: Iterable[str]) -> None:
         """Count one more served round for each device."""
@@ -206,11 +289,16 @@ class Database:
                 .values(rounds_served=schema.devices.c.rounds_served + 1)
             )
 
-    def devices(self) -> list[DeviceRecord]:
-        """Return every known device."""
+    def devices(self, *, after: str | None = None, limit: int | None = None) -> list[DeviceRecord]:
+        """Return the known devices by id: all, or ``limit`` of them with ids after ``after``."""
+        d = schema.devices
+        query = select(d).order_by(d.c.id)
+        if after is not None:
+            query = query.where(d.c.id > after)
+        if limit is not None:
+            query = query.limit(limit)
         with self._tx() as conn:
-            rows = conn.execute(select(schema.devices).order_by(schema.devices.c.id)).mappings()
-            return [_device(r) for r in rows]
+            return [_device(r) for r in conn.execute(query).mappings()]
 
 
 def _device(row: RowMapping) -> DeviceRecord:
@@ -232,13 +320,35 @@ def _engine(url: str) -> Engine:
     return create_engine(url)
 
 
+def _listed(values: dict[str, Any]) -> dict[str, Any]:
+    """Return a round's values with its lists of ids as JSON lists, and their counts beside."""
+    for key in _LISTS:
+        if key in values:
+            values[key] = list(values[key])
+            if key in _COUNTS:
+                values[_COUNTS[key]] = len(values[key])
+    return values
+
+
 def _round(row: RowMapping) -> RoundRecord:
     """Build a round record from a row, turning JSON lists back into tuples."""
     values = dict(row)
-    values.pop("id")
-    for key in ("selected", "accepted", "accepted_devices"):
+    for key in ("id", *_COUNTS.values()):
+        values.pop(key)
+    for key in _LISTS:
         values[key] = tuple(values[key])
     return RoundRecord(**values)
+
+
+def _summary(row: RowMapping) -> RoundSummary:
+    """Build a round summary from a row of scalars and the lists short enough to read."""
+    values = dict(row)
+    values["selected"] = values.pop("selected_count")
+    values["accepted"] = values.pop("accepted_count")
+    ids, updates = values.pop("ids"), values.pop("updates")
+    values["selected_devices"] = None if ids is None else tuple(ids)
+    values["accepted_updates"] = None if updates is None else tuple(updates)
+    return RoundSummary(**values)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

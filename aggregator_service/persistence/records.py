@@ -49,6 +49,36 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class RoundSummary:
+    """One round's outcome with its counts, its lists of ids only where they are short."""
+
+    experiment_id: str
+    number: int
+    state: str
+    base_version: int
+    version: int | None
+    selected: int
+    reported: int
+    accepted: int
+    rejected: Mapping[str, int]
+    dropped: int
+    metrics: Mapping[str, float]
+    reason: str | None
+    started_at: float
+    deadline_at: float
+    ended_at: float | None
+    selected_devices: tuple[str, ...] | None
+    """The selected devices' ids, or None where the list was left out for its length."""
+    accepted_updates: tuple[str, ...] | None
+    """The accepted updates' ids, or None where the list was left out for its length."""
+
+    @property
+    def duration_s(self) -> float | None:
+        """Return the round's wall time, once it has ended."""
+        return None if self.ended_at is None else self.ended_at - self.started_at
+
+
+@dataclass(frozen=True)
 class DeviceRecord:
     """One known device."""
 

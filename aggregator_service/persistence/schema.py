@@ -50,6 +50,10 @@ rounds = Table(
     Column("started_at", Float, nullable=False),
     Column("deadline_at", Float, nullable=False),
     Column("ended_at", Float),
+    # The lengths of ``selected`` and ``accepted``: a run's rounds are listed
+    # without reading a 1,000-device cohort's lists back.
+    Column("selected_count", Integer, nullable=False, server_default="0"),
+    Column("accepted_count", Integer, nullable=False, server_default="0"),
     UniqueConstraint("experiment_id", "number", name="uq_round_number"),
 )
 

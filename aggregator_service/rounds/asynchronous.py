@@ -17,6 +17,7 @@ appear twice); the updates it folds may come from tasks of earlier rounds.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from aggregator_service.config import ExperimentConfig, build_strategy
 from aggregator_service.persistence import Database, ExperimentRecord
+from aggregator_service.rounds.pool import OnlinePool
 from aggregator_service.rounds.records import new_round_record
 from aggregator_service.strategies import FedBuff
 from broker import CheckIn, ModelRef, RoundOpened
@@ -98,13 +100,15 @@ class AsyncRounds:
         self._sender = sender
         self._steps: dict[str, _Step] = {}
         self._busy: dict[str, _Task] = {}
+        self._in_flight: Counter[str] = Counter()
+        """Tasks out per experiment (the busy devices, counted)."""
 
     def open_step(
         self,
         exp: ExperimentRecord,
         config: ExperimentConfig,
         refs: dict[str, ModelRef],
-        online: Mapping[str, str],
+        online: OnlinePool,
     ) -> None:
         """Open the experiment's next step on its current version and fill the free slots."""
         number = exp.current_round + 1
@@ -149,37 +153,39 @@ class AsyncRounds:
         device_id: str,
         capabilities: Mapping[str, object],
         experiment_id: str,
-        online: Mapping[str, str],
+        online: OnlinePool,
     ) -> None:
         """Free the device's slot unless it says it is still busy, then fill free slots."""
         in_progress = capabilities.get(CheckIn.TASKS_IN_PROGRESS, 0)
         busy = isinstance(in_progress, int) and in_progress > 0
         task = self._busy.get(device_id)
         if task is not None and not busy:
-            del self._busy[device_id]
+            self._finished(device_id)
         elif task is None and busy and experiment_id in self._steps:
             # A task from before this coordinator's restart: keep the device out
             # of selection until such a task would have passed its deadline.
             deadline_s = self._steps[experiment_id].config.rounds.deadline_s
-            self._busy[device_id] = _Task(experiment_id, self._clock() + deadline_s)
+            self._started(device_id, _Task(experiment_id, self._clock() + deadline_s))
         self.fill(online)
 
-    def checked_out(self, device_id: str, online: Mapping[str, str]) -> None:
+    def checked_out(self, device_id: str, online: OnlinePool) -> None:
         """Count a departed device's task as dropped and give its slot to another device."""
-        task = self._busy.pop(device_id, None)
+        task = self._finished(device_id)
         if task is not None:
             self._dropped(task)
             self.fill(online)
 
-    def expire(self, now: float, online: Mapping[str, str]) -> None:
+    def expire(self, now: float, online: OnlinePool) -> None:
         """Drop the tasks past their deadline and give their slots to idle devices."""
         expired = [d for d, task in self._busy.items() if task.deadline_at <= now]
         for device_id in expired:
-            self._dropped(self._busy.pop(device_id))
+            task = self._finished(device_id)
+            assert task is not None
+            self._dropped(task)
         if expired:
             self.fill(online)
 
-    def fill(self, online: Mapping[str, str]) -> None:
+    def fill(self, online: OnlinePool) -> None:
         """Hand a task to idle devices until every open step's experiment has ``C`` in flight."""
         now = self._clock()
         for experiment_id in sorted(self._steps):
@@ -195,20 +201,23 @@ class AsyncRounds:
         config: ExperimentConfig,
         number: int,
         draw: int,
-        online: Mapping[str, str],
+        online: OnlinePool,
     ) -> tuple[str, ...]:
-        """Return idle devices for the experiment's free slots, drawn reproducibly."""
-        in_flight = sum(1 for t in self._busy.values() if t.experiment_id == experiment_id)
-        free = config.rounds.selection_size - in_flight
-        idle = sorted(
-            d for d, e in online.items() if e in ("", experiment_id) and d not in self._busy
-        )
-        if free <= 0 or not idle:
+        """Return idle devices for the experiment's free slots, drawn reproducibly.
+
+        A check-in while every slot is taken (most heartbeats) costs a look-up.
+        """
+        free = config.rounds.selection_size - self._in_flight[experiment_id]
+        if free <= 0:
+            return ()
+        idle = [d for d in online.pool(experiment_id) if d not in self._busy]
+        if not idle:
             return ()
         # Seed, step and the number of tasks already handed out in the step fix
         # the draw: the same sequence of check-ins gives the same tasks.
         rng = np.random.default_rng([config.seed, number, draw])
-        return tuple(str(d) for d in rng.choice(idle, size=min(free, len(idle)), replace=False))
+        drawn = rng.choice(len(idle), size=min(free, len(idle)), replace=False)
+        return tuple(idle[i] for i in drawn)
 
     def _assign(self, step: _Step, devices: tuple[str, ...], now: float) -> None:
         """Send ``devices`` their tasks on the step's version and mark them busy."""
@@ -216,13 +225,27 @@ class AsyncRounds:
             return
         deadline_at = now + step.config.rounds.deadline_s
         for device_id in devices:
-            self._busy[device_id] = _Task(step.opened.experiment_id, deadline_at)
+            self._started(device_id, _Task(step.opened.experiment_id, deadline_at))
         step.tasked.extend(devices)
         self._db.update_round(
             step.opened.experiment_id, step.opened.round, selected=tuple(step.tasked)
         )
         batch = dataclasses.replace(step.opened, selected=devices, deadline_at=deadline_at)
         self._send_tasks(batch, step.config, step.refs)
+
+    def _started(self, device_id: str, task: _Task) -> None:
+        """Mark a device busy with ``task``."""
+        self._busy[device_id] = task
+        self._in_flight[task.experiment_id] += 1
+
+    def _finished(self, device_id: str) -> _Task | None:
+        """Mark a device idle again; return the task it had (None: it had none)."""
+        task = self._busy.pop(device_id, None)
+        if task is not None:
+            self._in_flight[task.experiment_id] -= 1
+            if not self._in_flight[task.experiment_id]:
+                del self._in_flight[task.experiment_id]
+        return task
 
     def _dropped(self, task: _Task) -> None:
         """Count a task that will not report against its experiment's open step."""

@@ -69,6 +69,8 @@ class _Round:
 
     opened: RoundOpened
     asynchronous: bool
+    cohort: frozenset[str] = frozenset()
+    """The selected devices, as a set: a progress message's ids are looked up in it."""
     reported: set[str] = field(default_factory=set)
     accepted: set[str] = field(default_factory=set)
     folded: dict[str, int] = field(default_factory=dict)
@@ -96,8 +98,8 @@ class _Round:
         opened = self.opened
         if self.asynchronous:
             return sum(self.folded.values()) >= opened.target_reports
-        answered = len(self.reported.intersection(opened.selected))
-        return len(self.accepted) >= opened.target_reports or answered >= len(opened.selected)
+        answered = len(self.reported)  # only the cohort's are counted
+        return len(self.accepted) >= opened.target_reports or answered >= len(self.cohort)
 
 
 class RoundClosing:
@@ -137,7 +139,7 @@ class RoundClosing:
     def track(self, opened: RoundOpened, *, asynchronous: bool) -> None:
         """Announce a round and follow it until ``ended``."""
         key = (opened.experiment_id, opened.round)
-        self._rounds[key] = _Round(opened, asynchronous)
+        self._rounds[key] = _Round(opened, asynchronous, frozenset(opened.selected))
         self._send(self._rounds[key], opened)
 
     def progress(self, message: RoundProgress) -> None:
@@ -147,7 +149,7 @@ class RoundClosing:
             return
         before = (len(rnd.workers), len(rnd.reported), len(rnd.accepted), sum(rnd.folded.values()))
         rnd.workers.add(message.sender)
-        selected = rnd.opened.selected
+        selected = rnd.cohort
         rnd.reported.update(d for d in message.reported if d in selected)
         rnd.accepted.update(d for d in message.accepted if d in selected)
         if rnd.asynchronous:  # a share only grows: a repeat or a reordered message says less
@@ -174,6 +176,11 @@ class RoundClosing:
     def ended(self, experiment_id: str, number: int) -> None:
         """Forget a round whose outcome arrived."""
         self._rounds.pop((experiment_id, number), None)
+
+    def accepted(self, experiment_id: str, number: int) -> set[str]:
+        """Return the devices of a round in flight whose update a worker folded so far."""
+        rnd = self._rounds.get((experiment_id, number))
+        return set() if rnd is None else set(rnd.accepted)
 
     def status(self, experiment_id: str, number: int) -> RoundStatus | None:
         """Return a round's phase and counts so far (None: not in flight here)."""

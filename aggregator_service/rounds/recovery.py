@@ -23,27 +23,27 @@ def in_flight_rounds(
     for exp in db.experiments():
         if exp.state != "running":
             continue
-        for rnd in db.rounds(exp.id)[-1:]:
-            if rnd.state != "training":
-                continue
-            config = ExperimentConfig.from_dict(exp.config)
-            weights = store.get_manifest(exp.id, rnd.base_version).artifacts[WEIGHTS]
-            k = len(rnd.selected)
-            target, minimum = min(config.rounds.devices_per_round, k), min(config.rounds.minimum, k)
-            if is_asynchronous(config.strategy):  # a server step: K updates from any tasks
-                target, minimum = step_limits(config)
-            announcements.append(
-                RoundOpened(
-                    experiment_id=exp.id,
-                    round=rnd.number,
-                    base_version=rnd.base_version,
-                    model=ModelRef(links.download(weights.sha256), weights.sha256, weights.size),
-                    selected=rnd.selected,
-                    target_reports=target,
-                    min_reports=minimum,
-                    deadline_at=rnd.deadline_at,
-                    strategy=dict(config.strategy),
-                    sender=sender,
-                )
+        rnd = db.last_round(exp.id)
+        if rnd is None or rnd.state != "training":
+            continue
+        config = ExperimentConfig.from_dict(exp.config)
+        weights = store.get_manifest(exp.id, rnd.base_version).artifacts[WEIGHTS]
+        k = len(rnd.selected)
+        target, minimum = min(config.rounds.devices_per_round, k), min(config.rounds.minimum, k)
+        if is_asynchronous(config.strategy):  # a server step: K updates from any tasks
+            target, minimum = step_limits(config)
+        announcements.append(
+            RoundOpened(
+                experiment_id=exp.id,
+                round=rnd.number,
+                base_version=rnd.base_version,
+                model=ModelRef(links.download(weights.sha256), weights.sha256, weights.size),
+                selected=rnd.selected,
+                target_reports=target,
+                min_reports=minimum,
+                deadline_at=rnd.deadline_at,
+                strategy=dict(config.strategy),
+                sender=sender,
             )
+        )
     return announcements

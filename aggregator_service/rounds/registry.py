@@ -125,6 +125,8 @@ class DeviceRegistry:
         self._db.add_device(
             device_id, platform, _digest(token), self._clock(), public_key=encode_key(key)
         )
+        with self._lock:
+            self._keys[device_id] = key  # its first check-in reads no database
         log.info("registered device %s (%s)", device_id, platform)
         return self._issued(device_id, token, key, private)
 
@@ -147,6 +149,19 @@ class DeviceRegistry:
         if self._access is not None:
             self._access.revoke(device_id)
         log.info("revoked device %s", device_id)
+
+    def preload(self) -> None:
+        """Cache every registered device's key at once (a restarted fleet's check-ins read none)."""
+        keys: dict[str, bytes | None] = {}
+        for device_id, text in self._db.device_keys().items():
+            try:
+                keys[device_id] = None if text is None else decode_public_key(text)
+            except IdentityError:
+                log.warning("device %s has an unreadable key: it may not check in", device_id)
+                keys[device_id] = None
+        with self._lock:
+            for device_id, key in keys.items():  # a key cached meanwhile is as new or newer
+                self._keys.setdefault(device_id, key)
 
     def key(self, device_id: str) -> bytes | None:
         """Return the pinned key of a registered, unrevoked device (None otherwise)."""

@@ -7,6 +7,7 @@ never touches an update itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -21,11 +22,18 @@ from aggregator_service.checkpoints import Checkpoints
 from aggregator_service.config import ExperimentConfig, is_asynchronous
 from aggregator_service.errors import ConfigError, Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
-from aggregator_service.persistence import Database, DeviceRecord, ExperimentRecord, RoundRecord
+from aggregator_service.persistence import (
+    Database,
+    DeviceRecord,
+    ExperimentRecord,
+    RoundRecord,
+    RoundSummary,
+)
 from aggregator_service.persistence.database import DatabaseError
 from aggregator_service.rounds.asynchronous import AsyncRounds
 from aggregator_service.rounds.closing import RoundClosing, RoundStatus
-from aggregator_service.rounds.records import Waiting, new_round_record
+from aggregator_service.rounds.pool import ANY, LastSeen, OnlinePool
+from aggregator_service.rounds.records import RoundDevices, Waiting, new_round_record
 from aggregator_service.rounds.recovery import in_flight_rounds
 from aggregator_service.rounds.registry import DeviceRegistry, Registration
 from aggregator_service.rounds.tasks import TaskDispatch
@@ -78,7 +86,11 @@ class RoundService:
     ALIVE_MAX_AGE_S = 120.0
     """A ``WorkerAlive`` signed longer ago than this says nothing about now."""
     SEEN_EVERY_S = 10.0
-    """How stale a device's recorded last check-in may get before it is written again."""
+    """How long a heartbeat's last-seen time may wait in memory before it is written.
+
+    Times are written in batches (see ``LastSeen``); a device coming online
+    is written at the next ``tick``, and ``close`` writes whatever is pending.
+    """
     CHECK_IN_MAX_AGE_S = 600.0
     """A check-in signed longer ago than this is a replay, not a device online now."""
     MAX_PLATFORM_CHARS = 32
@@ -158,8 +170,10 @@ class RoundService:
         self._clock = clock
         self._name = name
         self._lock = threading.RLock()
-        self._online: dict[str, str] = {}  # device id -> experiment id ("" for any)
-        self._seen_at: dict[str, float] = {}  # device id -> last check-in written to the db
+        self._online = OnlinePool()
+        self._seen = LastSeen(db, every_s=self.SEEN_EVERY_S, now=clock())
+        self._waiting: dict[str, int] = {}
+        """Experiments waiting for devices -> how many online devices would start their round."""
         self._grace_until = 0.0
         self._awaited: set[str] = set()
         """Devices online before a restart that have not checked in again yet."""
@@ -189,16 +203,10 @@ class RoundService:
         checked in again, or ``recovery_grace_s`` has passed (rounds in flight
         are re-announced at once and finish as usual).
         """
+        self.registry.preload()
         now = self._clock()
         recent = now - recovery_grace_s - self.SEEN_EVERY_S
-        self._awaited = {
-            d.id
-            for d in self._db.devices()
-            if recovery_grace_s > 0
-            and d.revoked_at is None
-            and d.last_seen is not None
-            and d.last_seen >= recent
-        }
+        self._awaited = set(self._db.recently_seen(recent)) if recovery_grace_s > 0 else set()
         self._grace_until = now + recovery_grace_s if self._awaited else 0.0
         if self._awaited:
             log.info(
@@ -207,6 +215,9 @@ class RoundService:
                 len(self._awaited),
             )
         with self._lock:
+            for exp in self._db.experiments():
+                if exp.state == "waiting":
+                    self._waiting[exp.id] = ExperimentConfig.from_dict(exp.config).rounds.minimum
             for opened in in_flight_rounds(self._db, self._store, self._links, sender=self._name):
                 self._track(opened)
                 log.info("recovered %s round %d in flight", opened.experiment_id, opened.round)
@@ -216,6 +227,10 @@ class RoundService:
         self._transport.subscribe(self._topics.all_checkins, self._on_checkin)
         self._transport.subscribe(self._topics.all_events, self._on_event)
         self._transport.subscribe(self._topics.workers, self._on_worker_alive)
+
+    def close(self) -> None:
+        """Write the last-seen times still in memory (call before closing the database)."""
+        self._seen.flush(self._clock())
 
     def add_listener(self, listener: RoundListener) -> None:
         """Call ``listener`` with each round record once the round has ended."""
@@ -268,6 +283,7 @@ class RoundService:
             values: dict[str, object] = {"rounds_requested": exp.current_round}
             if exp.state == "waiting":  # no round in flight: nothing left to wait for
                 values["state"] = "idle"
+                self._waiting.pop(experiment_id, None)
             self._db.update_experiment(experiment_id, **values)
 
     def stop(self, experiment_id: str) -> None:
@@ -316,6 +332,7 @@ class RoundService:
                 raise Conflict(f"{experiment_id} has a round in flight: stop it first")
             self._db.delete_experiment(experiment_id)
             self._evaluators.pop(experiment_id, None)
+            self._waiting.pop(experiment_id, None)
         log.info("deleted experiment %s", experiment_id)
 
     def waiting(self, exp: ExperimentRecord) -> Waiting | None:
@@ -324,7 +341,7 @@ class RoundService:
             return None
         needed = ExperimentConfig.from_dict(exp.config).rounds.minimum
         with self._lock:
-            online = len(self._pool(exp.id))
+            online = self._online.count(exp.id)
             grace = self._grace_until if self._clock() < self._grace_until else None
         return Waiting(online=online, needed=needed, grace_until=grace)
 
@@ -345,6 +362,28 @@ class RoundService:
         """Return an experiment's rounds (raises ``NotFound`` for an unknown experiment)."""
         self._db.experiment(experiment_id)
         return self._db.rounds(experiment_id)
+
+    def round_summaries(self, experiment_id: str, *, max_ids: int) -> list[RoundSummary]:
+        """Return an experiment's rounds, listing ids only where at most ``max_ids`` of them."""
+        self._db.experiment(experiment_id)
+        return self._db.round_summaries(experiment_id, max_ids=max_ids)
+
+    def round_devices(
+        self, experiment_id: str, number: int, *, offset: int, limit: int
+    ) -> RoundDevices:
+        """Return a page of a round's selected devices, and of its accepted updates.
+
+        Raises ``NotFound`` for an unknown experiment or round.
+        """
+        self._db.experiment(experiment_id)
+        record = self._db.round_record(experiment_id, number)
+        if record is None:
+            raise NotFound(f"experiment {experiment_id} has no round {number}")
+        accepted = set(record.accepted_devices)
+        if record.state == "training":
+            with self._lock:
+                accepted = self._closing.accepted(experiment_id, number)
+        return RoundDevices.page(record, accepted, offset=offset, limit=limit)
 
     def model_weights(self, experiment_id: str, version: int | None = None) -> tuple[int, bytes]:
         """Return ``(version, safetensors bytes)`` of the global model (latest by default)."""
@@ -372,17 +411,31 @@ class RoundService:
         """Revoke a device: refused on the bus at once, and offline."""
         self.registry.revoke(device_id)
         with self._lock:
-            self._online.pop(device_id, None)
+            self._online.check_out(device_id)
             self._async.checked_out(device_id, self._online)
 
-    def devices(self) -> list[DeviceRecord]:
-        """Return every known device."""
-        return self._db.devices()
+    def devices(self, *, after: str | None = None, limit: int | None = None) -> list[DeviceRecord]:
+        """Return the known devices by id (``limit`` after ``after``), last seen as of now."""
+        records = self._db.devices(after=after, limit=limit)
+        fresher = []
+        for record in records:
+            seen = self._seen.pending(record.id)
+            if seen is not None and (record.last_seen is None or seen > record.last_seen):
+                record = dataclasses.replace(record, last_seen=seen)
+            fresher.append(record)
+        return fresher
+
+    def device_counts(self) -> dict[str, int]:
+        """Return how many registered devices are online, offline and revoked."""
+        total, revoked = self._db.count_devices(), self._db.count_revoked()
+        with self._lock:
+            online = len(self._online)
+        return {"online": online, "offline": max(total - revoked - online, 0), "revoked": revoked}
 
     def online_devices(self) -> frozenset[str]:
         """Return the devices checked in and not gone (this coordinator's view since it started)."""
         with self._lock:
-            return frozenset(self._online)
+            return self._online.devices()
 
     def refusal_counts(self) -> dict[str, dict[str, int]]:
         """Return refused frames by component and reason (the coordinator's and each worker's)."""
@@ -412,23 +465,19 @@ class RoundService:
                 examples = message.capabilities.get(CheckIn.EXAMPLES)
                 if isinstance(examples, int) and not isinstance(examples, bool) and examples > 0:
                     self._declared[device] = examples
-                # Devices check in after every update and with each heartbeat: only
-                # news (a device coming online, or a stale last-seen) costs a write
-                # or a look for waiting experiments.
-                known = self._online.get(device)
-                if known is None or now - self._seen_at.get(device, 0.0) >= self.SEEN_EVERY_S:
-                    self._db.device_seen(device, now)
-                    self._seen_at[device] = now
-                self._online[device] = message.experiment_id or ""
+                # Devices check in after every update and with each heartbeat: a
+                # heartbeat costs no database write (its time is written in a batch)
+                # and only news (a device coming online) a look for waiting rounds.
+                experiment = message.experiment_id or ANY
+                news = self._online.check_in(device, experiment)
+                self._seen.seen(device, now, news=news)
                 self._back_after_restart(device)
-                self._async.checked_in(
-                    device, message.capabilities, message.experiment_id or "", self._online
-                )
-                if known != self._online[device]:
+                self._async.checked_in(device, message.capabilities, experiment, self._online)
+                if news:
                     self._start_waiting(message.experiment_id)
         else:
             with self._lock:
-                if self._online.pop(message.device_id, None) is not None:
+                if self._online.check_out(message.device_id):
                     log.info("device %s went offline (%s)", message.device_id, message.reason[:80])
                 self._async.checked_out(message.device_id, self._online)
         delivery.ack()
@@ -452,15 +501,27 @@ class RoundService:
             self._start_waiting(None)
 
     def _start_waiting(self, experiment_id: str | None) -> None:
-        """Start rounds that were waiting for enough devices to check in."""
+        """Start rounds that were waiting for enough devices to check in.
+
+        Counted in memory: while too few devices are online, a device coming
+        online costs no database read.
+        """
         if self._clock() < self._grace_until:
             return  # devices are still checking in after a restart
-        for exp in self._db.experiments():
-            if exp.state == "waiting" and experiment_id in (None, exp.id):
-                if exp.current_round < exp.rounds_requested:
-                    self._start_round(exp.id)
-                else:
-                    self._db.update_experiment(exp.id, state="idle")
+        for waiting_id, needed in list(self._waiting.items()):
+            if experiment_id not in (None, waiting_id) or self._online.count(waiting_id) < needed:
+                continue
+            del self._waiting[waiting_id]
+            try:
+                exp = self._db.experiment(waiting_id)
+            except NotFound:
+                continue
+            if exp.state != "waiting":
+                continue
+            if exp.current_round < exp.rounds_requested:
+                self._start_round(exp.id)
+            else:
+                self._db.update_experiment(exp.id, state="idle")
 
     # -- rounds -------------------------------------------------------------------
 
@@ -471,6 +532,7 @@ class RoundService:
         pool = self._pool(experiment_id)
         if len(pool) < config.rounds.minimum or self._clock() < self._grace_until:
             self._db.update_experiment(experiment_id, state="waiting")
+            self._waiting[experiment_id] = config.rounds.minimum
             log.info(
                 "%s waits for devices: %d online, %d needed",
                 experiment_id,
@@ -487,7 +549,8 @@ class RoundService:
         # give the same cohort in every run.
         rng = np.random.default_rng([config.seed, number])
         k = min(config.rounds.selection_size, len(pool))
-        selected = tuple(str(d) for d in rng.choice(pool, size=k, replace=False))
+        # Drawing indices draws what ``rng.choice(pool, ...)`` draws, without an array of ids.
+        selected = tuple(pool[i] for i in rng.choice(len(pool), size=k, replace=False))
         now = self._clock()
         refs = self._tasks.refs(experiment_id, exp.model_version)
         opened = RoundOpened(
@@ -505,16 +568,14 @@ class RoundService:
         self._db.add_round(new_round_record(opened, started_at=now))
         self._db.update_experiment(experiment_id, state="running", current_round=number)
         self._announce(opened)
-        self._tasks.send(opened, config, refs, later=sorted(set(pool) - set(selected)))
+        chosen = frozenset(selected)
+        self._tasks.send(opened, config, refs, later=[d for d in pool if d not in chosen])
         log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
 
     def _pool(self, experiment_id: str) -> list[str]:
         """Return the online devices an experiment may select, sorted."""
-        return sorted(
-            d
-            for d, e in self._online.items()
-            if e in ("", experiment_id) and self.registry.key(d) is not None
-        )
+        key = self.registry.key
+        return [d for d in self._online.pool(experiment_id) if key(d) is not None]
 
     def _announce(self, opened: RoundOpened) -> None:
         """Tell the workers a round is open; ``tick`` drives it from there to its outcome."""
@@ -548,6 +609,8 @@ class RoundService:
                 self._start_waiting(None)
             self._async.expire(now, self._online)
             self._closing.tick()
+        if self._seen.due(now):  # outside the lock: check-ins go on while it writes
+            self._seen.flush(now)
 
     def clock(self) -> float:
         """Return the coordinator's time (what deadlines and ``workers_heard`` are in)."""
@@ -596,15 +659,13 @@ class RoundService:
 
     def _round_in_flight(self, experiment_id: str) -> RoundRecord | None:
         """Return the experiment's round still training, if any (only its last one can be)."""
-        rounds = self._db.rounds(experiment_id)
-        return rounds[-1] if rounds and rounds[-1].state == "training" else None
+        last = self._db.last_round(experiment_id)
+        return last if last is not None and last.state == "training" else None
 
     def _current_round(self, experiment_id: str, number: int) -> RoundRecord | None:
         """Return the round if it is still training (events may be redelivered)."""
-        for rnd in self._db.rounds(experiment_id):
-            if rnd.number == number and rnd.state == "training":
-                return rnd
-        return None
+        rnd = self._db.round_record(experiment_id, number)
+        return rnd if rnd is not None and rnd.state == "training" else None
 
     def _committed(self, event: RoundCommitted) -> None:
         rnd = self._current_round(event.experiment_id, event.round)
@@ -683,7 +744,8 @@ class RoundService:
     def _round_ended(self, experiment_id: str, number: int) -> None:
         """Tell listeners, then start the next requested round or go idle."""
         self._closing.ended(experiment_id, number)
-        record = next(r for r in self._db.rounds(experiment_id) if r.number == number)
+        record = self._db.round_record(experiment_id, number)
+        assert record is not None
         for listener in self._listeners:
             listener(record)
         exp = self._db.experiment(experiment_id)

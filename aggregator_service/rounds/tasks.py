@@ -127,14 +127,18 @@ class TaskDispatch:
                 aggregator_keys=workers,
             )
             self._transport.publish(self._topics.device(device_id), encode(task, self._identity))
-        retry_after = max(opened.deadline_at - self._clock(), 0.0)
+        if not later:
+            return
+        # Every device left out is told the same, so the note is signed once: it
+        # names no device (a device checks the service's signature and its age).
+        message = ComeBackLater(
+            experiment_id=exp,
+            retry_after_s=max(opened.deadline_at - self._clock(), 0.0),
+            reason="not selected this round",
+        )
+        frame = encode(message, self._identity)
         for device_id in later:
-            message = ComeBackLater(
-                experiment_id=exp,
-                retry_after_s=retry_after,
-                reason="not selected this round",
-            )
-            self._transport.publish(self._topics.device(device_id), encode(message, self._identity))
+            self._transport.publish(self._topics.device(device_id), frame)
 
 
 def artifact_format(artifact_name: str) -> str:

@@ -44,6 +44,9 @@ def _before_the_crash(tmp_path: Path, small_config: Any, clock: Clock) -> tuple[
         key = device(name).public_key_text
         service.register_device("python", public_key=key, device_id=name)
     _check_in(transport, *DEVICES)
+    # The service's ticker (four times a second) writes the last-seen times of
+    # devices that came online: a crash before that tick would lose them.
+    service.tick()
     rounds = {"devices_per_round": 2, "min_reports": 2, "count": 1, "over_selection": 1.0}
     config = small_config(data={"devices": 4}, rounds=rounds)
     experiment_id = service.create_experiment(config)
