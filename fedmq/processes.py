@@ -88,6 +88,7 @@ def serving(
         )
         service = coordinator.service
         service.start(recovery_grace_s=recovery_grace_s)
+        stack.callback(service.close)  # the last-seen times still in memory; before the database
         stack.callback(Ticker(service.tick).start().stop)
         token = settings.admin_token or _generated_token(settings.home)
         app = components.build_app(coordinator, store, settings, admin_token=token)

@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from aggregator_service.persistence import RoundRecord
+from aggregator_service.persistence import RoundSummary
 from aggregator_service.rounds import RoundService
 
 bp = Blueprint("metrics", __name__)
@@ -76,12 +76,13 @@ class ServiceCollector(Collector):
             labels=["experiment"],
         )
         for exp in service.experiments():
-            records = service.rounds(exp.id)
+            # Counts only: a scrape never reads a 1,000-device cohort's ids back.
+            records = service.round_summaries(exp.id, max_ids=0)
             for state in ROUND_STATES:
                 rounds.add_metric([exp.id, state], sum(r.state == state for r in records))
             ended = [r for r in records if r.state != "training"]
             committed = [r for r in ended if r.state == "committed"]
-            accepted.add_metric([exp.id], sum(len(r.accepted) for r in committed))
+            accepted.add_metric([exp.id], sum(r.accepted for r in committed))
             for reason, count in sorted(_rejections(ended).items()):
                 rejected.add_metric([exp.id, reason], count)
             buckets, total = _histogram(r.duration_s for r in ended if r.duration_s is not None)
@@ -117,7 +118,7 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def _rejections(records: Iterable[RoundRecord]) -> dict[str, int]:
+def _rejections(records: Iterable[RoundSummary]) -> dict[str, int]:
     """Return the rejections of ``records`` added up by reason."""
     totals: dict[str, int] = {}
     for record in records:

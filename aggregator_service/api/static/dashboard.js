@@ -3,7 +3,8 @@
 
 import {call, download, experimentPath, setToken, token} from "./api.js";
 import {
-  el, explanations, renderCharts, renderDevices, renderExperiments, renderLive, renderRounds,
+  MAX_DEVICE_ROWS, el, explanations, renderCharts, renderDevices, renderExperiments, renderLive,
+  renderRounds,
   renderVersions, tickDeadline,
 } from "./views.js";
 
@@ -54,13 +55,17 @@ async function refresh() {
     }
     // Rounds first: the experiment read after them is as new or newer (its version too).
     const rounds = selected ? await roundsOf(selected) : null;
-    const [{experiments}, {devices}] = await Promise.all([
-      call("GET", "/experiments"), call("GET", "/devices")]);
+    // One page of devices and the counts of all: a fleet of 10,000 is not sent every poll.
+    const [{experiments}, devicePage] = await Promise.all([
+      call("GET", "/experiments"), call("GET", `/devices?limit=${MAX_DEVICE_ROWS}`)]);
+    const {devices, counts} = devicePage;
     if (!examplesLoaded) loadExamples();
     if (changed("experiments", [experiments, selected])) {
       renderExperiments($("experiments"), experiments, selected, select);
     }
-    if (changed("devices", devices)) renderDevices($("devices"), $("device-summary"), devices);
+    if (changed("devices", devicePage)) {
+      renderDevices($("devices"), $("device-summary"), devices, counts);
+    }
     const exp = rounds && experiments.find(e => e.id === selected);
     if (exp) showExperiment(exp, rounds);
     $("experiment").hidden = !exp;

@@ -4,7 +4,7 @@
 import {lineChart} from "./charts.js";
 
 const DASH = "\u2013";
-const MAX_DEVICE_ROWS = 200;
+export const MAX_DEVICE_ROWS = 200;
 const MAX_VERSIONS = 30;
 
 /** Build an element: attributes (class, data-*, ...) and children (nodes or text). */
@@ -180,18 +180,18 @@ export function renderVersions(target, exp, rounds) {
   }));
 }
 
-/** The devices: platform, state, last check-in, rounds served. */
-export function renderDevices(target, summary, devices) {
-  const count = s => devices.filter(d => d.state === s).length;
-  summary.textContent = devices.length
-    ? `${devices.length} devices: ${count("online")} online, ${count("offline")} offline`
-      + (count("revoked") ? `, ${count("revoked")} revoked` : "")
+/** The devices (one page of them): platform, state, last check-in, rounds served. */
+export function renderDevices(target, summary, devices, counts) {
+  const total = counts.online + counts.offline + counts.revoked;
+  summary.textContent = total
+    ? `${total} devices: ${counts.online} online, ${counts.offline} offline`
+      + (counts.revoked ? `, ${counts.revoked} revoked` : "")
     : "No devices registered yet.";
-  const rows = devices.slice(0, MAX_DEVICE_ROWS).map(d => el("tr", {"data-device": d.id},
+  const rows = devices.map(d => el("tr", {"data-device": d.id},
     el("td", {}, d.id), el("td", {}, d.platform), el("td", {}, state(d.state)),
     el("td", {}, ago(d.last_seen)), el("td", {}, d.rounds_served)));
-  if (devices.length > MAX_DEVICE_ROWS) {
-    rows.push(el("tr", {}, el("td", {colspan: 5}, `and ${devices.length - MAX_DEVICE_ROWS} more`)));
+  if (total > devices.length) {
+    rows.push(el("tr", {}, el("td", {colspan: 5}, `and ${total - devices.length} more`)));
   }
   table(target, [["device"], ["platform"], ["state"], ["last seen"], ["rounds"]], rows);
 }
