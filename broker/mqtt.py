@@ -3,7 +3,9 @@
 Threads: paho's network thread (``loop_start``, owned here) runs every
 ``_on_*`` callback and reconnects; one dispatcher thread runs the handlers in
 arrival order, so a handler that trains for minutes never stalls the network
-loop. Acks travel back through paho's thread-safe packet queue.
+loop. Acks travel back through paho's thread-safe packet queue. The session
+itself (``MqttSession``) does not care who drives the network:
+``broker.mqtt_hub`` runs many of them on one selector thread.
 
 How the ``Transport`` promises map onto MQTT:
 
@@ -83,7 +85,7 @@ from broker.errors import ConnectionLost, TransportError
 from broker.retry import backoff
 from broker.transport import Handler, ReconnectListener, Will, notify_reconnected
 
-__all__ = ["MqttDelivery", "MqttSubscription", "MqttTransport"]
+__all__ = ["MqttDelivery", "MqttSession", "MqttSubscription", "MqttTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -110,43 +112,18 @@ _MATCHED_TOPICS = 4096
 """Topics remembered as having had subscribers (the most recently published)."""
 
 
-class MqttTransport:
-    """The MQTT transport; build it with ``from_url`` or ``broker.connect``.
+class MqttSession:
+    """One MQTT client's session: publish, subscribe, settle, and paho's callbacks.
 
-    Parameters
-    ----------
-    url
-        ``mqtt://[user:password@]host[:port][?option=value...]``, or ``mqtts://``
-        (port 8883 by default); options are ``client_id`` (makes the session
-        persistent), ``session_expiry`` (seconds, default 3600), ``keepalive``,
-        ``protocol`` (``5`` or ``3.1.1``), ``connect_timeout`` (default 5 s),
-        ``publish_timeout`` (default 60 s), and for ``mqtts://`` ``ca``, ``cert``
-        and ``key`` (PEM file paths: the CA to verify the broker with, our
-        certificate and key).
-    will
-        ``(topic, payload)`` the broker publishes (QoS 1, not retained) if this
-        client vanishes without closing; a clean ``close()`` does not send it.
-    client_id
-        The MQTT client id, making the session persistent; overrides the URL's.
-
-    Raises
-    ------
-    ConnectionLost
-        No broker accepted the connection within ``connect_timeout``.
-    TlsError
-        The broker's certificate did not verify, or it refused ours.
-    TransportError
-        The URL is malformed, or the broker refused the client for good.
+    What it leaves out is driving the network: ``MqttTransport`` gives each
+    client paho's own thread (``loop_start``) and a dispatcher thread;
+    ``broker.mqtt_hub`` drives many clients from one selector thread. A driver
+    provides ``close`` and the hooks ``_submit``, ``_reconnected`` and
+    ``_retry``, and has paho call the ``_on_*`` callbacks on its network thread.
     """
 
-    def __init__(
-        self,
-        url: str = "mqtt://127.0.0.1:1883",
-        *,
-        will: Will | None = None,
-        client_id: str | None = None,
-    ) -> None:
-        self._options = MqttOptions.parse(url, client_id=client_id)
+    def __init__(self, options: MqttOptions, will: Will | None) -> None:
+        self._options = options
         self._v5 = self._options.protocol == "5"
         self._lock = threading.Condition()
         self._table = RouteTable(shared_groups=self._v5)
@@ -168,16 +145,7 @@ class MqttTransport:
         self._puback_failures: dict[int, ReasonCode] = {}
         self._unmatched: set[int] = set()
         self._matched: OrderedDict[str, None] = OrderedDict()
-        self._dispatcher = Dispatcher(f"fedmq-mqtt-{self._options.client_id}")
         self._client = self._make_client(will)
-        self._connect()
-
-    @classmethod
-    def from_url(
-        cls, url: str, *, client_id: str | None = None, will: Will | None = None
-    ) -> MqttTransport:
-        """Connect to the broker at ``url`` (see the class for the parameters)."""
-        return cls(url, will=will, client_id=client_id)
 
     @property
     def url(self) -> str:
@@ -196,7 +164,7 @@ class MqttTransport:
     def subscribe(
         self, topic: str, handler: Handler, *, group: str | None = None
     ) -> MqttSubscription:
-        """Call ``handler`` on the dispatcher thread for each message matching ``topic``.
+        """Call ``handler`` off the network thread for each message matching ``topic``.
 
         On a fresh session this returns once the broker has confirmed the
         subscription. On a resumed one it returns at once (the broker answers
@@ -233,19 +201,25 @@ class MqttTransport:
         with self._lock:
             self._reconnect_listeners.append(listener)
 
+    # -- what each way of driving the network provides -------------------------
+
     def close(self) -> None:
         """Disconnect cleanly (no will); unacked messages stay with the broker. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._lock.notify_all()
-        # The running handler may still ack before the DISCONNECT goes out.
-        self._dispatcher.stop()
-        self._client.disconnect()
-        self._client.loop_stop()
+        raise NotImplementedError
 
-    # -- settling, called by MqttDelivery on the dispatcher thread -------------
+    def _submit(self, handler: Handler, delivery: MqttDelivery) -> None:
+        """Run ``handler(delivery)`` off the network thread, after the deliveries before it."""
+        raise NotImplementedError
+
+    def _reconnected(self, listeners: list[ReconnectListener]) -> None:
+        """Run the reconnect ``listeners`` off the network thread (they may publish)."""
+        raise NotImplementedError
+
+    def _retry(self, attempt: int) -> None:
+        """Connect again after the back-off of retry number ``attempt``."""
+        raise NotImplementedError
+
+    # -- settling, called by MqttDelivery off the network thread ---------------
 
     def _settle(self, inbound: Inbound) -> None:
         """Count one local delivery of ``inbound`` as settled; PUBACK it after the last."""
@@ -281,7 +255,6 @@ class MqttTransport:
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=False)
         if opts.tls is not None:
-            watch_tls(opts.tls, self._on_tls_failure)
             client.tls_set_context(opts.tls)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -291,38 +264,6 @@ class MqttTransport:
         client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
         return client
-
-    def _connect(self) -> None:
-        """Start the network thread and wait, bounded, for the first CONNACK."""
-        opts = self._options
-        kwargs = connect_options(opts) if self._v5 else {}
-        self._set_reconnect_delay(0)
-        try:
-            self._client.connect_async(opts.host, opts.port, opts.keepalive, **kwargs)
-        except ValueError as exc:
-            self._dispatcher.stop()
-            raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
-        self._client.loop_start()
-        with self._lock:
-            self._lock.wait_for(
-                lambda: self._connected or self._refused is not None or self._tls_refused(),
-                opts.connect_timeout,
-            )
-            connected, refused, tls = self._connected, self._refused, self._tls_failure
-        if connected:
-            return
-        self._closed = True
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._dispatcher.stop()
-        raise first_connect_error(
-            opts, refused=refused, tls=tls, answered=self._socket_opened and self._v5
-        )
-
-    def _tls_refused(self) -> bool:
-        """Return whether the first connect failed a TLS handshake for good (lock held)."""
-        failure = self._tls_failure
-        return failure is not None and is_permanent_tls_failure(failure)
 
     def _publish(self, topic: str, body: bytes, *, redelivered: bool) -> None:
         if threading.get_ident() == self._network_thread:
@@ -434,17 +375,11 @@ class MqttTransport:
         inbound.pending += len(handlers)
         for handler in handlers:
             delivery = MqttDelivery(inbound.topic, inbound.body, inbound.redelivered, inbound, self)
-            self._dispatcher.submit(handler, delivery)
+            self._submit(handler, delivery)
 
     def _check_open(self) -> None:
         if self._closed:
             raise TransportError(f"the transport to {self.url} is closed")
-
-    def _set_reconnect_delay(self, attempt: int) -> None:
-        delay = backoff(attempt)
-        # paho annotates the delays as int but computes with floats; min == max
-        # makes its next wait this delay rather than its own doubling.
-        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
     # -- paho callbacks (network thread) -----------------------------------------
 
@@ -483,7 +418,8 @@ class MqttTransport:
             self._lock.notify_all()
             listeners = list(self._reconnect_listeners) if again else []
         log.info("connected to %s (session present: %s)", self.url, flags.session_present)
-        notify_reconnected(listeners, "fedmq-mqtt-reconnected")
+        if listeners:
+            self._reconnected(listeners)
 
     def _on_socket_open(self, client: paho.Client, userdata: object, sock: Any) -> None:
         self._socket_opened = True
@@ -495,7 +431,7 @@ class MqttTransport:
             tls = self._take_tls_failure()
         why = f": {describe_tls_failure(tls)}" if tls is not None else ""
         log.info("cannot reach %s (attempt %d%s); retrying", self.url, attempt + 1, why)
-        self._set_reconnect_delay(attempt)
+        self._retry(attempt)
 
     def _on_tls_failure(self, error: OSError) -> None:
         # Called on paho's network thread inside its connect or read, which then
@@ -532,7 +468,7 @@ class MqttTransport:
             if self._closed:
                 return
         log.warning("lost the connection to %s (%s); reconnecting", self.url, reason)
-        self._set_reconnect_delay(attempt)
+        self._retry(attempt)
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         with self._lock:
@@ -574,3 +510,119 @@ class MqttTransport:
         for reason in reasons:
             if reason.is_failure:
                 log.error("%s refused a subscription (renewed or resumed): %s", self.url, reason)
+
+
+class MqttTransport(MqttSession):
+    """The MQTT transport; build it with ``from_url`` or ``broker.connect``.
+
+    Parameters
+    ----------
+    url
+        ``mqtt://[user:password@]host[:port][?option=value...]``, or ``mqtts://``
+        (port 8883 by default); options are ``client_id`` (makes the session
+        persistent), ``session_expiry`` (seconds, default 3600), ``keepalive``,
+        ``protocol`` (``5`` or ``3.1.1``), ``connect_timeout`` (default 5 s),
+        ``publish_timeout`` (default 60 s), and for ``mqtts://`` ``ca``, ``cert``
+        and ``key`` (PEM file paths: the CA to verify the broker with, our
+        certificate and key).
+    will
+        ``(topic, payload)`` the broker publishes (QoS 1, not retained) if this
+        client vanishes without closing; a clean ``close()`` does not send it.
+    client_id
+        The MQTT client id, making the session persistent; overrides the URL's.
+
+    Raises
+    ------
+    ConnectionLost
+        No broker accepted the connection within ``connect_timeout``.
+    TlsError
+        The broker's certificate did not verify, or it refused ours.
+    TransportError
+        The URL is malformed, or the broker refused the client for good.
+    """
+
+    def __init__(
+        self,
+        url: str = "mqtt://127.0.0.1:1883",
+        *,
+        will: Will | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        super().__init__(MqttOptions.parse(url, client_id=client_id), will)
+        self._dispatcher = Dispatcher(f"fedmq-mqtt-{self._options.client_id}")
+        self._connect()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, client_id: str | None = None, will: Will | None = None
+    ) -> MqttTransport:
+        """Connect to the broker at ``url`` (see the class for the parameters)."""
+        return cls(url, will=will, client_id=client_id)
+
+    def close(self) -> None:
+        """Disconnect cleanly (no will); unacked messages stay with the broker. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._lock.notify_all()
+        # The running handler may still ack before the DISCONNECT goes out.
+        self._dispatcher.stop()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- the network thread: paho's loop_start ---------------------------------
+
+    def _make_client(self, will: Will | None) -> paho.Client:
+        client = super()._make_client(will)
+        if self._options.tls is not None:
+            # paho retries a failed handshake and keeps the reason to itself.
+            watch_tls(self._options.tls, self._on_tls_failure)
+        return client
+
+    def _connect(self) -> None:
+        """Start the network thread and wait, bounded, for the first CONNACK."""
+        opts = self._options
+        kwargs = connect_options(opts) if self._v5 else {}
+        self._set_reconnect_delay(0)
+        try:
+            self._client.connect_async(opts.host, opts.port, opts.keepalive, **kwargs)
+        except ValueError as exc:
+            self._dispatcher.stop()
+            raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
+        self._client.loop_start()
+        with self._lock:
+            self._lock.wait_for(
+                lambda: self._connected or self._refused is not None or self._tls_refused(),
+                opts.connect_timeout,
+            )
+            connected, refused, tls = self._connected, self._refused, self._tls_failure
+        if connected:
+            return
+        self._closed = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._dispatcher.stop()
+        raise first_connect_error(
+            opts, refused=refused, tls=tls, answered=self._socket_opened and self._v5
+        )
+
+    def _tls_refused(self) -> bool:
+        """Return whether the first connect failed a TLS handshake for good (lock held)."""
+        failure = self._tls_failure
+        return failure is not None and is_permanent_tls_failure(failure)
+
+    def _set_reconnect_delay(self, attempt: int) -> None:
+        delay = backoff(attempt)
+        # paho annotates the delays as int but computes with floats; min == max
+        # makes its next wait this delay rather than its own doubling.
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+
+    def _submit(self, handler: Handler, delivery: MqttDelivery) -> None:
+        self._dispatcher.submit(handler, delivery)
+
+    def _reconnected(self, listeners: list[ReconnectListener]) -> None:
+        notify_reconnected(listeners, "fedmq-mqtt-reconnected")
+
+    def _retry(self, attempt: int) -> None:
+        self._set_reconnect_delay(attempt)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from broker.verify import Refusal, Refusals, Verifier
 from device_sdk.app import DeviceApp, DeviceContext
 from device_sdk.errors import DeviceError, TaskError
 from device_sdk.fetch import ArtifactFetcher, upload
+from device_sdk.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ class DeviceClient:
     examples
         How many training examples the device holds, declared at check-in: the
         service lets no update of this device claim more.
+    scheduler
+        Runs the check-in a ``ComeBackLater`` asks for when it is due (share one
+        across a fleet); default: one of the device's own, whose thread starts
+        with the first such message.
     """
 
     TASK_MAX_AGE_S = 600.0
@@ -94,6 +98,7 @@ class DeviceClient:
         experiment_id: str | None = None,
         run: Callable[[Callable[[], None]], None] | None = None,
         examples: int | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self._topics = topics or Topics()
         self._topics.device(identity.name)  # refuses an id that cannot be a topic segment
@@ -121,6 +126,7 @@ class DeviceClient:
         # Where training runs: inline by default; a fleet on a real broker passes
         # an executor so long training never blocks the connection's thread.
         self._run = run or (lambda job: job())
+        self._scheduler = scheduler or Scheduler(f"fedmq-come-back-{self.device_id}")
 
     def start(self) -> None:
         """Subscribe to this device's topic and check in (again after every reconnect)."""
@@ -186,9 +192,7 @@ class DeviceClient:
         elif isinstance(message, ComeBackLater):
             # Pace steering: not picked this round; offer ourselves again when told.
             self.stats.come_back_after_s = message.retry_after_s
-            timer = threading.Timer(max(message.retry_after_s, 0.0), self._come_back)
-            timer.daemon = True
-            timer.start()
+            self._scheduler.call_later(message.retry_after_s, self._come_back)
         delivery.ack()
 
     def _trust_workers(self, task: TrainTask) -> None:

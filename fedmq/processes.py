@@ -25,6 +25,7 @@ from broker.bridge import Bridge
 from broker.identity import Identity, KeyRing, decode_public_key
 from broker.probe import BrokerProbe
 from device_sdk.emulator import Fleet
+from device_sdk.emulator.fleet import fleet_transports
 from device_sdk.emulator.profiles import TraceProfile, load_profile
 from device_sdk.emulator.traces import AvailabilityDriver
 from fedmq import components
@@ -224,7 +225,7 @@ def fleet_running(settings: Settings, options: FleetOptions) -> Iterator[Fleet]:
         speed = load_profile(options.profile, seed=seed, devices=size)
         concurrency = max(concurrency, options.devices)  # a sleeping device holds its thread
     enrollment = _Enrollment(settings)
-    transports = TransportPool(settings.broker_url)
+    transports = fleet_transports(settings.broker_url, devices=options.devices)
     executor = ThreadPoolExecutor(concurrency, thread_name_prefix="fedmq-train")
     fleet: Fleet | None = None
     try:

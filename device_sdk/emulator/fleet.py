@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from broker import CheckOut, Transport, encode
+from broker import BrokerError, CheckOut, Transport, encode
 from broker.identity import Identity
 from broker.topics import Topics
 from device_sdk.app import DeviceApp, TrainHandler
@@ -17,7 +18,11 @@ from device_sdk.client import DeviceClient
 from device_sdk.data import load_dataset, partition
 from device_sdk.emulator.profiles import SpeedProfile, VirtualTime, paced
 from device_sdk.fetch import ArtifactFetcher
+from device_sdk.scheduler import Scheduler
 from device_sdk.trainers.torchscript import ModuleCache, TorchScriptTrainer
+
+if TYPE_CHECKING:
+    from broker.mqtt_hub import HubPool
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,63 @@ def torchscript_trainers(seed: int) -> TrainerFactory:
         return TorchScriptTrainer(x, y, seed=seed, stream=index, modules=modules)
 
     return make
+
+
+def fleet_transports(
+    broker_url: str,
+    *,
+    session_expiry_s: int | None = None,
+    max_connecting: int = 64,
+    workers: int = 4,
+    devices: int | None = None,
+) -> HubPool:
+    """Return the transports of a fleet's devices: over MQTT, all of them on one hub.
+
+    The pool is called like a ``TransportFor`` (``pool(device_id, will)``, plus
+    an optional broker login) and closed with ``close()``. Over ``mqtt://``
+    every device is a client of one ``broker.mqtt_hub.MqttHub``: a handful of
+    threads for the whole fleet (one network thread, ``workers`` for the
+    devices' message handlers) and about 25 KiB per device in all (measured by
+    ``experiments.bench.fleet_memory``), where a transport of its own costs
+    each device two threads and about 75 KiB; other schemes open a transport
+    per device as before.
+
+    Parameters
+    ----------
+    broker_url
+        The broker the devices connect to.
+    session_expiry_s
+        How long the broker keeps the session of a device that went away.
+    max_connecting
+        Devices connecting at once (Mosquitto's listen backlog is 100).
+    workers
+        Threads running the devices' handlers; training itself runs where the
+        fleet's ``run`` puts it.
+    devices
+        How many devices the fleet will run: refused at once, with what to do,
+        when the process cannot open that many sockets.
+
+    Raises
+    ------
+    TransportError
+        ``devices`` devices do not fit under the process's open-files limit.
+    """
+    from broker.mqtt_hub import HubPool  # paho, only in a process that uses it
+
+    pool = HubPool(
+        broker_url,
+        session_expiry_s=session_expiry_s,
+        max_connecting=max_connecting,
+        workers=workers,
+        name="fedmq-fleet-hub",
+    )
+    if devices is not None and pool.hub is not None:
+        try:
+            pool.hub.check_room(devices)
+        except BrokerError:
+            pool.close()
+            raise
+    return pool
 
 
 def device_name(index: int, prefix: str = "emu") -> str:
@@ -91,6 +153,9 @@ class Fleet:
         The deployment's topics (its namespace).
     identities
         Keeps each device's key (by id) across runs; default: a fresh key per run.
+    scheduler
+        Runs the devices' delayed check-ins (``ComeBackLater``); default: one
+        thread for the whole fleet, stopped by ``stop``.
     """
 
     def __init__(
@@ -111,6 +176,7 @@ class Fleet:
         enroll: Enroll,
         topics: Topics | None = None,
         identities: Callable[[str], Identity] = Identity.generate,
+        scheduler: Scheduler | None = None,
     ) -> None:
         topics = topics or Topics()
         dataset = load_dataset(str(data.get("dataset", "digits")))
@@ -127,6 +193,8 @@ class Fleet:
         make_trainer = make_trainer or torchscript_trainers(seed)
         self.devices: list[DeviceClient] = []
         self._stopped = threading.Event()
+        self._own_scheduler = scheduler is None
+        self.scheduler = scheduler or Scheduler("fedmq-fleet-scheduler")
         for i in indices if indices is not None else range(size):
             idx = parts[i]
             app = DeviceApp()
@@ -150,6 +218,7 @@ class Fleet:
                     experiment_id=experiment_id,
                     run=device_run,
                     examples=len(idx),
+                    scheduler=self.scheduler,
                 )
             )
 
@@ -157,7 +226,9 @@ class Fleet:
         """Bring every device online; with ``heartbeat_s``, check them in again that often.
 
         Heartbeats keep a coordinator's pool of online devices current, also
-        after the coordinator restarts and has forgotten who is online.
+        after the coordinator restarts and has forgotten who is online. They
+        are spread over the interval: device ``i`` of ``n`` beats ``i / n`` of
+        it after the first, so a large fleet sends a steady trickle.
         """
         for device in self.devices:
             device.start()
@@ -167,18 +238,31 @@ class Fleet:
             ).start()
 
     def stop(self) -> None:
-        """Stop the heartbeats and check every device out."""
+        """Stop the heartbeats and the delayed check-ins, and check every device out."""
         self._stopped.set()
+        if self._own_scheduler:
+            self.scheduler.close()
         for device in self.devices:
             device.stop()
 
     def _heartbeat(self, interval_s: float) -> None:
-        while not self._stopped.wait(interval_s):
+        # One device at a time, each at its slot: thousands of QoS 1 check-ins
+        # at once would queue behind one another at the broker and the coordinator.
+        slot = interval_s / max(len(self.devices), 1)
+        due = time.monotonic() + interval_s
+        while True:
             for device in self.devices:
+                if self._stopped.wait(max(due - time.monotonic(), 0.0)):
+                    return
                 try:
                     device.check_in()
                 except Exception:  # a broker outage: the next beat tries again
                     log.warning("heartbeat check-in of %s failed", device.device_id)
+                due += slot
+            late = time.monotonic() - due
+            if late > interval_s:  # a slow broker: start the next round afresh, not in a burst
+                log.warning("fleet heartbeats %.1f s behind their %g s interval", late, interval_s)
+                due = time.monotonic()
 
     def summary(self) -> dict[str, int]:
         """Return the fleet's totals: tasks, updates sent, uploads, failures, rejections."""
