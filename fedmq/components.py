@@ -28,7 +28,7 @@ from aggregator_service.rounds import Evaluator, EvaluatorFactory
 from aggregator_service.rounds.registry import DeviceRegistry
 from broker import Transport
 from broker.identity import Identity, KeyRing
-from device_sdk.data import DATASETS, load_dataset, search_path
+from device_sdk.data import DATASETS, load_dataset
 from device_sdk.emulator import Fleet, TrainerFactory
 from device_sdk.emulator.fleet import Enroll, Runner, TransportFor
 from device_sdk.emulator.profiles import SpeedProfile, VirtualTime
@@ -221,22 +221,20 @@ def build_fleet(
 
     The keyword arguments are ``device_sdk.emulator.Fleet``'s.
     """
-    # The fleet reads its data set while it is built and takes no folder, so the
-    # settings' folders are scoped around building it.
-    with search_path(settings.data_dirs):
-        return Fleet(
-            transport_for,
-            data,
-            seed=seed,
-            indices=indices,
-            experiment_id=experiment_id,
-            run=run,
-            prefix=prefix,
-            make_trainer=make_trainer,
-            platforms=platforms,
-            speed=speed,
-            virtual_time=virtual_time,
-            enroll=enroll,
-            topics=settings.topics,
-            identities=identities,
-        )
+    return Fleet(
+        transport_for,
+        data,
+        seed=seed,
+        indices=indices,
+        experiment_id=experiment_id,
+        run=run,
+        prefix=prefix,
+        make_trainer=make_trainer,
+        platforms=platforms,
+        speed=speed,
+        virtual_time=virtual_time,
+        enroll=enroll,
+        topics=settings.topics,
+        identities=identities,
+        data_dir=settings.data_dirs,
+    )

@@ -244,10 +244,13 @@ def fleet_running(settings: Settings, options: FleetOptions) -> Iterator[Fleet]:
             enroll=enrollment,
             identities=KeyFolder(settings.key_folder).device_identity,
         )
-        fleet.start(heartbeat_s=options.heartbeat_s)
+        driver = None
         if isinstance(speed, TraceProfile):
             # Devices leave and rejoin as their availability windows say.
-            AvailabilityDriver(speed.trace, speed.wall_clock).attach(fleet.devices, first=first)
+            driver = AvailabilityDriver(speed.trace, speed.wall_clock)
+        fleet.start(heartbeat_s=options.heartbeat_s, online=driver.is_online if driver else None)
+        if driver is not None:
+            driver.attach(fleet.devices, first=first)
         where = redact(settings.broker_url)
         print(
             f"fedmq fleet: {options.devices} devices for {experiment['id']} on {where}",

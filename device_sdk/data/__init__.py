@@ -11,13 +11,14 @@ Data set files are looked for only where the caller says: ``load_dataset``'s
 from __future__ import annotations
 
 from device_sdk.data._datasets import DATASET_FACTS, DATASETS, Dataset, DatasetFacts, load_dataset
-from device_sdk.data._mnist import search_path
+from device_sdk.data._mnist import DataDirs, search_path
 from device_sdk.data._partition import PARTITIONS, partition
 
 __all__ = [
     "DATASETS",
     "DATASET_FACTS",
     "PARTITIONS",
+    "DataDirs",
     "Dataset",
     "DatasetFacts",
     "load_dataset",

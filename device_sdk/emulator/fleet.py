@@ -15,7 +15,7 @@ from broker.identity import Identity
 from broker.topics import Topics
 from device_sdk.app import DeviceApp, TrainHandler
 from device_sdk.client import DeviceClient
-from device_sdk.data import load_dataset, partition
+from device_sdk.data import DataDirs, load_dataset, partition
 from device_sdk.emulator.profiles import SpeedProfile, VirtualTime, paced
 from device_sdk.fetch import ArtifactFetcher
 from device_sdk.scheduler import Scheduler
@@ -156,6 +156,9 @@ class Fleet:
     scheduler
         Runs the devices' delayed check-ins (``ComeBackLater``); default: one
         thread for the whole fleet, stopped by ``stop``.
+    data_dir
+        The folders searched for the data set's files (``mnist``), from the
+        caller's settings.
     """
 
     def __init__(
@@ -177,9 +180,10 @@ class Fleet:
         topics: Topics | None = None,
         identities: Callable[[str], Identity] = Identity.generate,
         scheduler: Scheduler | None = None,
+        data_dir: DataDirs = None,
     ) -> None:
         topics = topics or Topics()
-        dataset = load_dataset(str(data.get("dataset", "digits")))
+        dataset = load_dataset(str(data.get("dataset", "digits")), data_dir=data_dir)
         size = int(data.get("devices", 20))
         parts = partition(
             dataset.y_train,
@@ -195,7 +199,10 @@ class Fleet:
         self._stopped = threading.Event()
         self._own_scheduler = scheduler is None
         self.scheduler = scheduler or Scheduler("fedmq-fleet-scheduler")
-        for i in indices if indices is not None else range(size):
+        self.indices = list(indices if indices is not None else range(size))
+        """The partition index of each device, in ``devices`` order."""
+        self._online: Callable[[int], bool] = lambda index: True
+        for i in self.indices:
             idx = parts[i]
             app = DeviceApp()
             trainer = make_trainer(dataset.x_train[idx], dataset.y_train[idx], i)
@@ -222,14 +229,19 @@ class Fleet:
                 )
             )
 
-    def start(self, *, heartbeat_s: float | None = None) -> None:
+    def start(
+        self, *, heartbeat_s: float | None = None, online: Callable[[int], bool] | None = None
+    ) -> None:
         """Bring every device online; with ``heartbeat_s``, check them in again that often.
 
         Heartbeats keep a coordinator's pool of online devices current, also
         after the coordinator restarts and has forgotten who is online. They
         are spread over the interval: device ``i`` of ``n`` beats ``i / n`` of
         it after the first, so a large fleet sends a steady trickle.
+        ``online`` says whether the fleet's device ``index`` is available now
+        (a trace's windows): an away device skips its beats.
         """
+        self._online = online or (lambda index: True)
         for device in self.devices:
             device.start()
         if heartbeat_s:
@@ -251,14 +263,16 @@ class Fleet:
         slot = interval_s / max(len(self.devices), 1)
         due = time.monotonic() + interval_s
         while True:
-            for device in self.devices:
+            for index, device in zip(self.indices, self.devices, strict=True):
                 if self._stopped.wait(max(due - time.monotonic(), 0.0)):
                     return
+                due += slot
+                if not self._online(index):
+                    continue  # away (its trace says): a beat would put it back in the pool
                 try:
                     device.check_in()
                 except Exception:  # a broker outage: the next beat tries again
                     log.warning("heartbeat check-in of %s failed", device.device_id)
-                due += slot
             late = time.monotonic() - due
             if late > interval_s:  # a slow broker: start the next round afresh, not in a burst
                 log.warning("fleet heartbeats %.1f s behind their %g s interval", late, interval_s)

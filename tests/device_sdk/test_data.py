@@ -92,6 +92,7 @@ def test_public_api_is_exactly_the_documented_names() -> None:
         "DATASETS",
         "DATASET_FACTS",
         "PARTITIONS",
+        "DataDirs",
         "Dataset",
         "DatasetFacts",
         "load_dataset",

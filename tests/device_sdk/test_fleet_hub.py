@@ -164,6 +164,34 @@ def test_heartbeats_are_spread_over_their_interval() -> None:
     }
 
 
+def test_a_device_away_by_its_trace_skips_its_heartbeats() -> None:
+    bus = MemoryTransport()
+    topics = Topics()
+    service = Service(bus, topics)
+    fleet = Fleet(
+        lambda client_id, will: bus,
+        {**DATA, "devices": 6},
+        seed=0,
+        indices=range(2, 6),
+        make_trainer=_noop,
+        enroll=_enroll,
+        topics=topics,
+        identities=device,
+    )
+    away = {3, 5}  # fleet indices, not positions: the fleet starts at index 2
+    fleet.start(heartbeat_s=0.2, online=lambda index: index not in away)
+    try:
+        assert _wait(lambda: (bus.join(timeout=1) or True) and service.count() >= 4 + 3 * 2, 5)
+    finally:
+        fleet.stop()
+        bus.close()
+
+    beats = {d.device_id: service.count(d.device_id) for d in fleet.devices}
+    by_index = dict(zip(fleet.indices, fleet.devices, strict=True))
+    assert all(beats[by_index[i].device_id] == 1 for i in away), beats  # the start only
+    assert all(beats[by_index[i].device_id] >= 3 for i in (2, 4)), beats
+
+
 def test_a_fleet_too_large_for_the_open_files_limit_is_refused_up_front() -> None:
     from broker import TransportError
 
