@@ -39,6 +39,7 @@ test: $(STAMP) brokers lint typecheck unit
 results: $(STAMP)
 	$(BIN)/python -m experiments.studies.strategies_noniid
 	$(BIN)/python -m experiments.studies.fedbuff_async
+	$(BIN)/python -m experiments.studies.trace_sync_async
 	$(BIN)/python -m experiments.studies.mcmahan2017 --rows cnn-iid,2nn-iid,2nn-noniid
 
 clean:
