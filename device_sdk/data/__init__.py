@@ -5,13 +5,13 @@ fixed train/test split, and ``partition(labels, num_devices, scheme, seed=...)``
 splits its training examples across devices (``"iid"``, ``"dirichlet"``,
 ``"shards"``). Errors derive from :class:`device_sdk.data.errors.DataError`.
 Data set files are looked for only where the caller says: ``load_dataset``'s
-``data_dir``, or the folders a composition root scoped with ``search_path``.
+``data_dir`` (a composition root passes its settings' folders).
 """
 
 from __future__ import annotations
 
 from device_sdk.data._datasets import DATASET_FACTS, DATASETS, Dataset, DatasetFacts, load_dataset
-from device_sdk.data._mnist import DataDirs, search_path
+from device_sdk.data._mnist import DataDirs
 from device_sdk.data._partition import PARTITIONS, partition
 
 __all__ = [
@@ -23,5 +23,4 @@ __all__ = [
     "DatasetFacts",
     "load_dataset",
     "partition",
-    "search_path",
 ]

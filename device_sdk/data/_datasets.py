@@ -101,8 +101,7 @@ def load_dataset(name: str, *, data_dir: DataDirs = None) -> Dataset:
         ``"mnist1d"`` (inputs of shape ``(40,)``).
     data_dir : str, os.PathLike or a sequence of them, optional
         The folders searched, in order, for data set files (used by ``"mnist"``:
-        each folder itself or its ``mnist`` subfolder). None searches the folders
-        a caller scoped with ``search_path``, else none: the caller's settings
+        each folder itself or its ``mnist`` subfolder). None searches none: the caller's settings
         say where data lives (``FEDMQ_DATA_DIR``, ``../shared/data/mnist``).
 
     Returns

@@ -13,9 +13,7 @@ import hashlib
 import math
 import os
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,9 +24,7 @@ from device_sdk.data.errors import ChecksumMismatch, DataNotFound, MalformedData
 
 _StrPath = str | os.PathLike[str]
 DataDirs = _StrPath | Sequence[_StrPath] | None
-"""Where to look for data set files: a folder, folders in order, or None (see ``search_path``)."""
-
-_SCOPED: ContextVar[tuple[Path, ...]] = ContextVar("data_search_path", default=())
+"""Where to look for data set files: a folder, folders in order, or None (nowhere)."""
 
 TRAIN_IMAGES = "train-images.idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels.idx1-ubyte.gz"
@@ -76,27 +72,12 @@ class MnistArrays(NamedTuple):
 
 
 def search_folders(data_dir: DataDirs) -> tuple[Path, ...]:
-    """Return the folders ``data_dir`` names, or, for None, those ``search_path`` scoped."""
+    """Return the folders ``data_dir`` names (None: none; the caller's settings say where)."""
     if data_dir is None:
-        return _SCOPED.get()
+        return ()
     if isinstance(data_dir, str | os.PathLike):
         return (Path(data_dir),)
     return tuple(Path(folder) for folder in data_dir)
-
-
-@contextmanager
-def search_path(folders: Iterable[_StrPath]) -> Iterator[None]:
-    """Search ``folders`` wherever a data set is loaded in this context without a folder.
-
-    For code that loads a data set on its caller's behalf and takes no folder
-    (the emulated fleet): the composition root scopes its settings' folders
-    around building it, instead of this package guessing a place.
-    """
-    token = _SCOPED.set(tuple(Path(folder) for folder in folders))
-    try:
-        yield
-    finally:
-        _SCOPED.reset(token)
 
 
 def candidate_dirs(data_dir: DataDirs) -> list[Path]:

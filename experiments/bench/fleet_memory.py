@@ -28,11 +28,12 @@ from broker import TrainTask, Transport, connect
 from broker.identity import SERVICE_NAME, Identity
 from device_sdk import DeviceContext, TrainResult
 from device_sdk.app import TrainHandler
-from device_sdk.data import search_path
 from device_sdk.emulator.fleet import Fleet, fleet_transports
+from fedmq.settings import load_settings
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883?session_expiry=60"
-DATA_DIRS = [os.environ.get("FEDMQ_DATA_DIR", ""), "../shared/data"]
+DATA_DIRS = load_settings({}).data_dirs
+"""Where the data set files are: FEDMQ_DATA_DIR, then ../shared/data/mnist (the settings')."""
 
 
 def rss() -> int:
@@ -74,7 +75,15 @@ def measure(broker: str, devices: int, dataset: str, per_device: bool) -> dict[s
 
     transport_for = per_device_transport if per_device else pool
     # Warm up: imports, the data set, one device's worth of lazily built state.
-    Fleet(pool, data, seed=0, indices=range(0), make_trainer=counting_trainers, enroll=enroll)
+    Fleet(
+        pool,
+        data,
+        seed=0,
+        indices=range(0),
+        make_trainer=counting_trainers,
+        enroll=enroll,
+        data_dir=DATA_DIRS,
+    )
     gc.collect()
     time.sleep(0.5)
     before = {"rss": rss(), "threads": threading.active_count(), "fds": open_files()}
@@ -83,6 +92,7 @@ def measure(broker: str, devices: int, dataset: str, per_device: bool) -> dict[s
     fleet = Fleet(
         transport_for,
         data,
+        data_dir=DATA_DIRS,
         seed=0,
         make_trainer=counting_trainers,
         enroll=enroll,
@@ -140,8 +150,7 @@ def main() -> None:
     parser.add_argument("--per-device", action="store_true", help="a transport per device")
     args = parser.parse_args()
     dataset = args.dataset or ("digits" if args.devices <= 1000 else "mnist")
-    with search_path([d for d in DATA_DIRS if d]):
-        result = measure(args.broker, args.devices, dataset, args.per_device)
+    result = measure(args.broker, args.devices, dataset, args.per_device)
     print(json.dumps(result), flush=True)
 
 

@@ -47,7 +47,6 @@ from typing import Any
 
 from broker.identity import Identity, decode_public_key
 from broker.topics import Topics
-from device_sdk.data import search_path
 from device_sdk.emulator.fleet import Fleet, fleet_transports
 from experiments.bench.fleet_memory import DATA_DIRS, counting_trainers, open_files, rss
 
@@ -250,7 +249,7 @@ class Service:
             "FEDMQ_SERVER_URL": f"http://127.0.0.1:{self.port}",
             "FEDMQ_NAMESPACE": namespace,
             "FEDMQ_ADMIN_TOKEN": self.token,
-            "FEDMQ_DATA_DIR": os.path.abspath(next(d for d in DATA_DIRS if d)),
+            "FEDMQ_DATA_DIR": os.path.abspath(DATA_DIRS[0]),
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
@@ -528,19 +527,19 @@ def _online_fleet(
     service_key = enroll_all(service, identities)
     enrolled = time.monotonic()
     by_name = {identity.name: identity for identity in identities}
-    with search_path([d for d in DATA_DIRS if d]):
-        fleet = Fleet(
-            pool,
-            config["data"],
-            seed=int(config["seed"]),
-            experiment_id=experiment_id,
-            run=lambda job: _submit(training, job),
-            prefix=prefix,
-            make_trainer=counting_trainers,
-            enroll=lambda identity, platform: service_key,
-            topics=Topics(namespace),
-            identities=by_name.__getitem__,
-        )
+    fleet = Fleet(
+        pool,
+        config["data"],
+        seed=int(config["seed"]),
+        experiment_id=experiment_id,
+        run=lambda job: _submit(training, job),
+        prefix=prefix,
+        make_trainer=counting_trainers,
+        enroll=lambda identity, platform: service_key,
+        topics=Topics(namespace),
+        identities=by_name.__getitem__,
+        data_dir=DATA_DIRS,
+    )
     built = time.monotonic()
     fleet.start(heartbeat_s=30.0)
     online = time.monotonic()

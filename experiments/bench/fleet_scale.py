@@ -54,8 +54,7 @@ import numpy as np
 
 from aggregator_service import ExperimentConfig
 from aggregator_service.persistence.records import RoundRecord
-from device_sdk.data import search_path
-from experiments.bench.fleet_memory import DATA_DIRS, counting_trainers
+from experiments.bench.fleet_memory import counting_trainers
 from experiments.bench.fleet_round import (
     DEFAULT_BROKER,
     REPO,
@@ -66,6 +65,7 @@ from experiments.bench.fleet_round import (
     timed_here,
 )
 from fedmq.compose import run_experiment
+from fedmq.settings import load_settings
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 FLOWER = REPO.parent / "shared" / "peers" / "flower"
@@ -223,7 +223,7 @@ def simulate_round(devices: int, params: int, rounds: int, timers: bool) -> dict
     raw = experiment_config(devices, devices, params, rounds)
     config = ExperimentConfig.from_dict(raw)
     warm: list[dict[str, list[float]]] = []
-    with timed_here(timers) as here, search_path([d for d in DATA_DIRS if d]):
+    with timed_here(timers) as here:
 
         def progress(record: RoundRecord) -> None:
             if here is not None and record.number == 1:
@@ -237,6 +237,7 @@ def simulate_round(devices: int, params: int, rounds: int, timers: bool) -> dict
             evaluate=False,
             progress=progress,
             timeout_s=1800,
+            settings=load_settings({}),
         )
         wall = time.monotonic() - began
         after = here.snapshot() if here is not None else None

@@ -97,7 +97,6 @@ def test_public_api_is_exactly_the_documented_names() -> None:
         "DatasetFacts",
         "load_dataset",
         "partition",
-        "search_path",
     }
 
     # Execute
@@ -273,8 +272,8 @@ def test_mnist_is_searched_only_where_the_caller_says(
 
 def test_mnist_search_order_is_the_folders_in_turn_then_the_scoped_ones(tmp_path: Path) -> None:
     # Prepare
-    first, second, scoped = tmp_path / "first", tmp_path / "second", tmp_path / "scoped"
-    for folder in (first, second / "mnist", scoped):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second / "mnist"):
         folder.mkdir(parents=True)
         for name in _mnist.CHECKSUMS:
             (folder / name).touch()
@@ -282,16 +281,13 @@ def test_mnist_search_order_is_the_folders_in_turn_then_the_scoped_ones(tmp_path
     # Execute
     both = _mnist.find_mnist_dir([first, second])
     only_second = _mnist.find_mnist_dir([tmp_path / "absent", second])
-    with data.search_path([scoped]):
-        from_scope = _mnist.find_mnist_dir(None)
-        given_wins = _mnist.find_mnist_dir(first)
+    given = _mnist.find_mnist_dir(first)
 
     # Assert
     assert both == first
     assert only_second == second / "mnist"
-    assert from_scope == scoped
-    assert given_wins == first
-    assert _mnist.search_folders(None) == ()  # the scope ended
+    assert given == first
+    assert _mnist.search_folders(None) == ()  # no folder given: nowhere, never a guess
 
 
 def test_parse_idx_reads_header_dims_and_big_endian_values() -> None:
