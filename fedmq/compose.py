@@ -335,7 +335,7 @@ def _fleet(
         executor = ThreadPoolExecutor(threads, thread_name_prefix="fedmq-train")
         stack.callback(executor.shutdown, wait=True, cancel_futures=True)
         run = executor_runner(executor)
-    return components.build_fleet(
+    fleet = components.build_fleet(
         track,
         config.to_dict()["data"],
         settings,
@@ -349,6 +349,10 @@ def _fleet(
         # Fresh ids per run, so no broker session of an earlier run is resumed.
         prefix="emu" if in_process else f"emu{uuid.uuid4().hex[:4]}",
     )
+    # The run's end drops the devices' pending come-back-later check-ins: they
+    # would fire later on transports already closed.
+    stack.callback(fleet.scheduler.close)
+    return fleet
 
 
 def _spread(pools: list[TransportPool]) -> TransportFor:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,19 +81,35 @@ def test_the_check_leaves_other_os_use_alone() -> None:
     assert environment_reads("import os\nos.path.join('a', 'b')\nos.PathLike") == []
 
 
+def _scan(check: str) -> dict[str, list[int]]:
+    """Return the modules ``check`` finds lines in, scanned by a fresh interpreter.
+
+    CPython 3.11 keeps ``ast.parse``'s recursion count per interpreter, not per
+    thread: a traceback printed on another thread of this long test process
+    (3.11 parses each line for its carets) can make a concurrent parse fail
+    with "AST constructor recursion depth mismatch". A process of its own has
+    no such neighbours.
+    """
+    script = (
+        "import json, tests.test_settings_single_reader as t\n"
+        f"check = t.{check}\n"
+        "found = {str(p.relative_to(t.ROOT)): check(p.read_text()) for p in t._modules()}\n"
+        "print(json.dumps({k: v for k, v in found.items() if v}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    scanned: dict[str, list[int]] = json.loads(done.stdout)
+    return scanned
+
+
 def test_only_the_settings_module_reads_the_environment() -> None:
-    readers = {
-        str(path.relative_to(ROOT)): lines
-        for path in _modules()
-        if (lines := environment_reads(path.read_text()))
-    }
+    readers = _scan("environment_reads")
 
     assert set(readers) == {READER}, readers
 
 
 def test_no_new_module_reads_flasks_prefixed_environment() -> None:
-    readers = {
-        str(path.relative_to(ROOT)) for path in _modules() if prefixed_env_reads(path.read_text())
-    }
+    readers = set(_scan("prefixed_env_reads"))
 
     assert readers <= PREFIXED_ENV_READERS
