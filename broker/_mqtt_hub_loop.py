@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import heapq
 import itertools
@@ -21,7 +22,7 @@ IDLE_WAIT_S = 1.0
 """The longest a select waits when no timer is due sooner."""
 
 
-class EventLoop:
+class EventLoop(abc.ABC):
     """One thread: wait on sockets, then run what other threads posted, then due timers.
 
     Subclasses say what a ready socket means (``_ready``), what else to do
@@ -56,16 +57,17 @@ class EventLoop:
 
     # -- for subclasses ----------------------------------------------------------
 
+    @abc.abstractmethod
     def _ready(self, data: Any, events: int) -> None:
         """Handle a registered socket the selector found ready."""
-        raise NotImplementedError
 
     def _after_events(self) -> None:
-        """Do what else is pending after each wait."""
+        """Do what else is pending after each wait (an optional hook: nothing by default)."""
+        return None
 
+    @abc.abstractmethod
     def _finished(self) -> bool:
         """Return whether the loop should end."""
-        raise NotImplementedError
 
     def _wake(self) -> None:
         """Make the select return (any thread); one byte at a time is enough."""

@@ -48,6 +48,7 @@ How the ``Transport`` promises map onto MQTT:
 
 from __future__ import annotations
 
+import abc
 import logging
 import threading
 import time
@@ -112,7 +113,7 @@ _MATCHED_TOPICS = 4096
 """Topics remembered as having had subscribers (the most recently published)."""
 
 
-class MqttSession:
+class MqttSession(abc.ABC):
     """One MQTT client's session: publish, subscribe, settle, and paho's callbacks.
 
     What it leaves out is driving the network: ``MqttTransport`` gives each
@@ -203,21 +204,21 @@ class MqttSession:
 
     # -- what each way of driving the network provides -------------------------
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Disconnect cleanly (no will); unacked messages stay with the broker. Idempotent."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _submit(self, handler: Handler, delivery: MqttDelivery) -> None:
         """Run ``handler(delivery)`` off the network thread, after the deliveries before it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _reconnected(self, listeners: list[ReconnectListener]) -> None:
         """Run the reconnect ``listeners`` off the network thread (they may publish)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _retry(self, attempt: int) -> None:
         """Connect again after the back-off of retry number ``attempt``."""
-        raise NotImplementedError
 
     # -- settling, called by MqttDelivery off the network thread ---------------
 
