@@ -29,8 +29,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two workers: the end-to-end tests take turns on one (tests/e2e/conftest.py), the rest share the other.
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 test: $(STAMP) brokers lint typecheck unit
 

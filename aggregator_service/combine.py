@@ -105,9 +105,8 @@ class Combiner:
             share = self._share(exp, number, worker, sequence)
             merge_state(state, share.partial)
             ledger.add(share)
-        log.info(
-            "%s round %d: merged %d partial(s)", exp, number, sum(s >= 0 for s in last.values())
-        )
+        merged = sorted(worker for worker, sequence in last.items() if sequence >= 0)
+        log.info("%s round %d: merged %d partial(s): %s", exp, number, len(merged), merged)
         reason = None
         if ledger.devices_twice and not ledger.twice:
             # Two signed updates of one device, each to another worker: what a

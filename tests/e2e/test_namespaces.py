@@ -34,7 +34,7 @@ from tests.e2e.processes import (
     wait_until,
 )
 
-ROUNDS = 3
+ROUNDS = 2
 SEEDS = (SEED, SEED + 1)
 
 

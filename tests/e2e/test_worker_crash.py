@@ -33,7 +33,7 @@ from tests.e2e.processes import (
     wait_until,
 )
 
-ROUNDS = 3
+ROUNDS = 2
 
 
 @pytest.mark.parametrize("broker", ["amqp", "mqtt"])
@@ -93,14 +93,22 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
         )
         final = load(api.call("GET", f"/experiments/{experiment_id}/model"))
         resumed = f"resumed {experiment_id} round 2 from checkpoint" in group_of.log("worker-2")
-        merged_both = f"{experiment_id} round 2: merged 2 partial(s)" in group_of.log("worker-2")
+        merges = [
+            line
+            for line in group_of.log("worker-2").splitlines()
+            if f"{experiment_id} round 2: merged" in line
+        ]
 
     assert [r["state"] for r in rounds] == ["committed"] * ROUNDS
     for record in rounds:
         assert record["accepted"] == 20
         assert len(set(record["accepted_updates"])) == 20  # each update counted once
     if broker == "amqp":
-        assert merged_both, "worker 2 should have combined worker 1's share of round 2 with its own"
+        # Worker 1 died after checkpointing part of round 2: that share must be merged
+        # as saved (worker 2 also holds a share unless worker 1 had folded them all).
+        assert len(merges) == 1 and repr(names[0]) in merges[0], (
+            f"worker 2 should have combined worker 1's share of round 2: {merges}"
+        )
     else:
         assert resumed, "the restarted worker should have resumed its share of round 2"
     expected = load(simulate(ExperimentConfig.from_dict(raw)).final_weights)
