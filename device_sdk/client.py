@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ class DeviceClient:
         # an executor so long training never blocks the connection's thread.
         self._run = run or (lambda job: job())
         self._scheduler = scheduler or Scheduler(f"fedmq-come-back-{self.device_id}")
+        self._present = True
+        """False from ``stop()`` until ``rejoin()``: a device that left stays quiet."""
+        self._presence = threading.Lock()
 
     def start(self) -> None:
         """Subscribe to this device's topic and check in (again after every reconnect)."""
@@ -137,7 +141,24 @@ class DeviceClient:
         self.check_in()
 
     def check_in(self) -> None:
-        """Tell the coordinator this device is online, and whether it is still busy."""
+        """Tell the coordinator this device is online, and whether it is still busy.
+
+        Nothing is sent after ``stop()``: a heartbeat, a reconnect or a
+        come-back-later timer firing while the device is away must not put it
+        back in the coordinator's pool (only ``rejoin()`` does).
+        """
+        with self._presence:
+            if not self._present:
+                return
+        self._publish_check_in()
+
+    def rejoin(self) -> None:
+        """Come back after ``stop()``: check in, and let later check-ins through again."""
+        with self._presence:
+            self._present = True
+        self._publish_check_in()
+
+    def _publish_check_in(self) -> None:
         stats = self.stats
         capabilities: dict[str, int] = {
             CheckIn.TASKS_IN_PROGRESS: max(stats.tasks - stats.updates_sent - stats.failures, 0)
@@ -155,7 +176,9 @@ class DeviceClient:
         )
 
     def stop(self, reason: str = "stopped") -> None:
-        """Tell the coordinator this device is leaving."""
+        """Tell the coordinator this device is leaving; it stays quiet until ``rejoin()``."""
+        with self._presence:
+            self._present = False
         message = CheckOut(device_id=self.device_id, reason=reason)
         self._transport.publish(
             self._topics.checkin(self.device_id), encode(message, self._identity)

@@ -40,12 +40,12 @@ class Scheduler(Protocol):
 class DeviceHandle(Protocol):
     """What the driver does to a device: a started ``DeviceClient`` fits."""
 
-    def check_in(self) -> None:
-        """Tell the coordinator the device is online."""
+    def rejoin(self) -> None:
+        """Tell the coordinator the device is back online."""
         ...
 
     def stop(self, reason: str = ...) -> None:
-        """Tell the coordinator the device is leaving."""
+        """Tell the coordinator the device is leaving (and stay quiet until ``rejoin``)."""
         ...
 
 
@@ -182,7 +182,7 @@ class AvailabilityDriver:
         with self._lock:
             self._online[index] = True
             self.came_online += 1
-        _quietly(handle.check_in, index, "check-in")
+        _quietly(handle.rejoin, index, "check-in")
         self._schedule_offline(index, handle, self.clock())
 
 

@@ -243,3 +243,40 @@ def test_a_missing_artifact_is_not_retried() -> None:
     with pytest.raises(FetchError, match="HTTP 404"):
         ArtifactFetcher(retry_for_s=10).fetch(ref)
     assert time.monotonic() - started < 5
+
+
+def test_a_device_that_left_stays_out_of_the_pool_until_it_rejoins(tmp_path: Path) -> None:
+    # A trace takes a device away with stop(); a heartbeat, a reconnect or a
+    # come-back-later timer firing meanwhile used to check it in again (seen under
+    # load: a device back in the pool 4 s before its window opened).
+    from broker import CheckIn, CheckOut, ComeBackLater
+
+    transport = MemoryTransport()
+    said: list[str] = []
+
+    def record(delivery: Delivery) -> None:
+        said.append(type(decode(delivery.body)).__name__)
+        delivery.ack()
+
+    transport.subscribe(TOPICS.all_checkins, record)
+    app = DeviceApp()
+    app.on_train(lambda task, ctx: TrainResult({}, 1))
+    client = _client(app, transport, "phone-3")
+    client.start()
+    transport.publish(
+        TOPICS.device("phone-3"), sign(ComeBackLater(experiment_id="e", retry_after_s=0.1))
+    )
+    transport.join(timeout=5)
+
+    client.stop("offline (trace)")
+    client.check_in()  # what a heartbeat or a reconnect does
+    time.sleep(0.3)  # the come-back-later timer fires while the device is away
+    transport.join(timeout=5)
+    away = list(said)
+    client.rejoin()
+    client.check_in()
+    transport.join(timeout=5)
+
+    assert away == [CheckIn.__name__, CheckOut.__name__]
+    assert said == [*away, CheckIn.__name__, CheckIn.__name__]
+    transport.close()
