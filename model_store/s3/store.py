@@ -161,13 +161,15 @@ class S3Store(StoreBase):
             else:
                 self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
 
-    def get_blob(self, sha256: str) -> bytes:
+    def get_blob(self, sha256: str, *, verify: bool = True) -> bytes:
         """Return the blob after checking its checksum.
 
         Parameters
         ----------
         sha256
             The blob's hex digest.
+        verify
+            False: skip the checksum (see ``StoreBase.get_blob``).
 
         Returns
         -------
@@ -178,7 +180,7 @@ class S3Store(StoreBase):
         data = self._get(self._blob_key(sha256), f"read blob {sha256}")
         if data is None:
             raise ArtifactNotFound(f"no blob {sha256} in s3://{self.bucket}/{self.prefix}")
-        return verified(data, sha256, f"blob in bucket {self.bucket!r}")
+        return verified(data, sha256, f"blob in bucket {self.bucket!r}") if verify else data
 
     def has_blob(self, sha256: str) -> bool:
         """Tell whether the blob is stored.

@@ -130,6 +130,32 @@ def test_publish_hashes_each_artifact_once(
     assert store.get_blob(published.artifacts["weights.safetensors"].sha256) == WEIGHTS_V0[0]
 
 
+def test_a_read_told_the_blob_was_checked_on_the_way_in_hashes_nothing(
+    store: StoreBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker reads each update its service hashed on upload: a second sha256 of
+    # 16 MB was half of its time per update. Any other read still checks.
+    # Prepare
+    sha = store.put_blob(WEIGHTS_V0[0])
+    hashed: list[bytes] = []
+
+    def sha256(data: bytes = b"") -> Any:
+        hashed.append(bytes(data))
+        return hashlib.sha256(data)
+
+    counting = SimpleNamespace(sha256=sha256)
+    for module in ("store", "local", "memory", "s3.store"):  # every backend's hashing
+        monkeypatch.setattr(f"model_store.{module}.hashlib", counting)
+
+    # Execute
+    unchecked = store.get_blob(sha, verify=False)
+    checked = store.get_blob(sha)
+
+    # Assert
+    assert unchecked == checked == WEIGHTS_V0[0]
+    assert hashed == [WEIGHTS_V0[0]]  # the default read, alone
+
+
 def test_missing_manifest_raises_artifact_not_found(store: StoreBase) -> None:
     store.publish("digits", 0, {"w": WEIGHTS_V0}, parent=None)
 
