@@ -114,11 +114,20 @@ class HttpServer:
 
     THREADS = 16
     """Requests served at once; the API's calls are short, uploads stream to disk."""
+    RECV_BYTES = 1 << 20
+    """Bytes read per receive call. Waitress reads 8 KiB by default: a 16 MB update
+    took 2,000 trips through its single I/O thread's Python loop, which made
+    uploads three times slower (40 uploads of 16 MB: 3.35 s at 8 KiB, 1.17 s)."""
 
     def __init__(self, app: Flask, host: str, port: int) -> None:
         # Werkzeug's development server is not for production: waitress is, in pure Python.
         self._server = waitress.create_server(
-            app, host=host, port=port, threads=self.THREADS, ident="fedmq"
+            app,
+            host=host,
+            port=port,
+            threads=self.THREADS,
+            recv_bytes=self.RECV_BYTES,
+            ident="fedmq",
         )
         self.port = int(self._server.effective_port)
         """The bound port (the one the OS chose when asked for port 0)."""
