@@ -25,6 +25,8 @@ class _Queue:
     """A named queue: one per plain subscription, one shared per group."""
 
     pattern: str
+    order: int
+    """Its place among the bus's queues: a publish reaches its queues in this order."""
     consumers: list[_MemorySubscription] = field(default_factory=list)
     backlog: deque[tuple[str, bytes, bool]] = field(default_factory=deque)
     turn: itertools.count[int] = field(default_factory=itertools.count)
@@ -81,7 +83,12 @@ class MemoryTransport:
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
-        self._queues: list[_Queue] = []
+        # Exact topics are looked up, only wildcard patterns are matched one by one: a
+        # fleet of N devices is N exact subscriptions, and scanning them all made
+        # every publish O(N) (most of a 1,000-device simulated round).
+        self._exact: dict[str, list[_Queue]] = {}
+        self._wildcards: list[_Queue] = []
+        self._queue_count = 0
         self._groups: dict[str, _Queue] = {}
         self._ready: deque[tuple[_Queue, str, bytes, bool]] = deque()
         self._busy = False
@@ -120,9 +127,12 @@ class MemoryTransport:
         with self._lock:
             if self._closed:
                 raise TransportError("transport is closed")
-            for queue in self._queues:
-                if topic_matches(queue.pattern, topic):
-                    self._enqueue_locked(queue, topic, bytes(body), redelivered=False)
+            matched = [q for q in self._wildcards if topic_matches(q.pattern, topic)]
+            exact = self._exact.get(topic)
+            if exact:
+                matched = sorted([*exact, *matched], key=lambda q: q.order) if matched else exact
+            for queue in matched:
+                self._enqueue_locked(queue, topic, bytes(body), redelivered=False)
 
     def subscribe(
         self, topic: str, handler: Handler, *, group: str | None = None
@@ -134,8 +144,12 @@ class MemoryTransport:
                 if queue.pattern != topic:
                     raise TransportError(f"group {group!r} is bound to {queue.pattern!r}")
             else:
-                queue = _Queue(topic)
-                self._queues.append(queue)
+                queue = _Queue(topic, self._queue_count)
+                self._queue_count += 1
+                if "+" in topic or "#" in topic:
+                    self._wildcards.append(queue)
+                else:
+                    self._exact.setdefault(topic, []).append(queue)
                 if group is not None:
                     self._groups[group] = queue
             sub = _MemorySubscription(queue, handler, self)
