@@ -350,6 +350,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run (median of 2..R)")
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=SIZES,
+        help="N:P pairs to measure, comma-separated (default: 100:100000,1000:100000,100:4000000)",
+    )
+    parser.add_argument(
         "--sides",
         default=f"{MOSQUITTO},{RABBITMQ},{SIMULATE},{FLOWER_SIM}",
         help="comma-separated subset of the sides to run",
@@ -377,7 +383,7 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="bench-rabbitmq-") as folder,
         _rabbit(sitting, Path(folder), RABBITMQ in sides) as rabbit,
     ):
-        sizes = [*SIZES, BIG] if args.big else list(SIZES)
+        sizes = [*args.sizes, BIG] if args.big else list(args.sizes)
         for devices, params in sizes:
             big = (devices, params) == BIG
             timers = params == P_LARGE
@@ -412,6 +418,17 @@ def main() -> None:
     sitting.data["ended"] = datetime.now(UTC).isoformat(timespec="seconds")
     sitting.save()
     print(render(sitting.data))
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """Parse ``N:P,N:P`` (devices and parameters per size)."""
+    try:
+        pairs = tuple(tuple(int(x) for x in item.split(":")) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want N:P[,N:P...], got {text!r}") from None
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"want N:P[,N:P...] of positive numbers, got {text!r}")
+    return tuple((p[0], p[1]) for p in pairs)
 
 
 @contextmanager
