@@ -548,6 +548,8 @@ def render(data: dict[str, Any]) -> str:
     lines += _breakdown(data)
     if data.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(data["skipped"])]
+    if data.get("notes"):  # written into the JSON by hand: what happened beside the sitting
+        lines += ["", "## Notes", "", *(f"- {note}" for note in data["notes"])]
     return "\n".join(lines) + "\n"
 
 
