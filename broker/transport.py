@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,28 @@ class Transport(Protocol):
     def close(self) -> None:
         """Release the connection; unsettled messages go back to the broker."""
         ...
+
+
+@runtime_checkable
+class BatchPublisher(Protocol):
+    """A transport that can have many publishes in flight at once (MQTT)."""
+
+    def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish every ``(topic, body)``, all in flight at once; return once each is confirmed."""
+        ...
+
+
+def publish_all(transport: Transport, messages: Sequence[tuple[str, bytes]]) -> None:
+    """Publish ``messages`` in order: all in flight at once where the transport can, else in turn.
+
+    What a coordinator sending a round's tasks uses: with one broker round
+    trip per message, 10,000 tasks took minutes.
+    """
+    if isinstance(transport, BatchPublisher):
+        transport.publish_many(messages)
+        return
+    for topic, body in messages:
+        transport.publish(topic, body)
 
 
 def notify_reconnected(listeners: Sequence[ReconnectListener], name: str) -> None:

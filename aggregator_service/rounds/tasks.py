@@ -20,6 +20,7 @@ from broker import (
 from broker.identity import Identity, encode_key
 from broker.messages import TaskGrant
 from broker.topics import Topics
+from broker.transport import publish_all
 from broker.verify import issue_grant
 from model_store import ModelStore
 from model_store.artifacts import TORCHSCRIPT, WEIGHTS
@@ -97,6 +98,7 @@ class TaskDispatch:
         # own weights file holds version 0's and would only mislead a device.
         artifacts = {k: v for k, v in refs.items() if not k.endswith(WEIGHTS)}
         workers = {name: encode_key(key) for name, key in self._aggregator_keys().items()}
+        tasks: list[tuple[str, bytes]] = []
         for device_id in opened.selected:
             limits = self._grant_limits(device_id)
             if limits is None:
@@ -126,7 +128,10 @@ class TaskDispatch:
                 grant=issue_grant(grant, self._identity),
                 aggregator_keys=workers,
             )
-            self._transport.publish(self._topics.device(device_id), encode(task, self._identity))
+            tasks.append((self._topics.device(device_id), encode(task, self._identity)))
+        # All in flight at once (one broker round trip each made a cohort of
+        # 10,000 take minutes to send), in the cohort's order.
+        publish_all(self._transport, tasks)
         if not later:
             return
         # Every device left out is told the same, so the note is signed once: it
@@ -137,8 +142,7 @@ class TaskDispatch:
             reason="not selected this round",
         )
         frame = encode(message, self._identity)
-        for device_id in later:
-            self._transport.publish(self._topics.device(device_id), frame)
+        publish_all(self._transport, [(self._topics.device(d), frame) for d in later])
 
 
 def artifact_format(artifact_name: str) -> str:

@@ -16,6 +16,7 @@ import pytest
 from broker import ConnectionLost, Delivery, TransportError, connect
 from broker.embedded import EmbeddedBroker, find_mosquitto
 from broker.mqtt import MqttTransport
+from broker.transport import publish_all
 from tests.broker.conftest import wait_until
 from tests.brokers import MQTT_PORT, mqtt_url, require, skip_or_fail
 from tests.tcp_proxy import TcpProxy
@@ -355,3 +356,28 @@ def test_a_fresh_session_still_waits_for_its_suback(
     transport.subscribe(f"{root}/fresh", Recorder("ack"))
 
     assert len(waited) == 1
+
+
+def test_a_batch_is_sent_whole_before_any_puback_is_awaited(
+    open_mqtt: Open, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One PUBACK round trip per task made a round of 10,000 take minutes to send.
+    transport = open_mqtt()
+    assert isinstance(transport, MqttTransport)
+    events: list[str] = []
+    send, confirmed = transport._send, transport._confirmed
+
+    def sending(topic: str, body: bytes, props: object) -> object:
+        events.append("send")
+        return send(topic, body, props)  # type: ignore[arg-type]
+
+    def confirming(info: object, topic: str) -> bool:
+        events.append("ack")
+        return confirmed(info, topic)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transport, "_send", sending)
+    monkeypatch.setattr(transport, "_confirmed", confirming)
+
+    publish_all(transport, [(f"{root}/task/{i}", b"t") for i in range(40)])
+
+    assert events == ["send"] * 40 + ["ack"] * 40

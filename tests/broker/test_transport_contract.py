@@ -7,6 +7,7 @@ import time
 import uuid
 
 from broker import Delivery, MemoryTransport
+from broker.transport import publish_all
 from tests.broker.conftest import Bus, wait_until
 
 
@@ -61,6 +62,20 @@ def test_published_messages_reach_a_subscriber_in_order(bus: Bus) -> None:
         transport.publish(f"{bus.root}/a", f"m{i}".encode())
 
     assert inbox.wait(50) == [f"m{i}".encode() for i in range(50)]
+
+
+def test_a_batch_reaches_each_subscriber_in_order(bus: Bus) -> None:
+    # A round's tasks go out with publish_all: all in flight at once over MQTT.
+    transport = bus.connect()
+    inboxes = [Inbox() for _ in range(3)]
+    for i, inbox in enumerate(inboxes):
+        transport.subscribe(f"{bus.root}/d{i}", inbox)
+    batch = [(f"{bus.root}/d{i % 3}", f"m{i}".encode()) for i in range(300)]
+
+    publish_all(transport, batch)
+
+    for i, inbox in enumerate(inboxes):
+        assert inbox.wait(100) == [body for topic, body in batch if topic.endswith(f"/d{i}")]
 
 
 def test_wildcards_match_one_segment_or_the_rest(bus: Bus) -> None:
