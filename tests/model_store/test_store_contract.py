@@ -101,12 +101,8 @@ def test_publish_then_get_manifest_round_trip(store: StoreBase) -> None:
     assert loaded.created_at.endswith("Z")
 
 
-def test_publish_hashes_each_artifact_once(
-    store: StoreBase, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A worker checkpoints megabytes every few dozen updates: the digest the
-    # manifest names is the one the blob is filed under, computed once.
-    # Prepare
+def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Record what every backend hashes from now on; return the list it fills."""
     hashed: list[bytes] = []
 
     def sha256(data: bytes = b"") -> Any:
@@ -116,6 +112,16 @@ def test_publish_hashes_each_artifact_once(
     counting = SimpleNamespace(sha256=sha256)
     for module in ("store", "local", "memory", "s3.store"):  # every backend's hashing
         monkeypatch.setattr(f"model_store.{module}.hashlib", counting)
+    return hashed
+
+
+def test_publish_hashes_each_artifact_once(
+    store: StoreBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker checkpoints megabytes every few dozen updates: the digest the
+    # manifest names is the one the blob is filed under, computed once.
+    # Prepare
+    hashed = _count_hashing(monkeypatch)
 
     # Execute
     published = store.publish("digits", 0, {"weights.safetensors": WEIGHTS_V0}, parent=None)
@@ -137,15 +143,7 @@ def test_a_read_told_the_blob_was_checked_on_the_way_in_hashes_nothing(
     # 16 MB was half of its time per update. Any other read still checks.
     # Prepare
     sha = store.put_blob(WEIGHTS_V0[0])
-    hashed: list[bytes] = []
-
-    def sha256(data: bytes = b"") -> Any:
-        hashed.append(bytes(data))
-        return hashlib.sha256(data)
-
-    counting = SimpleNamespace(sha256=sha256)
-    for module in ("store", "local", "memory", "s3.store"):  # every backend's hashing
-        monkeypatch.setattr(f"model_store.{module}.hashlib", counting)
+    hashed = _count_hashing(monkeypatch)
 
     # Execute
     unchecked = store.get_blob(sha, verify=False)
