@@ -563,8 +563,8 @@ class AggregatorWorker:
                 name = upload_name(update.experiment_id, update.task_id)
                 return self._store.claim_upload(name, sha256)
             # Here every update reached the store through its put_blob, which named
-            # it by hashing it (the service's upload view, or an in-process device):
-            # the device's signed claim names those exact bytes without a second hash.
+            # it by hashing it (the service's upload view): the device's signed claim
+            # names those exact bytes without a second hash.
             return self._store.get_blob(sha256, verify=False)
         except Exception as exc:  # the store's own errors: missing or corrupt blob
             raise Rejected(RejectReason.FETCH_FAILED, str(exc)) from exc

@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
@@ -106,6 +107,11 @@ class HubClient(MqttSession):
         """Publish ``body`` at QoS 1; return once the broker acknowledged it."""
         self.wait_connected()
         super().publish(topic, body)
+
+    def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish every ``(topic, body)`` at QoS 1, all in flight at once, until each is acked."""
+        self.wait_connected()
+        super().publish_many(messages)
 
     def subscribe(
         self, topic: str, handler: Handler, *, group: str | None = None

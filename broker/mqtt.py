@@ -114,6 +114,10 @@ _MATCHED_TOPICS = 4096
 """Topics remembered as having had subscribers (the most recently published)."""
 
 
+PUBLISH_WINDOW = 500
+"""Messages ``publish_many`` has in paho's hands at once (its own in-flight window is 20)."""
+
+
 class MqttSession(abc.ABC):
     """One MQTT client's session: publish, subscribe, settle, and paho's callbacks.
 
@@ -168,19 +172,30 @@ class MqttSession(abc.ABC):
 
         paho keeps its in-flight window full and queues the rest, so the
         broker's acknowledgements overlap: a round's 10,000 tasks sent one
-        PUBACK at a time took 23-105 s here. A message that matched no
-        subscriber just after a reconnect is published again, alone, as
-        ``publish`` does.
+        PUBACK at a time took 23-105 s here. They go in windows of
+        ``PUBLISH_WINDOW``: after a reconnect paho resends everything queued
+        at once, and packet ids (16 bits) must not wrap inside a window. A
+        message that matched no subscriber just after a reconnect is
+        published again, alone, as ``publish`` does.
         """
         if threading.get_ident() == self._network_thread:
             raise TransportError("publish from a paho callback would wait on itself")
         self._check_open()
         for topic, body in messages:
             self._check_size(topic, body, None)
-        sent = [(topic, body, self._send(topic, body, None)) for topic, body in messages]
-        for topic, body, info in sent:
-            if not self._confirmed(info, topic) and self._resubscribing(topic):
-                self._publish(topic, body, redelivered=False)
+        for start in range(0, len(messages), PUBLISH_WINDOW):
+            window = messages[start : start + PUBLISH_WINDOW]
+            sent = [(topic, body, self._send(topic, body, None)) for topic, body in window]
+            try:
+                for topic, body, info in sent:
+                    if not self._confirmed(info, topic) and self._resubscribing(topic):
+                        self._publish(topic, body, redelivered=False)
+            finally:
+                # After a failure, the rest of the window's outcomes are nobody's: drop
+                # them, so a later message that reuses a packet id is not misjudged.
+                for _, _, info in sent:
+                    self._unmatched.discard(info.mid)
+                    self._puback_failures.pop(info.mid, None)
 
     def subscribe(
         self, topic: str, handler: Handler, *, group: str | None = None

@@ -147,16 +147,17 @@ class DeviceClient:
         come-back-later timer firing while the device is away must not put it
         back in the coordinator's pool (only ``rejoin()`` does).
         """
+        # Held across the publish: a check-in that saw the device present must
+        # reach the broker before a concurrent stop()'s check-out.
         with self._presence:
-            if not self._present:
-                return
-        self._publish_check_in()
+            if self._present:
+                self._publish_check_in()
 
     def rejoin(self) -> None:
         """Come back after ``stop()``: check in, and let later check-ins through again."""
         with self._presence:
             self._present = True
-        self._publish_check_in()
+            self._publish_check_in()
 
     def _publish_check_in(self) -> None:
         stats = self.stats
@@ -177,12 +178,12 @@ class DeviceClient:
 
     def stop(self, reason: str = "stopped") -> None:
         """Tell the coordinator this device is leaving; it stays quiet until ``rejoin()``."""
+        message = CheckOut(device_id=self.device_id, reason=reason)
         with self._presence:
             self._present = False
-        message = CheckOut(device_id=self.device_id, reason=reason)
-        self._transport.publish(
-            self._topics.checkin(self.device_id), encode(message, self._identity)
-        )
+            self._transport.publish(
+                self._topics.checkin(self.device_id), encode(message, self._identity)
+            )
 
     def _open(self, delivery: Delivery) -> TrainTask | ComeBackLater | UpdateRejected:
         """Verify a frame on this device's topic: the service's, or a vouched-for worker's."""

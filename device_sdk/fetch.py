@@ -144,7 +144,8 @@ def _put(url: str, data: bytes, timeout_s: float) -> str:
         if exc.code != 409:
             raise
         # One upload per URL: a retry whose first try landed (its answer was lost)
-        # is told so. The worker checks the stored bytes against this sha256.
+        # is told so. The worker looks the bytes up by this sha256, the name the
+        # service gave what it received: a damaged first try is not found under it.
         return expected
     if body:
         try:

@@ -251,6 +251,15 @@ def test_a_device_that_left_stays_out_of_the_pool_until_it_rejoins(tmp_path: Pat
     # load: a device back in the pool 4 s before its window opened).
     from broker import CheckIn, CheckOut, ComeBackLater
 
+    class HeldTimers:
+        """A scheduler whose jobs run only when the test says."""
+
+        def __init__(self) -> None:
+            self.jobs: list[Callable[[], None]] = []
+
+        def call_later(self, delay_s: float, job: Callable[[], None]) -> None:
+            self.jobs.append(job)
+
     transport = MemoryTransport()
     said: list[str] = []
 
@@ -261,16 +270,26 @@ def test_a_device_that_left_stays_out_of_the_pool_until_it_rejoins(tmp_path: Pat
     transport.subscribe(TOPICS.all_checkins, record)
     app = DeviceApp()
     app.on_train(lambda task, ctx: TrainResult({}, 1))
-    client = _client(app, transport, "phone-3")
+    timers = HeldTimers()
+    client = DeviceClient(
+        app,
+        transport,
+        device("phone-3"),
+        ArtifactFetcher(),
+        service_key=SERVICE.public_key,
+        topics=TOPICS,
+        scheduler=timers,  # type: ignore[arg-type]
+    )
     client.start()
     transport.publish(
         TOPICS.device("phone-3"), sign(ComeBackLater(experiment_id="e", retry_after_s=0.1))
     )
     transport.join(timeout=5)
+    assert len(timers.jobs) == 1
 
     client.stop("offline (trace)")
     client.check_in()  # what a heartbeat or a reconnect does
-    time.sleep(0.3)  # the come-back-later timer fires while the device is away
+    timers.jobs.pop()()  # the come-back-later timer fires while the device is away
     transport.join(timeout=5)
     away = list(said)
     client.rejoin()

@@ -1,11 +1,11 @@
-"""End-to-end tests that need the machine to themselves take turns.
+"""End-to-end tests that kill, restart or time processes take turns.
 
 ``make test`` runs the suite on two pytest-xdist workers with ``--dist
 loadgroup``. The tests that kill, restart or time processes (crashes, broker
 restarts, a cluster, readiness, a thousand devices, a trace, hostile traffic,
-access control) join one ``e2e`` group, so one worker runs them in turn: their
-deadlines and waits are sized for one deployment on this machine's two cores.
-The others below, which only check what a deployment computes, run beside them.
+access control) join one ``e2e`` group, so one worker runs them in turn: two
+of them never run at once, though the other worker's tests run beside them.
+The modules below, which only check what a deployment computes, go to either.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from tests.e2e.processes import (
 )
 from tests.tcp_proxy import TcpProxy
 
-ROUNDS = 2
+ROUNDS = 3
 # The demo's 5 epochs train a device in ~10 ms and a round in ~0.3 s, too short to
 # take the broker down inside; 60 make a round last a few seconds.
 EPOCHS = 60
