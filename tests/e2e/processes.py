@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,10 +166,13 @@ def deployment_env(
     Its processes share one ``FEDMQ_HOME`` and so one key folder: the server
     writes ``keys/service.pub`` at start, which a worker needs before it starts
     (start the server first and wait for it), and each worker's public key,
-    which the server trusts. A restarted server keeps its key.
+    which the server trusts. A restarted server keeps its key. Each deployment
+    has a namespace of its own (``extra`` may name one), so runs sharing a
+    broker never meet.
     """
     home = workdir / "home"
     return {
+        "FEDMQ_NAMESPACE": f"e2e{uuid.uuid4().hex[:10]}",
         "FEDMQ_HOME": str(home),
         "FEDMQ_KEYS": str(home / "keys"),
         "FEDMQ_BROKER_URL": broker_url,

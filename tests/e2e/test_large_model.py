@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from fedmq.compose import run_experiment
+from fedmq.settings import Settings
 from tests.brokers import MQTT_PORT, mqtt_url, require
 
 HIDDEN = 196_000  # 64*h + h + 10*h + 10 = 14.5M float32 parameters, ~58 MB
@@ -19,7 +21,9 @@ def test_a_58_mb_model_round_goes_by_reference_over_mqtt(small_config: Any) -> N
         training={"batch_size": 128, "lr": 0.01},
     )
 
-    result = run_experiment(config, broker_url=mqtt_url(), timeout_s=240)
+    # A namespace of its own: other runs may share this Mosquitto.
+    settings = Settings(namespace=f"large{uuid.uuid4().hex[:8]}")
+    result = run_experiment(config, broker_url=mqtt_url(), timeout_s=240, settings=settings)
 
     (record,) = result.rounds
     assert record.state == "committed" and len(record.accepted) == 2

@@ -11,6 +11,7 @@ from safetensors.numpy import load
 
 from aggregator_service import ExperimentConfig
 from broker import CheckIn, CodecError, Delivery, connect, decode
+from broker.topics import Topics
 from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import MQTT_PORT, mqtt_url, require
@@ -26,7 +27,6 @@ from tests.e2e.processes import (
     start_service_and_worker,
     wait_until,
 )
-from tests.identities import TOPICS
 from tests.s3_server import CREDENTIALS, list_keys, s3_server
 
 ROUNDS = 5
@@ -82,7 +82,7 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
                 delivery.ack()
 
             watcher = connect(mqtt_url(client_id=f"watch-{device_prefix}"))
-            watcher.subscribe(TOPICS.all_checkins, record)
+            watcher.subscribe(Topics(env["FEDMQ_NAMESPACE"]).all_checkins, record)
             fleets = {}
             for first, count in ((0, 7), (7, 7), (14, 6)):
                 fleets[first] = group.start(
