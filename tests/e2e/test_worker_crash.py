@@ -111,7 +111,10 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
             f"worker 2 should have combined worker 1's share of round 2: {merges}"
         )
     else:
-        assert resumed, "the restarted worker should have resumed its share of round 2"
+        # The restarted worker resumes its chain when round 2's unacked updates come
+        # back from its session; had worker 1 folded (and acked) them all before the
+        # kill, none come back and the restarted worker combines the chain as saved.
+        assert resumed or merges, "the restarted worker should have used its share of round 2"
     expected = load(simulate(ExperimentConfig.from_dict(raw)).final_weights)
     worst = max_difference(final, expected)
     assert worst <= 1e-6, f"the crash changed the model by {worst}"
