@@ -17,10 +17,19 @@ tries to checkpoint or join after that finds the version taken and acks
 nothing, so its unsaved updates go back to the broker. Hence every acked
 update is in exactly one sealed checkpoint, however many workers there were
 and whichever of them died.
+
+An update that comes back redelivered while another worker is on the roster
+may still be in that worker's unsaved share: its first receiver lost its
+connection without knowing it, so it may save the update yet. Such an update
+is set aside (``AsideUpdate``: its contribution alone, a store object of its
+own) and listed in the checkpoint; the combiner merges it only if no sealed
+share counted it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +70,21 @@ class RoundCheckpoint:
     reporters: list[str] = field(default_factory=list)
     examples: int = 0
     loss_sum: float = 0.0
+    aside: list[str] = field(default_factory=list)
+    """Ids of the updates set aside (``AsideUpdate``), not in ``partial``."""
+
+
+@dataclass
+class AsideUpdate:
+    """One redelivered update's contribution, kept out of its worker's sums until combined."""
+
+    update_id: str
+    device: str
+    round: int
+    """The round (or step) the update answered; a buffered step folds earlier ones too."""
+    examples: int
+    loss_sum: float
+    partial: Partial
 
 
 class Checkpoints:
@@ -96,6 +120,7 @@ class Checkpoints:
             "reporters": checkpoint.reporters,
             "examples": checkpoint.examples,
             "loss_sum": checkpoint.loss_sum,
+            "aside": checkpoint.aside,
         }
         model_id = self.model_id(experiment_id, round_number, worker)
         artifacts = {AGGREGATE: (encode_weights(checkpoint.partial.tensors), MEDIA_TYPE)}
@@ -108,6 +133,42 @@ class Checkpoints:
                 f"{model_id} v{checkpoint.sequence} was saved by another process: "
                 "give every worker a --name of its own"
             ) from exc
+
+    @staticmethod
+    def aside_id(experiment_id: str, round_number: int, update_id: str) -> str:
+        """Return the store id of an update set aside (a device names its own update ids)."""
+        digest = hashlib.sha256(update_id.encode()).hexdigest()[:32]
+        return f"{experiment_id}.r{round_number}.aside.{digest}"
+
+    def set_aside(self, experiment_id: str, round_number: int, aside: AsideUpdate) -> None:
+        """Write ``aside`` durably (once: a second worker setting it aside holds the same)."""
+        metadata: dict[str, Any] = {
+            "update_id": aside.update_id,
+            "device": aside.device,
+            "round": aside.round,
+            "examples": aside.examples,
+            "loss_sum": aside.loss_sum,
+            "scalars": aside.partial.scalars,
+        }
+        artifacts = {AGGREGATE: (encode_weights(aside.partial.tensors), MEDIA_TYPE)}
+        with contextlib.suppress(_Taken):
+            self._create(
+                self.aside_id(experiment_id, round_number, aside.update_id), 0, artifacts, metadata
+            )
+
+    def read_aside(self, experiment_id: str, round_number: int, update_id: str) -> AsideUpdate:
+        """Return an update set aside in the round."""
+        model_id = self.aside_id(experiment_id, round_number, update_id)
+        manifest = self._store.get_manifest(model_id, 0)
+        meta: Mapping[str, Any] = manifest.metadata
+        return AsideUpdate(
+            update_id=str(meta["update_id"]),
+            device=str(meta["device"]),
+            round=int(meta["round"]),
+            examples=int(meta["examples"]),
+            loss_sum=float(meta["loss_sum"]),
+            partial=self._partial(manifest.artifacts[AGGREGATE].sha256, meta["scalars"]),
+        )
 
     def latest(
         self, experiment_id: str, round_number: int, worker: str | None = None
@@ -249,16 +310,18 @@ class Checkpoints:
     def _read(self, model_id: str, sequence: int) -> RoundCheckpoint:
         manifest = self._store.get_manifest(model_id, sequence)
         meta: Mapping[str, Any] = manifest.metadata
-        tensors: dict[str, np.ndarray] = decode_weights(
-            self._store.get_blob(manifest.artifacts[AGGREGATE].sha256), copy=True
-        )
         return RoundCheckpoint(
             sequence=sequence,
-            partial=Partial(tensors, {str(k): float(v) for k, v in meta["scalars"].items()}),
+            partial=self._partial(manifest.artifacts[AGGREGATE].sha256, meta["scalars"]),
             accepted=list(meta["accepted"]),
             accepted_devices=list(meta["accepted_devices"]),
             rejected={str(k): int(v) for k, v in meta["rejected"].items()},
             reporters=list(meta["reporters"]),
             examples=int(meta["examples"]),
             loss_sum=float(meta["loss_sum"]),
+            aside=list(meta.get("aside", ())),
         )
+
+    def _partial(self, sha256: str, scalars: Mapping[str, Any]) -> Partial:
+        tensors: dict[str, np.ndarray] = decode_weights(self._store.get_blob(sha256), copy=True)
+        return Partial(tensors, {str(k): float(v) for k, v in scalars.items()})

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint
+from aggregator_service.checkpoints import AsideUpdate, Checkpoints, RoundCheckpoint
 from aggregator_service.strategies import Strategy, merge_state
 from aggregator_service.types import Weights
 from aggregator_service.validation import Rejected, check_finite
@@ -41,6 +41,8 @@ class Ledger:
     reporters: set[str] = field(default_factory=set)
     examples: int = 0
     loss_sum: float = 0.0
+    aside: set[str] = field(default_factory=set)
+    """Ids of updates set aside by some worker (merged only if no share counted them)."""
     twice: set[str] = field(default_factory=set)
     """Update ids that two workers' shares both hold."""
     devices_twice: set[str] = field(default_factory=set)
@@ -56,6 +58,15 @@ class Ledger:
         self.reporters.update(share.reporters)
         self.examples += share.examples
         self.loss_sum += share.loss_sum
+        self.aside.update(share.aside)
+
+    def add_aside(self, aside: AsideUpdate) -> None:
+        """Count an update set aside that no share counted."""
+        self.accepted.append(aside.update_id)
+        self.accepted_devices.add(aside.device)
+        self.reporters.add(aside.device)
+        self.examples += aside.examples
+        self.loss_sum += aside.loss_sum
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -107,6 +118,7 @@ class Combiner:
             ledger.add(share)
         merged = sorted(worker for worker, sequence in last.items() if sequence >= 0)
         log.info("%s round %d: merged %d partial(s): %s", exp, number, len(merged), merged)
+        self._merge_aside(exp, number, state, ledger)
         reason = None
         if ledger.devices_twice and not ledger.twice:
             # Two signed updates of one device, each to another worker: what a
@@ -118,9 +130,10 @@ class Combiner:
                 sorted(ledger.devices_twice)[:5],
             )
         if ledger.twice:
-            # Two workers folded one update (a publisher's resend, or a redelivery
-            # while its first receiver was cut off). Sums cannot be taken apart, and
-            # a double count is never committed: the round is run again instead.
+            # Two workers folded one update that came as two broker messages (a
+            # publisher's resend after a reconnect); a redelivered copy is set aside
+            # instead. Sums cannot be taken apart, and a double count is never
+            # committed: the round is run again instead.
             reason = f"update(s) counted by two workers: {sorted(ledger.twice)[:5]}"
             log.warning("%s round %d abandoned: %s", exp, number, reason)
         elif len(ledger.accepted) < max(request.min_reports, 1):
@@ -142,6 +155,30 @@ class Combiner:
             rejected=dict(ledger.rejected),
         )
         return abandoned, None
+
+    def _merge_aside(self, exp: str, number: int, state: Any, ledger: Ledger) -> None:
+        """Merge each update set aside that no sealed share counted, once."""
+        counted = set(ledger.accepted)
+        kept = 0
+        for update_id in sorted(ledger.aside - counted):
+            aside = self._checkpoints.read_aside(exp, number, update_id)
+            # A buffered step folds earlier steps' updates: their sealed shares count too.
+            if any(
+                update_id in self._checkpoints.counted_by_others(exp, earlier)
+                for earlier in range(aside.round, number)
+            ):
+                continue
+            merge_state(state, aside.partial)
+            ledger.add_aside(aside)
+            kept += 1
+        if ledger.aside:
+            log.info(
+                "%s round %d: %d update(s) set aside, %d merged (the rest counted in a share)",
+                exp,
+                number,
+                len(ledger.aside),
+                kept,
+            )
 
     def _share(self, exp: str, number: int, worker: str, sequence: int) -> RoundCheckpoint:
         """Return one worker's sealed checkpoint, from memory when it is this worker's."""

@@ -45,7 +45,8 @@ class Share(Tally):
     def restore(self, checkpoint: RoundCheckpoint) -> None:
         """Take over the ledger of a checkpoint (its partial is merged by the caller)."""
         self.accepted = list(checkpoint.accepted)
-        self.counted = set(checkpoint.accepted)
+        self.aside = list(checkpoint.aside)
+        self.counted = set(checkpoint.accepted).union(checkpoint.aside)
         self.accepted_devices = set(checkpoint.accepted_devices)
         self.rejected.clear()
         self.rejected.update(checkpoint.rejected)

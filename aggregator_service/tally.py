@@ -22,11 +22,13 @@ class Tally:
 
     accepted: list[str] = field(default_factory=list)
     counted: set[str] = field(default_factory=set)
-    """Message ids already folded (the ledger's fast lookup)."""
+    """Message ids already folded or set aside (the ledger's fast lookup)."""
     accepted_devices: set[str] = field(default_factory=set)
     rejected: Counter[str] = field(default_factory=Counter)
     examples: int = 0
     loss_sum: float = 0.0
+    aside: list[str] = field(default_factory=list)
+    """Ids of redelivered updates set aside (``AsideUpdate``), counted only when combined."""
     pending: list[Delivery] = field(default_factory=list)
     """Deliveries folded but not yet acked: the next checkpoint acks them."""
     checkpoints: int = 0
@@ -38,6 +40,12 @@ class Tally:
         self.accepted_devices.add(update.device_id)
         self.examples += update.num_examples
         self.loss_sum += float(update.metrics.get("loss", 0.0)) * update.num_examples
+
+    def count_aside(self, update: ModelUpdate) -> None:
+        """Record an update set aside: its device has answered here, its sums are apart."""
+        self.aside.append(update.message_id)
+        self.counted.add(update.message_id)
+        self.accepted_devices.add(update.device_id)
 
     def checkpoint(
         self,
@@ -60,6 +68,7 @@ class Tally:
             reporters=reporters,
             examples=self.examples,
             loss_sum=self.loss_sum,
+            aside=list(self.aside),
         )
         checkpoints.save(opened.experiment_id, opened.round, saved, worker)
         self.checkpoints += 1

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from aggregator_service.checkpoints import Checkpoints, RoundCheckpoint, Sealed
+from aggregator_service.checkpoints import AsideUpdate, Checkpoints, RoundCheckpoint, Sealed
 from aggregator_service.combine import Combiner, Outcome
 from aggregator_service.config import build_strategy, is_asynchronous
 from aggregator_service.gate import UpdateGate
@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 
 CONTROL_DELTA = "control_delta"
 """Prefix of the control-variate delta tensors a SCAFFOLD update carries."""
+
+
+class _NotSaved(Exception):
+    """An update set aside could not be saved: it goes back to the queue uncounted."""
 
 
 @dataclass(frozen=True)
@@ -372,8 +376,12 @@ class AggregatorWorker:
             self._early.append((update, delivery))  # unacked, until its round is announced
             self._early_bytes += len(delivery.body)
             return
-        if rnd is not None and self._counted_before(rnd, update, delivery):
-            delivery.ack()  # a redelivered copy of an update already counted
+        if rnd is not None and update.message_id in rnd.counted:
+            # A copy of an update folded here: acked with the checkpoint that holds it.
+            rnd.pending.append(delivery)
+            return
+        if rnd is not None and self._counted_elsewhere(rnd, update, delivery):
+            delivery.ack()  # a redelivered copy of an update a saved share holds
             return
         try:
             if rnd is None or placement is not Placement.FOLD:
@@ -384,10 +392,14 @@ class AggregatorWorker:
                 reason = RejectReason.ROUND_CLOSED if late else RejectReason.UNKNOWN_ROUND
                 raise Rejected(reason, f"round {update.round} is not open")
             self._join(rnd)
-            self._fold(rnd, update)
+            self._fold(rnd, update, aside=self._may_be_folded_elsewhere(rnd, update, delivery))
         except Sealed:
             self._sealed_under(rnd)  # type: ignore[arg-type]
             self._handle_update(update, delivery)  # now held for the next step, or late
+            return
+        except _NotSaved:
+            log.exception("could not set %s aside; returned to the queue", update.message_id)
+            delivery.nack(requeue=True)
             return
         except Rejected as rejection:
             if rnd is not None and placement is Placement.FOLD:
@@ -443,10 +455,10 @@ class AggregatorWorker:
             self._checkpoints.join(opened.experiment_id, opened.round, self._name)
             rnd.joined = True
 
-    def _counted_before(self, rnd: Share, update: ModelUpdate, delivery: Delivery) -> bool:
-        """Return whether this worker, or a predecessor that saved it and died, counted it."""
+    def _counted_elsewhere(self, rnd: Share, update: ModelUpdate, delivery: Delivery) -> bool:
+        """Return whether a saved share holds it: this worker's last round's, or another's."""
         exp = update.experiment_id
-        if update.message_id in rnd.counted or update.message_id in self._recent.get(exp, ()):
+        if update.message_id in self._recent.get(exp, ()):
             return True
         if not delivery.redelivered or update.round > rnd.opened.round:
             return False
@@ -457,6 +469,19 @@ class AggregatorWorker:
             if update.message_id in self._checkpoints.counted_by_others(exp, number, skip):
                 return True
         return False
+
+    def _may_be_folded_elsewhere(self, rnd: Share, update: ModelUpdate, delivery: Delivery) -> bool:
+        """Return whether another worker may hold ``update`` in a share it has not saved yet.
+
+        A redelivered update whose first receiver is alive but lost its
+        connection: that worker does not know its deliveries went back to the
+        queue, and may still save its share with the update in it. Only a
+        worker on the round's roster can (a worker joins before its first fold).
+        """
+        if not delivery.redelivered:
+            return False
+        exp, number = update.experiment_id, rnd.opened.round
+        return any(w != self._name for w in self._checkpoints.roster(exp, number))
 
     def _progress(self, rnd: Share, reported: tuple[str, ...], accepted: tuple[str, ...]) -> None:
         """Note devices that answered, for the coordinator (it alone sees every worker's count).
@@ -522,8 +547,12 @@ class AggregatorWorker:
             and self._early_bytes + len(delivery.body) <= self.MAX_EARLY_BYTES
         )
 
-    def _fold(self, rnd: Share, update: ModelUpdate) -> None:
-        """Validate ``update`` against the open round and fold it, or raise ``Rejected``."""
+    def _fold(self, rnd: Share, update: ModelUpdate, *, aside: bool = False) -> None:
+        """Validate ``update`` against the open round and fold it, or raise ``Rejected``.
+
+        ``aside``: fold it alone and save that apart (``AsideUpdate``), for the
+        combiner to merge only if no other worker's saved share counted it.
+        """
         policy = self._policies[update.experiment_id]
         policy.check_sender(rnd, update)
         # Counted before validation: a device whose update is refused has answered.
@@ -541,12 +570,38 @@ class AggregatorWorker:
         if with_control:
             control = {k: weights.pop(f"{CONTROL_DELTA}/{k}") for k in rnd.spec}
         client = policy.client_update(rnd, update, weights, control)
+        state = rnd.strategy.begin(rnd.opened.round, rnd.current) if aside else rnd.state
         try:
-            rnd.strategy.fold(rnd.state, client)
+            rnd.strategy.fold(state, client)
         except ValueError as exc:  # the rule refuses it: a missing metric, too many updates
             raise Rejected(RejectReason.STRATEGY_REFUSED, str(exc)) from exc
-        rnd.count_accepted(update)
+        if aside:
+            self._set_aside(rnd, update, state)
+        else:
+            rnd.count_accepted(update)
         rnd.tasks.add(update.task_id)
+
+    def _set_aside(self, rnd: Share, update: ModelUpdate, state: Any) -> None:
+        """Save one update's folded state apart; the next checkpoint lists it."""
+        aside = AsideUpdate(
+            update_id=update.message_id,
+            device=update.device_id,
+            round=update.round,
+            examples=update.num_examples,
+            loss_sum=float(update.metrics.get("loss", 0.0)) * update.num_examples,
+            partial=state_partial(state),
+        )
+        opened = rnd.opened
+        try:
+            self._checkpoints.set_aside(opened.experiment_id, opened.round, aside)
+        except Exception as exc:  # the store's own errors
+            raise _NotSaved(str(exc)) from exc
+        rnd.count_aside(update)
+        log.info(
+            "set aside %s from %s: redelivered while another worker may hold it unsaved",
+            update.message_id,
+            update.device_id,
+        )
 
     def _update_bytes(self, update: ModelUpdate) -> bytes | memoryview:
         """Return the update's weights bytes, inline or from the store by reference."""

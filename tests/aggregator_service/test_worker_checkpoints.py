@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from aggregator_service import AggregatorWorker
 from broker import (
@@ -25,7 +26,7 @@ from broker import (
 )
 from broker.identity import Identity
 from model_store import MemoryStore
-from tests.aggregator_service.worker_doubles import Bus
+from tests.aggregator_service.worker_doubles import Bus, FakeDelivery
 from tests.identities import TOPICS, WORKER, aggregator, sign
 
 EXP = "exp-ckpt"
@@ -201,3 +202,57 @@ def test_an_update_two_workers_both_folded_abandons_the_round_rather_than_count_
     (abandoned,) = _published(second, RoundAbandoned)
     assert abandoned.reason is not None and "counted by two workers" in abandoned.reason
     assert store.latest_version(EXP) == 0
+
+
+def _redeliver(bus: Bus, update: ModelUpdate) -> FakeDelivery:
+    return bus.deliver_frame(
+        TOPICS.updates(EXP, update.device_id), sign(update), TOPICS.all_updates, redelivered=True
+    )
+
+
+def test_a_copy_of_an_update_folded_here_is_acked_only_with_the_checkpoint_that_holds_it() -> None:
+    store, opened = _setup()
+    _, bus = _start(store)
+    bus.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
+    a = _update("a", 1.0)
+    first = bus.deliver(TOPICS.updates(EXP, "a"), a, TOPICS.all_updates)
+
+    copy = _redeliver(bus, a)  # the broker's copy, after a reconnect
+    assert copy.settled == []  # acking it now would lose a if the worker died before saving
+    bus.deliver(TOPICS.updates(EXP, "b"), _update("b", 2.0), TOPICS.all_updates)
+
+    assert first.settled == copy.settled == ["ack"]
+
+
+@pytest.mark.parametrize("first_saves_it", [True, False], ids=["saved-by-first", "lost-by-first"])
+def test_an_update_redelivered_while_its_first_worker_was_cut_off_is_counted_once(
+    first_saves_it: bool,
+) -> None:
+    store, opened = _setup()
+    _, cut_off = _start(store, Identity.generate("cut-off"))
+    _, other = _start(store)
+    for bus in (cut_off, other):
+        bus.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
+    a, b = _update("a", 1.0), _update("b", 2.0)
+    cut_off.deliver(TOPICS.updates(EXP, "a"), a, TOPICS.all_updates)  # folded, not yet saved
+    # cut-off's connection drops unnoticed: the broker hands a to the other worker.
+    copy = _redeliver(other, a)
+    if first_saves_it:
+        # cut-off saves its share with a in it, still unaware its delivery went back.
+        cut_off.deliver(TOPICS.updates(EXP, "b"), b, TOPICS.all_updates)
+    else:
+        other.deliver(TOPICS.updates(EXP, "b"), b, TOPICS.all_updates)  # cut-off dies unsaved
+    for device, value in (("c", 4.0), ("d", 8.0)):
+        other.deliver(TOPICS.updates(EXP, device), _update(device, value), TOPICS.all_updates)
+    if first_saves_it:
+        close = CloseRound(experiment_id=EXP, round=1)
+        cut_off.deliver(TOPICS.control(EXP), close, TOPICS.all_control)
+    committed = _combine(other, opened)
+
+    assert len(committed.accepted) == len(set(committed.accepted)) == 4, committed.accepted
+    assert a.message_id in committed.accepted
+    assert sorted(committed.accepted_devices) == ["a", "b", "c", "d"]
+    assert committed.num_examples == 4
+    new = decode_weights(store.get_blob(committed.model.sha256))
+    np.testing.assert_allclose(new["w"], np.full(3, (1 + 2 + 4 + 8) / 4))
+    assert copy.settled == ["ack"]

@@ -1,24 +1,24 @@
-"""A 3-node RabbitMQ cluster loses the node leading the worker's update queue mid-round.
+"""A 3-node RabbitMQ cluster loses the node leading the workers' update queue mid-round.
 
 The cluster is the module's own (``OwnedRabbitCluster``: private nodes on
 loopback ports). Every process names all three nodes in its broker URL and
-declares quorum queues (``queue_type=quorum``): the server and the worker start
-at node 1, so the update queue, which the worker declares, is led from there;
+declares quorum queues (``queue_type=quorum``): the server and the workers start
+at node 1, so the update queue, which the workers declare, is led from there;
 the fleet starts at node 3. Devices report one after another, 0.3 s apart. In
-round 2 (or 3), once the worker holds updates it has not acked and more are
-to come, node 1 is killed with SIGKILL. The server and the worker fail over
+round 2 (or 3), once the workers hold updates they have not acked and more are
+to come, node 1 is killed with SIGKILL. The server and the workers fail over
 to node 2; the queue elects a new leader among the survivors and hands back
-the updates the dead connection held, which the worker recognises as already
-folded. The fleet keeps its connection, and its
-queues, led from node 3, never move. Every round commits with every update
-counted once, and the model equals ``fedmq simulate``'s. Node 1, started again,
-rejoins the cluster (which also spares the processes' clean stop the ~5 s a
-quorum queue's deletion waits for a member that is down).
+the updates the dead connections held. The fleet keeps its connection, and its
+queues, led from node 3, never move.
 
-One worker, not two: a worker that survives losing its connection still holds
-in its share the updates it folded and had not acked, which RabbitMQ hands
-back to the queue, so a second worker may fold them too (the combiner then
-abandons the round as counted twice).
+Two workers share the update queue. Each survives losing its connection and
+still holds, in its share, updates it folded and had not acked; RabbitMQ hands
+them back to the queue, and either worker may get them, redelivered. A worker
+recognises its own; one the other may hold unsaved is set aside, and the
+combiner merges it only if no saved share counted it. Every round commits with
+every update counted once, and the model equals ``fedmq simulate``'s. Node 1,
+started again, rejoins the cluster (which also spares the processes' clean stop
+the ~5 s a quorum queue's deletion waits for a member that is down).
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ import pytest
 from safetensors.numpy import load
 
 from aggregator_service import ExperimentConfig
+from aggregator_service.checkpoints import Checkpoints
 from broker.amqp import GROUP_PREFIX
 from fedmq.compose import simulate
 from fedmq.defaults import DEMO_CONFIG
+from model_store import LocalStore
 from tests.e2e.owned_brokers import OwnedRabbitCluster, OwnedRabbitMQ, owned_rabbitmq_cluster
 from tests.e2e.processes import (
     Api,
@@ -54,6 +56,7 @@ from tests.e2e.processes import (
 )
 
 ROUNDS = 3
+WORKERS = ("worker-1", "worker-2")
 PACE_S = 0.3
 """Device ``i`` sends its update ``i * PACE_S`` seconds after training (``--profile``).
 
@@ -62,11 +65,11 @@ The devices' own delays, not their training, spread a round's 20 updates over
 unacked and others are still to come.
 """
 QUORUM = "?queue_type=quorum"
-# Past a round's 20 updates: the worker acks a round's updates only when it closes
-# the round, so every update it has folded when the node dies comes back to it.
+# Past a round's 20 updates: a worker acks a round's updates only when it closes
+# the round, so every update it has folded when the node dies comes back.
 CHECKPOINT_EVERY = "100"
 UNACKED = range(3, 11)
-"""Updates the worker holds unacked when the node dies: some, and at least 10 still to come."""
+"""Updates the workers hold unacked when the node dies: some, and at least 10 still to come."""
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +116,8 @@ def test_killing_the_node_leading_the_update_queue_mid_round_loses_and_doubles_n
             group_of,
         )
         final = load(api.call("GET", f"/experiments/{experiment_id}/model"))
-        moved = {n: _moved_off(group_of.log(n), leader) for n in ("server", "worker")}
+        moved = {n: _moved_off(group_of.log(n), leader) for n in ("server", *WORKERS)}
+        roster = Checkpoints(LocalStore(tmp_path / "store")).roster(experiment_id, killed_in)
         fleet_cut_off = "reconnecting" in group_of.log("fleet")
         leader.start()
         rejoined = cluster.running_nodes(leader)
@@ -130,6 +134,7 @@ def test_killing_the_node_leading_the_update_queue_mid_round_loses_and_doubles_n
         assert record["accepted"] == 20, record
         assert len(record["accepted_updates"]) == len(set(record["accepted_updates"])) == 20
     assert rejoined == {node.node for node in cluster.nodes}, rejoined
+    assert len(roster) == len(WORKERS), f"round {killed_in} was not shared: {roster}"
     expected = load(simulated.result(timeout=120).final_weights)
     worst = max_difference(final, expected)
     assert worst <= 1e-6, (
@@ -140,14 +145,17 @@ def test_killing_the_node_leading_the_update_queue_mid_round_loses_and_doubles_n
 def _deploy(
     group_of: Processes, api: Api, port: int, group: str, raw: dict[str, Any], *, fleet_url: str
 ) -> str:
-    """Start the server, the worker and the paced fleet; return the experiment's id.
+    """Start the server, the workers and the paced fleet; return the experiment's id.
 
-    The server and the worker connect with the deployment's URL (node 1 first);
-    the worker declares the update queue, so its leader is node 1.
+    The server and the workers connect with the deployment's URL (node 1 first);
+    the workers declare the update queue, so its leader is node 1.
     """
     group_of.start("server", "-v", "server", "--port", str(port))
-    api.wait_healthy()  # the server has written the service key the worker pins
-    start_worker(group_of, "worker", f"w-{group}", "-v", "--checkpoint-every", CHECKPOINT_EVERY)
+    api.wait_healthy()  # the server has written the service key the workers pin
+    for name in WORKERS:
+        start_worker(
+            group_of, name, f"{name}-{group}", "-v", "--checkpoint-every", CHECKPOINT_EVERY
+        )
     experiment_id: str = api.call("POST", "/experiments", raw)["id"]
     pace = _pace(group_of.workdir / "pace.json")
     flags = ("--profile", str(pace), "--prefix", group, "--broker", fleet_url + QUORUM)
@@ -171,7 +179,7 @@ def _pace(path: Path) -> Path:
 def _wait_for_unacked_updates(
     api: Api, experiment_id: str, cluster: OwnedRabbitCluster, queue: str, group_of: Processes
 ) -> tuple[int, int]:
-    """Wait until a round from the second on runs and the worker holds updates unacked.
+    """Wait until a round from the second on runs and the workers hold updates unacked.
 
     Return the round and how many it holds. The count comes from RabbitMQ's
     queue statistics, up to half a second old (``quorum_tick_interval``).
