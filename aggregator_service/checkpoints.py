@@ -28,7 +28,6 @@ share counted it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +71,8 @@ class RoundCheckpoint:
     loss_sum: float = 0.0
     aside: list[str] = field(default_factory=list)
     """Ids of the updates set aside (``AsideUpdate``), not in ``partial``."""
+    aside_devices: list[str] = field(default_factory=list)
+    """Their devices (not in ``accepted_devices``: another share may count them)."""
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Checkpoints:
             "examples": checkpoint.examples,
             "loss_sum": checkpoint.loss_sum,
             "aside": checkpoint.aside,
+            "aside_devices": checkpoint.aside_devices,
         }
         model_id = self.model_id(experiment_id, round_number, worker)
         artifacts = {AGGREGATE: (encode_weights(checkpoint.partial.tensors), MEDIA_TYPE)}
@@ -136,12 +138,16 @@ class Checkpoints:
 
     @staticmethod
     def aside_id(experiment_id: str, round_number: int, update_id: str) -> str:
-        """Return the store id of an update set aside (a device names its own update ids)."""
+        """Return the store id of an update set aside (devices name their own update ids)."""
         digest = hashlib.sha256(update_id.encode()).hexdigest()[:32]
         return f"{experiment_id}.r{round_number}.aside.{digest}"
 
-    def set_aside(self, experiment_id: str, round_number: int, aside: AsideUpdate) -> None:
-        """Write ``aside`` durably (once: a second worker setting it aside holds the same)."""
+    def set_aside(self, experiment_id: str, round_number: int, aside: AsideUpdate) -> bool:
+        """Write ``aside`` durably; False if another device's update holds its id.
+
+        Written once: a second worker setting the same update aside holds the
+        same contribution.
+        """
         metadata: dict[str, Any] = {
             "update_id": aside.update_id,
             "device": aside.device,
@@ -151,10 +157,13 @@ class Checkpoints:
             "scalars": aside.partial.scalars,
         }
         artifacts = {AGGREGATE: (encode_weights(aside.partial.tensors), MEDIA_TYPE)}
-        with contextlib.suppress(_Taken):
-            self._create(
-                self.aside_id(experiment_id, round_number, aside.update_id), 0, artifacts, metadata
-            )
+        model_id = self.aside_id(experiment_id, round_number, aside.update_id)
+        try:
+            self._create(model_id, 0, artifacts, metadata)
+        except _Taken:
+            held = self._store.get_manifest(model_id, 0).metadata
+            return bool(held["update_id"] == aside.update_id and held["device"] == aside.device)
+        return True
 
     def read_aside(self, experiment_id: str, round_number: int, update_id: str) -> AsideUpdate:
         """Return an update set aside in the round."""
@@ -189,9 +198,10 @@ class Checkpoints:
     ) -> set[str]:
         """Return the update ids the newest checkpoints of the round's other workers hold.
 
-        Reads manifests only; ``worker=None`` reads every worker's, sealed or
-        not. A worker asks when an update comes back redelivered: a
-        predecessor may have saved it and died before its ack.
+        Folded or set aside: either way the round counts it once. Reads
+        manifests only; ``worker=None`` reads every worker's, sealed or not. A
+        worker asks when an update comes back redelivered: a predecessor may
+        have saved it and died before its ack.
         """
         counted: set[str] = set()
         for member in self.roster(experiment_id, round_number):
@@ -200,7 +210,8 @@ class Checkpoints:
             model_id = self.model_id(experiment_id, round_number, member)
             seq = self._newest(model_id)
             if seq >= 0:
-                counted.update(self._store.get_manifest(model_id, seq).metadata["accepted"])
+                metadata = self._store.get_manifest(model_id, seq).metadata
+                counted.update(metadata["accepted"], metadata.get("aside", ()))
         return counted
 
     def roster(self, experiment_id: str, round_number: int) -> list[str]:
@@ -320,6 +331,7 @@ class Checkpoints:
             examples=int(meta["examples"]),
             loss_sum=float(meta["loss_sum"]),
             aside=list(meta.get("aside", ())),
+            aside_devices=list(meta.get("aside_devices", ())),
         )
 
     def _partial(self, sha256: str, scalars: Mapping[str, Any]) -> Partial:

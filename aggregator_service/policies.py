@@ -106,7 +106,7 @@ class CohortPolicy(RoundPolicy):
 
     def check_sender(self, share: Share, update: ModelUpdate) -> None:
         """Refuse a device that already reported, or was not selected."""
-        if update.device_id in share.accepted_devices:
+        if update.device_id in share.accepted_devices or update.device_id in share.aside_devices:
             raise Rejected(RejectReason.DUPLICATE, f"{update.device_id} already reported")
         if update.device_id not in share.selected:
             raise Rejected(RejectReason.NOT_SELECTED, f"{update.device_id} was not selected")

@@ -46,6 +46,7 @@ class Share(Tally):
         """Take over the ledger of a checkpoint (its partial is merged by the caller)."""
         self.accepted = list(checkpoint.accepted)
         self.aside = list(checkpoint.aside)
+        self.aside_devices = set(checkpoint.aside_devices)
         self.counted = set(checkpoint.accepted).union(checkpoint.aside)
         self.accepted_devices = set(checkpoint.accepted_devices)
         self.rejected.clear()

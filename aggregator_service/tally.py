@@ -29,6 +29,7 @@ class Tally:
     loss_sum: float = 0.0
     aside: list[str] = field(default_factory=list)
     """Ids of redelivered updates set aside (``AsideUpdate``), counted only when combined."""
+    aside_devices: set[str] = field(default_factory=set)
     pending: list[Delivery] = field(default_factory=list)
     """Deliveries folded but not yet acked: the next checkpoint acks them."""
     checkpoints: int = 0
@@ -45,7 +46,12 @@ class Tally:
         """Record an update set aside: its device has answered here, its sums are apart."""
         self.aside.append(update.message_id)
         self.counted.add(update.message_id)
-        self.accepted_devices.add(update.device_id)
+        self.aside_devices.add(update.device_id)
+
+    @property
+    def answered_devices(self) -> set[str]:
+        """Return the devices whose update is folded or set aside here."""
+        return self.accepted_devices | self.aside_devices
 
     def checkpoint(
         self,
@@ -69,6 +75,7 @@ class Tally:
             examples=self.examples,
             loss_sum=self.loss_sum,
             aside=list(self.aside),
+            aside_devices=sorted(self.aside_devices),
         )
         checkpoints.save(opened.experiment_id, opened.round, saved, worker)
         self.checkpoints += 1

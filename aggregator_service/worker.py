@@ -120,6 +120,8 @@ class AggregatorWorker:
     """Round control signed longer ago than this is a replay (the service re-signs repeats)."""
     ALIVE_EVERY_S = 15.0
     """How often the worker tells the coordinator it is up (``WorkerAlive``)."""
+    STORE_RETRY_S = 1.0
+    """How long an update that could not be saved waits before it goes back to the queue."""
     PROGRESS_EVERY_S = 0.1
     """Longest a report waits before the coordinator hears of it (``RoundProgress`` batches)."""
 
@@ -253,7 +255,7 @@ class AggregatorWorker:
                         experiment_id=exp,
                         round=opened.round,
                         reported=tuple(share.reporters),
-                        accepted=tuple(share.accepted_devices),
+                        accepted=(*share.accepted_devices, *share.aside_devices),
                     )
                 )
             return
@@ -263,7 +265,7 @@ class AggregatorWorker:
             # again everything this worker has counted of the round.
             if existing.opened.round == opened.round and existing.reporters:
                 self._progress(
-                    existing, tuple(existing.reporters), tuple(existing.accepted_devices)
+                    existing, tuple(existing.reporters), tuple(existing.answered_devices)
                 )
             return
         if existing is not None:
@@ -314,6 +316,7 @@ class AggregatorWorker:
             return True
         merge_state(rnd.state, checkpoint.partial)
         rnd.restore(checkpoint)
+        rnd.saved = checkpoint
         log.info(
             "resumed %s round %d from checkpoint %d (%d updates)",
             exp,
@@ -377,8 +380,11 @@ class AggregatorWorker:
             self._early_bytes += len(delivery.body)
             return
         if rnd is not None and update.message_id in rnd.counted:
-            # A copy of an update folded here: acked with the checkpoint that holds it.
-            rnd.pending.append(delivery)
+            # A copy of an update counted here: acked once a checkpoint holds it.
+            if self._saved_here(rnd, update.message_id):
+                delivery.ack()
+            else:
+                rnd.pending.append(delivery)
             return
         if rnd is not None and self._counted_elsewhere(rnd, update, delivery):
             delivery.ack()  # a redelivered copy of an update a saved share holds
@@ -399,6 +405,9 @@ class AggregatorWorker:
             return
         except _NotSaved:
             log.exception("could not set %s aside; returned to the queue", update.message_id)
+            # Not at once: while the store is out, an update sent straight back
+            # would come round again and again.
+            self._stopping.wait(self.STORE_RETRY_S)
             delivery.nack(requeue=True)
             return
         except Rejected as rejection:
@@ -454,6 +463,12 @@ class AggregatorWorker:
             opened = rnd.opened
             self._checkpoints.join(opened.experiment_id, opened.round, self._name)
             rnd.joined = True
+
+    @staticmethod
+    def _saved_here(rnd: Share, update_id: str) -> bool:
+        """Return whether this worker's last checkpoint of the round holds ``update_id``."""
+        saved = rnd.saved
+        return saved is not None and (update_id in saved.accepted or update_id in saved.aside)
 
     def _counted_elsewhere(self, rnd: Share, update: ModelUpdate, delivery: Delivery) -> bool:
         """Return whether a saved share holds it: this worker's last round's, or another's."""
@@ -537,7 +552,7 @@ class AggregatorWorker:
             round=opened.round,
             reported=tuple(reported),
             accepted=tuple(accepted),
-            folded=len(rnd.accepted),
+            folded=len(rnd.accepted) + len(rnd.aside),
         )
 
     def _may_hold(self, delivery: Delivery) -> bool:
@@ -593,9 +608,11 @@ class AggregatorWorker:
         )
         opened = rnd.opened
         try:
-            self._checkpoints.set_aside(opened.experiment_id, opened.round, aside)
+            written = self._checkpoints.set_aside(opened.experiment_id, opened.round, aside)
         except Exception as exc:  # the store's own errors
             raise _NotSaved(str(exc)) from exc
+        if not written:
+            raise Rejected(RejectReason.DUPLICATE, "another device's update has this id")
         rnd.count_aside(update)
         log.info(
             "set aside %s from %s: redelivered while another worker may hold it unsaved",

@@ -295,3 +295,35 @@ def _worker_named(store: MemoryStore, name: str) -> Bus:
     bus = Bus()
     aggregator(bus, store, identity=Identity.generate(name), checkpoint_every=100).start()  # type: ignore[arg-type]
     return bus
+
+
+def test_an_update_set_aside_in_one_step_is_not_counted_again_in_the_next() -> None:
+    store = _store(versions=1)
+    cut_off, setter = _worker_named(store, "cut-off"), _worker_named(store, "setter")
+    step_one = _opened(store, number=1, base=0)
+    for bus in (cut_off, setter):
+        bus.control(step_one)
+    u = _update("u", 1.0, base=0)
+    cut_off.update(u)  # folded, never saved: cut-off dies
+    # Redelivered while cut-off is on the roster: setter sets it aside.
+    setter.update(u, redelivered=True)
+    setter.update(_update("b", 3.0, base=0))
+    setter.combine(step_one)
+    (one,) = setter.events()
+    assert isinstance(one, RoundCommitted) and u.message_id in one.accepted
+
+    # Setter's ack was lost too: a third worker gets u again, in the next step.
+    third = _worker_named(store, "third")
+    step_two = _opened(store, number=2, base=1)
+    third.control(step_two)
+    copy = third.update(u, redelivered=True)
+    for device, value in (("c", 2.0), ("d", 4.0)):
+        third.update(_update(device, value, base=1, round_number=2))
+    third.combine(step_two)
+
+    assert copy.settled == ["ack"] and third.notices() == []
+    (two,) = third.events()
+    assert isinstance(two, RoundCommitted) and u.message_id not in two.accepted
+    assert len(two.accepted) == 2
+    # v1 = (1 + 3) / 2 = 2; v2 = v1 + ((2 - v1) + (4 - v1)) / 2 = 3
+    np.testing.assert_allclose(_model(store, two), np.full(2, 3.0))
