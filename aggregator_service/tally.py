@@ -16,6 +16,11 @@ from aggregator_service.strategies import Partial
 from broker import Delivery, ModelUpdate, RoundOpened
 
 
+def loss_sum(update: ModelUpdate) -> float:
+    """Return the update's training loss weighted by its examples (0 without one)."""
+    return float(update.metrics.get("loss", 0.0)) * update.num_examples
+
+
 @dataclass(kw_only=True)
 class Tally:
     """The ledger of one round (or server step) being aggregated."""
@@ -40,7 +45,7 @@ class Tally:
         self.counted.add(update.message_id)
         self.accepted_devices.add(update.device_id)
         self.examples += update.num_examples
-        self.loss_sum += float(update.metrics.get("loss", 0.0)) * update.num_examples
+        self.loss_sum += loss_sum(update)
 
     def count_aside(self, update: ModelUpdate) -> None:
         """Record an update set aside: its device has answered here, its sums are apart."""

@@ -31,6 +31,7 @@ from aggregator_service.links import upload_name
 from aggregator_service.policies import BufferedPolicy, CohortPolicy, Placement, RoundPolicy
 from aggregator_service.share import Share
 from aggregator_service.strategies import FedBuff, Strategy, merge_state, state_partial
+from aggregator_service.tally import loss_sum
 from aggregator_service.validation import (
     Rejected,
     check_examples,
@@ -603,7 +604,7 @@ class AggregatorWorker:
             device=update.device_id,
             round=update.round,
             examples=update.num_examples,
-            loss_sum=float(update.metrics.get("loss", 0.0)) * update.num_examples,
+            loss_sum=loss_sum(update),
             partial=state_partial(state),
         )
         opened = rnd.opened
