@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: a file on disk serves 2.13.0, a looser spec downloads GBs.
 	$(BIN)/pip install --quiet torch==2.13.0
+	# ExecuTorch, the phones' training runtime, without its declared dependencies: they
+	# pull ~55 packages (coremltools, pandas, hydra, a source build of antlr4) that neither
+	# its exporter nor its runtime imports; pyproject lists the two they do.
+	$(BIN)/pip install --quiet --no-deps executorch==1.5.1
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

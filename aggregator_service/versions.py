@@ -17,6 +17,7 @@ from aggregator_service.strategies.base import StateValue
 from aggregator_service.types import Weights
 from broker import ModelRef, decode_weights, encode_weights
 from model_store import MEDIA_SAFETENSORS, WEIGHTS, Artifact, Manifest, ModelStore
+from model_store.ptd import PTD_KEY_PREFIX, PTD_WEIGHTS, rewrite_weights
 
 WEIGHTS_ARTIFACT = WEIGHTS
 WEIGHTS_MEDIA_TYPE = MEDIA_SAFETENSORS
@@ -45,6 +46,7 @@ def write_version(
     base = store.get_manifest(model_id, parent)
     artifacts = {k: v for k, v in base.artifacts.items() if k != STATE_ARTIFACT}
     artifacts[WEIGHTS_ARTIFACT] = Artifact(WEIGHTS_ARTIFACT, sha, len(data), WEIGHTS_MEDIA_TYPE)
+    artifacts.update(_phone_weights(store, base.artifacts, weights))
     arrays = {k: v for k, v in strategy_state.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in strategy_state.items() if not isinstance(v, np.ndarray)}
     if arrays:
@@ -64,6 +66,25 @@ def write_version(
         )
     )
     return ModelRef(store.blob_url(sha), sha, len(data))
+
+
+def _phone_weights(
+    store: ModelStore, parent: Mapping[str, Artifact], weights: Weights
+) -> dict[str, Artifact]:
+    """Return the version's ExecuTorch weights files, the parent's with the new values.
+
+    A phone loads its programs once and fetches each version's ``.ptd`` only;
+    every version holds the same tensors, so its file is its parent's with
+    the bytes replaced (``model_store.ptd``), not a new export.
+    """
+    files = {}
+    for name, artifact in parent.items():
+        if name.endswith("/" + PTD_WEIGHTS):
+            data = rewrite_weights(
+                store.get_blob(artifact.sha256), weights, key_prefix=PTD_KEY_PREFIX
+            )
+            files[name] = Artifact(name, store.put_blob(data), len(data), artifact.media_type)
+    return files
 
 
 def stored_ref(store: ModelStore, model_id: str, version: int) -> ModelRef:

@@ -1,4 +1,8 @@
-"""The emulated Android device: trains the package's ONNX Runtime artifacts, never torch."""
+"""The emulated Android device: trains the package's ExecuTorch program on ExecuTorch's runtime.
+
+``android_ort_trainers`` keeps the legacy path: ONNX Runtime's training
+artifacts, trained with no torch in the process.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import numpy as np
 from android_bridge.layout import ARTIFACT_PREFIX
 from device_sdk.app import TrainHandler
 from device_sdk.emulator.fleet import TrainerFactory
+from device_sdk.trainers.executorch import ExecuTorchTrainer, ProgramFiles
 from device_sdk.trainers.onnxruntime import OrtSessionCache, OrtTrainer
 
-__all__ = ["android_trainers"]
+__all__ = ["android_ort_trainers", "android_trainers"]
 
 
 def android_trainers(seed: int) -> TrainerFactory:
@@ -24,10 +29,19 @@ def android_trainers(seed: int) -> TrainerFactory:
     -------
     TrainerFactory
         ``make(x, y, index)`` builds device ``index``'s
-        :class:`~device_sdk.trainers.onnxruntime.OrtTrainer`, which reads the
-        task's ``android/`` training artifacts. The devices share one
-        loaded-session cache.
+        :class:`~device_sdk.trainers.executorch.ExecuTorchTrainer` on the
+        task's ``android/`` files; the devices share one folder of them.
     """
+    files = ProgramFiles()
+
+    def make(x: np.ndarray, y: np.ndarray, index: int) -> TrainHandler:
+        return ExecuTorchTrainer(x, y, seed=seed, stream=index, prefix=ARTIFACT_PREFIX, files=files)
+
+    return make
+
+
+def android_ort_trainers(seed: int) -> TrainerFactory:
+    """Return a factory of legacy Android trainers on ONNX Runtime's training artifacts."""
     sessions = OrtSessionCache()
 
     def make(x: np.ndarray, y: np.ndarray, index: int) -> TrainHandler:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from model_store.export import TRAINING_FILES
+from model_store.export.executorch import INFERENCE_PROGRAM, TRAINING_PROGRAM
+from model_store.export.mobile import MANIFEST, MEDIA_MANIFEST, ORT_INFERENCE_MODEL, package_files
+from model_store.export.ort_training import TRAINING_FILES
+from model_store.ptd import PTD_WEIGHTS
 
 __all__ = [
     "ARTIFACT_PREFIX",
     "INFERENCE_MODEL",
+    "INFERENCE_PROGRAM",
     "MANIFEST",
     "MEDIA_MANIFEST",
     "PACKAGE_FILES",
     "PLATFORM",
+    "PTD_WEIGHTS",
     "TRAINING_FILES",
+    "TRAINING_PROGRAM",
     "WEIGHTS",
 ]
 
@@ -20,12 +26,10 @@ PLATFORM = "android"
 #: A model version's artifacts name the package's files ``android/<file>``.
 ARTIFACT_PREFIX = f"{PLATFORM}/"
 
-INFERENCE_MODEL = "inference.onnx"
+#: ONNX Runtime Mobile's inference graph (legacy, with the ORT training files).
+INFERENCE_MODEL = ORT_INFERENCE_MODEL
 WEIGHTS = "weights.safetensors"
-MANIFEST = "package.json"
-#: Every file of the package: inference graph, ONNX Runtime's four training
-#: artifacts (loaded together by the app), weights, and the manifest last
-#: (it lists the others' checksums).
-PACKAGE_FILES = (INFERENCE_MODEL, *TRAINING_FILES, WEIGHTS, MANIFEST)
-
-MEDIA_MANIFEST = "application/json"
+#: Every file of the package: the ExecuTorch programs and weights (current),
+#: ONNX Runtime's inference graph and training artifacts (legacy), the
+#: safetensors weights, and the manifest last (it lists the others' checksums).
+PACKAGE_FILES = package_files(PLATFORM)

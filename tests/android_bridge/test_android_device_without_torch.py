@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from android_bridge import android_artifacts
-from android_bridge.device import android_trainers
+from android_bridge.device import android_ort_trainers
 from broker import ModelRef, TrainTask, decode_weights
 from device_sdk import ArtifactFetcher, DeviceContext
 from model_store import ModelSpec, build_model
@@ -26,7 +26,7 @@ DEVICE = """
 import json, sys
 import numpy as np
 import device_sdk.trainers.onnxruntime
-from android_bridge.device import android_trainers
+from android_bridge.device import android_ort_trainers
 from broker import ModelRef, TrainTask, decode_weights
 from device_sdk import ArtifactFetcher, DeviceContext
 
@@ -39,7 +39,7 @@ x = rng.standard_normal((40, 64), dtype=np.float32)
 y = rng.integers(0, 10, size=40)
 task = TrainTask(experiment_id="e", round=1, base_version=0,
                  model=refs["android/weights.safetensors"], artifacts=refs, training=settings)
-result = android_trainers(5)(x, y, 3)(task, DeviceContext("android-3", weights, refs, fetcher))
+result = android_ort_trainers(5)(x, y, 3)(task, DeviceContext("android-3", weights, refs, fetcher))
 print(json.dumps({"torch": "torch" in sys.modules, "metrics": dict(result.metrics)}))
 """
 
@@ -70,7 +70,9 @@ def _in_process(refs: dict[str, ModelRef]) -> dict[str, Any]:
         artifacts=refs,
         training=SETTINGS,
     )
-    result = android_trainers(5)(x, y, 3)(task, DeviceContext("android-3", weights, refs, fetcher))
+    result = android_ort_trainers(5)(x, y, 3)(
+        task, DeviceContext("android-3", weights, refs, fetcher)
+    )
     return dict(result.metrics)
 
 

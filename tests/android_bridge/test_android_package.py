@@ -36,6 +36,9 @@ def test_the_package_holds_the_graphs_training_artifacts_weights_and_manifest(
 ) -> None:
     assert tuple(package) == PACKAGE_FILES
     assert set(PACKAGE_FILES) == {
+        "training.pte",
+        "inference.pte",
+        "weights.ptd",
         "inference.onnx",
         "training_model.onnx",
         "eval_model.onnx",
@@ -69,9 +72,12 @@ def test_the_manifest_gives_every_other_file_its_sha256_and_size(
     assert set(files) == set(PACKAGE_FILES) - {"package.json"}
     for name, entry in files.items():
         assert entry == {
+            "format": "executorch" if name in ("training.pte", "inference.pte", "weights.ptd")
+            else "safetensors" if name == "weights.safetensors"
+            else "onnxruntime",
             "sha256": hashlib.sha256(package[name]).hexdigest(),
             "size": len(package[name]),
-        }
+        }  # fmt: skip
 
 
 def test_the_manifest_describes_the_tensors_the_app_feeds_and_reads(
@@ -81,7 +87,7 @@ def test_the_manifest_describes_the_tensors_the_app_feeds_and_reads(
     training = onnx.load_model_from_string(package["training_model.onnx"]).graph
     graph_inputs = [value.name for value in training.input]
 
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["platform"] == "android"
     assert manifest["input"] == {"name": "input", "shape": ["batch", 64], "dtype": "float32"}
     assert manifest["output"] == {"name": "logits", "shape": ["batch", 10], "dtype": "float32"}
@@ -93,7 +99,13 @@ def test_the_manifest_describes_the_tensors_the_app_feeds_and_reads(
     }
     assert graph_inputs[:2] == [manifest["input"]["name"], manifest["labels"]["name"]]
     assert manifest["loss"] == "cross_entropy"
-    assert manifest["optimizer"] == {"name": "sgd", "learning_rate_from": "task.training.lr"}
+    assert manifest["onnxruntime"]["status"] == "legacy"
+    assert manifest["onnxruntime"]["optimizer"] == {
+        "name": "sgd",
+        "learning_rate_from": "task.training.lr",
+    }
+    assert manifest["executorch"]["training_program"]["inputs"] == ["input", "labels"]
+    assert manifest["executorch"]["training_program"]["outputs"] == ["loss", "logits"]
 
 
 def test_artifacts_are_the_package_files_under_android_with_media_types(

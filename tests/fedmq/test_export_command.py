@@ -13,8 +13,14 @@ from fedmq.cli import main
 
 ZOO = ["--zoo", "mlp", "--input-shape", "8", "--num-classes", "3", "--hidden", "4"]
 PACKAGES = {
-    "android": {"inference.onnx", "checkpoint", "weights.safetensors", "package.json"},
-    "ios": {"model.ptl", "checkpoint", "weights.safetensors", "package.json"},
+    "android": {
+        "training.pte",
+        "inference.onnx",
+        "checkpoint",
+        "weights.safetensors",
+        "package.json",
+    },
+    "ios": {"training.pte", "weights.ptd", "checkpoint", "weights.safetensors", "package.json"},
     "python": {"model.onnx", "model.torchscript.pt", "weights.safetensors", "package.json"},
 }
 MODEL_FILE = """
@@ -79,7 +85,8 @@ def test_export_of_a_user_factory(models: Path, capsys: pytest.CaptureFixture[st
     assert status == 0
     manifest = _check_package(models / "pkg", "ios", capsys.readouterr().out)
     assert manifest["input"]["shape"] == ["batch", 3, 4]
-    assert manifest["lite_module"]["inputs"] == ["input", "1.weight", "1.bias"]
+    assert [p["name"] for p in manifest["parameters"]] == ["1.weight", "1.bias"]
+    assert manifest["executorch"]["weights"]["key_prefix"] == "net."
 
 
 @pytest.mark.parametrize(

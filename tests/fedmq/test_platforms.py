@@ -106,11 +106,12 @@ def test_version_zero_carries_the_phone_packages_and_tasks_point_at_them(tmp_pat
     for platform in ("android", "ios"):
         for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
             assert f"{platform}/{name}" in artifacts
-    assert "ios/model.ptl" in artifacts
+        for name in ("training.pte", "inference.pte", "weights.ptd"):
+            assert f"{platform}/{name}" in artifacts
     [task] = tasks
     assert task.sender == SERVICE.name and task.grant  # signed by the service, with its grant
     assert task.artifacts["android/checkpoint"].sha256 == artifacts["android/checkpoint"].sha256
-    assert task.artifacts["ios/model.ptl"].format == "torchscript-lite"
+    assert task.artifacts["ios/weights.ptd"].sha256 == artifacts["ios/weights.ptd"].sha256
     assert task.artifacts["android/training_model.onnx"].format == "onnx"
     # The round's weights travel as the task's model, never version 0's package copy.
     assert not [name for name in task.artifacts if name.endswith("weights.safetensors")]

@@ -1,0 +1,148 @@
+"""The ExecuTorch trainer: an emulated phone trains as the TorchScript trainer does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from android_bridge import build_android_package
+from broker import ModelRef, TrainTask
+from device_sdk import ArtifactFetcher, DeviceContext, TaskError
+from device_sdk.trainers import executorch as trainer_module
+from device_sdk.trainers.executorch import EXECUTORCH_ARTIFACTS, ExecuTorchTrainer, ProgramFiles
+from device_sdk.trainers.torchscript import TorchScriptTrainer
+from model_store import LocalStore, ModelSpec, build_model, state_to_numpy
+from model_store.export import export_torchscript
+from model_store.export.executorch import EXECUTORCH_FILES, KEY_PREFIX
+from model_store.export.mobile import MANIFEST
+from model_store.ptd import rewrite_weights
+
+SPEC = ModelSpec("mlp", (8,), 3, hidden=(16,))
+MAX_BATCH = 32
+SETTINGS = {"epochs": 2, "batch_size": 16, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> LocalStore:
+    return LocalStore(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def package(store: LocalStore) -> dict[str, bytes]:
+    return build_android_package(build_model(SPEC, seed=0), SPEC.input_shape, max_batch=MAX_BATCH)
+
+
+def _ref(store: LocalStore, data: bytes) -> ModelRef:
+    sha = store.put_blob(data)
+    return ModelRef(store.blob_url(sha), sha, len(data))
+
+
+def _later_version(store: LocalStore, package: dict[str, bytes]) -> tuple[Any, dict[str, Any]]:
+    """Return a later version's weights and the task artifacts a device gets for it."""
+    model = build_model(SPEC, seed=1)
+    weights = state_to_numpy(model)
+    refs = {"android/" + name: _ref(store, data) for name, data in package.items()}
+    ptd = rewrite_weights(package["weights.ptd"], weights, key_prefix=KEY_PREFIX)
+    refs["android/weights.ptd"] = _ref(store, ptd)
+    refs["model.torchscript.pt"] = _ref(store, export_torchscript(model))
+    return weights, refs
+
+
+def _task(refs: dict[str, Any], **training: Any) -> TrainTask:
+    return TrainTask(
+        experiment_id="e",
+        round=3,
+        base_version=2,
+        model=refs["android/weights.safetensors"],
+        artifacts=refs,
+        training={**SETTINGS, **training},
+    )
+
+
+def _data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+
+
+def _context(device: str, weights: dict[str, np.ndarray], refs: dict[str, Any]) -> DeviceContext:
+    return DeviceContext(device, {k: v.copy() for k, v in weights.items()}, refs, ArtifactFetcher())
+
+
+def test_an_executorch_phones_update_equals_the_torchscript_trainers(
+    store: LocalStore, package: dict[str, bytes]
+) -> None:
+    # Prepare: a later version than the exported one, so the round's own weights file is used.
+    weights, refs = _later_version(store, package)
+    x, y = _data()
+
+    # Execute: the same task, data, seed and stream on both trainers.
+    phone = ExecuTorchTrainer(x, y, seed=4, stream=2)(_task(refs), _context("a", weights, refs))
+    python = TorchScriptTrainer(x, y, seed=4, stream=2)(_task(refs), _context("p", weights, refs))
+
+    # Assert: measured max |diff| 6e-8 over the weights after 6 steps with momentum.
+    assert set(phone.weights) == set(python.weights) == set(weights)
+    for name, expected in python.weights.items():
+        np.testing.assert_allclose(phone.weights[name], expected, atol=1e-5, rtol=0)
+    assert phone.num_examples == python.num_examples == 40
+    assert phone.metrics["local_steps"] == python.metrics["local_steps"] == 2 * 3
+    assert phone.metrics["loss"] == pytest.approx(python.metrics["loss"], abs=1e-5)
+    assert phone.metrics["loss_before"] == pytest.approx(python.metrics["loss_before"], abs=1e-5)
+    assert any(not np.allclose(phone.weights[k], weights[k]) for k in weights)
+
+
+def test_training_leaves_the_shared_weights_file_as_it_was(
+    store: LocalStore, package: dict[str, bytes]
+) -> None:
+    weights, refs = _later_version(store, package)
+    x, y = _data()
+    files = ProgramFiles()
+    trainer = ExecuTorchTrainer(x, y, files=files)
+    ptd = ArtifactFetcher().fetch(refs["android/weights.ptd"])
+
+    first = trainer(_task(refs), _context("a", weights, refs))
+    second = trainer(_task(refs), _context("a", weights, refs))
+
+    # The fleet's devices load one file per round: training must not write into it.
+    assert files.weights(ptd).read_bytes() == ptd
+    for name in weights:
+        np.testing.assert_array_equal(first.weights[name], second.weights[name])
+
+
+@pytest.mark.parametrize(
+    ("training", "refusal"),
+    [
+        ({"optimizer": "adam"}, "offers SGD only"),
+        ({"proximal_mu": 0.1}, "proximal_mu"),
+        ({"scaffold": True}, "scaffold"),
+        ({"batch_size": MAX_BATCH + 1}, "largest batch"),
+        ({"lr": -1.0}, "bad training settings"),
+    ],
+)
+def test_settings_the_program_cannot_honour_are_refused_by_name(
+    store: LocalStore, package: dict[str, bytes], training: dict[str, Any], refusal: str
+) -> None:
+    weights, refs = _later_version(store, package)
+    x, y = _data()
+
+    with pytest.raises(TaskError, match=refusal):
+        ExecuTorchTrainer(x, y)(_task(refs, **training), _context("a", weights, refs))
+
+
+def test_a_task_without_the_programs_is_refused(
+    store: LocalStore, package: dict[str, bytes]
+) -> None:
+    weights, refs = _later_version(store, package)
+    del refs["android/training.pte"]
+    x, y = _data()
+
+    with pytest.raises(TaskError, match="android/training.pte"):
+        ExecuTorchTrainer(x, y)(_task(refs), _context("a", weights, refs))
+
+
+def test_the_device_side_names_equal_the_exporters() -> None:
+    # device_sdk may not import model_store, so it repeats the names.
+    assert (*EXECUTORCH_FILES, MANIFEST) == EXECUTORCH_ARTIFACTS
+    assert trainer_module.KEY_PREFIX == KEY_PREFIX
