@@ -40,6 +40,13 @@ EXECUTORCH_ARTIFACTS = (TRAINING_PROGRAM, INFERENCE_PROGRAM, WEIGHTS_DATA, MANIF
 METHOD = "forward"
 KEY_PREFIX = "net."
 
+# One task at a time on the runtime in a process. Its first kernel call sets up
+# a thread pool under a static-initialisation guard and logs through Python's
+# stdout, which needs the GIL: a second thread entering the runtime with the
+# GIL held meanwhile deadlocks both (seen in a fleet's first round). The
+# bindings hold the GIL while they run, so tasks never ran side by side anyway.
+_RUNTIME = threading.Lock()
+
 
 class ProgramFiles:
     """Program and weights files on disk, by sha256, in a private temporary folder.
@@ -173,14 +180,16 @@ class ExecuTorchTrainer:
 
     def __call__(self, task: TrainTask, ctx: DeviceContext) -> TrainResult:
         """Train from the round's weights file; return the new weights by parameter name."""
-        plan = _plan(dict(task.training), self._max_batch(ctx))
+        max_batch = self._max_batch(ctx)
+        plan = _plan(dict(task.training), max_batch)
         weights = self._files.weights(ctx.artifact(self._prefix + WEIGHTS_DATA))
         inference = self._files.program(ctx.artifact(self._prefix + INFERENCE_PROGRAM))
         training = self._files.program(ctx.artifact(self._prefix + TRAINING_PROGRAM))
-        loss_before = self._mean_loss(inference, weights, self._max_batch(ctx))
         stream = _stable_int(ctx.device_id) if self._stream is None else self._stream
         rng = np.random.default_rng([self._seed, task.round, stream])
-        loss, steps, trained = self._train(training, weights, plan, rng)
+        with _RUNTIME:
+            loss_before = self._mean_loss(inference, weights, max_batch)
+            loss, steps, trained = self._train(training, weights, plan, rng)
         if not math.isfinite(loss):
             raise TrainingError(f"training diverged (loss {loss})")
         new = {name.removeprefix(KEY_PREFIX): value for name, value in trained.items()}

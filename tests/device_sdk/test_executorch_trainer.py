@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,6 +112,40 @@ def test_training_leaves_the_shared_weights_file_as_it_was(
     assert files.weights(ptd).read_bytes() == ptd
     for name in weights:
         np.testing.assert_array_equal(first.weights[name], second.weights[name])
+
+
+def test_devices_of_one_process_enter_the_runtime_one_at_a_time(
+    store: LocalStore, package: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runtime's first call sets up its thread pool under a static guard and logs
+    # through Python's stdout: two threads inside it at once deadlocked a fleet's
+    # first round. Each program load is counted while it is in use.
+    weights, refs = _later_version(store, package)
+    x, y = _data()
+    inside, most = [0], [0]
+    real_load = trainer_module._load
+
+    def counted_load(program: Path, data: Path) -> Any:
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.02)  # give another thread the chance to come in
+        inside[0] -= 1
+        return real_load(program, data)
+
+    monkeypatch.setattr(trainer_module, "_load", counted_load)
+    files = ProgramFiles()
+
+    def train(i: int) -> None:
+        ExecuTorchTrainer(x, y, stream=i, files=files)(_task(refs), _context("a", weights, refs))
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert not any(thread.is_alive() for thread in threads)
+    assert most[0] == 1
 
 
 @pytest.mark.parametrize(
