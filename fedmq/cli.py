@@ -209,6 +209,12 @@ def _cmd_fleet(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_conformance(args: argparse.Namespace, settings: Settings) -> int:
+    from fedmq.conformance import run_command  # torch and the bridges, only for this command
+
+    return run_command(args, settings)
+
+
 def _platform_mix(text: str) -> dict[str, float]:
     try:
         return parse_mix(text)
@@ -437,7 +443,63 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0, help="a zoo model's weight seed (default 0)")
     export.add_argument("--force", action="store_true", help="write into a non-empty folder")
     export.set_defaults(func=_cmd_export)
+    _add_conformance_command(sub)
     return parser
+
+
+def _add_conformance_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``fedmq conformance`` (docs/conformance.md): the kit that checks a device."""
+    check = sub.add_parser(
+        "conformance", help="play the service against a device under test and report each check"
+    )
+    add_location_flags(check, "broker")
+    check.add_argument(
+        "--namespace", metavar="NS", help="the device's topic namespace ($FEDMQ_NAMESPACE, fedmq)"
+    )
+    check.add_argument("--device-id", type=_segment, required=True, help="the device's id")
+    check.add_argument(
+        "--device-key",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="file holding the device's public key (base64 of its 32 raw bytes)",
+    )
+    check.add_argument(
+        "--service-key",
+        type=Path,
+        metavar="PATH",
+        help="the kit's service key file, made on first use (default: a new key each run)",
+    )
+    check.add_argument(
+        "--platform",
+        choices=EXPORT_PLATFORMS,
+        default="python",
+        help="the package the tasks carry (default python)",
+    )
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for each thing the device should do (default 60)",
+    )
+    check.add_argument(
+        "--come-back-after",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="retry_after_s of the come-back-later note (default 5)",
+    )
+    check.add_argument(
+        "--http",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where the kit serves artifacts (default 127.0.0.1, any port)",
+    )
+    check.add_argument(
+        "--public-url", metavar="URL", help="the artifact server's URL as the device reaches it"
+    )
+    check.set_defaults(func=_cmd_conformance)
 
 
 def _version() -> str:
