@@ -234,6 +234,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             hidden=args.hidden or (),
             seed=args.seed,
             force=args.force,
+            max_batch=args.max_batch,
         )
     except ExportUsageError as exc:
         print(f"fedmq export: {exc}", file=sys.stderr)
@@ -442,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--hidden", type=_shape, metavar="SIZES", help="hidden sizes of a zoo mlp")
     export.add_argument("--seed", type=int, default=0, help="a zoo model's weight seed (default 0)")
     export.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    export.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=128,
+        metavar="N",
+        help="largest batch the phones' ExecuTorch programs take (android, ios; default 128)",
+    )
     export.set_defaults(func=_cmd_export)
     _add_conformance_command(sub)
     return parser

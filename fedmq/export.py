@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_store import StoreError
+from model_store.export.executorch import DEFAULT_MAX_BATCH
 
 if TYPE_CHECKING:
     from torch import nn
@@ -117,7 +118,12 @@ def load_model(target: str) -> nn.Module:
 
 
 def build_package(
-    model: nn.Module, input_shape: Sequence[int], platform: str, *, num_classes: int | None = None
+    model: nn.Module,
+    input_shape: Sequence[int],
+    platform: str,
+    *,
+    num_classes: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> dict[str, bytes]:
     """Return the files of ``model``'s package for ``platform``.
 
@@ -131,6 +137,8 @@ def build_package(
         ``"android"``, ``"ios"`` or ``"python"``.
     num_classes
         Checked against the model's output width (default: read from it).
+    max_batch
+        The largest batch the phones' ExecuTorch programs take (android, ios).
 
     Returns
     -------
@@ -146,7 +154,9 @@ def build_package(
     if platform not in builders:
         raise ExportUsageError(f"unknown platform {platform!r}; known: {EXPORT_PLATFORMS}")
     try:
-        return builders[platform](model, tuple(input_shape), num_classes=num_classes)
+        return builders[platform](
+            model, tuple(input_shape), num_classes=num_classes, max_batch=max_batch
+        )
     except StoreError as exc:
         raise ExportUsageError(f"export for {platform} failed: {exc}") from exc
     except Exception as exc:  # the user's model or a converter failing in its own way
@@ -193,6 +203,7 @@ def export_package(
     hidden: Sequence[int] = (),
     seed: int = 0,
     force: bool = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> list[PackageFile]:
     """Build a model (``MODULE:FACTORY`` or a zoo name) and write its package to ``out``.
 
@@ -216,6 +227,8 @@ def export_package(
         Seeds a zoo model's initial weights.
     force
         Write into a non-empty folder.
+    max_batch
+        The largest batch the phones' ExecuTorch programs take (android, ios).
 
     Returns
     -------
@@ -231,7 +244,9 @@ def export_package(
         else _zoo_model(zoo, input_shape, num_classes, hidden, seed)
     )
     with _without_onnxruntime_info():
-        files = build_package(built, input_shape, platform, num_classes=num_classes)
+        files = build_package(
+            built, input_shape, platform, num_classes=num_classes, max_batch=max_batch
+        )
     return write_package(files, out, force=force)
 
 
@@ -293,23 +308,28 @@ def _check_out(out: Path, *, force: bool) -> None:
 
 
 def _android(
-    model: nn.Module, shape: tuple[int, ...], *, num_classes: int | None
+    model: nn.Module, shape: tuple[int, ...], *, num_classes: int | None, max_batch: int
 ) -> dict[str, bytes]:
     from android_bridge.package import build_android_package
 
-    return build_android_package(model, shape, num_classes=num_classes)
+    return build_android_package(model, shape, num_classes=num_classes, max_batch=max_batch)
 
 
-def _ios(model: nn.Module, shape: tuple[int, ...], *, num_classes: int | None) -> dict[str, bytes]:
+def _ios(
+    model: nn.Module, shape: tuple[int, ...], *, num_classes: int | None, max_batch: int
+) -> dict[str, bytes]:
     from ios_bridge.package import build_ios_package
 
-    return build_ios_package(model, shape, num_classes=num_classes)
+    return build_ios_package(model, shape, num_classes=num_classes, max_batch=max_batch)
 
 
 def _python(
-    model: nn.Module, shape: tuple[int, ...], *, num_classes: int | None
+    model: nn.Module, shape: tuple[int, ...], *, num_classes: int | None, max_batch: int
 ) -> dict[str, bytes]:
-    """Weights, ONNX graph, trainable TorchScript and a manifest, for Python devices."""
+    """Weights, ONNX graph, trainable TorchScript and a manifest, for Python devices.
+
+    ``max_batch`` concerns the phones only: TorchScript takes any batch.
+    """
     from model_store.artifacts import ONNX, TORCHSCRIPT, WEIGHTS, encode_weights, state_to_numpy
     from model_store.export import export_onnx, export_torchscript
     from model_store.export.onnx import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME

@@ -57,9 +57,7 @@ def test_rewriting_refuses_weights_that_do_not_fit_the_file(
     weights = state_to_numpy(build_model(SPEC, seed=0))
 
     with pytest.raises(ManifestError, match="shape"):
-        rewrite_weights(
-            ptd, {**weights, "fc1.bias": np.zeros(17, np.float32)}, key_prefix="net."
-        )
+        rewrite_weights(ptd, {**weights, "fc1.bias": np.zeros(17, np.float32)}, key_prefix="net.")
     with pytest.raises(ManifestError, match="holds"):
         rewrite_weights(ptd, {"other": np.zeros(3, np.float32)}, key_prefix="net.")
     with pytest.raises(ManifestError, match="not an ExecuTorch"):

@@ -76,6 +76,18 @@ def test_export_of_a_zoo_model_writes_the_package(
     assert manifest["output"]["shape"] == ["batch", 3]
 
 
+def test_max_batch_sets_the_largest_batch_of_the_phone_programs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pkg"
+
+    status = main(["export", *ZOO, "--platform", "android", "--max-batch", "16", "--out", str(out)])
+
+    assert status == 0
+    manifest = _check_package(out, "android", capsys.readouterr().out)
+    assert manifest["executorch"]["max_batch"] == 16
+
+
 def test_export_of_a_user_factory(models: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(
         ["export", "--model", "h6_user_models:build", "--input-shape", "3,4"]
