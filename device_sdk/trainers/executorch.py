@@ -25,6 +25,7 @@ import numpy as np
 from broker import TrainTask
 from device_sdk.app import DeviceContext, TrainResult
 from device_sdk.errors import TaskError, TrainingError
+from device_sdk.trainers.batches import epoch_batches, local_data, round_rng
 
 __all__ = ["EXECUTORCH_ARTIFACTS", "ExecuTorchTrainer", "ProgramFiles"]
 
@@ -169,10 +170,7 @@ class ExecuTorchTrainer:
         prefix: str = "android/",
         files: ProgramFiles | None = None,
     ) -> None:
-        if len(x) != len(y) or len(x) == 0:
-            raise ValueError("a trainer needs as many labels as examples, and at least one")
-        self._x = np.ascontiguousarray(x, dtype=np.float32)
-        self._y = np.ascontiguousarray(y, dtype=np.int64)
+        self._x, self._y = local_data(x, y)
         self._seed = seed
         self._stream = stream
         self._prefix = prefix
@@ -185,8 +183,7 @@ class ExecuTorchTrainer:
         weights = self._files.weights(ctx.artifact(self._prefix + WEIGHTS_DATA))
         inference = self._files.program(ctx.artifact(self._prefix + INFERENCE_PROGRAM))
         training = self._files.program(ctx.artifact(self._prefix + TRAINING_PROGRAM))
-        stream = _stable_int(ctx.device_id) if self._stream is None else self._stream
-        rng = np.random.default_rng([self._seed, task.round, stream])
+        rng = round_rng(self._seed, task.round, self._stream, ctx.device_id)
         with _RUNTIME:
             loss_before = self._mean_loss(inference, weights, max_batch)
             loss, steps, trained = self._train(training, weights, plan, rng)
@@ -236,7 +233,7 @@ class ExecuTorchTrainer:
         try:
             for _ in range(plan.epochs):
                 loss_sum, seen = 0.0, 0
-                for idx in np.array_split(rng.permutation(n), max(1, -(-n // plan.batch_size))):
+                for idx in epoch_batches(n, plan.batch_size, rng):
                     x, y = torch.from_numpy(self._x[idx]), torch.from_numpy(self._y[idx])
                     loss = module.forward_backward(METHOD, (x, y))[0]
                     if optimizer is None:
@@ -280,8 +277,3 @@ def _cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return float(-log_probs[np.arange(len(labels)), labels].sum())
-
-
-def _stable_int(text: str) -> int:
-    """Return an integer derived from ``text`` that is the same in every process."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")

@@ -26,6 +26,7 @@ import numpy as np
 from broker import TrainTask
 from device_sdk.app import DeviceContext, TrainResult
 from device_sdk.errors import TaskError, TrainingError
+from device_sdk.trainers.batches import epoch_batches, local_data, round_rng
 
 __all__ = ["TRAINING_FILES", "OrtSessionCache", "OrtTrainer"]
 
@@ -293,10 +294,7 @@ class OrtTrainer:
         prefix: str = "android/",
         sessions: OrtSessionCache | None = None,
     ) -> None:
-        if len(x) != len(y) or len(x) == 0:
-            raise ValueError("a trainer needs as many labels as examples, and at least one")
-        self._x = np.ascontiguousarray(x, dtype=np.float32)
-        self._y = np.ascontiguousarray(y, dtype=np.int64)
+        self._x, self._y = local_data(x, y)
         self._seed = seed
         self._stream = stream
         self._prefix = prefix
@@ -319,8 +317,7 @@ class OrtTrainer:
         session = self._sessions.get(files)
         session.load(ctx.weights)
         loss_before = session.mean_loss(self._x, self._y)
-        stream = _stable_int(ctx.device_id) if self._stream is None else self._stream
-        rng = np.random.default_rng([self._seed, task.round, stream])
+        rng = round_rng(self._seed, task.round, self._stream, ctx.device_id)
         try:
             session.optimizer.set_learning_rate(plan.lr)
         except Exception as exc:  # ORT's errors derive from Exception only
@@ -338,13 +335,8 @@ class OrtTrainer:
         for _ in range(plan.epochs):
             loss_sum, seen = 0.0, 0
             # The TorchScript trainer's batches: ceil(n / batch) near-equal parts.
-            for idx in np.array_split(rng.permutation(n), max(1, -(-n // plan.batch_size))):
+            for idx in epoch_batches(n, plan.batch_size, rng):
                 loss_sum += session.step(self._x[idx], self._y[idx]) * len(idx)
                 seen += len(idx)
                 steps += 1
         return loss_sum / max(seen, 1), steps
-
-
-def _stable_int(text: str) -> int:
-    """Return an integer derived from ``text`` that is the same in every process."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")

@@ -12,6 +12,7 @@ import numpy as np
 from broker import TrainTask, decode_weights
 from device_sdk.app import DeviceContext, TrainResult
 from device_sdk.errors import TaskError, TrainingError
+from device_sdk.trainers.batches import epoch_batches, local_data, round_rng
 
 if TYPE_CHECKING:
     import torch
@@ -73,10 +74,7 @@ class TorchScriptTrainer:
         stream: int | None = None,
         modules: ModuleCache | None = None,
     ) -> None:
-        if len(x) != len(y) or len(x) == 0:
-            raise ValueError("a trainer needs as many labels as examples, and at least one")
-        self._x = np.ascontiguousarray(x, dtype=np.float32)
-        self._y = np.asarray(y, dtype=np.int64)
+        self._x, self._y = local_data(x, y)
         self._seed = seed
         self._stream = stream
         self._modules = modules or ModuleCache()
@@ -102,8 +100,7 @@ class TorchScriptTrainer:
                 tensor.copy_(torch.from_numpy(ctx.weights[name]))
         x, y = torch.from_numpy(self._x), torch.from_numpy(self._y)
         loss_before = _mean_loss(module, x, y)
-        stream = _stable_int(ctx.device_id) if self._stream is None else self._stream
-        rng = np.random.default_rng([self._seed, task.round, stream])
+        rng = round_rng(self._seed, task.round, self._stream, ctx.device_id)
         correction = self._scaffold_correction(task, ctx) if task.training.get("scaffold") else {}
         loss, steps = self._train(module, task.training, x, y, rng, correction)
         if not np.isfinite(loss):
@@ -168,7 +165,7 @@ class TorchScriptTrainer:
         loss_sum, seen, steps = 0.0, 0, 0
         for _ in range(epochs):
             loss_sum, seen = 0.0, 0
-            for idx in np.array_split(rng.permutation(len(x)), max(1, -(-len(x) // batch))):
+            for idx in epoch_batches(len(x), batch, rng):
                 index = torch.from_numpy(idx)
                 optimizer.zero_grad()
                 loss = torch.nn.functional.cross_entropy(module(x[index]), y[index])
@@ -209,8 +206,3 @@ def _optimizer(module: Any, settings: Any) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=decay)
     raise TaskError(f"unknown optimizer {name!r}")
-
-
-def _stable_int(text: str) -> int:
-    """Return an integer derived from ``text`` that is the same in every process."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
