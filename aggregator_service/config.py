@@ -14,6 +14,7 @@ from aggregator_service.errors import ConfigError
 from aggregator_service.strategies import STRATEGIES, Strategy
 from device_sdk.data import DATASET_FACTS, DATASETS, PARTITIONS
 from model_store import ModelSpec, ModelSpecError
+from model_store.export.executorch import DEFAULT_MAX_BATCH
 
 OPTIMIZERS = ("sgd", "adam")
 PLATFORMS = ("python", "android", "ios")
@@ -125,7 +126,13 @@ class ExperimentConfig:
             (d.alpha > 0, "data.alpha: must be positive"),
         ]
         problems = [message for ok, message in checks if not ok]
-        for check in (lambda: build_strategy(self.strategy), self.platforms, self._fits_data):
+        checks_that_raise = (
+            lambda: build_strategy(self.strategy),
+            self.platforms,
+            self._fits_data,
+            self._phones_can_train,
+        )
+        for check in checks_that_raise:
             try:
                 check()
             except ConfigError as exc:
@@ -169,6 +176,34 @@ class ExperimentConfig:
         if problems:
             raise ConfigError("; ".join(problems), problems)
 
+    def _phones_can_train(self) -> None:
+        """Raise ``ConfigError`` for settings every phone would refuse, round after round.
+
+        Phones train an exported ExecuTorch program with the runtime's SGD: no
+        other optimizer, no FedProx term, no SCAFFOLD correction, batches of at
+        most the programs' largest (the service exports them for
+        ``PHONE_MAX_BATCH``).
+        """
+        phones = [p for p in self.platforms() if p in PHONE_PLATFORMS]
+        if not phones:
+            return
+        t, name = self.training, self.strategy.get("name")
+        problems = []
+        if t.optimizer != "sgd":
+            problems.append(f"training.optimizer: phones ({phones}) train with sgd only")
+        if t.batch_size > PHONE_MAX_BATCH:
+            problems.append(
+                f"training.batch_size: {t.batch_size}, but the phones' programs take "
+                f"batches of at most {PHONE_MAX_BATCH}"
+            )
+        if name in PHONE_REFUSED_STRATEGIES:
+            problems.append(
+                f"strategy.name: phones ({phones}) cannot train {name}: their program has "
+                f"no {PHONE_REFUSED_STRATEGIES[name]}"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems), problems)
+
     def model_spec(self) -> ModelSpec:
         """Return the zoo model the config names; raise ``ConfigError`` if it cannot exist."""
         try:
@@ -198,6 +233,12 @@ class ExperimentConfig:
         """Return the training settings as sent in a task."""
         return {k: v for k, v in asdict(self.training).items()}
 
+
+PHONE_PLATFORMS = ("android", "ios")
+#: The largest batch of the phone programs a service exports (``--max-batch``'s default).
+PHONE_MAX_BATCH = DEFAULT_MAX_BATCH
+#: Strategies whose local training needs what a phone's exported program lacks.
+PHONE_REFUSED_STRATEGIES = {"fedprox": "proximal term", "scaffold": "gradient correction"}
 
 ASYNCHRONOUS = ("fedbuff",)
 """Strategies whose rounds are server steps without a cohort barrier (see ``is_asynchronous``)."""

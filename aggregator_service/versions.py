@@ -77,13 +77,17 @@ def _phone_weights(
     every version holds the same tensors, so its file is its parent's with
     the bytes replaced (``model_store.ptd``), not a new export.
     """
-    files = {}
+    files: dict[str, Artifact] = {}
+    written: dict[str, tuple[str, int]] = {}  # Android's and iOS's files are the same bytes
     for name, artifact in parent.items():
         if name.endswith("/" + PTD_WEIGHTS):
-            data = rewrite_weights(
-                store.get_blob(artifact.sha256), weights, key_prefix=PTD_KEY_PREFIX
-            )
-            files[name] = Artifact(name, store.put_blob(data), len(data), artifact.media_type)
+            if artifact.sha256 not in written:
+                data = rewrite_weights(
+                    store.get_blob(artifact.sha256), weights, key_prefix=PTD_KEY_PREFIX
+                )
+                written[artifact.sha256] = (store.put_blob(data), len(data))
+            sha, size = written[artifact.sha256]
+            files[name] = Artifact(name, sha, size, artifact.media_type)
     return files
 
 

@@ -35,6 +35,7 @@ from fedmq.settings import (
     redact,
 )
 from model_store import StoreError
+from model_store.export.executorch import DEFAULT_MAX_BATCH
 
 _HEADER = (
     f"{'round':>5}  {'state':<9} {'selected':>8} {'reported':>8} {'loss':>8} "
@@ -271,6 +272,13 @@ def _segment(text: str) -> str:
     return text
 
 
+def _max_batch(text: str) -> int:
+    value = _positive(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("must be 2 or more (a dynamic batch axis needs two sizes)")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -445,10 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="write into a non-empty folder")
     export.add_argument(
         "--max-batch",
-        type=_positive,
-        default=128,
+        type=_max_batch,
+        default=DEFAULT_MAX_BATCH,
         metavar="N",
-        help="largest batch the phones' ExecuTorch programs take (android, ios; default 128)",
+        help=f"largest batch the phones' ExecuTorch programs take, 2 or more (android, ios; "
+        f"default {DEFAULT_MAX_BATCH})",
     )
     export.set_defaults(func=_cmd_export)
     _add_conformance_command(sub)

@@ -86,8 +86,9 @@ def mixed_trainers(platforms: Sequence[str], seed: int) -> tuple[TrainerFactory,
     """Return a trainer factory that gives device ``i`` a trainer of ``platforms[i]``.
 
     Also returns the platform names, for the devices to report at check-in.
-    A platform's trainers are built when its first device is: a process that
-    runs only Android devices never loads torch.
+    A platform's trainers are built when its first device is: a process
+    loads a runtime (ExecuTorch's, TorchScript's) only for the platforms its
+    devices run.
     """
     factories: dict[str, TrainerFactory] = {}
 

@@ -91,9 +91,14 @@ def read_layout(data: bytes) -> dict[str, TensorSpan]:
         spans = [_span(t, segments, base) for t in _tables(root, _NAMED_DATA)]
     except (IndexError, ValueError, UnicodeDecodeError, struct.error) as exc:
         raise ManifestError(f"malformed .ptd index: {exc}") from exc
-    for span in spans:
+    end, previous = 0, ""
+    for span in sorted(spans, key=lambda s: s.offset):
         if span.offset + span.nbytes > len(data):
             raise ManifestError(f"tensor {span.key!r} lies past the end of the .ptd file")
+        if span.offset < end:
+            # The exporter stores equal tensors once; rewriting one would change both.
+            raise ManifestError(f"tensors {previous!r} and {span.key!r} share bytes")
+        end, previous = span.offset + span.nbytes, span.key
     return {span.key: span for span in spans}
 
 

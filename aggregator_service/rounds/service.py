@@ -55,7 +55,7 @@ from broker import (
 from broker.identity import Identity, KeyRing, encode_key
 from broker.topics import Topics
 from broker.verify import Refusal, Refusals, Verifier, check_fresh, refuse
-from model_store import ModelSpec, ModelStore, build_initial_artifacts
+from model_store import ExportError, ModelSpec, ModelStore, build_initial_artifacts
 from model_store.artifacts import ONNX, WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,12 @@ class RoundService:
         artifacts, metadata = build_initial_artifacts(spec, seed=config.seed)
         for platform in config.platforms():
             if platform in self._packagers:
-                artifacts.update(self._packagers[platform](spec, config.seed))
+                try:
+                    artifacts.update(self._packagers[platform](spec, config.seed))
+                except ExportError as exc:  # e.g. ExecuTorch missing: the config asks too much
+                    raise ConfigError(
+                        f"model.platforms: cannot package for {platform}: {exc}"
+                    ) from exc
         experiment_id = f"{_slug(config.name)}-{uuid.uuid4().hex[:8]}"
         self._store.publish(experiment_id, 0, artifacts, parent=None, metadata=metadata)
         self._db.add_experiment(

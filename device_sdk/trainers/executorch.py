@@ -16,6 +16,7 @@ import math
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,8 @@ class ProgramFiles:
             self._weights[path.name] = path
             self._weights.move_to_end(path.name)
             while len(self._weights) > self._keep:
-                # A device loading it now has the file open: unlinking is safe.
+                # Called under the runtime lock: no device is about to load it, and
+                # one that loaded it has its contents.
                 self._weights.popitem(last=False)[1].unlink(missing_ok=True)
             return path
 
@@ -180,22 +182,23 @@ class ExecuTorchTrainer:
         """Train from the round's weights file; return the new weights by parameter name."""
         max_batch = self._max_batch(ctx)
         plan = _plan(dict(task.training), max_batch)
-        weights = self._files.weights(ctx.artifact(self._prefix + WEIGHTS_DATA))
-        inference = self._files.program(ctx.artifact(self._prefix + INFERENCE_PROGRAM))
-        training = self._files.program(ctx.artifact(self._prefix + TRAINING_PROGRAM))
+        data = {
+            name: ctx.artifact(self._prefix + name)
+            for name in (WEIGHTS_DATA, INFERENCE_PROGRAM, TRAINING_PROGRAM)
+        }
         rng = round_rng(self._seed, task.round, self._stream, ctx.device_id)
         with _RUNTIME:
+            # Files are written, and old weights files removed, only while no other
+            # device of the process is between writing its files and loading them.
+            weights = self._files.weights(data[WEIGHTS_DATA])
+            inference = self._files.program(data[INFERENCE_PROGRAM])
+            training = self._files.program(data[TRAINING_PROGRAM])
             loss_before = self._mean_loss(inference, weights, max_batch)
-            loss, steps, trained = self._train(training, weights, plan, rng)
+            loss, steps, trained = self._train(training, weights, plan, rng, ctx.weights)
         if not math.isfinite(loss):
             raise TrainingError(f"training diverged (loss {loss})")
-        new = {name.removeprefix(KEY_PREFIX): value for name, value in trained.items()}
-        if set(new) != set(ctx.weights):
-            raise TaskError(
-                f"the program trains {sorted(new)}, the task's model holds {sorted(ctx.weights)}"
-            )
         metrics = {"loss": loss, "loss_before": loss_before, "local_steps": float(steps)}
-        return TrainResult(new, len(self._x), metrics)
+        return TrainResult(trained, len(self._x), metrics)
 
     def _max_batch(self, ctx: DeviceContext) -> int:
         try:
@@ -220,9 +223,18 @@ class ExecuTorchTrainer:
         return total / len(self._x)
 
     def _train(
-        self, program: Path, weights: Path, plan: _Plan, rng: np.random.Generator
+        self,
+        program: Path,
+        weights: Path,
+        plan: _Plan,
+        rng: np.random.Generator,
+        model: Mapping[str, np.ndarray],
     ) -> tuple[float, int, dict[str, np.ndarray]]:
-        """Run the local epochs; return the last epoch's mean loss, the steps and the weights."""
+        """Run the local epochs; return the last epoch's mean loss, the steps and the weights.
+
+        The weights file must hold the task's ``model`` exactly (checked once the
+        runtime names its parameters); the weights come back by parameter name.
+        """
         import torch
 
         training = _runtime("executorch.extension.training")
@@ -238,6 +250,7 @@ class ExecuTorchTrainer:
                     loss = module.forward_backward(METHOD, (x, y))[0]
                     if optimizer is None:
                         # The runtime names its parameters only once a method has run.
+                        _check_start(module.named_parameters(), model)
                         optimizer = training.get_sgd_optimizer(
                             module.named_parameters(), plan.lr, plan.momentum, 0.0,
                             plan.weight_decay, False,
@@ -248,8 +261,26 @@ class ExecuTorchTrainer:
                     steps += 1
         except RuntimeError as exc:
             raise TrainingError(f"an ExecuTorch training step failed: {exc}") from exc
-        trained = {k: v.detach().numpy().copy() for k, v in module.named_parameters().items()}
+        trained = {
+            name.removeprefix(KEY_PREFIX): value.detach().numpy().copy()
+            for name, value in module.named_parameters().items()
+        }
         return loss_sum / max(seen, 1), steps, trained
+
+
+def _check_start(parameters: Mapping[str, Any], model: Mapping[str, np.ndarray]) -> None:
+    """Refuse a weights file that does not hold the task's model: training would start elsewhere."""
+    names = {name.removeprefix(KEY_PREFIX): name for name in parameters}
+    if set(names) != set(model):
+        raise TaskError(
+            f"the program trains {sorted(names)}, the task's model holds {sorted(model)}"
+        )
+    for name, key in names.items():
+        if not np.array_equal(parameters[key].detach().numpy(), model[name]):
+            raise TaskError(
+                f"the task's weights file holds other values of {name!r} than its model: "
+                "a weights file of another version"
+            )
 
 
 def _load(program: Path, weights: Path) -> Any:

@@ -73,6 +73,7 @@ class BlobServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, public_url: str | None = None):
         self._blobs: dict[str, _Blob] = {}
         self._fetches: list[Fetch] = []
+        self._twins: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer((host, port), _handler_for(self))
         self._http.daemon_threads = True
@@ -94,6 +95,7 @@ class BlobServer:
         tampered: bool = False,
         faults: Sequence[Fault] = (),
         expired: bool = False,
+        twin_of: ModelRef | None = None,
     ) -> ModelRef:
         """Serve ``data`` and return the reference a task carries for artifact ``name``.
 
@@ -110,19 +112,27 @@ class BlobServer:
             Answer the first requests with these, in order, then with the blob.
         expired
             Sign the URL with an expiry in the past: the server answers 403.
+        twin_of
+            Another form of that reference's bytes (a phone's weights file of the
+            task's model): requests for either count as requests for it.
         """
         sha256 = hashlib.sha256(data).hexdigest()
         if tampered:
             sha256 = hashlib.sha256(secrets.token_bytes(32) + data).hexdigest()
         with self._lock:
             self._blobs[sha256] = _Blob(data, deque(faults))
+            if twin_of is not None:
+                self._twins.setdefault(twin_of.sha256, set()).add(sha256)
         links = self._expired_links if expired else self._links
         return ModelRef(links.download(sha256), sha256, len(data), artifact_format(name))
 
     def fetches(self, ref: ModelRef | None = None) -> list[Fetch]:
-        """Return the requests so far (for one reference's blob, when given)."""
+        """Return the requests so far (for one reference's blob and its twins, when given)."""
         with self._lock:
-            return [f for f in self._fetches if ref is None or f.blob == ref.sha256]
+            if ref is None:
+                return list(self._fetches)
+            blobs = {ref.sha256, *self._twins.get(ref.sha256, ())}
+            return [f for f in self._fetches if f.blob in blobs]
 
     def close(self) -> None:
         """Stop serving."""

@@ -24,12 +24,15 @@ def judge_download_checksum(baseline: TaskRun, tampered: TaskRun, blobs: BlobSer
     fetched = blobs.fetches(baseline.task.model)
     if not fetched:
         return CheckResult.failing(
-            check, "never requested the task's model URL (it must GET model.uri)"
+            check,
+            "never requested the task's weights: GET model.uri (a phone may GET its "
+            "<platform>/weights.ptd instead, which holds the same weights)",
         )
     if not any(f.status == 200 for f in fetched):
         return CheckResult.failing(
             check,
-            f"the model URL answered {_statuses(fetched)}: GET it exactly as given, query included",
+            f"the weights URLs answered {_statuses(fetched)}: GET them exactly as given, "
+            "query included",
         )
     if not tampered.answers:
         return CheckResult.failing(

@@ -109,6 +109,8 @@ class Conformance:
         self._experiment_id = f"conformance-{uuid.uuid4().hex[:8]}"
         self._max_examples = options.max_examples
         self._round = 0
+        self._phone_refs: dict[str, dict[str, ModelRef]] = {}
+        """A phone's weights file for each task model offered, by the model's sha256."""
         self._answers: list[tuple[Arrival, Message]] = []
         """Every answer to a genuine task, for the signature check."""
 
@@ -175,9 +177,20 @@ class Conformance:
     def _offer_model(
         self, *, tampered: bool = False, faults: tuple[Fault, ...] = (), expired: bool = False
     ) -> ModelRef:
-        """Serve weights no device has cached, so the device must download them."""
+        """Serve weights no device has cached, so the device must download them.
+
+        A phone's task also carries the same weights as its ExecuTorch weights
+        file, served alike (tampered, failing, expired), whichever it fetches.
+        """
         data = self._model.fresh_weights()
-        return self._blobs.offer(WEIGHTS, data, tampered=tampered, faults=faults, expired=expired)
+        model = self._blobs.offer(WEIGHTS, data, tampered=tampered, faults=faults, expired=expired)
+        self._phone_refs[model.sha256] = {
+            name: self._blobs.offer(
+                name, ptd, tampered=tampered, faults=faults, expired=expired, twin_of=model
+            )
+            for name, ptd in self._model.phone_weights(data).items()
+        }
+        return model
 
     def _artifact_refs(self) -> dict[str, ModelRef]:
         return {name: self._blobs.offer(name, data) for name, data in self._model.artifacts.items()}
@@ -191,11 +204,13 @@ class Conformance:
     ) -> TaskRun:
         """Publish a task (fresh weights and the model's artifacts unless given); do not wait."""
         self._round += 1
+        model = model or self._offer_model()
+        listed = self._artifact_refs() if artifacts is None else artifacts
         task = self._standin.send_task(
             experiment_id=self._experiment_id,
             round_number=self._round,
-            model=model or self._offer_model(),
-            artifacts=self._artifact_refs() if artifacts is None else artifacts,
+            model=model,
+            artifacts={**listed, **self._phone_refs.get(model.sha256, {})},
             max_examples=self._max_examples,
             signer=signer,
         )

@@ -16,6 +16,7 @@ import numpy as np
 
 from broker import decode_weights, encode_weights
 from model_store import WEIGHTS, ModelSpec, build_initial_artifacts
+from model_store.ptd import PTD_KEY_PREFIX, PTD_WEIGHTS, rewrite_weights
 
 DEFAULT_SPEC = ModelSpec("mlp", (64,), 10)
 """A tiny MLP on 64 inputs and 10 classes (scikit-learn's digits): exports in seconds."""
@@ -41,12 +42,16 @@ class KitModel:
         weights are its ``model``, as the service sends them.
     platform
         The platform the artifacts were built for.
+    phone_weights_template
+        A phone package's ExecuTorch weights file, from which each task's own
+        is made (None for Python devices).
     """
 
     spec: ModelSpec
     weights: Mapping[str, np.ndarray]
     artifacts: Mapping[str, bytes]
     platform: str
+    phone_weights_template: bytes | None = None
 
     @classmethod
     def build(
@@ -72,8 +77,22 @@ class KitModel:
                 {name: data for name, (data, _media) in packagers[platform](spec, seed).items()}
             )
         weights = decode_weights(files[WEIGHTS], copy=True)
-        artifacts = {name: data for name, data in files.items() if not name.endswith(WEIGHTS)}
-        return cls(spec, weights, artifacts, platform)
+        # Each version's weights travel as the task's model and, for a phone, as
+        # that version's weights file; the packages' own copies hold version 0's.
+        ptd = f"{platform}/{PTD_WEIGHTS}"
+        artifacts = {
+            name: data for name, data in files.items() if not name.endswith(WEIGHTS) and name != ptd
+        }
+        return cls(spec, weights, artifacts, platform, files.get(ptd))
+
+    def phone_weights(self, model: bytes) -> dict[str, bytes]:
+        """Return the phone's weights file holding the safetensors ``model``, by artifact name."""
+        if self.phone_weights_template is None:
+            return {}
+        data = rewrite_weights(
+            self.phone_weights_template, decode_weights(model), key_prefix=PTD_KEY_PREFIX
+        )
+        return {f"{self.platform}/{PTD_WEIGHTS}": data}
 
     def fresh_weights(self) -> bytes:
         """Return the weights as safetensors no device has seen: one value moved a few ulps."""

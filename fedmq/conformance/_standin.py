@@ -144,7 +144,9 @@ class ServiceStandIn:
         # Every check-in topic: a device that checks in on another id's topic
         # is still seen (and failed), not mistaken for a silent one.
         self.check_ins = Inbox(lambda a: a.topic == own_checkin or a.sender == device_id)
-        self.answers = Inbox(lambda a: True)
+        # Answers from or about the device under test only: others may share the
+        # namespace, and their frames (weights inline) would pile up for the run.
+        self.answers = Inbox(lambda a: a.sender == device_id or device_id in a.topic.split("/"))
         transport.subscribe(topics.all_checkins, self.check_ins.put)
         transport.subscribe(f"{topics.namespace}/updates/#", self.answers.put)
 

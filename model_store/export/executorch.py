@@ -25,11 +25,14 @@ from __future__ import annotations
 import functools
 import tempfile
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model_store.errors import ExportError
-from model_store.ptd import PTD_KEY_PREFIX, PTD_WEIGHTS, read_layout
+import numpy as np
+
+from model_store.errors import ExportError, ManifestError
+from model_store.ptd import PTD_KEY_PREFIX, PTD_WEIGHTS, read_layout, rewrite_weights
 
 if TYPE_CHECKING:
     from torch import nn
@@ -88,30 +91,63 @@ def export_executorch(
         ``name -> bytes`` for each of :data:`EXECUTORCH_FILES`; ``ExportError``
         when ExecuTorch is missing or cannot export the model.
     """
-    if max_batch < 1:
-        raise ExportError(f"max_batch must be at least 1, got {max_batch}")
+    if max_batch < 2:
+        # torch.export cannot make a dynamic axis whose only size is 1.
+        raise ExportError(f"max_batch must be at least 2, got {max_batch}")
+    try:
+        import executorch.exir  # noqa: F401 - only to say clearly that it is missing
+    except ImportError as exc:
+        raise ExportError(f"{_INSTALL_HINT} ({exc})") from exc
     shape = tuple(int(n) for n in input_shape)
-    was_training = model.training
+    state = _float32_state(model)
+    # ExecuTorch stores equal tensors once (two zero-initialised biases would share
+    # bytes, and a later version's values could not differ): export a copy whose
+    # values are all distinct, then write the model's own into the file.
+    stand_in = _with_distinct_values(model)
     try:
         with tempfile.TemporaryDirectory(prefix="fedmq-executorch-") as tmp:
             files = {
-                TRAINING_PROGRAM: _export(model, shape, max_batch, Path(tmp, "t"), training=True),
-                INFERENCE_PROGRAM: _export(model, shape, max_batch, Path(tmp, "i"), training=False),
+                TRAINING_PROGRAM: _export(
+                    stand_in, shape, max_batch, Path(tmp, "t"), training=True
+                ),
+                INFERENCE_PROGRAM: _export(
+                    stand_in, shape, max_batch, Path(tmp, "i"), training=False
+                ),
             }
-            files[PTD_WEIGHTS] = Path(tmp, "t", _EXPORTED_DATA).read_bytes()
+            exported = Path(tmp, "t", _EXPORTED_DATA).read_bytes()
             inference_data = Path(tmp, "i", _EXPORTED_DATA).read_bytes()
-    except ExportError:
-        raise
-    except ImportError as exc:
-        raise ExportError(f"{_INSTALL_HINT} ({exc})") from exc
     except Exception as exc:  # torch.export and ExecuTorch raise many types
         raise ExportError(
             f"ExecuTorch cannot export {type(model).__name__}: {type(exc).__name__}: {exc}"
         ) from exc
-    finally:
-        model.train(was_training)
-    _check_weights(model, files[PTD_WEIGHTS], inference_data)
+    try:
+        if set(read_layout(exported)) != set(read_layout(inference_data)):
+            raise ExportError("the training and inference programs read different weights")
+        files[PTD_WEIGHTS] = rewrite_weights(exported, state, key_prefix=KEY_PREFIX)
+    except ManifestError as exc:
+        raise ExportError(f"the exported weights file does not fit the model: {exc}") from exc
     return files
+
+
+def _float32_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """Return the model's state as float32 arrays; refuse other dtypes."""
+    state = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
+    other = sorted(name for name, array in state.items() if array.dtype != np.float32)
+    if other:
+        raise ExportError(f"FedMQ's phone programs take float32 models; {other} are not float32")
+    return state
+
+
+def _with_distinct_values(model: nn.Module) -> nn.Module:
+    """Return a copy of ``model`` whose every tensor holds distinct random values."""
+    import torch
+
+    copy = deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in copy.state_dict().values():  # views of the parameters
+            tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype))
+    return copy
 
 
 def _export(
@@ -149,25 +185,6 @@ def _export(
     out.mkdir()
     executable.write_tensor_data_to_file(str(out))
     return bytes(executable.buffer)
-
-
-def _check_weights(model: nn.Module, data: bytes, inference_data: bytes) -> None:
-    """Refuse a weights file that does not hold exactly the model's parameters, unchanged."""
-    import numpy as np
-
-    layout = read_layout(data)
-    if set(layout) != set(read_layout(inference_data)):
-        raise ExportError("the training and inference programs read different weights")
-    state = {KEY_PREFIX + name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
-    if set(layout) != set(state):
-        raise ExportError(
-            f"the exported weights are {sorted(layout)}, the model's state {sorted(state)}: "
-            "FedMQ's mobile programs take models whose state is all float32 parameters"
-        )
-    for key, span in layout.items():
-        stored = np.frombuffer(data, dtype="<f4", count=span.nbytes // 4, offset=span.offset)
-        if not np.array_equal(stored, state[key].astype(np.float32).ravel()):
-            raise ExportError(f"the exported weight {key!r} differs from the model's")
 
 
 @functools.cache

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model_store.artifacts import MEDIA_ONNX, MEDIA_SAFETENSORS, encode_weights, state_to_numpy
+from model_store.artifacts import (
+    MEDIA_ONNX,
+    MEDIA_SAFETENSORS,
+    WEIGHTS,
+    encode_weights,
+    state_to_numpy,
+)
 from model_store.errors import ExportError
 from model_store.export.executorch import (
     DEFAULT_MAX_BATCH,
@@ -55,7 +61,6 @@ __all__ = [
 
 MANIFEST = "package.json"
 MEDIA_MANIFEST = "application/json"
-WEIGHTS = "weights.safetensors"
 #: ONNX Runtime Mobile's inference graph, in the Android package only (legacy).
 ORT_INFERENCE_MODEL = "inference.onnx"
 MOBILE_PLATFORMS = ("android", "ios")

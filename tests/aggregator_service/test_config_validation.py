@@ -125,3 +125,41 @@ def test_the_api_refuses_a_mismatched_config_listing_every_problem(client: Flask
     assert client.get("/api/v1/experiments", headers={"Authorization": "Bearer t"}).json == {
         "experiments": []
     }
+
+
+PHONES: dict[str, Any] = {
+    "name": "phones",
+    "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 10, "platforms": ["ios"]},
+    "data": {"dataset": "digits", "devices": 4},
+    "rounds": {"devices_per_round": 4},
+}
+
+
+def test_settings_every_phone_would_refuse_are_refused_up_front() -> None:
+    raw = {
+        **PHONES,
+        "strategy": {"name": "fedprox", "mu": 0.1},
+        "training": {"optimizer": "adam", "batch_size": 256},
+    }
+
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig.from_dict(raw)
+
+    problems = caught.value.problems
+    assert any(p.startswith("training.optimizer: phones (['ios'])") for p in problems), problems
+    assert any("batch_size: 256" in p and "at most 128" in p for p in problems), problems
+    assert any("cannot train fedprox" in p for p in problems), problems
+
+
+def test_phones_take_sgd_with_momentum_and_a_batch_within_their_programs() -> None:
+    raw = {**PHONES, "training": {"batch_size": 128, "momentum": 0.9, "weight_decay": 1e-4}}
+
+    assert ExperimentConfig.from_dict(raw).platforms() == ("python", "ios")
+    # Without phones the same refused settings are fine.
+    python_only = {**PHONES, "model": {**PHONES["model"], "platforms": ["python"]}}
+    assert (
+        ExperimentConfig.from_dict(
+            {**python_only, "training": {"optimizer": "adam", "batch_size": 256}}
+        ).training.batch_size
+        == 256
+    )

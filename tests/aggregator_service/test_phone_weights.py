@@ -64,3 +64,24 @@ def test_rewriting_refuses_weights_that_do_not_fit_the_file(
         read_layout(b"\x00" * 64)
     with pytest.raises(ManifestError):
         read_layout(ptd[:200])  # cut short: the index points past the end
+
+
+def test_a_chain_of_versions_keeps_each_versions_weights_for_both_phones(
+    tmp_path: Path, phone_package: dict[str, tuple[bytes, str]]
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    ios = {"ios/" + name.removeprefix("android/"): v for name, v in phone_package.items()}
+    store.publish("exp", 0, {**phone_package, **ios}, parent=None, metadata={})
+
+    for version in (1, 2):
+        weights = state_to_numpy(build_model(SPEC, seed=10 + version))
+        write_version(store, "exp", version - 1, version, weights, {})
+
+        artifacts = store.get_manifest("exp", version).artifacts
+        android, ios_file = artifacts["android/weights.ptd"], artifacts["ios/weights.ptd"]
+        assert android.sha256 == ios_file.sha256  # written once, listed for both
+        data = store.get_blob(android.sha256)
+        for name, array in weights.items():
+            span = read_layout(data)["net." + name]
+            stored = np.frombuffer(data, "<f4", span.nbytes // 4, span.offset).reshape(span.shape)
+            np.testing.assert_array_equal(stored, array)

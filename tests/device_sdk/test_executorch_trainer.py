@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,20 +118,28 @@ def test_devices_of_one_process_enter_the_runtime_one_at_a_time(
 ) -> None:
     # The runtime's first call sets up its thread pool under a static guard and logs
     # through Python's stdout: two threads inside it at once deadlocked a fleet's
-    # first round. Each program load is counted while it is in use.
+    # first round. Every use of the runtime (evaluation, training) is counted.
     weights, refs = _later_version(store, package)
     x, y = _data()
+    count = threading.Lock()
     inside, most = [0], [0]
-    real_load = trainer_module._load
 
-    def counted_load(program: Path, data: Path) -> Any:
-        inside[0] += 1
-        most[0] = max(most[0], inside[0])
-        time.sleep(0.02)  # give another thread the chance to come in
-        inside[0] -= 1
-        return real_load(program, data)
+    def counted(method: Any) -> Any:
+        def run(*args: Any) -> Any:
+            with count:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)  # give another thread the chance to come in
+            try:
+                return method(*args)
+            finally:
+                with count:
+                    inside[0] -= 1
 
-    monkeypatch.setattr(trainer_module, "_load", counted_load)
+        return run
+
+    for name in ("_mean_loss", "_train"):
+        monkeypatch.setattr(ExecuTorchTrainer, name, counted(getattr(ExecuTorchTrainer, name)))
     files = ProgramFiles()
 
     def train(i: int) -> None:
@@ -166,6 +173,17 @@ def test_settings_the_program_cannot_honour_are_refused_by_name(
 
     with pytest.raises(TaskError, match=refusal):
         ExecuTorchTrainer(x, y)(_task(refs, **training), _context("a", weights, refs))
+
+
+def test_a_weights_file_of_another_version_is_refused(
+    store: LocalStore, package: dict[str, bytes]
+) -> None:
+    weights, refs = _later_version(store, package)
+    refs["android/weights.ptd"] = _ref(store, package["weights.ptd"])  # version 0's
+    x, y = _data()
+
+    with pytest.raises(TaskError, match="weights file of another version"):
+        ExecuTorchTrainer(x, y)(_task(refs), _context("a", weights, refs))
 
 
 def test_a_task_without_the_programs_is_refused(

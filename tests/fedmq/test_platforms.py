@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from aggregator_service.errors import ConfigError
 from broker import CheckIn, Delivery, MemoryTransport, TrainTask, decode
 from fedmq.defaults import DEMO_CONFIG
 from fedmq.platforms import assign_platforms, parse_mix, platform_packagers
-from model_store import LocalStore
+from model_store import ExportError, LocalStore, ModelSpec
 from tests.identities import SERVICE, TOPICS, device, round_service, sign
 
 
@@ -66,6 +67,21 @@ def test_the_config_names_the_platforms_it_is_packaged_for() -> None:
 def test_unknown_platforms_are_config_errors(platforms: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=f"model.platforms: {message}"):
         ExperimentConfig.from_dict(_config(platforms=platforms))
+
+
+def test_a_package_that_cannot_be_built_is_a_config_error(tmp_path: Path) -> None:
+    def no_executorch(spec: ModelSpec, seed: int) -> Mapping[str, tuple[bytes, str]]:
+        raise ExportError("ExecuTorch is not installed")
+
+    transport, db = MemoryTransport(), Database("sqlite://")
+    store = LocalStore(tmp_path / "store")
+    service = round_service(transport, store, db, packagers={"ios": no_executorch})
+    config = ExperimentConfig.from_dict(_config(platforms=["ios"]))
+
+    with pytest.raises(ConfigError, match="cannot package for ios: ExecuTorch is not installed"):
+        service.create_experiment(config)
+    transport.close()
+    db.close()
 
 
 def test_a_service_without_a_packager_refuses_the_platform(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import torch
 from executorch.extension.pybindings.portable_lib import _load_for_executorch
 from executorch.extension.training import TrainingModule, get_sgd_optimizer
 
-from model_store import ExportError, ModelSpec, build_model, state_to_numpy
+from model_store import ExportError, ManifestError, ModelSpec, build_model, state_to_numpy
+from model_store.export import executorch as executorch_export
 from model_store.export.executorch import EXECUTORCH_FILES, KEY_PREFIX, export_executorch
 from model_store.ptd import read_layout, rewrite_weights
 
@@ -141,6 +142,51 @@ def test_a_model_that_does_not_export_raises_export_error() -> None:
         export_executorch(DataDependent(), (4,))
 
 
-def test_max_batch_below_one_is_refused() -> None:
-    with pytest.raises(ExportError, match="max_batch"):
-        export_executorch(build_model(SPECS["mlp"], seed=0), (64,), max_batch=0)
+def test_max_batch_below_two_is_refused() -> None:
+    # torch.export cannot make a dynamic axis whose only size is 1.
+    with pytest.raises(ExportError, match="max_batch must be at least 2"):
+        export_executorch(build_model(SPECS["mlp"], seed=0), (64,), max_batch=1)
+
+
+def test_equal_tensors_get_bytes_of_their_own_so_a_later_version_can_differ(
+    tmp_path: Path,
+) -> None:
+    # Prepare: two zero-initialised biases of one shape, which ExecuTorch's exporter
+    # would otherwise store once.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[2].bias.zero_()
+    files = export_executorch(model, (4,), max_batch=4)
+
+    # Execute: a later version whose biases differ.
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)
+        model[2].bias.fill_(-0.25)
+    weights = tmp_path / "weights.ptd"
+    weights.write_bytes(
+        rewrite_weights(files["weights.ptd"], state_to_numpy(model), key_prefix=KEY_PREFIX)
+    )
+    (tmp_path / "inference.pte").write_bytes(files["inference.pte"])
+    program = _load_for_executorch(str(tmp_path / "inference.pte"), data_path=str(weights))
+
+    # Assert: the file's tensors are apart, and the program computes the new version.
+    layout = read_layout(files["weights.ptd"])
+    assert layout["net.0.bias"].offset != layout["net.2.bias"].offset
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.abs(program.forward((x,))[0] - expected).max().item() <= 1e-6
+
+
+def test_a_file_whose_tensors_share_bytes_is_refused(tmp_path: Path) -> None:
+    # ExecuTorch's exporter, run on two equal biases directly, stores them once.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[2].bias.zero_()
+    executorch_export._export(model, (4,), 4, tmp_path / "out", training=False)
+    shared = (tmp_path / "out" / "_default_external_constant.ptd").read_bytes()
+
+    with pytest.raises(ManifestError, match="share bytes"):
+        read_layout(shared)
