@@ -180,14 +180,13 @@ class ExperimentConfig:
         """Raise ``ConfigError`` for settings every phone would refuse, round after round.
 
         Phones train an exported ExecuTorch program with the runtime's SGD: no
-        other optimizer, no FedProx term, no SCAFFOLD correction, batches of at
-        most the programs' largest (the service exports them for
-        ``PHONE_MAX_BATCH``).
+        other optimizer, and batches of at most the programs' largest (the
+        service exports them for ``PHONE_MAX_BATCH``).
         """
         phones = [p for p in self.platforms() if p in PHONE_PLATFORMS]
         if not phones:
             return
-        t, name = self.training, self.strategy.get("name")
+        t = self.training
         problems = []
         if t.optimizer != "sgd":
             problems.append(f"training.optimizer: phones ({phones}) train with sgd only")
@@ -195,11 +194,6 @@ class ExperimentConfig:
             problems.append(
                 f"training.batch_size: {t.batch_size}, but the phones' programs take "
                 f"batches of at most {PHONE_MAX_BATCH}"
-            )
-        if name in PHONE_REFUSED_STRATEGIES:
-            problems.append(
-                f"strategy.name: phones ({phones}) cannot train {name}: their program has "
-                f"no {PHONE_REFUSED_STRATEGIES[name]}"
             )
         if problems:
             raise ConfigError("; ".join(problems), problems)
@@ -237,8 +231,6 @@ class ExperimentConfig:
 PHONE_PLATFORMS = ("android", "ios")
 #: The largest batch of the phone programs a service exports (``--max-batch``'s default).
 PHONE_MAX_BATCH = DEFAULT_MAX_BATCH
-#: Strategies whose local training needs what a phone's exported program lacks.
-PHONE_REFUSED_STRATEGIES = {"fedprox": "proximal term", "scaffold": "gradient correction"}
 
 ASYNCHRONOUS = ("fedbuff",)
 """Strategies whose rounds are server steps without a cohort barrier (see ``is_asynchronous``)."""

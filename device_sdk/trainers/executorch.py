@@ -27,6 +27,7 @@ from broker import TrainTask
 from device_sdk.app import DeviceContext, TrainResult
 from device_sdk.errors import TaskError, TrainingError
 from device_sdk.trainers.batches import epoch_batches, local_data, round_rng
+from device_sdk.trainers.scaffold import ScaffoldControl
 
 __all__ = ["EXECUTORCH_ARTIFACTS", "ExecuTorchTrainer", "ProgramFiles"]
 
@@ -104,6 +105,7 @@ class _Plan:
     lr: float
     momentum: float
     weight_decay: float
+    proximal_mu: float
 
 
 def _plan(settings: dict[str, Any], max_batch: int) -> _Plan:
@@ -114,9 +116,6 @@ def _plan(settings: dict[str, Any], max_batch: int) -> _Plan:
             f"training.optimizer={optimizer!r} is not supported: ExecuTorch's training "
             "runtime offers SGD only"
         )
-    for key, what in (("proximal_mu", "FedProx's proximal term"), ("scaffold", "SCAFFOLD")):
-        if settings.get(key):
-            raise TaskError(f"training.{key} is not supported: the program has no {what}")
     try:
         plan = _Plan(
             epochs=int(settings.get("epochs", 1)),
@@ -124,13 +123,14 @@ def _plan(settings: dict[str, Any], max_batch: int) -> _Plan:
             lr=float(settings.get("lr", 0.05)),
             momentum=float(settings.get("momentum", 0.0)),
             weight_decay=float(settings.get("weight_decay", 0.0)),
+            proximal_mu=float(settings.get("proximal_mu", 0.0)),
         )
     except (TypeError, ValueError) as exc:
         raise TaskError(f"bad training settings: {exc}") from exc
-    numbers = (plan.lr, plan.momentum, plan.weight_decay)
+    numbers = (plan.lr, plan.momentum, plan.weight_decay, plan.proximal_mu)
     if plan.epochs < 1 or plan.batch_size < 1 or not all(map(math.isfinite, numbers)):
         raise TaskError(f"bad training settings: {plan}")
-    if plan.lr <= 0 or plan.momentum < 0 or plan.weight_decay < 0:
+    if plan.lr <= 0 or min(plan.momentum, plan.weight_decay, plan.proximal_mu) < 0:
         raise TaskError(f"bad training settings: {plan}")
     if plan.batch_size > max_batch:
         raise TaskError(
@@ -141,10 +141,11 @@ def _plan(settings: dict[str, Any], max_batch: int) -> _Plan:
 
 
 class ExecuTorchTrainer:
-    """A training handler: SGD (momentum, weight decay) through the ExecuTorch runtime.
+    """A training handler: SGD through the ExecuTorch runtime, with FedProx and SCAFFOLD.
 
     It trains as :class:`~device_sdk.trainers.TorchScriptTrainer` does with
-    SGD (the same batches in the same order, the same metrics: ``loss``,
+    SGD (the same batches in the same order; momentum, weight decay, FedProx's
+    proximal term and SCAFFOLD's correction; the same metrics: ``loss``,
     ``loss_before``, ``local_steps``), from the task's ExecuTorch files.
 
     Parameters
@@ -177,6 +178,7 @@ class ExecuTorchTrainer:
         self._stream = stream
         self._prefix = prefix
         self._files = files or ProgramFiles()
+        self._scaffold = ScaffoldControl()
 
     def __call__(self, task: TrainTask, ctx: DeviceContext) -> TrainResult:
         """Train from the round's weights file; return the new weights by parameter name."""
@@ -187,6 +189,7 @@ class ExecuTorchTrainer:
             for name in (WEIGHTS_DATA, INFERENCE_PROGRAM, TRAINING_PROGRAM)
         }
         rng = round_rng(self._seed, task.round, self._stream, ctx.device_id)
+        correction = self._scaffold.correction(task, ctx) if task.training.get("scaffold") else {}
         with _RUNTIME:
             # Files are written, and old weights files removed, only while no other
             # device of the process is between writing its files and loading them.
@@ -194,9 +197,13 @@ class ExecuTorchTrainer:
             inference = self._files.program(data[INFERENCE_PROGRAM])
             training = self._files.program(data[TRAINING_PROGRAM])
             loss_before = self._mean_loss(inference, weights, max_batch)
-            loss, steps, trained = self._train(training, weights, plan, rng, ctx.weights)
+            loss, steps, trained = self._train(
+                training, weights, plan, rng, ctx.weights, correction
+            )
         if not math.isfinite(loss):
             raise TrainingError(f"training diverged (loss {loss})")
+        if correction:
+            trained.update(self._scaffold.delta(task.training, ctx.weights, trained, steps))
         metrics = {"loss": loss, "loss_before": loss_before, "local_steps": float(steps)}
         return TrainResult(trained, len(self._x), metrics)
 
@@ -229,13 +236,19 @@ class ExecuTorchTrainer:
         plan: _Plan,
         rng: np.random.Generator,
         model: Mapping[str, np.ndarray],
+        correction: Mapping[str, np.ndarray],
     ) -> tuple[float, int, dict[str, np.ndarray]]:
         """Run the local epochs; return the last epoch's mean loss, the steps and the weights.
 
         The weights file must hold the task's ``model`` exactly (checked once the
         runtime names its parameters); the weights come back by parameter name.
+        FedProx's term and SCAFFOLD's ``correction`` are added to the runtime's
+        gradients, in place, before each step.
         """
         import torch
+
+        anchor = {KEY_PREFIX + k: torch.from_numpy(v) for k, v in model.items()}
+        shift = {KEY_PREFIX + k: torch.from_numpy(v) for k, v in correction.items()}
 
         training = _runtime("executorch.extension.training")
         module = training.TrainingModule(_load(program, weights))
@@ -250,12 +263,18 @@ class ExecuTorchTrainer:
                     loss = module.forward_backward(METHOD, (x, y))[0]
                     if optimizer is None:
                         # The runtime names its parameters only once a method has run.
-                        _check_start(module.named_parameters(), model)
+                        parameters = module.named_parameters()
+                        _check_start(parameters, model)
                         optimizer = training.get_sgd_optimizer(
-                            module.named_parameters(), plan.lr, plan.momentum, 0.0,
-                            plan.weight_decay, False,
-                        )  # fmt: skip
-                    optimizer.step(module.named_gradients())
+                            parameters, plan.lr, plan.momentum, 0.0, plan.weight_decay, False
+                        )
+                    gradients = module.named_gradients()
+                    for key, gradient in gradients.items():
+                        if plan.proximal_mu > 0:  # FedProx: stay near the round's model
+                            gradient.add_(parameters[key] - anchor[key], alpha=plan.proximal_mu)
+                        if key in shift:  # SCAFFOLD: g - c_i + c
+                            gradient.add_(shift[key])
+                    optimizer.step(gradients)
                     loss_sum += float(loss) * len(idx)
                     seen += len(idx)
                     steps += 1

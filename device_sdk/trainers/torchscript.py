@@ -9,17 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from broker import TrainTask, decode_weights
+from broker import TrainTask
 from device_sdk.app import DeviceContext, TrainResult
 from device_sdk.errors import TaskError, TrainingError
 from device_sdk.trainers.batches import epoch_batches, local_data, round_rng
+from device_sdk.trainers.scaffold import ScaffoldControl
 
 if TYPE_CHECKING:
     import torch
 
 TORCHSCRIPT_ARTIFACT = "model.torchscript.pt"
-STATE_ARTIFACT = "strategy_state.safetensors"
-"""The strategy's saved server state (SCAFFOLD's control variate ``control/<name>``)."""
 
 
 class ModuleCache:
@@ -78,8 +77,7 @@ class TorchScriptTrainer:
         self._seed = seed
         self._stream = stream
         self._modules = modules or ModuleCache()
-        self._c: dict[str, np.ndarray] = {}
-        self._c_i: dict[str, np.ndarray] = {}
+        self._scaffold = ScaffoldControl()
 
     def __call__(self, task: TrainTask, ctx: DeviceContext) -> TrainResult:
         """Train the task's module from the global weights; return the new weights.
@@ -101,45 +99,15 @@ class TorchScriptTrainer:
         x, y = torch.from_numpy(self._x), torch.from_numpy(self._y)
         loss_before = _mean_loss(module, x, y)
         rng = round_rng(self._seed, task.round, self._stream, ctx.device_id)
-        correction = self._scaffold_correction(task, ctx) if task.training.get("scaffold") else {}
+        correction = self._scaffold.correction(task, ctx) if task.training.get("scaffold") else {}
         loss, steps = self._train(module, task.training, x, y, rng, correction)
         if not np.isfinite(loss):
             raise TrainingError(f"training diverged (loss {loss})")
         new = {name: state[name].detach().numpy().copy() for name in ctx.weights}
         if correction:
-            new.update(self._control_delta(task, ctx.weights, new, steps))
+            new.update(self._scaffold.delta(task.training, ctx.weights, new, steps))
         metrics = {"loss": loss, "loss_before": loss_before, "local_steps": float(steps)}
         return TrainResult(new, len(x), metrics)
-
-    def _scaffold_correction(self, task: TrainTask, ctx: DeviceContext) -> dict[str, np.ndarray]:
-        """Return SCAFFOLD's gradient correction ``c - c_i`` per parameter.
-
-        ``c`` (the server's control variate) comes with the task's strategy
-        state; ``c_i`` is this device's own, kept between rounds (zero at first).
-        """
-        server: dict[str, np.ndarray] = {}
-        if STATE_ARTIFACT in task.artifacts:
-            state = decode_weights(ctx.artifact(STATE_ARTIFACT))
-            server = {
-                k.removeprefix("control/"): v for k, v in state.items() if k.startswith("control/")
-            }
-        self._c = {
-            k: server.get(k, np.zeros_like(w)).astype(np.float32) for k, w in ctx.weights.items()
-        }
-        self._c_i = self._c_i or {k: np.zeros_like(w) for k, w in ctx.weights.items()}
-        return {k: self._c[k] - self._c_i[k] for k in ctx.weights}
-
-    def _control_delta(
-        self, task: TrainTask, start: Any, end: dict[str, np.ndarray], steps: int
-    ) -> dict[str, np.ndarray]:
-        """Update ``c_i`` (SCAFFOLD option II) and return ``control_delta/<name>`` tensors."""
-        scale = 1.0 / (max(steps, 1) * float(task.training.get("lr", 0.05)))
-        delta = {}
-        for name, c_i in self._c_i.items():
-            updated = c_i - self._c[name] + (start[name] - end[name]) * scale
-            delta[f"control_delta/{name}"] = (updated - c_i).astype(np.float32)
-            self._c_i[name] = updated.astype(np.float32)
-        return delta
 
     def _train(
         self,

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from android_bridge import build_android_package
-from broker import ModelRef, TrainTask
+from broker import ModelRef, TrainTask, encode_weights
 from device_sdk import ArtifactFetcher, DeviceContext, TaskError
 from device_sdk.trainers import executorch as trainer_module
 from device_sdk.trainers.executorch import EXECUTORCH_ARTIFACTS, ExecuTorchTrainer, ProgramFiles
+from device_sdk.trainers.scaffold import STATE_ARTIFACT
 from device_sdk.trainers.torchscript import TorchScriptTrainer
 from model_store import LocalStore, ModelSpec, build_model, state_to_numpy
 from model_store.export import export_torchscript
@@ -73,26 +74,48 @@ def _context(device: str, weights: dict[str, np.ndarray], refs: dict[str, Any]) 
     return DeviceContext(device, {k: v.copy() for k, v in weights.items()}, refs, ArtifactFetcher())
 
 
+@pytest.mark.parametrize(
+    "training",
+    [{}, {"proximal_mu": 0.5}, {"scaffold": True}],
+    ids=["sgd-momentum-decay", "fedprox", "scaffold"],
+)
 def test_an_executorch_phones_update_equals_the_torchscript_trainers(
-    store: LocalStore, package: dict[str, bytes]
+    store: LocalStore, package: dict[str, bytes], training: dict[str, Any]
 ) -> None:
-    # Prepare: a later version than the exported one, so the round's own weights file is used.
+    # Prepare: a later version than the exported one, so the round's own weights file is
+    # used; SCAFFOLD's server control variate rides along as the strategy state.
     weights, refs = _later_version(store, package)
+    rng = np.random.default_rng(3)
+    control = {
+        f"control/{k}": rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in weights.items()
+    }
+    refs[STATE_ARTIFACT] = _ref(store, encode_weights(control))
     x, y = _data()
+    phone, python = (
+        ExecuTorchTrainer(x, y, seed=4, stream=2),
+        TorchScriptTrainer(x, y, seed=4, stream=2),
+    )
 
-    # Execute: the same task, data, seed and stream on both trainers.
-    phone = ExecuTorchTrainer(x, y, seed=4, stream=2)(_task(refs), _context("a", weights, refs))
-    python = TorchScriptTrainer(x, y, seed=4, stream=2)(_task(refs), _context("p", weights, refs))
+    # Execute: two rounds of the same task, data, seed and stream on both trainers
+    # (SCAFFOLD's device control variate carries from one to the next).
+    for _ in range(2):
+        on_phone = phone(_task(refs, **training), _context("a", weights, refs))
+        in_python = python(_task(refs, **training), _context("p", weights, refs))
 
-    # Assert: measured max |diff| 6e-8 over the weights after 6 steps with momentum.
-    assert set(phone.weights) == set(python.weights) == set(weights)
-    for name, expected in python.weights.items():
-        np.testing.assert_allclose(phone.weights[name], expected, atol=1e-5, rtol=0)
-    assert phone.num_examples == python.num_examples == 40
-    assert phone.metrics["local_steps"] == python.metrics["local_steps"] == 2 * 3
-    assert phone.metrics["loss"] == pytest.approx(python.metrics["loss"], abs=1e-5)
-    assert phone.metrics["loss_before"] == pytest.approx(python.metrics["loss_before"], abs=1e-5)
-    assert any(not np.allclose(phone.weights[k], weights[k]) for k in weights)
+    # Assert: measured max |diff| after the second round's 6 steps with momentum:
+    # 6e-8 (SGD), 3e-8 (FedProx), 3.6e-7 (SCAFFOLD, control deltas included).
+    assert set(on_phone.weights) == set(in_python.weights)
+    assert set(weights) <= set(on_phone.weights)
+    for name, expected in in_python.weights.items():
+        np.testing.assert_allclose(on_phone.weights[name], expected, atol=1e-5, rtol=0)
+    assert on_phone.num_examples == in_python.num_examples == 40
+    assert on_phone.metrics["local_steps"] == in_python.metrics["local_steps"] == 2 * 3
+    assert on_phone.metrics["loss"] == pytest.approx(in_python.metrics["loss"], abs=1e-5)
+    assert on_phone.metrics["loss_before"] == pytest.approx(
+        in_python.metrics["loss_before"], abs=1e-5
+    )
+    assert any(not np.allclose(on_phone.weights[k], weights[k]) for k in weights)
+    assert ("control_delta/fc1.weight" in on_phone.weights) == bool(training.get("scaffold"))
 
 
 def test_training_leaves_the_shared_weights_file_as_it_was(
@@ -159,8 +182,7 @@ def test_devices_of_one_process_enter_the_runtime_one_at_a_time(
     ("training", "refusal"),
     [
         ({"optimizer": "adam"}, "offers SGD only"),
-        ({"proximal_mu": 0.1}, "proximal_mu"),
-        ({"scaffold": True}, "scaffold"),
+        ({"proximal_mu": -0.1}, "bad training settings"),
         ({"batch_size": MAX_BATCH + 1}, "largest batch"),
         ({"lr": -1.0}, "bad training settings"),
     ],
