@@ -332,13 +332,10 @@ def _python(
     """
     from model_store.artifacts import ONNX, TORCHSCRIPT, WEIGHTS, encode_weights, state_to_numpy
     from model_store.export import export_onnx, export_torchscript
+    from model_store.export.classifier import output_classes
     from model_store.export.onnx import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
 
-    classes = _output_classes(model, shape)
-    if num_classes is not None and num_classes != classes:
-        raise ExportUsageError(
-            f"num_classes is {num_classes} but the model outputs {classes} logits"
-        )
+    classes = output_classes(model, shape, num_classes)
     weights = state_to_numpy(model)
     files = {
         WEIGHTS: encode_weights(weights),
@@ -369,22 +366,6 @@ def _python(
     }
     files[MANIFEST] = (json.dumps(doc, indent=2) + "\n").encode()
     return files
-
-
-def _output_classes(model: nn.Module, shape: tuple[int, ...]) -> int:
-    """Return the width of the model's logits, by running it once on zeros."""
-    import torch
-
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.zeros((1, *shape), dtype=torch.float32))
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ExportUsageError("the model must return one tensor of logits (batch, classes)")
-    return int(out.shape[1])
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from model_store.artifacts import (
     state_to_numpy,
 )
 from model_store.errors import ExportError
+from model_store.export.classifier import output_classes
 from model_store.export.executorch import (
     DEFAULT_MAX_BATCH,
     EXECUTORCH_FILES,
@@ -111,7 +112,7 @@ def build_mobile_package(
     """
     _check_platform(platform)
     shape = tuple(input_shape)
-    classes = _output_classes(model, shape, num_classes)
+    classes = output_classes(model, shape, num_classes)
     files = export_executorch(model, shape, max_batch=max_batch)
     if platform == "android":
         files[ORT_INFERENCE_MODEL] = export_onnx(model, shape)
@@ -230,31 +231,3 @@ def _tensor(name: str, shape: Sequence[int | str], dtype: str) -> dict[str, Any]
 def _check_platform(platform: str) -> None:
     if platform not in MOBILE_PLATFORMS:
         raise ExportError(f"unknown mobile platform {platform!r}; known: {MOBILE_PLATFORMS}")
-
-
-def _output_classes(model: nn.Module, shape: tuple[int, ...], expected: int | None) -> int:
-    """Return the width of the model's logits, checked against ``expected``."""
-    import torch
-
-    if not shape or not all(isinstance(n, int) and n > 0 for n in shape):
-        raise ExportError(f"input_shape must be positive integers, got {list(shape)}")
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.zeros((1, *shape), dtype=torch.float32))
-    except Exception as exc:  # the user's forward can raise anything; translate it
-        raise ExportError(
-            f"{type(model).__name__} does not run on input shape {list(shape)}: {exc}"
-        ) from exc
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ExportError(
-            f"{type(model).__name__} must return logits of shape (batch, classes), got "
-            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
-        )
-    classes = int(out.shape[1])
-    if expected is not None and expected != classes:
-        raise ExportError(f"num_classes is {expected} but the model outputs {classes} logits")
-    return classes
