@@ -288,12 +288,28 @@ def test_a_device_cannot_read_another_devices_tasks(
     opened.append(device)
     mine = Inbox()
     device.subscribe(T.device(a), mine)
+    # Under load a publish can overtake the new connection's subscription at the
+    # broker and find no subscriber; a probe that arrives shows it is in place.
+    _until_delivered(server, mine, T.device(a))
     server.publish(T.device(b), b"for b")
     server.publish(T.device(a), b"for a")
     mine.wait_for(T.device(a), b"for a")
     time.sleep(_QUIET)
 
-    assert mine.got == [(T.device(a), b"for a")]
+    assert [m for m in mine.got if m[1] != _PROBE] == [(T.device(a), b"for a")]
+
+
+_PROBE = b"probe"
+
+
+def _until_delivered(server: Transport, inbox: Inbox, topic: str, timeout: float = 10.0) -> None:
+    """Publish probes to ``topic`` until one reaches ``inbox``."""
+    deadline = time.monotonic() + timeout
+    while (topic, _PROBE) not in inbox.got:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no probe reached {topic} in {timeout:g} s")
+        server.publish(topic, _PROBE)
+        time.sleep(0.2)
 
 
 def test_revoke_drops_the_live_connection_and_refuses_the_next(
