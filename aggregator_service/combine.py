@@ -15,16 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator_service.checkpoints import AsideUpdate, Checkpoints, RoundCheckpoint
+from aggregator_service.secagg.strategy import SecureSum, Unmasking
 from aggregator_service.strategies import Strategy, merge_state
 from aggregator_service.types import Weights
 from aggregator_service.validation import Rejected, check_finite
 from aggregator_service.versions import stored_ref, write_version
 from broker import CombineRound, RoundAbandoned, RoundCommitted, decode_weights
+from broker.secagg.messages import RoundMasked
 from model_store import ModelStore
 
 log = logging.getLogger(__name__)
 
 Outcome = RoundCommitted | RoundAbandoned
+Answer = Outcome | RoundMasked
+"""What a combine request gets: an outcome, or (a secure round's first) its sum's devices."""
 StrategyFor = Callable[[str, dict[str, object], int], Strategy]
 """Returns an experiment's strategy with its server state at a base version."""
 OwnShare = Callable[[str, int, int], RoundCheckpoint | None]
@@ -98,11 +102,14 @@ class Combiner:
         self._strategy_for = strategy_for
         self._own_share = own_share
 
-    def combine(self, request: CombineRound) -> tuple[Outcome, Strategy | None]:
+    def combine(self, request: CombineRound) -> tuple[Answer, Strategy | None]:
         """Seal the round, merge its partials and commit (or abandon) it.
 
         Returns the outcome, and the strategy if this call advanced its server
         state to the new version (None: it did not, so any cached copy is stale).
+        A secure round's first request (no ``unmask``) is answered with the
+        devices its sealed sum holds instead: the coordinator gathers the
+        seeds for exactly those and asks again.
         """
         exp, number = request.experiment_id, request.round
         last = self._checkpoints.seal(exp, number)
@@ -138,8 +145,21 @@ class Combiner:
             log.warning("%s round %d abandoned: %s", exp, number, reason)
         elif len(ledger.accepted) < max(request.min_reports, 1):
             reason = f"{len(ledger.accepted)} accepted reports, {request.min_reports} needed"
+        elif isinstance(strategy, SecureSum) and ledger.devices_twice:
+            # A device's masks would be in the sum twice: it cannot be unmasked.
+            reason = f"devices summed twice: {sorted(ledger.devices_twice)[:5]}"
+        elif isinstance(strategy, SecureSum) and request.unmask is None:
+            masked = RoundMasked(
+                experiment_id=exp,
+                round=number,
+                devices=tuple(sorted(ledger.accepted_devices)),
+                reported=len(ledger.reporters),
+            )
+            return masked, None
         else:
             try:
+                if isinstance(strategy, SecureSum):
+                    state = self._unmask(request, strategy, current, state)
                 committed, advanced = self._commit(request, strategy, current, state, ledger)
                 return committed, strategy if advanced else None
             except ValueError as exc:  # the rule cannot aggregate these (Krum with n <= 2f+2)
@@ -155,6 +175,14 @@ class Combiner:
             rejected=dict(ledger.rejected),
         )
         return abandoned, None
+
+    def _unmask(
+        self, request: CombineRound, strategy: SecureSum, current: Weights, state: Any
+    ) -> Any:
+        """Return the merged sum with its masks removed (the seeds are in the store)."""
+        assert request.unmask is not None
+        unmasking = Unmasking.from_json(self._store.get_blob(request.unmask.sha256))
+        return strategy.unmask(current, state, unmasking)
 
     def _merge_aside(self, exp: str, number: int, state: Any, ledger: Ledger) -> None:
         """Merge each update set aside that no sealed share counted, once."""

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from aggregator_service.errors import ConfigError
-from aggregator_service.strategies import STRATEGIES, Strategy
+from aggregator_service.strategies import STRATEGIES, FedAvg, Strategy
+from broker.messages import SecAggSettings
+from broker.secagg import scale_for
 from device_sdk.data import DATASET_FACTS, DATASETS, PARTITIONS
 from model_store import ModelSpec, ModelSpecError
 from model_store.export.executorch import DEFAULT_MAX_BATCH
@@ -65,6 +67,26 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Secure aggregation (SecAgg+): workers sum masked updates and never see one in the clear.
+
+    ``clip`` bounds each value of a device's delta, ``max_examples`` the
+    weight one update may carry; together with the cohort size they fix the
+    fixed-point scale, so the sum of every update fits 32 bits. Each device
+    shares its secrets with ``neighbours`` others (0: about 4 log2 of the
+    cohort, every other device in a cohort of up to 20), and a secret
+    comes back from ``threshold`` of its neighbourhood's shares (a fraction above
+    one half). Each key stage waits at most ``stage_timeout_s`` for late devices.
+    """
+
+    clip: float = 1.0
+    max_examples: int = 10_000
+    neighbours: int = 0
+    threshold: float = 0.6
+    stage_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: model, data, strategy, rounds and training settings."""
 
@@ -75,13 +97,15 @@ class ExperimentConfig:
     strategy: Mapping[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    secure_aggregation: SecureAggregationConfig | None = None
+    """Present: every round runs secure aggregation (see ``SecureAggregationConfig``)."""
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ExperimentConfig:
         """Parse and validate a config mapping; raise ``ConfigError`` naming the bad field."""
         if not isinstance(raw, Mapping):
             raise ConfigError("an experiment config must be a JSON object")
-        unknown = set(raw) - {"name", "seed", "model", "data", "strategy", "rounds", "training"}
+        unknown = set(raw) - {*_SECTIONS, "secure_aggregation"}
         if unknown:
             raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
         if not isinstance(raw.get("model"), Mapping):
@@ -89,15 +113,20 @@ class ExperimentConfig:
         data = _section(DataConfig, raw.get("data", {}), "data")
         rounds = _section(RoundsConfig, raw.get("rounds", {}), "rounds")
         training = _section(TrainingConfig, raw.get("training", {}), "training")
+        secure = raw.get("secure_aggregation")
+        secagg = None
+        if secure is not None:
+            secagg = _section(SecureAggregationConfig, secure, "secure_aggregation")
         strategy = dict(_typed(raw, "strategy", Mapping, {"name": "fedavg"}))
         config = cls(
             name=_typed(raw, "name", str, "experiment"),
             seed=_typed(raw, "seed", int, 0),
             model=dict(raw["model"]),
             data=data,
-            strategy=derived_strategy(strategy, data, rounds, training),
+            strategy=derived_strategy(strategy, data, rounds, training, secagg),
             rounds=rounds,
             training=training,
+            secure_aggregation=secagg,
         )
         config.validate()
         return config
@@ -131,6 +160,7 @@ class ExperimentConfig:
             self.platforms,
             self._fits_data,
             self._phones_can_train,
+            self._secure_aggregation_fits,
         )
         for check in checks_that_raise:
             try:
@@ -198,6 +228,36 @@ class ExperimentConfig:
         if problems:
             raise ConfigError("; ".join(problems), problems)
 
+    def _secure_aggregation_fits(self) -> None:
+        """Raise ``ConfigError`` for secure aggregation settings or a strategy it cannot serve."""
+        secure = self.secure_aggregation
+        if secure is None:
+            return
+        problems = [
+            message
+            for ok, message in (
+                (secure.clip > 0, "secure_aggregation.clip: must be positive"),
+                (secure.max_examples >= 1, "secure_aggregation.max_examples: at least 1"),
+                (secure.neighbours >= 0, "secure_aggregation.neighbours: 0 or more"),
+                (
+                    0.5 < secure.threshold <= 1.0,
+                    "secure_aggregation.threshold: above 0.5 and at most 1",
+                ),
+                (secure.stage_timeout_s > 0, "secure_aggregation.stage_timeout_s: positive"),
+                (
+                    self.rounds.selection_size >= 3,
+                    "secure_aggregation: needs a cohort of at least 3 devices "
+                    "(rounds.devices_per_round x over_selection)",
+                ),
+            )
+            if not ok
+        ]
+        refusal = secure_refusal(str(self.strategy.get("name")))
+        if refusal:
+            problems.append(f"secure_aggregation: {refusal}")
+        if problems:
+            raise ConfigError("; ".join(problems), problems)
+
     def model_spec(self) -> ModelSpec:
         """Return the zoo model the config names; raise ``ConfigError`` if it cannot exist."""
         try:
@@ -228,6 +288,31 @@ class ExperimentConfig:
         return {k: v for k, v in asdict(self.training).items()}
 
 
+_SECTIONS = ("name", "seed", "model", "data", "strategy", "rounds", "training")
+
+SECURE_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+"""Strategies secure aggregation serves: their round state is one example-weighted sum."""
+_NOT_SECURE = {
+    "median": "needs every update in the clear (a robust rule)",
+    "trimmed_mean": "needs every update in the clear (a robust rule)",
+    "krum": "needs every update in the clear (a robust rule)",
+    "multikrum": "needs every update in the clear (a robust rule)",
+    "dpfedavg": "clips each update on the server, which sees none (distributed DP is not built)",
+    "scaffold": "needs each device's control delta (not masked yet)",
+    "fednova": "weighs each update by its own local steps",
+    "qfedavg": "weighs each update by its own loss",
+    "fedbuff": "has no cohort to share keys in (asynchronous)",
+}
+
+
+def secure_refusal(strategy: str) -> str | None:
+    """Return why secure aggregation cannot serve ``strategy`` (None: it can)."""
+    if strategy in SECURE_STRATEGIES:
+        return None
+    why = _NOT_SECURE.get(strategy, "is not one it serves")
+    return f"strategy {strategy} {why}; it serves {', '.join(SECURE_STRATEGIES)}"
+
+
 PHONE_PLATFORMS = ("android", "ios")
 #: The largest batch of the phone programs a service exports (``--max-batch``'s default).
 PHONE_MAX_BATCH = DEFAULT_MAX_BATCH
@@ -247,7 +332,11 @@ def is_asynchronous(strategy: Mapping[str, Any]) -> bool:
 
 
 def derived_strategy(
-    strategy: Mapping[str, Any], data: DataConfig, rounds: RoundsConfig, training: TrainingConfig
+    strategy: Mapping[str, Any],
+    data: DataConfig,
+    rounds: RoundsConfig,
+    training: TrainingConfig,
+    secure: SecureAggregationConfig | None = None,
 ) -> dict[str, Any]:
     """Return the strategy section with the settings that follow from the rest of the config.
 
@@ -265,7 +354,20 @@ def derived_strategy(
         )
     if name == "qfedavg" and "lr" not in settings and "lipschitz" not in settings:
         settings["lr"] = training.lr
+    settings.pop(SECURE_KEY, None)
+    if secure is not None and secure.clip > 0 and secure.max_examples >= 1:
+        # The workers build their strategy from this section: they learn here
+        # that updates come masked and how to read the unmasked sum.
+        settings[SECURE_KEY] = {
+            "clip": secure.clip,
+            "max_examples": secure.max_examples,
+            "scale": scale_for(secure.clip, secure.max_examples * rounds.selection_size),
+        }
     return settings
+
+
+SECURE_KEY = "secure_aggregation"
+"""The strategy section's key for the settings secure aggregation's workers need."""
 
 
 def strategy_classes() -> dict[str, type[Strategy]]:
@@ -276,9 +378,25 @@ def strategy_classes() -> dict[str, type[Strategy]]:
 
 
 def build_strategy(config: Mapping[str, Any]) -> Strategy:
-    """Return the strategy a config's ``strategy`` section names, with its settings."""
+    """Return the strategy a config's ``strategy`` section names, with its settings.
+
+    With secure aggregation's settings in the section, the strategy sums masked
+    updates and steps as the named one from their unmasked sum.
+    """
     settings = dict(config)
+    secure = settings.pop(SECURE_KEY, None)
     name = settings.pop("name", None)
+    if secure is not None:
+        from aggregator_service.secagg.strategy import SecureSum
+
+        inner = build_strategy({"name": name, **settings})
+        refusal = secure_refusal(str(name))
+        if refusal is not None or not isinstance(inner, FedAvg):
+            raise ConfigError(f"secure_aggregation: {refusal}")
+        try:
+            return SecureSum(inner, SecAggSettings(**secure))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"strategy {name}: secure_aggregation {exc}") from exc
     known = strategy_classes()
     cls = known.get(str(name))
     if cls is None:

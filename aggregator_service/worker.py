@@ -29,6 +29,7 @@ from aggregator_service.config import build_strategy, is_asynchronous
 from aggregator_service.gate import UpdateGate
 from aggregator_service.links import upload_name
 from aggregator_service.policies import BufferedPolicy, CohortPolicy, Placement, RoundPolicy
+from aggregator_service.secagg.strategy import MASKED, SecureSum
 from aggregator_service.share import Share
 from aggregator_service.strategies import FedBuff, Strategy, merge_state, state_partial
 from aggregator_service.tally import loss_sum
@@ -62,6 +63,7 @@ from broker import (
 from broker.errors import BrokerError
 from broker.identity import SERVICE_NAME, Identity, KeyRing
 from broker.messages import TaskGrant
+from broker.secagg.messages import RoundMasked
 from broker.topics import Topics
 from broker.verify import Refusals, Verifier
 from model_store import ModelStore
@@ -209,7 +211,9 @@ class AggregatorWorker:
 
     def _publish(self, message: Message) -> None:
         """Sign and publish a message on its experiment's event topic."""
-        assert isinstance(message, RoundProgress | PartialReady | RoundCommitted | RoundAbandoned)
+        assert isinstance(
+            message, RoundProgress | PartialReady | RoundCommitted | RoundAbandoned | RoundMasked
+        )
         self._transport.publish(
             self._topics.events(message.experiment_id), encode(message, self._identity)
         )
@@ -578,10 +582,14 @@ class AggregatorWorker:
         check_examples(update.num_examples)
         with_control = rnd.strategy.takes_control_delta
         spec = rnd.spec
+        masked = isinstance(rnd.strategy, SecureSum)
         if with_control:  # SCAFFOLD: the update also carries the device's control delta
             spec = {**spec, **{f"{CONTROL_DELTA}/{k}": v for k, v in spec.items()}}
+        if masked:  # secure aggregation: integers modulo 2^32, meaningless until summed
+            spec = {k: (shape, MASKED.name) for k, (shape, _dtype) in spec.items()}
         weights = decode_update_weights(self._update_bytes(update), spec)
-        check_finite(weights)
+        if not masked:
+            check_finite(weights)
         control = None
         if with_control:
             control = {k: weights.pop(f"{CONTROL_DELTA}/{k}") for k in rnd.spec}
@@ -754,6 +762,16 @@ class AggregatorWorker:
         else:
             key = json.dumps(dict(request.strategy), sort_keys=True)
             self._strategies[exp] = (key, advanced, request.base_version + 1)
+        if isinstance(outcome, RoundMasked):
+            # Not an outcome yet: the coordinator gathers the seeds and asks again.
+            self._publish(outcome)
+            log.info(
+                "%s round %d: masked sum of %d device(s) sealed",
+                exp,
+                request.round,
+                len(outcome.devices),
+            )
+            return
         self._outcomes[exp] = outcome
         self._publish_outcome(outcome)
         log.info("combined %s round %d: %s", exp, request.round, type(outcome).__name__)

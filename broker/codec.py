@@ -33,6 +33,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from broker.errors import CodecError, SchemaVersionError
 from broker.identity import SIGNATURE_BYTES, Identity
 from broker.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message, MessageKind
+from broker.secagg.messages import SECAGG_MESSAGE_TYPES
 
 _MAGIC = b"FMQ"
 _FRAME_VERSION = 1
@@ -59,6 +60,10 @@ class Frame:
         """Return the sender named in the header ("" when absent or not a string)."""
         sender = self.header.get("sender")
         return sender if isinstance(sender, str) else ""
+
+
+_TYPES = {**MESSAGE_TYPES, **SECAGG_MESSAGE_TYPES}
+"""Every kind a frame may carry: the core vocabulary and secure aggregation's stages."""
 
 
 def encode(message: Message, identity: Identity | None = None) -> bytes:
@@ -169,7 +174,7 @@ def decode_frame(frame: Frame) -> Message:
         raise CodecError(f"bad header: {exc}") from exc
     if schema > SCHEMA_VERSION:
         raise SchemaVersionError(f"schema {schema} is newer than {SCHEMA_VERSION}")
-    cls = MESSAGE_TYPES[kind]
+    cls = _TYPES[kind]
     envelope = {name: header[name] for name in _ENVELOPE_FIELDS if name in header}
     body = header.get("body", {})
     if not isinstance(body, dict):

@@ -70,6 +70,13 @@ class MessageKind(Enum):
     PARTIAL_READY = "partial_ready"
     COMBINE_ROUND = "combine_round"
     WORKER_ALIVE = "worker_alive"
+    SECAGG_KEYS = "secagg_keys"
+    SECAGG_NEIGHBOURS = "secagg_neighbours"
+    SECAGG_SHARES = "secagg_shares"
+    SECAGG_DELIVERY = "secagg_delivery"
+    SECAGG_UNMASK = "secagg_unmask"
+    SECAGG_REVEAL = "secagg_reveal"
+    ROUND_MASKED = "round_masked"
 
 
 class RejectReason(Enum):
@@ -338,6 +345,24 @@ class ComeBackLater(Message):
     """Why, for logs ("not selected this round")."""
 
 
+@dataclass(frozen=True)
+class SecAggSettings:
+    """How a device prepares its update for secure aggregation (docs/mobile-protocol.md).
+
+    The device clips each value of its update's delta (trained minus task
+    weights) to [-clip, clip], multiplies it by its weight (its example count,
+    at most max_examples) and by scale, rounds it to an integer and masks it
+    modulo 2^32. Its model_update then claims at most max_examples examples.
+    """
+
+    clip: float = field(metadata={WIRE: {"exclusiveMinimum": 0}})
+    """The largest magnitude of one value of the delta; larger values are clipped."""
+    scale: float = field(metadata={WIRE: {"exclusiveMinimum": 0}})
+    """The fixed-point scale (a power of two): integer = round(delta * weight * scale)."""
+    max_examples: int = field(metadata=_AT_LEAST_1)
+    """The largest example count an update may be weighted by (and claim)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainTask(Message):
     """A selected device's job for one round: what to train, how, and by when.
@@ -415,6 +440,10 @@ class TrainTask(Message):
     worker name -> Ed25519 public key (base64 of 32 raw bytes) of the
     aggregator workers the service trusts. An update_rejected is believed
     only if the key its sender names here (in the latest task) signed it.
+    """
+    secure_aggregation: SecAggSettings | None = None
+    """Present when the round runs secure aggregation: the device takes part in its
+    stages (secagg_keys first, at once) and sends its update masked, never in the clear.
     """
 
     def error_reply(self, code: str, detail: str, *, sender: str) -> ErrorReply:
@@ -582,6 +611,11 @@ class CombineRound(Message):
     model: ModelRef
     min_reports: int
     strategy: Mapping[str, Any] = field(default_factory=dict)
+    unmask: ModelRef | None = None
+    """Secure aggregation: the seeds that remove the masks from the sealed sum (a JSON
+    object in the store, so they never ride the bus). Absent on the first request of a
+    secure round, which the combiner answers with ``RoundMasked`` instead of committing.
+    """
 
 
 @dataclass(frozen=True, kw_only=True)

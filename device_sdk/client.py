@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from broker import (
     BrokerError,
     CheckIn,
@@ -28,14 +30,20 @@ from broker import (
 )
 from broker.errors import IdentityError, Refused
 from broker.identity import SERVICE_NAME, Identity, KeyRing, decode_public_key
+from broker.secagg import SecAggError
+from broker.secagg.messages import SecAggDelivery, SecAggNeighbours, SecAggUnmask
 from broker.topics import Topics
 from broker.verify import Refusal, Refusals, Verifier
 from device_sdk.app import DeviceApp, DeviceContext
 from device_sdk.errors import DeviceError, TaskError
 from device_sdk.fetch import ArtifactFetcher, upload
 from device_sdk.scheduler import Scheduler
+from device_sdk.secagg import SecureParticipant, Vanish
 
 log = logging.getLogger(__name__)
+
+SecureStage = SecAggNeighbours | SecAggDelivery | SecAggUnmask
+"""The secure aggregation requests a device answers."""
 
 
 @dataclass
@@ -81,6 +89,9 @@ class DeviceClient:
         Runs the check-in a ``ComeBackLater`` asks for when it is due (share one
         across a fleet); default: one of the device's own, whose thread starts
         with the first such message.
+    vanish
+        For an emulated device: the secure aggregation stage at which it drops
+        out (``device_sdk.secagg.Vanish``); None takes part to the end.
     """
 
     TASK_MAX_AGE_S = 600.0
@@ -100,6 +111,7 @@ class DeviceClient:
         run: Callable[[Callable[[], None]], None] | None = None,
         examples: int | None = None,
         scheduler: Scheduler | None = None,
+        vanish: Vanish | None = None,
     ) -> None:
         self._topics = topics or Topics()
         self._topics.device(identity.name)  # refuses an id that cannot be a topic segment
@@ -111,7 +123,13 @@ class DeviceClient:
         self._examples = examples
         self._service = Verifier(
             KeyRing({SERVICE_NAME: service_key}),
-            kinds=(MessageKind.TRAIN_TASK, MessageKind.COME_BACK_LATER),
+            kinds=(
+                MessageKind.TRAIN_TASK,
+                MessageKind.COME_BACK_LATER,
+                MessageKind.SECAGG_NEIGHBOURS,
+                MessageKind.SECAGG_DELIVERY,
+                MessageKind.SECAGG_UNMASK,
+            ),
             max_age_s=self.TASK_MAX_AGE_S,
         )
         self._refusals = Refusals(f"device {self.device_id}", self.stats.refused)
@@ -131,6 +149,9 @@ class DeviceClient:
         self._present = True
         """False from ``stop()`` until ``rejoin()``: a device that left stays quiet."""
         self._presence = threading.Lock()
+        self._secure = SecureParticipant(
+            identity, transport.publish, self._topics, self._send_update, vanish=vanish
+        )
 
     def start(self) -> None:
         """Subscribe to this device's topic and check in (again after every reconnect)."""
@@ -185,7 +206,7 @@ class DeviceClient:
                 self._topics.checkin(self.device_id), encode(message, self._identity)
             )
 
-    def _open(self, delivery: Delivery) -> TrainTask | ComeBackLater | UpdateRejected:
+    def _open(self, delivery: Delivery) -> TrainTask | ComeBackLater | UpdateRejected | SecureStage:
         """Verify a frame on this device's topic: the service's, or a vouched-for worker's."""
         try:
             message = self._service.open(delivery.body)
@@ -193,7 +214,15 @@ class DeviceClient:
             if exc.reason != Refusal.NOT_PERMITTED.value:
                 raise
             message = self._rejections.open(delivery.body)
-        assert isinstance(message, TrainTask | ComeBackLater | UpdateRejected)
+        assert isinstance(
+            message,
+            TrainTask
+            | ComeBackLater
+            | UpdateRejected
+            | SecAggNeighbours
+            | SecAggDelivery
+            | SecAggUnmask,
+        )
         return message
 
     def _on_message(self, delivery: Delivery) -> None:
@@ -202,8 +231,15 @@ class DeviceClient:
             return
         if isinstance(message, TrainTask):
             self._trust_workers(message)
+            if message.secure_aggregation is not None and not self._secure.task(message):
+                # A repeat (the coordinator restarted): keys sent again, no retraining.
+                delivery.ack()
+                return
             self.stats.tasks += 1
-            self._run(lambda: self.serve(message))
+            if message.secure_aggregation is None or self._secure.may_train():
+                self._run(lambda: self.serve(message))
+        elif isinstance(message, SecAggNeighbours | SecAggDelivery | SecAggUnmask):
+            self._secure_stage(message)
         elif isinstance(message, UpdateRejected):
             log.info(
                 "%s: update %s rejected: %s %s",
@@ -218,6 +254,21 @@ class DeviceClient:
             self.stats.come_back_after_s = message.retry_after_s
             self._scheduler.call_later(message.retry_after_s, self._come_back)
         delivery.ack()
+
+    def _secure_stage(self, message: SecureStage) -> None:
+        """Answer a secure aggregation stage; a request that does not add up is refused."""
+        try:
+            if isinstance(message, SecAggNeighbours):
+                self._secure.neighbours(message)
+            elif isinstance(message, SecAggDelivery):
+                self._secure.delivery(message)
+            else:
+                self._secure.unmask(message)
+        except SecAggError as exc:
+            log.warning("%s: refused %s: %s", self.device_id, message.KIND.value, exc)
+            self.stats.refused[f"secagg_{message.KIND.value}"] += 1
+        except (BrokerError, FetchError) as exc:  # sending the masked update failed
+            log.warning("%s: could not answer %s: %s", self.device_id, message.KIND.value, exc)
 
     def _trust_workers(self, task: TrainTask) -> None:
         """Pin the aggregator keys the service vouched for in a task."""
@@ -252,24 +303,44 @@ class DeviceClient:
             return
         # Non-finite metrics cannot travel as JSON; the weights are checked by the worker.
         metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(v)}
-        data = encode_weights(result.weights)
+        if task.secure_aggregation is not None:
+            # Never in the clear: sent masked once the key exchange has told whom to mask with.
+            base = decode_weights(self._fetcher.fetch(task.model))
+            try:
+                self._secure.trained(task, base, result.weights, result.num_examples, metrics)
+            except (BrokerError, FetchError) as exc:
+                self._refuse(task, reply_to, exc.code, exc)
+            except SecAggError as exc:
+                self._refuse(task, reply_to, "bad_task", exc)
+            return
         try:
-            ref = self._claim_check(task, data)
+            self._send_update(task, dict(result.weights), result.num_examples, metrics)
         except FetchError as exc:
             self._refuse(task, reply_to, exc.code, exc)
-            return
+
+    def _send_update(
+        self,
+        task: TrainTask,
+        weights: dict[str, np.ndarray],
+        num_examples: int,
+        metrics: dict[str, float],
+    ) -> None:
+        """Publish a model update for ``task`` (uploaded first if too large to go inline)."""
+        data = encode_weights(weights)
+        ref = self._claim_check(task, data)
         update = ModelUpdate(
             experiment_id=task.experiment_id,
             round=task.round,
             device_id=self.device_id,
             base_version=task.base_version,
             task_id=task.message_id,
-            num_examples=result.num_examples,
+            num_examples=num_examples,
             weights=ref,
             inline_weights=None if ref is not None else data,
             metrics=metrics,
             grant=task.grant,
         )
+        reply_to = self._topics.updates(task.experiment_id, self.device_id)
         self._transport.publish(reply_to, encode(update, self._identity))
         self.stats.updates_sent += 1
         if task.training.get(TrainTask.CHECK_IN_WHEN_DONE):

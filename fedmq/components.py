@@ -32,6 +32,7 @@ from device_sdk.data import DATASETS, load_dataset
 from device_sdk.emulator import Fleet, TrainerFactory
 from device_sdk.emulator.fleet import Enroll, Runner, TransportFor
 from device_sdk.emulator.profiles import SpeedProfile, VirtualTime
+from device_sdk.secagg import Vanish
 from fedmq.platforms import platform_packagers
 from fedmq.settings import Settings
 from model_store import ModelStore
@@ -216,6 +217,7 @@ def build_fleet(
     speed: SpeedProfile | None = None,
     virtual_time: VirtualTime | None = None,
     identities: Callable[[str], Identity] = Identity.generate,
+    vanish: Mapping[int, Vanish] | None = None,
 ) -> Fleet:
     """Build an emulated fleet (not started) on the settings' topics and data folders.
 
@@ -237,4 +239,5 @@ def build_fleet(
         topics=settings.topics,
         identities=identities,
         data_dir=settings.data_dirs,
+        vanish=vanish,
     )

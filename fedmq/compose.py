@@ -6,7 +6,7 @@ import secrets
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from device_sdk.emulator import Fleet, TrainerFactory
 from device_sdk.emulator.fleet import Enroll, TransportFor
 from device_sdk.emulator.profiles import SpeedProfile, TraceProfile, VirtualTime
 from device_sdk.emulator.traces import AvailabilityDriver
+from device_sdk.secagg import Vanish
 from fedmq import components
 from fedmq.drive import Progress, RoundCounter, run_emulated, wait_for_devices, wait_for_rounds
 from fedmq.settings import Settings
@@ -68,6 +69,7 @@ def simulate(
     workers: int = 1,
     regions: int = 1,
     settings: Settings | None = None,
+    vanish: Mapping[int, Vanish] | None = None,
 ) -> RunResult:
     """Run an experiment on the in-process bus: deterministic for a config and seed.
 
@@ -97,6 +99,8 @@ def simulate(
     settings
         The store (default: a folder in ``workdir``), data folders, namespace
         and limits (default: ``Settings()``, the embedded defaults).
+    vanish
+        Devices (by index) that drop out of secure rounds at a stage.
 
     Returns
     -------
@@ -113,6 +117,7 @@ def simulate(
         workers=workers,
         regions=regions,
         settings=settings,
+        vanish=vanish,
     )
 
 
@@ -131,6 +136,7 @@ def run_experiment(
     workers: int = 1,
     regions: int = 1,
     settings: Settings | None = None,
+    vanish: Mapping[int, Vanish] | None = None,
 ) -> RunResult:
     """Run service, workers and fleet in this process over ``broker_url``.
 
@@ -232,6 +238,7 @@ def run_experiment(
             profile,
             virtual,
             enroll=lambda identity, platform: _enroll(service, identity, platform),
+            vanish=vanish,
         )
         fleet.start()
         if virtual is not None:
@@ -326,6 +333,7 @@ def _fleet(
     virtual_time: VirtualTime | None = None,
     *,
     enroll: Enroll,
+    vanish: Mapping[int, Vanish] | None = None,
 ) -> Fleet:
     """Build the emulated fleet of the experiment's data section."""
     run = None
@@ -348,6 +356,7 @@ def _fleet(
         enroll=enroll,
         # Fresh ids per run, so no broker session of an earlier run is resumed.
         prefix="emu" if in_process else f"emu{uuid.uuid4().hex[:4]}",
+        vanish=vanish,
     )
     # The run's end drops the devices' pending come-back-later check-ins: they
     # would fire later on transports already closed.

@@ -122,13 +122,74 @@ class Database:
     def delete_experiment(self, experiment_id: str) -> None:
         """Remove an experiment and its rounds in one transaction, or raise ``NotFound``."""
         with self._tx() as conn:
-            rounds = schema.rounds
-            conn.execute(delete(rounds).where(rounds.c.experiment_id == experiment_id))
+            for table in (schema.rounds, schema.secagg_rounds, schema.secagg_frames):
+                conn.execute(delete(table).where(table.c.experiment_id == experiment_id))
             done = conn.execute(
                 delete(schema.experiments).where(schema.experiments.c.id == experiment_id)
             )
             if done.rowcount == 0:
                 raise NotFound(f"no experiment {experiment_id!r}")
+
+    def save_secagg_round(self, experiment_id: str, number: int, state: Mapping[str, Any]) -> None:
+        """Write (or replace) a secure round's protocol state."""
+        table = schema.secagg_rounds
+        where = (table.c.experiment_id == experiment_id) & (table.c.number == number)
+        with self._tx() as conn:
+            conn.execute(delete(table).where(where))
+            conn.execute(
+                insert(table).values(experiment_id=experiment_id, number=number, state=dict(state))
+            )
+
+    def secagg_round(self, experiment_id: str, number: int) -> dict[str, Any] | None:
+        """Return a secure round's protocol state, None if none was written."""
+        table = schema.secagg_rounds
+        where = (table.c.experiment_id == experiment_id) & (table.c.number == number)
+        with self._tx() as conn:
+            row = conn.execute(select(table.c.state).where(where)).first()
+        return None if row is None else dict(row[0])
+
+    def add_secagg_frame(
+        self, experiment_id: str, number: int, device_id: str, kind: str, frame: bytes
+    ) -> bool:
+        """Keep a device's stage message; False if one of that kind was kept already."""
+        table = schema.secagg_frames
+        key = (
+            (table.c.experiment_id == experiment_id)
+            & (table.c.number == number)
+            & (table.c.device_id == device_id)
+            & (table.c.kind == kind)
+        )
+        with self._tx() as conn:
+            if conn.execute(select(table.c.kind).where(key)).first() is not None:
+                return False
+            conn.execute(
+                insert(table).values(
+                    experiment_id=experiment_id,
+                    number=number,
+                    device_id=device_id,
+                    kind=kind,
+                    frame=frame,
+                )
+            )
+        return True
+
+    def secagg_frames(self, experiment_id: str, number: int) -> list[bytes]:
+        """Return the device messages kept for a secure round."""
+        table = schema.secagg_frames
+        where = (table.c.experiment_id == experiment_id) & (table.c.number == number)
+        with self._tx() as conn:
+            rows = conn.execute(select(table.c.frame).where(where)).all()
+        return [bytes(row[0]) for row in rows]
+
+    def forget_secagg_round(self, experiment_id: str, number: int) -> None:
+        """Delete a finished secure round's protocol state and messages."""
+        with self._tx() as conn:
+            for table in (schema.secagg_rounds, schema.secagg_frames):
+                conn.execute(
+                    delete(table)
+                    .where(table.c.experiment_id == experiment_id)
+                    .where(table.c.number == number)
+                )
 
     def add_round(self, record: RoundRecord) -> None:
         """Insert a new round."""

@@ -8,6 +8,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -68,4 +69,24 @@ devices = Table(
     Column("rounds_served", Integer, nullable=False, default=0),
     Column("public_key", String(64)),
     Column("revoked_at", Float),
+)
+
+secagg_rounds = Table(
+    "secagg_rounds",
+    metadata,
+    Column("experiment_id", String(64), primary_key=True),
+    Column("number", Integer, primary_key=True),
+    # The sets the protocol fixed so far ({"stage", "u1", "u2", "u3"}).
+    Column("state", JSON, nullable=False),
+)
+
+secagg_frames = Table(
+    "secagg_frames",
+    metadata,
+    Column("experiment_id", String(64), primary_key=True),
+    Column("number", Integer, primary_key=True),
+    Column("device_id", String(128), primary_key=True),
+    Column("kind", String(32), primary_key=True),
+    # The device's signed frame as received (verified before it was written).
+    Column("frame", LargeBinary, nullable=False),
 )

@@ -30,7 +30,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker import CloseRound, CombineRound, Message, PartialReady, RoundOpened, RoundProgress
+from broker import (
+    CloseRound,
+    CombineRound,
+    Message,
+    ModelRef,
+    PartialReady,
+    RoundOpened,
+    RoundProgress,
+)
 from broker.topics import Topics
 
 Publish = Callable[[str, Message], None]
@@ -45,6 +53,8 @@ class Phase(enum.Enum):
     TRAINING = "training"
     CLOSING = "closing"
     COMBINING = "combining"
+    UNMASKING = "unmasking"
+    """Secure aggregation: the sum is sealed; devices reveal the shares that unmask it."""
 
 
 @dataclass(frozen=True)
@@ -82,12 +92,18 @@ class _Round:
     heard_at: float = 0.0
     """When a worker last said anything about the round (or it was closed)."""
     combining: bool = False
+    unmasking: bool = False
+    """A secure round's sum is sealed: nothing is repeated until its unmasking is ready."""
+    unmask: ModelRef | None = None
+    """A secure round's unmasking, once ready: every later combine request carries it."""
     last_sent: float = 0.0
     repeats: int = 0
 
     @property
     def phase(self) -> Phase:
         """Return the phase whose message is repeated now."""
+        if self.unmasking:
+            return Phase.UNMASKING
         if self.combining:
             return Phase.COMBINING
         return Phase.TRAINING if self.closed_at is None else Phase.CLOSING
@@ -173,6 +189,29 @@ class RoundClosing:
         if not rnd.combining and self._all_ready(rnd):
             self._combine(rnd)
 
+    def narrow(self, experiment_id: str, number: int, devices: frozenset[str]) -> None:
+        """Wait only for ``devices`` of the cohort (a secure round's others cannot answer)."""
+        rnd = self._rounds.get((experiment_id, number))
+        if rnd is None:
+            return
+        rnd.cohort = rnd.cohort & devices
+        if rnd.closed_at is None and rnd.complete:
+            self._close(rnd)
+
+    def masked(self, experiment_id: str, number: int) -> None:
+        """Note that a secure round's combiner sealed its sum: stop repeating the request."""
+        rnd = self._rounds.get((experiment_id, number))
+        if rnd is not None and rnd.combining and rnd.unmask is None:
+            rnd.unmasking = True
+
+    def unmasked(self, experiment_id: str, number: int, unmask: ModelRef) -> None:
+        """Ask for a secure round's combine again, now with the seeds that unmask its sum."""
+        rnd = self._rounds.get((experiment_id, number))
+        if rnd is None:
+            return
+        rnd.unmasking, rnd.unmask, rnd.combining, rnd.repeats = False, unmask, True, 0
+        self._send(rnd, self._combine_request(rnd.opened, unmask))
+
     def ended(self, experiment_id: str, number: int) -> None:
         """Forget a round whose outcome arrived."""
         self._rounds.pop((experiment_id, number), None)
@@ -212,8 +251,8 @@ class RoundClosing:
         rnd = self._rounds.get((experiment_id, number))
         if rnd is None:
             return True
-        if rnd.combining:
-            return False
+        if rnd.combining and not rnd.unmasking:
+            return False  # (a sealed sum awaiting its unmasking commits nothing without it)
         del self._rounds[(experiment_id, number)]
         self._send(rnd, CloseRound(experiment_id=experiment_id, round=number))
         return True
@@ -244,6 +283,8 @@ class RoundClosing:
     def _due(self, rnd: _Round, now: float) -> bool:
         """Return whether the round's current message is due again."""
         interval = self.REPEAT_S
+        if rnd.unmasking:
+            return False
         if rnd.combining:
             interval = min(self.REPEAT_S * 2**rnd.repeats, self.COMBINE_REPEAT_MAX_S)
         return now - rnd.last_sent >= interval
@@ -253,7 +294,7 @@ class RoundClosing:
         opened = rnd.opened
         if rnd.combining:
             rnd.repeats += 1
-            self._send(rnd, self._combine_request(opened))
+            self._send(rnd, self._combine_request(opened, rnd.unmask))
         elif rnd.closed_at is not None:
             self._send(rnd, CloseRound(experiment_id=opened.experiment_id, round=opened.round))
         else:
@@ -270,10 +311,10 @@ class RoundClosing:
 
     def _combine(self, rnd: _Round) -> None:
         rnd.combining = True
-        self._send(rnd, self._combine_request(rnd.opened))
+        self._send(rnd, self._combine_request(rnd.opened, rnd.unmask))
 
     @staticmethod
-    def _combine_request(opened: RoundOpened) -> CombineRound:
+    def _combine_request(opened: RoundOpened, unmask: ModelRef | None) -> CombineRound:
         return CombineRound(
             experiment_id=opened.experiment_id,
             round=opened.round,
@@ -281,6 +322,7 @@ class RoundClosing:
             model=opened.model,
             min_reports=opened.min_reports,
             strategy=opened.strategy,
+            unmask=unmask,
         )
 
     def _send(self, rnd: _Round, message: Message) -> None:

@@ -37,6 +37,7 @@ from aggregator_service.rounds.records import RoundDevices, Waiting, new_round_r
 from aggregator_service.rounds.recovery import in_flight_rounds
 from aggregator_service.rounds.registry import DeviceRegistry, Registration
 from aggregator_service.rounds.tasks import TaskDispatch
+from aggregator_service.secagg.coordinator import DeviceStage, SecureRounds
 from broker import (
     CheckIn,
     CheckOut,
@@ -53,6 +54,7 @@ from broker import (
     encode,
 )
 from broker.identity import Identity, KeyRing, encode_key
+from broker.secagg.messages import RoundMasked, SecAggKeys, SecAggReveal, SecAggShares
 from broker.topics import Topics
 from broker.verify import Refusal, Refusals, Verifier, check_fresh, refuse
 from model_store import ExportError, ModelSpec, ModelStore, build_initial_artifacts
@@ -130,7 +132,13 @@ class RoundService:
         # Check-outs may be last wills the broker sends hours after signing: no age limit.
         self._devices = Verifier(
             self.registry.key,
-            kinds=(MessageKind.CHECK_IN, MessageKind.CHECK_OUT),
+            kinds=(
+                MessageKind.CHECK_IN,
+                MessageKind.CHECK_OUT,
+                MessageKind.SECAGG_KEYS,
+                MessageKind.SECAGG_SHARES,
+                MessageKind.SECAGG_REVEAL,
+            ),
             max_age_s=None,
             topic_for=lambda message: self._topics.checkin(message.sender),
         )
@@ -141,6 +149,7 @@ class RoundService:
                 MessageKind.ROUND_ABANDONED,
                 MessageKind.ROUND_PROGRESS,
                 MessageKind.PARTIAL_READY,
+                MessageKind.ROUND_MASKED,
             ),
             max_age_s=None,
             topic_for=lambda message: self._topics.events(message.experiment_id),
@@ -182,6 +191,16 @@ class RoundService:
             self._sign_and_publish, self._topics, clock, roster=Checkpoints(store).roster
         )
         self._listeners: list[RoundListener] = []
+        self._secure = SecureRounds(
+            db,
+            store,
+            publish=self._sign_and_publish,
+            topics=self._topics,
+            combine=self._closing.unmasked,
+            abandon=self._abandon_secure,
+            narrow=self._closing.narrow,
+            clock=clock,
+        )
         # Asynchronous (FedBuff) experiments: tasks flow without a cohort barrier.
         self._async = AsyncRounds(
             db,
@@ -220,6 +239,10 @@ class RoundService:
                     self._waiting[exp.id] = ExperimentConfig.from_dict(exp.config).rounds.minimum
             for opened in in_flight_rounds(self._db, self._store, self._links, sender=self._name):
                 self._track(opened)
+                exp = self._db.experiment(opened.experiment_id)
+                config = ExperimentConfig.from_dict(exp.config)
+                if config.secure_aggregation is not None:
+                    self._secure.recover(opened, config)
                 log.info("recovered %s round %d in flight", opened.experiment_id, opened.round)
                 # The crash may have cut the task dispatch short; a device that
                 # already reported is refused as a duplicate, so sending all is safe.
@@ -446,10 +469,10 @@ class RoundService:
         """Return refused frames by component and reason (the coordinator's and each worker's)."""
         return {"coordinator": self.refusals.snapshot(), **self.worker_refusals}
 
-    def _open_device_frame(self, delivery: Delivery) -> CheckIn | CheckOut:
-        """Verify a check-in or check-out: signed by the device it names, on its own topic."""
+    def _open_device_frame(self, delivery: Delivery) -> CheckIn | CheckOut | DeviceStage:
+        """Verify a device's frame: signed by the device it names, on its own check-in topic."""
         message = self._devices.open_delivery(delivery)
-        assert isinstance(message, CheckIn | CheckOut)
+        assert isinstance(message, CheckIn | CheckOut | SecAggKeys | SecAggShares | SecAggReveal)
         if message.device_id != message.sender:
             raise refuse(Refusal.SPOOFED, f"{message.sender} speaks for {message.device_id[:130]}")
         if isinstance(message, CheckIn):
@@ -464,7 +487,10 @@ class RoundService:
         message = self.refusals.admit(delivery, self._open_device_frame)
         if message is None:
             return
-        if isinstance(message, CheckIn):
+        if isinstance(message, SecAggKeys | SecAggShares | SecAggReveal):
+            with self._lock:  # kept in the database before the ack
+                self._secure.received(message, bytes(delivery.body))
+        elif isinstance(message, CheckIn):
             with self._lock:
                 now, device = self._clock(), message.device_id
                 examples = message.capabilities.get(CheckIn.EXAMPLES)
@@ -573,6 +599,8 @@ class RoundService:
         self._db.add_round(new_round_record(opened, started_at=now))
         self._db.update_experiment(experiment_id, state="running", current_round=number)
         self._announce(opened)
+        if config.secure_aggregation is not None:
+            self._secure.begin(opened, config)  # before the tasks: devices answer with keys
         chosen = frozenset(selected)
         self._tasks.send(opened, config, refs, later=[d for d in pool if d not in chosen])
         log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
@@ -614,6 +642,7 @@ class RoundService:
                 self._start_waiting(None)
             self._async.expire(now, self._online)
             self._closing.tick()
+            self._secure.tick()
         if self._seen.due(now):  # outside the lock: check-ins go on while it writes
             self._seen.flush(now)
 
@@ -648,9 +677,15 @@ class RoundService:
             return
         with self._lock:
             self._heard[message.sender] = self._clock()
-        assert isinstance(message, RoundCommitted | RoundAbandoned | RoundProgress | PartialReady)
+        assert isinstance(
+            message, RoundCommitted | RoundAbandoned | RoundProgress | PartialReady | RoundMasked
+        )
         with self._lock:
-            if isinstance(message, RoundProgress):
+            if isinstance(message, RoundMasked):
+                if self._current_round(message.experiment_id, message.round) is not None:
+                    self._closing.masked(message.experiment_id, message.round)
+                    self._secure.masked(message)
+            elif isinstance(message, RoundProgress):
                 self._closing.progress(message)
             elif isinstance(message, PartialReady):
                 self._closing.ready(message)
@@ -741,6 +776,25 @@ class RoundService:
         )
         self._round_ended(event.experiment_id, event.round)
 
+    def _abandon_secure(self, experiment_id: str, number: int, reason: str) -> None:
+        """End a secure round its protocol cannot complete (too few devices at some stage)."""
+        rnd = self._current_round(experiment_id, number)
+        if rnd is None:
+            return
+        status = self._closing.status(experiment_id, number)
+        self._closing.withdraw(experiment_id, number)
+        reported = 0 if status is None else status.reported
+        self._db.update_round(
+            experiment_id,
+            number,
+            state="abandoned",
+            reason=reason,
+            reported=reported,
+            dropped=self._dropped(rnd, reported),
+            ended_at=self._clock(),
+        )
+        self._round_ended(experiment_id, number)
+
     def _dropped(self, rnd: RoundRecord, reported: int) -> int:
         """Return how many of a round's tasks never reported (async steps count their own)."""
         dropped = self._async.step_ended(rnd.experiment_id, rnd.number)
@@ -749,6 +803,7 @@ class RoundService:
     def _round_ended(self, experiment_id: str, number: int) -> None:
         """Tell listeners, then start the next requested round or go idle."""
         self._closing.ended(experiment_id, number)
+        self._secure.ended(experiment_id, number)
         record = self._db.round_record(experiment_id, number)
         assert record is not None
         for listener in self._listeners:

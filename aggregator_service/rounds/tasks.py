@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 from aggregator_service.config import ExperimentConfig, build_strategy, is_asynchronous
 from aggregator_service.links import ArtifactLinks, upload_name
+from aggregator_service.secagg.strategy import SecureSum
 from broker import (
     ComeBackLater,
     ModelRef,
@@ -89,6 +90,7 @@ class TaskDispatch:
         exp, number = opened.experiment_id, opened.round
         strategy = build_strategy(config.strategy)
         training = {**config.training_settings(), **strategy.configure_round(number)}
+        secure = strategy.secure if isinstance(strategy, SecureSum) else None
         if is_asynchronous(config.strategy):
             # No cohort barrier: a device that answers is idle, and says so at once.
             training[TrainTask.CHECK_IN_WHEN_DONE] = True
@@ -127,6 +129,7 @@ class TaskDispatch:
                 reply_to=self._topics.updates(exp, device_id),
                 grant=issue_grant(grant, self._identity),
                 aggregator_keys=workers,
+                secure_aggregation=secure,
             )
             tasks.append((self._topics.device(device_id), encode(task, self._identity)))
         # All in flight at once (one broker round trip each made a cohort of

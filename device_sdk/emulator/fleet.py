@@ -19,6 +19,7 @@ from device_sdk.data import DataDirs, load_dataset, partition
 from device_sdk.emulator.profiles import SpeedProfile, VirtualTime, paced
 from device_sdk.fetch import ArtifactFetcher
 from device_sdk.scheduler import Scheduler
+from device_sdk.secagg import Vanish
 from device_sdk.trainers.torchscript import ModuleCache, TorchScriptTrainer
 
 if TYPE_CHECKING:
@@ -159,6 +160,9 @@ class Fleet:
     data_dir
         The folders searched for the data set's files (``mnist``), from the
         caller's settings.
+    vanish
+        Devices (by partition index) that drop out of secure rounds, and at
+        which stage (``device_sdk.secagg.Vanish``): dropout tests.
     """
 
     def __init__(
@@ -181,8 +185,10 @@ class Fleet:
         identities: Callable[[str], Identity] = Identity.generate,
         scheduler: Scheduler | None = None,
         data_dir: DataDirs = None,
+        vanish: Mapping[int, Vanish] | None = None,
     ) -> None:
         topics = topics or Topics()
+        vanish = vanish or {}
         dataset = load_dataset(str(data.get("dataset", "digits")), data_dir=data_dir)
         size = int(data.get("devices", 20))
         parts = partition(
@@ -226,6 +232,7 @@ class Fleet:
                     run=device_run,
                     examples=len(idx),
                     scheduler=self.scheduler,
+                    vanish=vanish.get(i),
                 )
             )
 
