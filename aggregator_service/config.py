@@ -13,7 +13,7 @@ from typing import Any
 from aggregator_service.errors import ConfigError
 from aggregator_service.strategies import STRATEGIES, FedAvg, Strategy
 from broker.messages import SecAggSettings
-from broker.secagg import scale_for
+from broker.secagg import SecAggError, scale_for
 from device_sdk.data import DATASET_FACTS, DATASETS, PARTITIONS
 from model_store import ModelSpec, ModelSpecError
 from model_store.export.executorch import DEFAULT_MAX_BATCH
@@ -73,16 +73,19 @@ class SecureAggregationConfig:
     ``clip`` bounds each value of a device's delta, ``max_examples`` the
     weight one update may carry; together with the cohort size they fix the
     fixed-point scale, so the sum of every update fits 32 bits. Each device
-    shares its secrets with ``neighbours`` others (0: about 4 log2 of the
-    cohort, every other device in a cohort of up to 20), and a secret
-    comes back from ``threshold`` of its neighbourhood's shares (a fraction above
-    one half). Each key stage waits at most ``stage_timeout_s`` for late devices.
+    shares its secrets with ``neighbours`` others, and a secret comes back
+    from ``threshold`` of its neighbourhood's shares (a fraction above one
+    half). ``neighbours`` 0 picks the fewest that let the round unmask, with
+    a chance of failure below one in a million, when up to ``dropout`` of the
+    cohort vanishes mid-protocol (every other device when the cohort is small).
+    Each key stage waits at most ``stage_timeout_s`` for late devices.
     """
 
     clip: float = 1.0
     max_examples: int = 10_000
     neighbours: int = 0
-    threshold: float = 0.6
+    threshold: float = 0.55
+    dropout: float = 0.3
     stage_timeout_s: float = 30.0
 
 
@@ -243,6 +246,11 @@ class ExperimentConfig:
                     0.5 < secure.threshold <= 1.0,
                     "secure_aggregation.threshold: above 0.5 and at most 1",
                 ),
+                (
+                    0 <= secure.dropout < 1 - secure.threshold,
+                    "secure_aggregation.dropout: at least 0 and below 1 - threshold "
+                    "(a neighbourhood must keep a threshold's worth of devices)",
+                ),
                 (secure.stage_timeout_s > 0, "secure_aggregation.stage_timeout_s: positive"),
                 (
                     self.rounds.selection_size >= 3,
@@ -252,9 +260,13 @@ class ExperimentConfig:
             )
             if not ok
         ]
-        refusal = secure_refusal(str(self.strategy.get("name")))
-        if refusal:
-            problems.append(f"secure_aggregation: {refusal}")
+        if not problems and SECURE_KEY not in self.strategy:
+            problems.append(
+                f"secure_aggregation: clip x max_examples x the cohort "
+                f"({secure.clip:g} x {secure.max_examples} x {self.rounds.selection_size}) "
+                "leaves no precision in 32-bit sums; lower clip or max_examples"
+            )
+        # A strategy it cannot serve is refused where the strategy is built.
         if problems:
             raise ConfigError("; ".join(problems), problems)
 
@@ -356,12 +368,16 @@ def derived_strategy(
         settings["lr"] = training.lr
     settings.pop(SECURE_KEY, None)
     if secure is not None and secure.clip > 0 and secure.max_examples >= 1:
+        try:
+            scale = scale_for(secure.clip, secure.max_examples * rounds.selection_size)
+        except SecAggError:
+            return settings  # no scale fits 32 bits: validation names the settings
         # The workers build their strategy from this section: they learn here
         # that updates come masked and how to read the unmasked sum.
         settings[SECURE_KEY] = {
             "clip": secure.clip,
             "max_examples": secure.max_examples,
-            "scale": scale_for(secure.clip, secure.max_examples * rounds.selection_size),
+            "scale": scale,
         }
     return settings
 

@@ -85,8 +85,8 @@ SHARED: Mapping[str, Shared] = {
         "envelope",
         str,
         {
-            "description": "An Ed25519 public key: the standard, padded base64 of its 32 raw "
-            "bytes (44 characters).",
+            "description": "A public key (Ed25519; X25519 in secure aggregation's stages): the "
+            "standard, padded base64 of its 32 raw bytes (44 characters).",
             "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$",
         },
     ),
@@ -206,5 +206,11 @@ ROUTES: Mapping[MessageKind, Route] = {
         "error_reply.grant",
         _BY_SERVICE,
     ),
+    MessageKind.SECAGG_KEYS: Route(f"device -> coordinator, topic {CHECKIN}", _REGISTERED),
+    MessageKind.SECAGG_NEIGHBOURS: Route(f"coordinator -> device, topic {DEVICE}", _BY_SERVICE),
+    MessageKind.SECAGG_SHARES: Route(f"device -> coordinator, topic {CHECKIN}", _REGISTERED),
+    MessageKind.SECAGG_DELIVERY: Route(f"coordinator -> device, topic {DEVICE}", _BY_SERVICE),
+    MessageKind.SECAGG_UNMASK: Route(f"coordinator -> device, topic {DEVICE}", _BY_SERVICE),
+    MessageKind.SECAGG_REVEAL: Route(f"device -> coordinator, topic {CHECKIN}", _REGISTERED),
 }
 """The phone-facing kinds' routes; a kind without one is only checked against the envelope."""

@@ -62,8 +62,15 @@ class Frame:
         return sender if isinstance(sender, str) else ""
 
 
-_TYPES = {**MESSAGE_TYPES, **SECAGG_MESSAGE_TYPES}
-"""Every kind a frame may carry: the core vocabulary and secure aggregation's stages."""
+ALL_MESSAGE_TYPES: Mapping[MessageKind, type[Message]] = {
+    **MESSAGE_TYPES,
+    **SECAGG_MESSAGE_TYPES,
+}
+"""The class of every kind a frame may carry: the core vocabulary and secure aggregation's stages.
+
+``broker.messages.MESSAGE_TYPES`` holds only the core: ``broker.secagg.messages``
+imports ``broker.messages``, so the stages are merged here, where both are known.
+"""
 
 
 def encode(message: Message, identity: Identity | None = None) -> bytes:
@@ -174,7 +181,7 @@ def decode_frame(frame: Frame) -> Message:
         raise CodecError(f"bad header: {exc}") from exc
     if schema > SCHEMA_VERSION:
         raise SchemaVersionError(f"schema {schema} is newer than {SCHEMA_VERSION}")
-    cls = _TYPES[kind]
+    cls = ALL_MESSAGE_TYPES[kind]
     envelope = {name: header[name] for name in _ENVELOPE_FIELDS if name in header}
     body = header.get("body", {})
     if not isinstance(body, dict):

@@ -32,10 +32,11 @@ WIRE = "wire"
 (``minimum``, ``pattern``, ``examples``, ...) for the field's value (the
 non-null one of an optional field), and four words of the generator's own:
 ``$ref`` names one of the shared definitions (``segment``, ``message_id``,
-``unix_time``, ``public_key``, ``grant``, ``sha256``, ``uri``); ``keys`` is
-the schema of a map's keys; ``values`` narrows a map's values as the whole
-narrows a field; ``instead_of`` names the field a binary payload stands in
-for (exactly one of the two is sent).
+``unix_time``, ``public_key``, ``grant``, ``sha256``, ``uri``); ``keys``
+narrows a map's keys as the whole narrows a string field (a ``$ref``
+included); ``values`` narrows a map's values likewise; ``instead_of``
+names the field a binary payload stands in for (exactly one of the two is
+sent).
 """
 
 _SEGMENT: Mapping[str, Any] = {WIRE: {"$ref": "segment"}}

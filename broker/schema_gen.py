@@ -2,20 +2,24 @@
 
 Every file in ``broker/schema/`` is this module's output, never edited by hand:
 
+- the message classes are those the codec reads (``broker.codec.ALL_MESSAGE_TYPES``:
+  ``broker.messages`` and secure aggregation's ``broker.secagg.messages``);
 - a body's properties are the message dataclass's fields (less the envelope's),
   each typed from its annotation as ``broker.codec`` reads it: ``str`` a
   string, ``int`` an integer, ``float`` a number, ``bool`` a boolean, an
   ``Enum`` its values, ``X | None`` X or null, a union of scalars their JSON
   types, ``Mapping[str, V]`` an object of V, ``tuple[X, ...]`` an array of X,
-  ``ModelRef`` a reference to ``model_ref.json``; the one ``bytes`` field is
-  the frame's payload, so in the body it is only ever null;
+  ``ModelRef`` a reference to ``model_ref.json``, any other dataclass (such
+  as ``SecAggSettings``) an object of its fields written in place, like a
+  body; the one ``bytes`` field is the frame's payload, so in the body it is
+  only ever null;
 - every field the codec writes is required, and a field with a Python default
   has it as its ``default`` (what the reader assumes when the field is
-  absent); a body or a ``ModelRef`` takes no other key, as the codec refuses
-  unknown fields;
-- descriptions are the class's and the fields' docstrings; what a type does
-  not say (patterns, minimums, the shared definitions) is each field's
-  ``broker.messages.WIRE`` metadata;
+  absent); a body, a ``ModelRef`` or a nested dataclass takes no other key,
+  as the codec refuses unknown fields;
+- descriptions are the classes' and the fields' docstrings (a nested
+  dataclass's too); what a type does not say (patterns, minimums, the shared
+  definitions) is each field's ``broker.messages.WIRE`` metadata;
 - the header keys the codec adds (``schema_version``, ``kind``, ``body``,
   ``payload_field``, ``payload_sha256``) and who sends each kind on which
   topic are described in ``broker._schema_words``.
@@ -41,7 +45,8 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from broker import _schema_words as words
-from broker.messages import MESSAGE_TYPES, SCHEMA_VERSION, WIRE, Message, MessageKind, ModelRef
+from broker.codec import ALL_MESSAGE_TYPES
+from broker.messages import SCHEMA_VERSION, WIRE, Message, MessageKind, ModelRef
 from broker.schemas import DEVICE_KINDS, SHARED_SCHEMAS, schema_names
 
 __all__ = ["SCHEMA_DIR", "body_schema", "generate", "main", "message_schema", "render", "write"]
@@ -63,12 +68,16 @@ def generate() -> dict[str, str]:
     Raises
     ------
     ValueError
-        A phone-facing message, ``ModelRef`` or an envelope field lacks a docstring.
+        A phone-facing message, a dataclass nested in one, ``ModelRef`` or an
+        envelope field lacks a docstring.
     """
-    classes = [Message, ModelRef, *(MESSAGE_TYPES[kind] for kind in DEVICE_KINDS)]
-    missing = sorted(name for cls in classes for name in _undescribed(cls))
-    if missing:
-        raise ValueError(f"describe these in broker/messages.py: {', '.join(missing)}")
+    messages = [ALL_MESSAGE_TYPES[kind] for kind in DEVICE_KINDS]
+    classes = dict.fromkeys([Message, ModelRef, *messages, *_nested(messages)])
+    missing = {cls: _undescribed(cls) for cls in classes}
+    names = sorted(name for found in missing.values() for name in found)
+    if names:
+        where = sorted({_source(cls) for cls, found in missing.items() if found})
+        raise ValueError(f"describe these in {', '.join(where)}: {', '.join(names)}")
     shared = {"envelope": _envelope, "model_ref": _model_ref}
     assert set(shared) == set(SHARED_SCHEMAS)
     return {
@@ -125,7 +134,7 @@ def message_schema(kind: MessageKind) -> dict[str, Any]:
         A draft 2020-12 schema whose ``$id`` is ``<kind>.json`` next to
         ``envelope.json`` and ``model_ref.json``, which it refers to.
     """
-    cls, name = MESSAGE_TYPES[kind], kind.value
+    cls, name = ALL_MESSAGE_TYPES[kind], kind.value
     route = words.ROUTES.get(kind)
     hints = get_type_hints(cls)
     binary = [f.name for f in dataclasses.fields(cls) if _is_binary(hints[f.name])]
@@ -137,7 +146,12 @@ def message_schema(kind: MessageKind) -> dict[str, Any]:
     properties["payload_field"] = {"enum": [*binary, None]} if binary else {"type": "null"}
     properties["body"] = {"$ref": "#/$defs/body"}
     return {
-        **_heading(name, f"{cls.__name__} ({route.note})" if route else cls.__name__, _doc(cls)),
+        **_heading(
+            name,
+            f"{cls.__name__} ({route.note})" if route else cls.__name__,
+            _doc(cls),
+            source=_source(cls),
+        ),
         "allOf": [{"$ref": "envelope.json"}],
         "properties": properties,
         **_alternatives(cls, name),
@@ -146,12 +160,12 @@ def message_schema(kind: MessageKind) -> dict[str, Any]:
 
 
 def body_schema(cls: type, *, here: str) -> dict[str, Any]:
-    """Return the schema of a message's body (or of a ``ModelRef``): an object of its fields.
+    """Return the schema of a message's body (or of another dataclass): an object of its fields.
 
     Parameters
     ----------
     cls
-        A message class, or ``ModelRef``.
+        A message class, ``ModelRef``, or a dataclass a message nests.
     here
         The name of the schema file it goes into: references to shared
         definitions are written relative to it.
@@ -185,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Write (or with ``--check`` compare) the schema files; return the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m broker.schema_gen",
-        description="Write broker/schema/*.json from the messages in broker/messages.py.",
+        description="Write broker/schema/*.json from the messages in broker/messages.py "
+        "and broker/secagg/messages.py.",
         epilog="example: python -m broker.schema_gen --check",
     )
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 on a change")
@@ -201,11 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- the three kinds of document --------------------------------------------------
 
 
-def _heading(name: str, title: str, description: str) -> dict[str, Any]:
+def _heading(
+    name: str, title: str, description: str, *, source: str = "broker/messages.py"
+) -> dict[str, Any]:
     return {
         "$schema": DRAFT,
         "$id": f"https://fedmq.invalid/schema/{SCHEMA_VERSION}/{name}.json",
-        "$comment": "Generated from broker/messages.py by python -m broker.schema_gen; do not edit",
+        "$comment": f"Generated from {source} by python -m broker.schema_gen; do not edit",
         "title": title,
         "description": description,
     }
@@ -318,6 +335,8 @@ def _shape(hint: Any, rest: dict[str, Any], here: str) -> dict[str, Any]:
         return {"type": list(dict.fromkeys(kept))}
     if hint is ModelRef:
         return {"$ref": "model_ref.json"}
+    if _is_nested(hint):
+        return {"title": hint.__name__, "description": _doc(hint), **body_schema(hint, here=here)}
     if isinstance(hint, type) and issubclass(hint, Enum):
         return {"enum": [member.value for member in hint]}
     if origin is tuple:
@@ -325,7 +344,9 @@ def _shape(hint: Any, rest: dict[str, Any], here: str) -> dict[str, Any]:
     if origin in (Mapping, dict):
         schema: dict[str, Any] = {"type": "object"}
         if "keys" in rest:
-            schema["propertyNames"] = rest.pop("keys")
+            # Narrowed like a string field (a shared "$ref" resolved); a name is always a string.
+            keys = _schema(str, rest.pop("keys"), here)
+            schema["propertyNames"] = {k: v for k, v in keys.items() if k != "type"}
         values = _schema(args[1], rest.pop("values", {}), here)
         return {**schema, "additionalProperties": values} if values else schema
     if hint in _JSON_TYPES:
@@ -373,12 +394,42 @@ def _without_none(hint: Any) -> Any:
     return functools.reduce(operator.or_, options)
 
 
+def _is_nested(hint: Any) -> bool:
+    """Return whether a type is a dataclass written in place (not a message, not ``ModelRef``)."""
+    return (
+        isinstance(hint, type)
+        and dataclasses.is_dataclass(hint)
+        and hint is not ModelRef
+        and not issubclass(hint, Message)
+    )
+
+
+def _nested(classes: Sequence[type]) -> list[type]:
+    """Return the dataclasses written in place in ``classes``' fields, at any depth."""
+    found: list[type] = []
+    pending = list(classes)
+    while pending:
+        hints = list(get_type_hints(pending.pop()).values())
+        while hints:
+            hint = hints.pop()
+            hints.extend(get_args(hint))
+            if _is_nested(hint) and hint not in found:
+                found.append(hint)
+                pending.append(hint)
+    return found
+
+
 def _is_binary(hint: Any) -> bool:
     """Return whether a field carries the frame's payload (``bytes``; the codec's rule)."""
     return any(a in (bytes, memoryview) for a in (get_args(hint) if _is_union(hint) else (hint,)))
 
 
 # -- descriptions from docstrings -------------------------------------------------
+
+
+def _source(cls: type) -> str:
+    """Return the file a class is declared in, relative to the repository."""
+    return cls.__module__.replace(".", "/") + ".py"
 
 
 def _doc(cls: type) -> str:

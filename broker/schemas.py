@@ -1,16 +1,18 @@
 """The JSON Schemas of the messages a phone sends or receives: load them, check headers.
 
 ``broker/schema/`` holds one JSON Schema (draft 2020-12) per message kind a
-phone sees (``task_grant`` included: it rides, signed, inside a task and comes
-back inside the answer), plus ``envelope.json`` (the header every frame
-carries) and ``model_ref.json``; they are the contract Kotlin and Swift code
-is written against (``docs/mobile-protocol.md``). They are generated from the
-message classes in ``broker.messages`` by ``python -m broker.schema_gen``
-(``broker/schema_gen.py``), never edited by hand. They describe the header
-only: splitting a frame, signed or not, is ``broker.codec.split_frame``'s job,
-and checking its signature ``broker.verify``'s. Validation needs ``jsonschema``, a
-development dependency imported only when a header is checked: at run time
-the codec's own decoding already refuses fields of the wrong type.
+phone sees (secure aggregation's ``secagg_*`` stages included, and
+``task_grant``: it rides, signed, inside a task and comes back inside the
+answer), plus ``envelope.json`` (the header every frame carries) and
+``model_ref.json``; they are the contract Kotlin and Swift code is written
+against (``docs/mobile-protocol.md``). They are generated from the message
+classes in ``broker.messages`` and ``broker.secagg.messages`` by ``python -m
+broker.schema_gen`` (``broker/schema_gen.py``), never edited by hand. They
+describe the header only: splitting a frame, signed or not, is
+``broker.codec.split_frame``'s job, and checking its signature
+``broker.verify``'s. Validation needs ``jsonschema``, a development
+dependency imported only when a header is checked: at run time the codec's
+own decoding already refuses fields of the wrong type.
 """
 
 from __future__ import annotations
@@ -46,9 +48,19 @@ DEVICE_KINDS = frozenset(
         MessageKind.UPDATE_REJECTED,
         MessageKind.ERROR_REPLY,
         MessageKind.TASK_GRANT,
+        MessageKind.SECAGG_KEYS,
+        MessageKind.SECAGG_NEIGHBOURS,
+        MessageKind.SECAGG_SHARES,
+        MessageKind.SECAGG_DELIVERY,
+        MessageKind.SECAGG_UNMASK,
+        MessageKind.SECAGG_REVEAL,
     }
 )
-"""Kinds a phone sends or receives (a grant: inside its task); each has a schema ``<kind>.json``."""
+"""Kinds a phone sends or receives (a grant: inside its task); each has a schema ``<kind>.json``.
+
+The ``secagg_*`` kinds are secure aggregation's stages: a phone that serves
+tasks with ``secure_aggregation`` set must implement them.
+"""
 
 SERVICE_KINDS = frozenset(
     {
@@ -60,6 +72,7 @@ SERVICE_KINDS = frozenset(
         MessageKind.PARTIAL_READY,
         MessageKind.COMBINE_ROUND,
         MessageKind.WORKER_ALIVE,
+        MessageKind.ROUND_MASKED,
     }
 )
 """Kinds only the coordinator and the workers exchange; ``envelope.json`` alone covers them."""

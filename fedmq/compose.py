@@ -257,7 +257,8 @@ def run_experiment(
         ]
         wait_for_devices(service, len(fleet.devices), buses, timeout_s)
         service.request_rounds(experiment_id, count)
-        if not in_process:
+        if not in_process or (vanish and virtual is None):
+            # Devices that vanish mid-protocol are given up on when a stage times out.
             stack.callback(Ticker(service.tick).start().stop)
         if virtual is not None:
             run_emulated(virtual, ended, buses, service.tick, config, timeout_s)

@@ -35,7 +35,6 @@ Abandoned = Callable[[str, int, str], None]
 """Ends a round as abandoned, with the reason."""
 Narrow = Callable[[str, int, frozenset[str]], None]
 """Tells the round's closing which devices can still send an update."""
-MEDIA_TYPE = "application/vnd.fedmq.unmasking+json"
 
 
 @dataclass
@@ -78,6 +77,10 @@ class SecureRounds:
 
     def begin(self, opened: RoundOpened, config: ExperimentConfig) -> None:
         """Start a secure round's key stage (its tasks ask devices for keys)."""
+        self._save(self._track(opened, config).round)
+
+    def _track(self, opened: RoundOpened, config: ExperimentConfig) -> _Live:
+        """Hold a new round in memory at its key stage (nothing written)."""
         secure = config.secure_aggregation
         assert secure is not None
         rnd = SecureRound(
@@ -88,13 +91,13 @@ class SecureRounds:
             secure,
             opened.min_reports,
         )
-        self._rounds[(opened.experiment_id, opened.round)] = _Live(rnd, self._clock())
-        self._save(rnd)
+        live = _Live(rnd, self._clock())
+        self._rounds[(opened.experiment_id, opened.round)] = live
+        return live
 
     def recover(self, opened: RoundOpened, config: ExperimentConfig) -> None:
         """Rebuild a secure round from the database after a restart, and ask again."""
-        self.begin(opened, config)
-        live = self._rounds[(opened.experiment_id, opened.round)]
+        live = self._track(opened, config)
         rnd = live.round
         saved = self._db.secagg_round(opened.experiment_id, opened.round) or {}
         frames = [decode(f) for f in self._db.secagg_frames(opened.experiment_id, opened.round)]
@@ -126,6 +129,8 @@ class SecureRounds:
             "recovered secure round %s/%d at stage %s", rnd.experiment_id, rnd.number, stage.value
         )
         self._ask(live, recovered=True)
+        if stage is Stage.UNMASKING:  # the reveals may all be in: the crash cut the commit
+            self._try_unmask(live, timed_out=False)
 
     def covers(self, experiment_id: str, number: int) -> bool:
         """Return whether a round in flight is a secure one."""
@@ -199,9 +204,9 @@ class SecureRounds:
         rnd = live.round
         try:
             if rnd.stage is Stage.KEYS and (timed_out or rnd.keys_complete()):
-                self._send(rnd.fix_u1())
+                messages: Mapping[str, Message] = rnd.fix_u1()
             elif rnd.stage is Stage.SHARES and (timed_out or rnd.shares_complete()):
-                self._send(rnd.fix_u2())
+                messages = rnd.fix_u2()
                 self._narrow(rnd.experiment_id, rnd.number, frozenset(rnd.u2))
             elif rnd.stage is Stage.UNMASKING:
                 self._try_unmask(live, timed_out)
@@ -211,8 +216,9 @@ class SecureRounds:
         except Abandon as exc:
             self._end(live, str(exc))
             return
-        self._save(rnd)
+        self._save(rnd)  # before the messages: a restart resumes the stage they start
         self._start_stage(live)
+        self._send(messages)
 
     def _try_unmask(self, live: _Live, timed_out: bool) -> None:
         rnd = live.round
@@ -237,7 +243,8 @@ class SecureRounds:
             len(unmasking.seeds),
             len(unmasking.pairs),
         )
-        self._combine(rnd.experiment_id, rnd.number, ModelRef("", sha256, len(data), "json"))
+        ref = ModelRef(self._store.blob_url(sha256), sha256, len(data), "json")
+        self._combine(rnd.experiment_id, rnd.number, ref)
 
     def _start_stage(self, live: _Live) -> None:
         live.started = live.asked = self._clock()

@@ -15,18 +15,57 @@ from collections.abc import Sequence
 
 import numpy as np
 
+FAILURE = 1e-6
+"""The chance a round may fail to unmask with no more than its expected dropouts."""
 
-def default_degree(n: int) -> int:
-    """Return the neighbours each device gets by default in a round of ``n`` devices.
 
-    About ``4 log2 n`` (Bell et al.'s O(log n), with room for dropouts), so
-    every other device when ``n`` is at most 20.
+def degree_for(n: int, dropout: float, fraction: float, failure: float = FAILURE) -> int:
+    """Return the neighbours each of ``n`` devices needs to survive ``dropout`` of them vanishing.
+
+    A round unmasks when every neighbourhood (``degree + 1`` devices) keeps
+    ``threshold_for(degree, fraction)`` members to the end. With each device
+    vanishing independently with probability ``dropout``, the degree is the
+    smallest, from about ``4 log2 n`` (Bell et al.'s O(log n), a floor that
+    keeps a neighbourhood from being a handful of devices), whose chance that
+    any of the ``n`` neighbourhoods falls short is at most ``failure``; or
+    every other device, when no sparser graph is safe.
     """
-    return max(0, min(n - 1, 4 * math.ceil(math.log2(max(n, 2)))))
+    if n <= 1:
+        return 0
+    floor = min(n - 1, 4 * math.ceil(math.log2(n)))
+    for degree in range(floor, n - 1):
+        short = _short_chance(degree + 1, threshold_for(degree, fraction), 1.0 - dropout)
+        if n * short <= failure:
+            return degree
+    return n - 1
+
+
+def _short_chance(members: int, needed: int, stay: float) -> float:
+    """Return the chance that fewer than ``needed`` of ``members`` stay (binomial tail)."""
+    if stay >= 1.0:
+        return 0.0
+    if stay <= 0.0:
+        return 1.0
+    log_stay, log_go = math.log(stay), math.log1p(-stay)
+    total = 0.0
+    for kept in range(needed):
+        total += math.exp(
+            math.lgamma(members + 1)
+            - math.lgamma(kept + 1)
+            - math.lgamma(members - kept + 1)
+            + kept * log_stay
+            + (members - kept) * log_go
+        )
+    return total
 
 
 def threshold_for(degree: int, fraction: float) -> int:
-    """Return how many shares of a neighbourhood (``degree + 1`` devices) rebuild a secret."""
+    """Return how many shares of a neighbourhood (``degree + 1`` devices) rebuild a secret.
+
+    With ``fraction`` above one half this is a strict majority: a coordinator
+    that told two halves of a neighbourhood different stories about who
+    dropped still could not gather both a seed's and a key's shares.
+    """
     return max(2, min(degree + 1, math.ceil(fraction * (degree + 1))))
 
 

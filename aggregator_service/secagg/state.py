@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aggregator_service.config import SecureAggregationConfig
-from aggregator_service.secagg.graph import default_degree, neighbourhoods, threshold_for
+from aggregator_service.secagg.graph import degree_for, neighbourhoods, threshold_for
 from aggregator_service.secagg.strategy import Unmasking
 from broker.secagg import AgreementKey, SecAggError, agree, combine
 from broker.secagg.messages import (
@@ -107,7 +107,8 @@ class SecureRound:
         """End stage 1: draw the neighbourhoods; return each U1 device's message."""
         self.u1 = tuple(sorted(self.keys))
         n = len(self.u1)
-        degree = self.settings.neighbours or default_degree(n)
+        settings = self.settings
+        degree = settings.neighbours or degree_for(n, settings.dropout, settings.threshold)
         self.graph = neighbourhoods(self.u1, min(degree, n - 1), [self.seed, self.number])
         self.threshold = threshold_for(min(degree, n - 1), self.settings.threshold)
         if n < self.needed:

@@ -9,6 +9,7 @@ checked against the codec.
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import hashlib
@@ -48,9 +49,10 @@ from broker import (
     encode_weights,
     topics,
 )
+from broker.codec import ALL_MESSAGE_TYPES
 from broker.errors import AccessError, IdentityError, Refused
 from broker.identity import SIGNATURE_BYTES, Identity
-from broker.messages import MESSAGE_TYPES, TaskGrant
+from broker.messages import SecAggSettings, TaskGrant
 from broker.schemas import (
     DEVICE_KINDS,
     SERVICE_KINDS,
@@ -60,6 +62,28 @@ from broker.schemas import (
     validate_frame,
     validate_header,
 )
+from broker.secagg import (
+    PRIME,
+    SHARE_BYTES,
+    AgreementKey,
+    agree,
+    expand,
+    quantize,
+    scale_for,
+    seal,
+    split,
+)
+from broker.secagg.keys import INFO_PREFIX, NONCE_BYTES, TAG_BYTES
+from broker.secagg.messages import (
+    SecAggDelivery,
+    SecAggKeys,
+    SecAggNeighbours,
+    SecAggPeer,
+    SecAggReveal,
+    SecAggShares,
+    SecAggUnmask,
+)
+from broker.secagg.protocol import b64, cipher_context, mask_context, share_aad
 from broker.verify import Verifier
 from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient, DeviceContext, TrainResult
 from device_sdk.errors import DeviceError
@@ -208,6 +232,90 @@ GRANT = TaskGrant(
     max_examples=500,
     sender="coordinator",
 )
+
+
+# -- a secure round of three neighbours, built with the primitives a phone would use ------
+
+NEIGHBOURHOOD = (DEVICE, "android-0a1b2c3d4e5f", "ios-9f8e7d6c5b4a")
+THRESHOLD = 2
+SETTINGS = SecAggSettings(clip=1.0, scale=scale_for(1.0, 500 * 10), max_examples=500)
+
+
+def _x25519(device_id: str, use: str) -> AgreementKey:
+    """Return a device's round key (``cipher`` or ``mask``), fixed for the test."""
+    return AgreementKey.from_private_bytes(hashlib.sha256(f"{device_id}/{use}".encode()).digest())
+
+
+PEERS = {  # x-coordinates as the coordinator numbers U1: 1.. in sorted order
+    v: SecAggPeer(
+        i + 1, b64(_x25519(v, "cipher").public_bytes()), b64(_x25519(v, "mask").public_bytes())
+    )
+    for i, v in enumerate(sorted(NEIGHBOURHOOD))
+}
+
+
+def _shares_of(owner: str) -> dict[str, tuple[bytes, bytes]]:
+    """Return ``owner``'s Shamir shares of its self-mask seed and its mask key, by recipient."""
+    xs = {v: PEERS[v].index for v in NEIGHBOURHOOD}
+    seed = hashlib.sha256(f"{owner}/seed".encode()).digest()
+    seed_shares = split(seed, list(xs.values()), THRESHOLD)
+    key_shares = split(_x25519(owner, "mask").private_bytes(), list(xs.values()), THRESHOLD)
+    return {v: (seed_shares[x], key_shares[x]) for v, x in xs.items()}
+
+
+PLAIN = {u: _shares_of(u) for u in NEIGHBOURHOOD}
+
+
+def _sealed(sender: str, recipient: str) -> str:
+    """Return the share pair ``sender`` encrypts for ``recipient``, as it travels."""
+    peer_key = base64.b64decode(PEERS[recipient].cipher_key)
+    key = agree(_x25519(sender, "cipher"), peer_key, context=cipher_context(EXPERIMENT, 4))
+    seed_share, key_share = PLAIN[sender][recipient]
+    aad = share_aad(EXPERIMENT, 4, sender, recipient)
+    return b64(seal(key, seed_share + key_share, aad=aad))
+
+
+SECURE_TASK = _task(secure_aggregation=SETTINGS)
+KEYS = SecAggKeys(
+    experiment_id=EXPERIMENT,
+    round=4,
+    device_id=DEVICE,
+    task_id=TASK_ID,
+    cipher_key=PEERS[DEVICE].cipher_key,
+    mask_key=PEERS[DEVICE].mask_key,
+    sender=DEVICE,
+)
+NEIGHBOURS = SecAggNeighbours(
+    experiment_id=EXPERIMENT, round=4, threshold=THRESHOLD, peers=PEERS, sender="coordinator"
+)
+SHARES = SecAggShares(
+    experiment_id=EXPERIMENT,
+    round=4,
+    device_id=DEVICE,
+    shares={v: _sealed(DEVICE, v) for v in NEIGHBOURHOOD},
+    sender=DEVICE,
+)
+DELIVERY = SecAggDelivery(
+    experiment_id=EXPERIMENT,
+    round=4,
+    shares={v: _sealed(v, DEVICE) for v in NEIGHBOURHOOD},
+    sender="coordinator",
+)
+UNMASK = SecAggUnmask(  # the last neighbour's masked update is not in the sum
+    experiment_id=EXPERIMENT,
+    round=4,
+    survivors=NEIGHBOURHOOD[:2],
+    dropped=NEIGHBOURHOOD[2:],
+    sender="coordinator",
+)
+REVEAL = SecAggReveal(
+    experiment_id=EXPERIMENT,
+    round=4,
+    device_id=DEVICE,
+    seed_shares={v: b64(PLAIN[v][DEVICE][0]) for v in UNMASK.survivors},
+    key_shares={v: b64(PLAIN[v][DEVICE][1]) for v in UNMASK.dropped},
+    sender=DEVICE,
+)
 SAMPLES: list[Message] = [
     CHECK_IN,
     CheckIn(device_id=DEVICE, platform="ios", sender=DEVICE),
@@ -221,6 +329,13 @@ SAMPLES: list[Message] = [
     *REJECTED,
     ERROR,
     GRANT,
+    SECURE_TASK,
+    KEYS,
+    NEIGHBOURS,
+    SHARES,
+    DELIVERY,
+    UNMASK,
+    REVEAL,
 ]
 
 
@@ -424,6 +539,18 @@ NEGATIVE: list[tuple[str, Message, Callable[[dict[str, Any]], None]]] = [
     ("grant not base64", _update(), _put("not base64!", "body", "grant")),
     ("aggregator key too short", _task(), _put({"worker": "AAAA"}, "body", "aggregator_keys")),
     ("grant for no examples", GRANT, _put(-1, "body", "max_examples")),
+    ("secure settings of another type", SECURE_TASK, _put(1.0, "body", "secure_aggregation")),
+    ("zero clip", SECURE_TASK, _put(0, "body", "secure_aggregation", "clip")),
+    ("unknown secure setting", SECURE_TASK, _put(1, "body", "secure_aggregation", "noise")),
+    ("X25519 key of 31 bytes", KEYS, _put(b64(bytes(31)), "body", "cipher_key")),
+    ("keys without task_id", KEYS, _drop("body", "task_id")),
+    ("threshold of 1", NEIGHBOURS, _put(1, "body", "threshold")),
+    ("peer at x = 0", NEIGHBOURS, _put(0, "body", "peers", DEVICE, "index")),
+    ("peer without mask key", NEIGHBOURS, _drop("body", "peers", DEVICE, "mask_key")),
+    ("shares for a device id with a slash", SHARES, _put({"a/b": "AAAA"}, "body", "shares")),
+    ("delivered share not a string", DELIVERY, _put(7, "body", "shares", DEVICE)),
+    ("survivors as one string", UNMASK, _put(DEVICE, "body", "survivors")),
+    ("reveal without device_id", REVEAL, _drop("body", "device_id")),
 ]
 
 
@@ -437,6 +564,18 @@ def test_the_schemas_refuse_malformed_headers(
 
     with pytest.raises(CodecError, match=r"header breaks \w+\.json"):
         validate_header(header)
+
+
+def test_secure_settings_without_their_scale_break_the_task_schema() -> None:
+    header = _header(SECURE_TASK)
+    validate_header(copy.deepcopy(header))
+    del header["body"]["secure_aggregation"]["scale"]
+
+    with pytest.raises(CodecError, match=r"train_task\.json at body/secure_aggregation"):
+        validate_header(header)
+    raw = json.dumps(header).encode()
+    with pytest.raises(CodecError, match="scale"):  # and the codec cannot build the settings
+        decode(struct.pack(">3sBI", b"FMQ", 1, len(raw)) + raw)
 
 
 def test_split_frame_refuses_what_is_not_a_frame() -> None:
@@ -474,10 +613,13 @@ def _payload_fields(cls: type[Message]) -> set[str]:
 
 
 def _json_default(f: dataclasses.Field[Any]) -> Any:
+    """Return a field's default as JSON writes it (a tuple is an array)."""
     if f.default is not dataclasses.MISSING:
-        return f.default
-    assert f.default_factory is not dataclasses.MISSING
-    return f.default_factory()
+        value = f.default
+    else:
+        assert f.default_factory is not dataclasses.MISSING
+        value = f.default_factory()
+    return json.loads(json.dumps(value))
 
 
 def test_every_message_kind_is_listed_and_classified() -> None:
@@ -501,7 +643,7 @@ def test_reject_reasons_are_listed() -> None:
 
 @pytest.mark.parametrize("kind", sorted(DEVICE_KINDS, key=lambda k: k.value), ids=str)
 def test_each_body_schema_describes_exactly_the_message_fields(kind: MessageKind) -> None:
-    cls = MESSAGE_TYPES[kind]
+    cls = ALL_MESSAGE_TYPES[kind]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ENVELOPE_FIELDS}
     body = _body(kind)
     schema = load_schema(kind)
@@ -612,6 +754,42 @@ def test_the_documented_frame_is_what_the_codec_writes() -> None:
         clock=lambda: message.sent_at,
     )
     assert verifier.open(documented) == message
+
+
+def test_the_documented_secure_aggregation_values_are_the_codes() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    section = text[text.index("## 11. Secure aggregation") :]
+    block = section[section.index("<!-- example: secure aggregation -->") :].split("```", 2)[1]
+    own, peer, cipher, mask, pair_mask, seed, self_mask = re.findall(
+        r"^.+? += (.+)$", block, flags=re.M
+    )
+    where = {"<experiment_id>": EXPERIMENT, "<round>": "4", "<sender>": "a", "<recipient>": "b"}
+
+    def filled(template: str) -> bytes:
+        for name, value in where.items():
+            template = template.replace(name, value)
+        return template.encode()
+
+    key = AgreementKey.from_private_bytes(bytes.fromhex(own))
+    pair_seed = agree(key, bytes.fromhex(peer), context=mask_context(EXPERIMENT, 4))
+    assert agree(key, bytes.fromhex(peer), context=cipher_context(EXPERIMENT, 4)).hex() == cipher
+    assert pair_seed.hex() == mask
+    assert [f"{v:08x}" for v in expand(pair_seed, 4)] == pair_mask.split()
+    assert [f"{v:08x}" for v in expand(bytes.fromhex(seed), 4)] == self_mask.split()
+    values, clipped = quantize(np.array([-0.3, 2.0, 0.5, 0.25]), clip=1.0, weight=3, scale=4.0)
+    assert (values.tolist(), clipped) == ([0xFFFFFFFC, 12, 6, 3], 1)
+    # The strings and sizes the text gives are the code's.
+    assert f"info `{INFO_PREFIX.decode()}`" in section
+    for template, made in (
+        ("cipher|<experiment_id>|<round>", cipher_context(EXPERIMENT, 4)),
+        ("mask|<experiment_id>|<round>", mask_context(EXPERIMENT, 4)),
+        ("share|<experiment_id>|<round>|<sender>|<recipient>", share_aad(EXPERIMENT, 4, "a", "b")),
+    ):
+        assert f"`{template}`" in section and filled(template) == made, template
+    assert "p = 2^521 - 1" in section and PRIME == 2**521 - 1
+    sealed = NONCE_BYTES + 2 * SHARE_BYTES + TAG_BYTES
+    layout = f"nonce ({NONCE_BYTES}) | ciphertext ({2 * SHARE_BYTES}) | tag ({TAG_BYTES}), {sealed}"
+    assert layout in " ".join(section.split())
 
 
 def test_the_documented_safetensors_blob_decodes() -> None:

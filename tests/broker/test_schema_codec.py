@@ -34,12 +34,14 @@ from broker import (
     RoundCommitted,
     RoundOpened,
     RoundProgress,
+    TrainTask,
     WorkerAlive,
     codec,
     schema_gen,
 )
 from broker.errors import CodecError
 from broker.schemas import DEVICE_KINDS
+from broker.secagg.messages import RoundMasked
 from tests.broker.test_message_schemas import SAMPLES, TASK_ID, signed
 from tests.identities import SERVICE, WORKER
 
@@ -76,6 +78,7 @@ SERVICE_SAMPLES: list[Message] = [
     PartialReady(experiment_id=EXPERIMENT, round=4, sequence=-1),
     CombineRound(experiment_id=EXPERIMENT, round=4, base_version=3, model=REF, min_reports=1),
     WorkerAlive(group="fedmq-aggregators"),
+    RoundMasked(experiment_id=EXPERIMENT, round=4, devices=("a", "b", "c"), reported=4),
 ]
 EVERY_SAMPLE = [*SAMPLES, *SERVICE_SAMPLES]
 # One JSON value of each type, and the edge values of the narrowings.
@@ -115,7 +118,12 @@ def _decoder_accepts(header: dict[str, Any], payload: bytes) -> bool:
 def _sign(message: Message) -> bytes:
     if message.KIND in DEVICE_KINDS:
         return signed(message)
-    workers = (MessageKind.ROUND_COMMITTED, MessageKind.ROUND_ABANDONED, MessageKind.WORKER_ALIVE)
+    workers = (
+        MessageKind.ROUND_COMMITTED,
+        MessageKind.ROUND_ABANDONED,
+        MessageKind.WORKER_ALIVE,
+        MessageKind.ROUND_MASKED,
+    )
     return codec.encode(message, WORKER if message.KIND in workers else SERVICE)
 
 
@@ -125,11 +133,13 @@ def _split(message: Message) -> tuple[dict[str, Any], bytes]:
 
 
 def _one_per_shape() -> list[Message]:
-    """Return the first sample of each kind, and both ways an update travels."""
+    """Return the first sample of each kind, both ways an update travels, a secure task."""
     seen: set[tuple[MessageKind, bool]] = set()
     chosen = []
     for message in EVERY_SAMPLE:
-        key = (message.KIND, isinstance(message, ModelUpdate) and message.weights is None)
+        inline = isinstance(message, ModelUpdate) and message.weights is None
+        secure = isinstance(message, TrainTask) and message.secure_aggregation is not None
+        key = (message.KIND, inline or secure)
         if key not in seen:
             seen.add(key)
             chosen.append(message)
@@ -139,11 +149,17 @@ def _one_per_shape() -> list[Message]:
 SHAPES = _one_per_shape()
 
 
-def _places(body: dict[str, Any]) -> Iterator[tuple[str, ...]]:
-    """Yield the path of every body field, and of every field of a ModelRef in the body."""
+def _inner(message: Message, name: str) -> type | None:
+    """Return the class of the dataclass a body field holds (ModelRef, SecAggSettings), or None."""
+    value = getattr(message, name)
+    return type(value) if dataclasses.is_dataclass(value) else None
+
+
+def _places(message: Message, body: dict[str, Any]) -> Iterator[tuple[str, ...]]:
+    """Yield the path of every body field, and of every field of a dataclass in the body."""
     for name, value in body.items():
         yield (name,)
-        if isinstance(value, dict) and set(value) == {f.name for f in dataclasses.fields(ModelRef)}:
+        if _inner(message, name) is not None:
             yield from ((name, inner) for inner in value)
 
 
@@ -218,7 +234,7 @@ def test_a_value_the_schema_accepts_the_decoder_accepts(message: Message) -> Non
     header, payload = _split(message)
     checked = 0
 
-    for path in _places(header["body"]):
+    for path in _places(message, header["body"]):
         schema, resolver = _field_schema(header["kind"], path)
         declared = _declared_types(schema, resolver)
         for value in PALETTE:
@@ -239,7 +255,7 @@ def test_a_missing_field_is_refused_or_read_as_the_schemas_default(message: Mess
     header, payload = _split(message)
     fields = {f.name: f for f in dataclasses.fields(type(message))}
 
-    for path in _places(header["body"]):
+    for path in _places(message, header["body"]):
         changed = copy.deepcopy(header)
         del _at(changed, path)[path[-1]]
         schema, _ = _field_schema(header["kind"], path)
@@ -248,8 +264,10 @@ def test_a_missing_field_is_refused_or_read_as_the_schemas_default(message: Mess
             assert _schema_accepts(changed) and _decoder_accepts(changed, payload)
             continue
         assert not _schema_accepts(changed), f"{path} may be left out"
-        if len(path) > 1:  # in a ModelRef
-            owner = {f.name: f for f in dataclasses.fields(ModelRef)}[path[-1]]
+        if len(path) > 1:  # in a ModelRef or another dataclass
+            inner = _inner(message, path[0])
+            assert inner is not None
+            owner = {f.name: f for f in dataclasses.fields(inner)}[path[-1]]
             has_default = owner.default is not dataclasses.MISSING
         else:
             owner = fields[path[0]]
@@ -265,7 +283,7 @@ def test_a_missing_field_is_refused_or_read_as_the_schemas_default(message: Mess
 @pytest.mark.parametrize("message", SHAPES, ids=lambda m: m.KIND.value)
 def test_an_unknown_field_is_refused_by_both_in_a_body_and_a_model_ref(message: Message) -> None:
     header, payload = _split(message)
-    refs = [(k,) for k, v in header["body"].items() if isinstance(v, dict) and "sha256" in v]
+    refs = [(k,) for k in header["body"] if _inner(message, k) is not None]
 
     for path in [(), *refs]:
         changed = copy.deepcopy(header)

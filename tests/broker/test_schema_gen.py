@@ -17,9 +17,11 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from broker import codec, schema_gen
+from broker.codec import ALL_MESSAGE_TYPES
 from broker.identity import Identity
-from broker.messages import MESSAGE_TYPES, WIRE, CheckIn, MessageKind, ModelRef
+from broker.messages import WIRE, CheckIn, MessageKind, ModelRef, SecAggSettings
 from broker.schemas import DEVICE_KINDS, load_schema, schema_names
+from broker.secagg.messages import SecAggPeer
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = ROOT / "broker" / "schema"
@@ -82,7 +84,9 @@ def test_every_schema_is_valid_draft_2020_12_and_every_reference_resolves() -> N
         resolver = registry.resolver(base_uri=document["$id"])
         for ref in _refs(document):
             resolver.lookup(ref)  # raises for a file or a definition that is not there
-        assert document["$comment"].startswith("Generated from broker/messages.py"), name
+        secagg = name.startswith("secagg_")  # the stages are declared with secure aggregation
+        source = "broker/secagg/messages.py" if secagg else "broker/messages.py"
+        assert document["$comment"].startswith(f"Generated from {source} by"), name
 
 
 def test_the_schema_of_every_kind_is_valid_too() -> None:
@@ -108,6 +112,43 @@ def test_a_message_field_without_a_docstring_stops_the_generator(
 
     with pytest.raises(ValueError, match=r"CheckIn\.platform"):
         schema_gen.generate()
+
+
+@pytest.mark.parametrize(("nested", "field"), [(SecAggSettings, "scale"), (SecAggPeer, "index")])
+def test_a_nested_class_without_its_docstrings_stops_the_generator(
+    monkeypatch: pytest.MonkeyPatch, nested: type, field: str
+) -> None:
+    documented = schema_gen._field_docs
+
+    def forgetful(cls: type) -> dict[str, str]:
+        docs = dict(documented(cls))
+        if cls is nested:
+            del docs[field]
+        return docs
+
+    monkeypatch.setattr(schema_gen, "_field_docs", forgetful)
+
+    with pytest.raises(ValueError, match=rf"{nested.__name__}\.{field}"):
+        schema_gen.generate()
+
+
+def test_a_nested_dataclass_is_an_object_written_in_place_with_its_docstrings() -> None:
+    task = load_schema("train_task")["$defs"]["body"]["properties"]["secure_aggregation"]
+    peers = load_schema("secagg_neighbours")["$defs"]["body"]["properties"]["peers"]
+
+    settings, null = task["anyOf"]
+    peer = peers["additionalProperties"]
+    assert null == {"type": "null"} and task["default"] is None
+    for schema, cls in ((settings, SecAggSettings), (peer, SecAggPeer)):
+        fields = [f.name for f in dataclasses.fields(cls)]
+        assert schema["title"] == cls.__name__
+        assert schema["description"] == schema_gen._doc(cls)
+        assert list(schema["properties"]) == schema["required"] == fields
+        assert schema["additionalProperties"] is False
+        assert all(schema["properties"][name]["description"] for name in fields)
+    assert settings["properties"]["scale"]["exclusiveMinimum"] == 0
+    assert peers["propertyNames"] == {"$ref": "envelope.json#/$defs/segment"}
+    assert peer["properties"]["mask_key"]["$ref"] == "envelope.json#/$defs/public_key"
 
 
 def test_descriptions_are_the_docstrings_as_one_paragraph() -> None:
@@ -137,7 +178,7 @@ def test_constraints_are_the_wire_metadata_of_the_fields() -> None:
 
 @pytest.mark.parametrize("kind", list(MessageKind), ids=lambda k: k.value)
 def test_the_payload_field_is_the_one_the_codec_carries_as_payload(kind: MessageKind) -> None:
-    cls = MESSAGE_TYPES[kind]
+    cls = ALL_MESSAGE_TYPES[kind]
 
     described = schema_gen.message_schema(kind)["properties"]["payload_field"]
 
@@ -159,7 +200,7 @@ def test_only_the_phone_facing_kinds_have_routes() -> None:
 
     assert set(_schema_words.ROUTES) == DEVICE_KINDS
     for kind in DEVICE_KINDS:
-        assert load_schema(kind)["title"].startswith(MESSAGE_TYPES[kind].__name__ + " (")
+        assert load_schema(kind)["title"].startswith(ALL_MESSAGE_TYPES[kind].__name__ + " (")
 
 
 def test_a_type_the_codec_cannot_carry_is_refused() -> None:
