@@ -12,7 +12,6 @@ from typing import Any
 
 from aggregator_service.errors import ConfigError
 from aggregator_service.strategies import STRATEGIES, FedAvg, Strategy
-from broker.messages import SecAggSettings
 from broker.secagg import SecAggError, scale_for
 from device_sdk.data import DATASET_FACTS, DATASETS, PARTITIONS
 from model_store import ModelSpec, ModelSpecError
@@ -85,7 +84,7 @@ class SecureAggregationConfig:
     max_examples: int = 10_000
     neighbours: int = 0
     threshold: float = 0.55
-    dropout: float = 0.3
+    dropout: float = 0.2
     stage_timeout_s: float = 30.0
 
 
@@ -260,7 +259,7 @@ class ExperimentConfig:
             )
             if not ok
         ]
-        if not problems and SECURE_KEY not in self.strategy:
+        if not problems and not _fits_32_bits(secure, self.rounds.selection_size):
             problems.append(
                 f"secure_aggregation: clip x max_examples x the cohort "
                 f"({secure.clip:g} x {secure.max_examples} x {self.rounds.selection_size}) "
@@ -367,19 +366,20 @@ def derived_strategy(
     if name == "qfedavg" and "lr" not in settings and "lipschitz" not in settings:
         settings["lr"] = training.lr
     settings.pop(SECURE_KEY, None)
-    if secure is not None and secure.clip > 0 and secure.max_examples >= 1:
-        try:
-            scale = scale_for(secure.clip, secure.max_examples * rounds.selection_size)
-        except SecAggError:
-            return settings  # no scale fits 32 bits: validation names the settings
+    if secure is not None:
         # The workers build their strategy from this section: they learn here
-        # that updates come masked and how to read the unmasked sum.
-        settings[SECURE_KEY] = {
-            "clip": secure.clip,
-            "max_examples": secure.max_examples,
-            "scale": scale,
-        }
+        # that updates come masked, clipped to what and weighted up to what.
+        settings[SECURE_KEY] = {"clip": secure.clip, "max_examples": secure.max_examples}
     return settings
+
+
+def _fits_32_bits(secure: SecureAggregationConfig, cohort: int) -> bool:
+    """Return whether a cohort claiming the most examples still leaves a usable scale."""
+    try:
+        scale_for(secure.clip, secure.max_examples * cohort)
+    except SecAggError:
+        return False
+    return True
 
 
 SECURE_KEY = "secure_aggregation"
@@ -410,7 +410,7 @@ def build_strategy(config: Mapping[str, Any]) -> Strategy:
         if refusal is not None or not isinstance(inner, FedAvg):
             raise ConfigError(f"secure_aggregation: {refusal}")
         try:
-            return SecureSum(inner, SecAggSettings(**secure))
+            return SecureSum(inner, **secure)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"strategy {name}: secure_aggregation {exc}") from exc
     known = strategy_classes()

@@ -1,13 +1,14 @@
 """The experiment config's typed contract, generated from ``config.py``'s dataclasses.
 
 Field names, types, defaults and docstrings come from ``DataConfig``,
-``RoundsConfig``, ``TrainingConfig``, ``ExperimentConfig`` and the model
-zoo's ``ModelSpec``; the names a field may take from the lists the service
-checks against (data sets, partitions, optimizers, zoo models, strategies,
-platforms). So the schema follows ``config.py`` without a second copy, while
-``ExperimentConfig.from_dict`` stays the one parser (it lists every problem
-at once; the schema states types and names, not ranges or the fit of model
-to data). ``tests/aggregator_service/test_contracts.py`` holds the two in step.
+``RoundsConfig``, ``TrainingConfig``, ``SecureAggregationConfig``,
+``ExperimentConfig`` and the model zoo's ``ModelSpec``; the names a field
+may take from the lists the service checks against (data sets, partitions,
+optimizers, zoo models, strategies, platforms). So the schema follows
+``config.py`` without a second copy, while ``ExperimentConfig.from_dict``
+stays the one parser (it lists every problem at once; the schema states
+types and names, not ranges or the fit of model to data).
+``tests/aggregator_service/test_contracts.py`` holds the two in step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from aggregator_service.config import (
     DataConfig,
     ExperimentConfig,
     RoundsConfig,
+    SecureAggregationConfig,
     TrainingConfig,
     strategy_classes,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "ExperimentConfigBody",
     "ModelSection",
     "RoundsSection",
+    "SecureAggregationSection",
     "StrategySection",
     "TrainingSection",
     "choice",
@@ -106,6 +109,7 @@ RoundsSection = _from_dataclass(RoundsConfig, "RoundsConfig")
 TrainingSection = _from_dataclass(
     TrainingConfig, "TrainingConfig", kinds={"optimizer": choice(OPTIMIZERS)}
 )
+SecureAggregationSection = _from_dataclass(SecureAggregationConfig, "SecureAggregationConfig")
 ModelSection = _from_dataclass(
     ModelSpec,
     "ModelConfig",
@@ -138,6 +142,7 @@ ExperimentConfigBody = _from_dataclass(
         "strategy": StrategySection,
         "rounds": RoundsSection,
         "training": TrainingSection,
+        "secure_aggregation": SecureAggregationSection | None,
     },
     # ``from_dict`` names an unnamed experiment so; the dataclass itself has no default.
     defaults={"name": "experiment", "strategy": {"name": "fedavg"}},

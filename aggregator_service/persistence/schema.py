@@ -76,7 +76,8 @@ secagg_rounds = Table(
     metadata,
     Column("experiment_id", String(64), primary_key=True),
     Column("number", Integer, primary_key=True),
-    # The sets the protocol fixed so far ({"stage", "u1", "u2", "u3"}).
+    # The stage, the sets the protocol fixed so far and the round's scale
+    # ({"stage", "u1", "u2", "u3", "scale"}).
     Column("state", JSON, nullable=False),
 )
 

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -243,6 +243,8 @@ class RoundService:
                 config = ExperimentConfig.from_dict(exp.config)
                 if config.secure_aggregation is not None:
                     self._secure.recover(opened, config)
+                    if self._current_round(opened.experiment_id, opened.round) is None:
+                        continue  # its protocol could not be rebuilt: abandoned
                 log.info("recovered %s round %d in flight", opened.experiment_id, opened.round)
                 # The crash may have cut the task dispatch short; a device that
                 # already reported is refused as a duplicate, so sending all is safe.
@@ -599,10 +601,12 @@ class RoundService:
         self._db.add_round(new_round_record(opened, started_at=now))
         self._db.update_experiment(experiment_id, state="running", current_round=number)
         self._announce(opened)
-        if config.secure_aggregation is not None:
-            self._secure.begin(opened, config)  # before the tasks: devices answer with keys
+        secure = None
+        if config.secure_aggregation is not None:  # before the tasks: devices answer with keys
+            secure = self._secure.begin(opened, config, self._example_caps(selected, config))
         chosen = frozenset(selected)
-        self._tasks.send(opened, config, refs, later=[d for d in pool if d not in chosen])
+        later = [d for d in pool if d not in chosen]
+        self._tasks.send(opened, config, refs, later=later, secure=secure)
         log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
 
     def _pool(self, experiment_id: str) -> list[str]:
@@ -628,7 +632,15 @@ class RoundService:
         if is_asynchronous(config.strategy):
             self._async.resume(opened, config, refs)
             return
-        self._tasks.send(opened, config, refs, later=[])
+        secure = self._secure.settings(opened.experiment_id, opened.round)
+        self._tasks.send(opened, config, refs, later=[], secure=secure)
+
+    def _example_caps(self, selected: Sequence[str], config: ExperimentConfig) -> dict[str, int]:
+        """Return the most examples each device may weight a secure update by."""
+        assert config.secure_aggregation is not None
+        cap = config.secure_aggregation.max_examples
+        limits = {d: self._grant_limit(d) for d in selected}
+        return {d: min(limit[1], cap) for d, limit in limits.items() if limit is not None}
 
     def tick(self) -> None:
         """Close rounds past their deadline and repeat what workers may have missed.

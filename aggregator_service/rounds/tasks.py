@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
 
 from aggregator_service.config import ExperimentConfig, build_strategy, is_asynchronous
 from aggregator_service.links import ArtifactLinks, upload_name
-from aggregator_service.secagg.strategy import SecureSum
 from broker import (
     ComeBackLater,
     ModelRef,
@@ -19,7 +19,7 @@ from broker import (
     new_message_id,
 )
 from broker.identity import Identity, encode_key
-from broker.messages import TaskGrant
+from broker.messages import SecAggSettings, TaskGrant
 from broker.topics import Topics
 from broker.transport import publish_all
 from broker.verify import issue_grant
@@ -85,12 +85,21 @@ class TaskDispatch:
         refs: dict[str, ModelRef],
         *,
         later: list[str],
+        secure: SecAggSettings | None = None,
     ) -> None:
-        """Send each participant its task and tell the others when to come back."""
+        """Send each participant its task and tell the others when to come back.
+
+        ``secure`` is a secure round's settings (``SecureRounds.begin``); each
+        task carries them with the device's own example cap. Without them a
+        secure experiment's round gets no tasks: a device must never be asked
+        for its update in the clear.
+        """
         exp, number = opened.experiment_id, opened.round
+        if (config.secure_aggregation is None) != (secure is None):
+            log.error("%s round %d: secure aggregation settings missing; no tasks", exp, number)
+            return
         strategy = build_strategy(config.strategy)
         training = {**config.training_settings(), **strategy.configure_round(number)}
-        secure = strategy.secure if isinstance(strategy, SecureSum) else None
         if is_asynchronous(config.strategy):
             # No cohort barrier: a device that answers is idle, and says so at once.
             training[TrainTask.CHECK_IN_WHEN_DONE] = True
@@ -129,7 +138,9 @@ class TaskDispatch:
                 reply_to=self._topics.updates(exp, device_id),
                 grant=issue_grant(grant, self._identity),
                 aggregator_keys=workers,
-                secure_aggregation=secure,
+                secure_aggregation=None
+                if secure is None
+                else dataclasses.replace(secure, max_examples=min(limits[1], secure.max_examples)),
             )
             tasks.append((self._topics.device(device_id), encode(task, self._identity)))
         # All in flight at once (one broker round trip each made a cohort of

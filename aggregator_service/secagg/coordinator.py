@@ -20,7 +20,8 @@ from aggregator_service.config import ExperimentConfig
 from aggregator_service.persistence import Database
 from aggregator_service.secagg.state import Abandon, SecureRound, Stage
 from broker import Message, ModelRef, RoundOpened, decode
-from broker.secagg import SecAggError
+from broker.messages import SecAggSettings
+from broker.secagg import SecAggError, scale_for
 from broker.secagg.messages import RoundMasked, SecAggKeys, SecAggReveal, SecAggShares
 from broker.topics import Topics
 from model_store import ModelStore
@@ -75,11 +76,30 @@ class SecureRounds:
         self._clock = clock
         self._rounds: dict[tuple[str, int], _Live] = {}
 
-    def begin(self, opened: RoundOpened, config: ExperimentConfig) -> None:
-        """Start a secure round's key stage (its tasks ask devices for keys)."""
-        self._save(self._track(opened, config).round)
+    def begin(
+        self, opened: RoundOpened, config: ExperimentConfig, caps: Mapping[str, int]
+    ) -> SecAggSettings:
+        """Start a secure round's key stage; return the settings its tasks carry.
 
-    def _track(self, opened: RoundOpened, config: ExperimentConfig) -> _Live:
+        ``caps`` is the most examples each selected device may weight its
+        update by: the round's fixed-point scale is the largest at which
+        their sum, at the clip, still fits 32 bits.
+        """
+        secure = config.secure_aggregation
+        assert secure is not None
+        scale = scale_for(secure.clip, max(sum(caps.values()), 1))
+        self._save(self._track(opened, config, scale).round)
+        return SecAggSettings(secure.clip, scale, secure.max_examples)
+
+    def settings(self, experiment_id: str, number: int) -> SecAggSettings | None:
+        """Return the settings a secure round's tasks carry (None: not a secure round)."""
+        live = self._rounds.get((experiment_id, number))
+        if live is None:
+            return None
+        rnd = live.round
+        return SecAggSettings(rnd.settings.clip, rnd.scale, rnd.settings.max_examples)
+
+    def _track(self, opened: RoundOpened, config: ExperimentConfig, scale: float) -> _Live:
         """Hold a new round in memory at its key stage (nothing written)."""
         secure = config.secure_aggregation
         assert secure is not None
@@ -90,6 +110,7 @@ class SecureRounds:
             config.seed,
             secure,
             opened.min_reports,
+            scale,
         )
         live = _Live(rnd, self._clock())
         self._rounds[(opened.experiment_id, opened.round)] = live
@@ -97,9 +118,13 @@ class SecureRounds:
 
     def recover(self, opened: RoundOpened, config: ExperimentConfig) -> None:
         """Rebuild a secure round from the database after a restart, and ask again."""
-        live = self._track(opened, config)
+        saved = self._db.secagg_round(opened.experiment_id, opened.round)
+        if saved is None:  # the crash came before the round's state was written
+            live = self._track(opened, config, 1.0)
+            self._end(live, "secure aggregation state lost: the round's state was never saved")
+            return
+        live = self._track(opened, config, float(saved["scale"]))
         rnd = live.round
-        saved = self._db.secagg_round(opened.experiment_id, opened.round) or {}
         frames = [decode(f) for f in self._db.secagg_frames(opened.experiment_id, opened.round)]
         for message in frames:
             if isinstance(message, SecAggKeys):
@@ -129,12 +154,9 @@ class SecureRounds:
             "recovered secure round %s/%d at stage %s", rnd.experiment_id, rnd.number, stage.value
         )
         self._ask(live, recovered=True)
-        if stage is Stage.UNMASKING:  # the reveals may all be in: the crash cut the commit
-            self._try_unmask(live, timed_out=False)
-
-    def covers(self, experiment_id: str, number: int) -> bool:
-        """Return whether a round in flight is a secure one."""
-        return (experiment_id, number) in self._rounds
+        # The stage may have been complete when the crash cut it short: every
+        # key, share or reveal in, the next step not taken. Repeats add nothing.
+        self._advance(live, timed_out=False)
 
     def received(self, message: DeviceStage, frame: bytes) -> None:
         """Take a device's stage message (verified): keep it, then advance the round."""
@@ -269,6 +291,7 @@ class SecureRounds:
 
     def _save(self, rnd: SecureRound) -> None:
         state = {
+            "scale": rnd.scale,
             "stage": rnd.stage.value,
             "u1": list(rnd.u1),
             "u2": list(rnd.u2),

@@ -16,6 +16,7 @@ reason the round records.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -65,6 +66,8 @@ class SecureRound:
         The experiment's secure aggregation settings.
     min_reports
         The reports the round needs; fewer devices left at any stage abandon it.
+    scale
+        The round's fixed-point scale (its tasks carry it; the unmasking too).
     """
 
     experiment_id: str
@@ -73,6 +76,7 @@ class SecureRound:
     seed: int
     settings: SecureAggregationConfig
     min_reports: int
+    scale: float
     stage: Stage = Stage.KEYS
     keys: dict[str, SecAggKeys] = field(default_factory=dict)
     shares: dict[str, SecAggShares] = field(default_factory=dict)
@@ -82,6 +86,10 @@ class SecureRound:
     u3: tuple[str, ...] = ()
     graph: dict[str, tuple[str, ...]] = field(default_factory=dict)
     threshold: int = 0
+    seed_shares: Counter[str] = field(default_factory=Counter)
+    """Revealed shares of each device's self-mask seed, counted as they arrive."""
+    key_shares: Counter[str] = field(default_factory=Counter)
+    """Revealed shares of each device's mask key, counted as they arrive."""
 
     @property
     def needed(self) -> int:
@@ -211,26 +219,25 @@ class SecureRound:
         ) <= set(asked.dropped):
             raise SecAggError(f"{sender} revealed shares it was not asked for")
         self.reveals[sender] = message
+        self.seed_shares.update(message.seed_shares.keys())
+        self.key_shares.update(message.key_shares.keys())
         return True
 
     def unmasking(self) -> Unmasking | None:
         """Return the seeds that unmask the sum, or None while some secret lacks shares."""
-        index = {d: i + 1 for i, d in enumerate(self.u1)}
         u3 = set(self.u3)
-        seeds: dict[str, bytes] = {}
-        for device in self.u3:
-            shares = self._shares_of(device, index, seed=True)
-            if len(shares) < self.threshold:
-                return None
-            seeds[device] = combine(shares, self.threshold)
+        dropped_keys = [d for d in self.u2 if d not in u3 and any(u in u3 for u in self.graph[d])]
+        t = self.threshold
+        if any(self.seed_shares[d] < t for d in self.u3) or any(
+            self.key_shares[d] < t for d in dropped_keys
+        ):
+            return None  # cheap, and asked after every reveal
+        index = {d: i + 1 for i, d in enumerate(self.u1)}
+        seeds = {d: combine(self._shares_of(d, index, seed=True), t) for d in self.u3}
         pairs: list[tuple[str, str, bytes]] = []
-        for dropped in self.u2:
+        for dropped in dropped_keys:
             summed = [u for u in self.graph[dropped] if u in u3]
-            if dropped in u3 or not summed:
-                continue
             shares = self._shares_of(dropped, index, seed=False)
-            if len(shares) < self.threshold:
-                return None
             key = AgreementKey.from_private_bytes(combine(shares, self.threshold))
             if key.public_bytes() != unb64(self.keys[dropped].mask_key, size=32):
                 raise Abandon(f"secure aggregation: {dropped}'s mask key does not rebuild")
@@ -238,12 +245,15 @@ class SecureRound:
             for survivor in summed:
                 peer = unb64(self.keys[survivor].mask_key, size=32)
                 pairs.append((survivor, dropped, agree(key, peer, context=context)))
-        return Unmasking(seeds, tuple(pairs))
+        return Unmasking(seeds, tuple(pairs), self.scale)
 
     def _shares_of(self, owner: str, index: Mapping[str, int], *, seed: bool) -> dict[int, bytes]:
         """Return the revealed shares of ``owner``'s seed (or mask key), by x-coordinate."""
         out: dict[int, bytes] = {}
-        for holder, reveal in self.reveals.items():
+        for holder in (owner, *self.graph[owner]):  # only its neighbourhood holds shares
+            reveal = self.reveals.get(holder)
+            if reveal is None:
+                continue
             shares = reveal.seed_shares if seed else reveal.key_shares
             text = shares.get(owner)
             if text is not None:

@@ -20,7 +20,6 @@ import numpy as np
 from aggregator_service.strategies import FedAvg, Mergeable, Partial, StateValue, Strategy
 from aggregator_service.strategies.ops import WeightedSum
 from aggregator_service.types import ClientUpdate, Scalar, Weights
-from broker.messages import SecAggSettings
 from broker.secagg import apply_mask, dequantize, flatten, unflatten
 from broker.secagg.protocol import SEED_BYTES, b64, pair_sign, unb64
 
@@ -71,11 +70,13 @@ class Unmasking:
     ``seeds``: each summed device's self-mask seed. ``pairs``: for each
     summed device and each neighbour of it that shared keys but whose update
     is not in the sum, the pairwise seed of the two (the mask the summed
-    device applied and nobody cancelled).
+    device applied and nobody cancelled). ``scale``: the round's fixed-point
+    scale, which its tasks gave the devices.
     """
 
     seeds: Mapping[str, bytes]
     pairs: tuple[tuple[str, str, bytes], ...] = ()
+    scale: float = 1.0
 
     def to_json(self) -> bytes:
         """Return the JSON object the coordinator stores for the combiner."""
@@ -83,6 +84,7 @@ class Unmasking:
             {
                 "seeds": {d: b64(s) for d, s in sorted(self.seeds.items())},
                 "pairs": [[u, v, b64(s)] for u, v, s in self.pairs],
+                "scale": self.scale,
             },
             sort_keys=True,
         ).encode()
@@ -96,7 +98,10 @@ class Unmasking:
             (str(u), str(v), unb64(s, size=SEED_BYTES, what="pair seed"))
             for u, v, s in raw["pairs"]
         )
-        return cls(seeds, pairs)
+        scale = float(raw["scale"])
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, not {scale}")
+        return cls(seeds, pairs, scale)
 
     def remove_from(self, masked: np.ndarray) -> None:
         """Take every mask this unmasking names off a flat uint32 sum, in place."""
@@ -113,18 +118,23 @@ class SecureSum(Strategy):
     ----------
     inner
         The strategy whose server step runs on the sum (FedAvg or a subclass).
-    settings
-        The round's clip, scale and example cap, as the devices got them.
+    clip
+        The largest magnitude of one value of a device's delta.
+    max_examples
+        The largest weight one update may carry. Each round's fixed-point
+        scale comes with its unmasking: it follows from the weights its
+        devices may claim.
     """
 
     name = "secure"
 
-    def __init__(self, inner: FedAvg, settings: SecAggSettings) -> None:
+    def __init__(self, inner: FedAvg, *, clip: float, max_examples: int) -> None:
         super().__init__()
-        if settings.clip <= 0 or settings.scale <= 0 or settings.max_examples < 1:
-            raise ValueError(f"bad settings {settings}")
+        if not clip > 0 or max_examples < 1:
+            raise ValueError(f"clip {clip} must be positive and max_examples {max_examples} >= 1")
         self.inner = inner
-        self.secure = settings
+        self.clip = clip
+        self.max_examples = max_examples
 
     def settings(self) -> dict[str, Scalar | None]:
         """Return the inner strategy's settings."""
@@ -132,14 +142,9 @@ class SecureSum(Strategy):
 
     def summary(self) -> dict[str, Any]:
         """Return the inner strategy's name and settings, and the secure aggregation's."""
-        secure = self.secure
         return {
             **self.inner.summary(),
-            "secure_aggregation": {
-                "clip": secure.clip,
-                "scale": secure.scale,
-                "max_examples": secure.max_examples,
-            },
+            "secure_aggregation": {"clip": self.clip, "max_examples": self.max_examples},
         }
 
     def configure_round(self, rnd: int) -> Mapping[str, Scalar]:
@@ -152,10 +157,10 @@ class SecureSum(Strategy):
 
     def fold(self, state: MaskedSum, update: ClientUpdate) -> None:
         """Add a masked update; refuse a weight above the cap the scale was chosen for."""
-        if update.num_examples > self.secure.max_examples:
+        if update.num_examples > self.max_examples:
             raise ValueError(
                 f"num_examples {update.num_examples} is above secure aggregation's "
-                f"max_examples {self.secure.max_examples}"
+                f"max_examples {self.max_examples}"
             )
         state.add(update.weights, float(update.num_examples))
 
@@ -169,7 +174,7 @@ class SecureSum(Strategy):
         shapes = {k: v.shape for k, v in state.sums.items()}
         flat = flatten(state.sums).astype(MASKED, copy=True)
         unmasking.remove_from(flat)
-        deltas = unflatten(dequantize(flat, self.secure.scale), shapes)
+        deltas = unflatten(dequantize(flat, unmasking.scale), shapes)
         plain = WeightedSum(current)
         for name, acc in plain.sums.items():
             np.multiply(current[name], state.total_weight, out=acc, dtype=np.float64)

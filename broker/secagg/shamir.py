@@ -9,6 +9,7 @@ nothing about it.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Mapping, Sequence
 
@@ -97,18 +98,44 @@ def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
         if y >= PRIME:
             raise SecAggError(f"share at {x} is not an element of the field")
         ys[x] = y
-    points = sorted(ys)[:threshold]
-    secret = 0
-    for i in points:
-        # Lagrange basis at 0: prod_j x_j / (x_j - x_i), over the other points j.
-        numerator = 1
-        denominator = 1
-        for j in points:
-            if j != i:
-                numerator = numerator * j % PRIME
-                denominator = denominator * (j - i) % PRIME
-        secret = (secret + ys[i] * numerator * pow(denominator, -1, PRIME)) % PRIME
+    points = tuple(sorted(ys)[:threshold])
+    secret = sum(
+        ys[x] * weight for x, weight in zip(points, _lagrange_at_zero(points), strict=True)
+    )
+    secret %= PRIME
     if secret >= 1 << (8 * SECRET_BYTES):
         # Too few genuine shares, or shares of different secrets.
         raise SecAggError("the shares do not interpolate to a 32-byte secret")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+@functools.lru_cache(maxsize=4096)
+def _lagrange_at_zero(points: tuple[int, ...]) -> tuple[int, ...]:
+    """Return the Lagrange weights that evaluate the polynomial through ``points`` at 0.
+
+    ``w_i = prod_{j != i} x_j / (x_j - x_i)``. The products of the small
+    differences are exact integers (reduced once), and one modular inverse
+    serves every point (Montgomery's batch inversion): the coordinator
+    rebuilds a secret per device of a round, often from the same points.
+    """
+    product = 1
+    for x in points:
+        product *= x
+    product %= PRIME
+    # w_i = product / (x_i * d_i), with d_i = prod_{j != i} (x_j - x_i).
+    divisors = []
+    for i in points:
+        d = i
+        for j in points:
+            if j != i:
+                d *= j - i
+        divisors.append(d % PRIME)
+    prefix = [1]
+    for d in divisors:
+        prefix.append(prefix[-1] * d % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)
+    weights = [0] * len(points)
+    for k in range(len(points) - 1, -1, -1):
+        weights[k] = product * inverse * prefix[k] % PRIME  # product / divisors[k]
+        inverse = inverse * divisors[k] % PRIME
+    return tuple(weights)

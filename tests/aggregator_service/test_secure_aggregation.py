@@ -226,3 +226,21 @@ def test_settings_it_cannot_serve_are_refused_with_the_reason(
     secure = sections.pop("secure_aggregation", {})
     with pytest.raises(ConfigError, match=re.escape(problem)):
         _small_config(secure_aggregation=secure, **sections)
+
+
+def test_many_small_devices_keep_the_precision_of_the_plain_run(spy: Spy) -> None:
+    # 60 devices of ~25 examples: a scale fixed by max_examples (10,000) for
+    # every device would round most of each weighted delta away; the round's
+    # scale follows the examples its devices declared instead.
+    sections: dict[str, Any] = {
+        "data": {"devices": 60},
+        "rounds": {"count": 1, "devices_per_round": 60, "over_selection": 1.0, "min_reports": 60},
+    }
+    plain = simulate(_small_config(**sections))
+    secure = simulate(_small_config(secure_aggregation={}, **sections))
+    assert secure.rounds[0].state == "committed"
+    want, got = _change(plain), _change(secure)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= RELATIVE * np.abs(want[name]).max(), name
+    largest = max(int(np.abs(q.view(np.int32)).max()) for q in spy.quantised)
+    assert largest > 2**20  # the words use the 32 bits, not a sliver of them

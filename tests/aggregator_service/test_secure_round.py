@@ -56,6 +56,7 @@ class Protocol:
             seed=11,
             settings=SecureAggregationConfig(neighbours=self.neighbours, threshold=self.threshold),
             min_reports=3,
+            scale=self.settings.scale,
         )
         self.tasks = {
             d: TrainTask(
@@ -128,7 +129,8 @@ class Protocol:
         total = self.unmask()
         unmasking = self.round.unmasking()
         assert unmasking is not None, self.round.missing()
-        plain = SecureSum(FedAvg(), self.settings).unmask(BASE, total, unmasking)
+        secure = SecureSum(FedAvg(), clip=1.0, max_examples=MAX_EXAMPLES)
+        plain = secure.unmask(BASE, total, unmasking)
         return dict(plain.sums), plain.total_weight
 
     def expected(self) -> dict[str, np.ndarray]:
