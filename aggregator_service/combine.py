@@ -66,6 +66,8 @@ class Ledger:
 
     def add_aside(self, aside: AsideUpdate) -> None:
         """Count an update set aside that no share counted."""
+        if aside.device in self.accepted_devices:
+            self.devices_twice.add(aside.device)
         self.accepted.append(aside.update_id)
         self.accepted_devices.add(aside.device)
         self.reporters.add(aside.device)
@@ -159,7 +161,7 @@ class Combiner:
         else:
             try:
                 if isinstance(strategy, SecureSum):
-                    state = self._unmask(request, strategy, current, state)
+                    state = self._unmask(request, strategy, current, state, ledger)
                 committed, advanced = self._commit(request, strategy, current, state, ledger)
                 return committed, strategy if advanced else None
             except ValueError as exc:  # the rule cannot aggregate these (Krum with n <= 2f+2)
@@ -177,11 +179,23 @@ class Combiner:
         return abandoned, None
 
     def _unmask(
-        self, request: CombineRound, strategy: SecureSum, current: Weights, state: Any
+        self,
+        request: CombineRound,
+        strategy: SecureSum,
+        current: Weights,
+        state: Any,
+        ledger: Ledger,
     ) -> Any:
-        """Return the merged sum with its masks removed (the seeds are in the store)."""
+        """Return the merged sum with its masks removed (the seeds are in the store).
+
+        ``ValueError`` (the round is abandoned) when the unmasking is for other
+        devices than the sum holds: its seeds would leave noise, not a model.
+        """
         assert request.unmask is not None
         unmasking = Unmasking.from_json(self._store.get_blob(request.unmask.sha256))
+        if set(unmasking.seeds) != set(ledger.accepted_devices):
+            extra = sorted(set(unmasking.seeds) ^ set(ledger.accepted_devices))
+            raise ValueError(f"the unmasking does not match the sum's devices: {extra[:5]}")
         return strategy.unmask(current, state, unmasking)
 
     def _merge_aside(self, exp: str, number: int, state: Any, ledger: Ledger) -> None:

@@ -231,6 +231,16 @@ class DeviceClient:
             return
         if isinstance(message, TrainTask):
             self._trust_workers(message)
+            if message.secure_aggregation is None and self._secure.holds(
+                message.experiment_id, message.round
+            ):
+                # The round's first task was secure: never send this round's update in the clear.
+                log.warning(
+                    "%s: a plain task for secure round %d refused", self.device_id, message.round
+                )
+                self.stats.refused["secagg_plain_task"] += 1
+                delivery.ack()
+                return
             if message.secure_aggregation is not None and not self._secure.task(message):
                 # A repeat (the coordinator restarted): keys sent again, no retraining.
                 delivery.ack()

@@ -118,7 +118,7 @@ class SecureParticipant:
     """
 
     KEEP_ROUNDS = 2
-    """Rounds whose secrets are kept (the newest): an older one can no longer complete."""
+    """Rounds of one experiment whose secrets are kept (the newest): older ones cannot complete."""
 
     def __init__(
         self,
@@ -148,7 +148,8 @@ class SecureParticipant:
             if rnd is None:
                 rnd = _Round(task, task.secure_aggregation)
                 self._rounds[key] = rnd
-                for old in sorted(self._rounds, key=lambda k: k[1])[: -self.KEEP_ROUNDS]:
+                same = sorted(k for k in self._rounds if k[0] == task.experiment_id)
+                for old in sorted(same, key=lambda k: k[1])[: -self.KEEP_ROUNDS]:
                     del self._rounds[old]
         if self._vanish is Vanish.KEYS:
             return new
@@ -163,6 +164,10 @@ class SecureParticipant:
             )
         )
         return new
+
+    def holds(self, experiment_id: str, number: int) -> bool:
+        """Return whether this device takes part in that round securely (its task said so)."""
+        return (experiment_id, number) in self._rounds
 
     def may_train(self) -> bool:
         """Return whether this device trains at all (an emulated dropout before upload does not)."""
@@ -187,6 +192,13 @@ class SecureParticipant:
             b64(rnd.mask.public_bytes()),
         ):
             raise SecAggError("the neighbourhood does not hold the keys this device advertised")
+        if message.threshold < 2 or 2 * message.threshold <= len(message.peers):
+            # Below a strict majority, a coordinator telling two halves of the
+            # neighbourhood different stories could rebuild both of a secret's
+            # halves (its seed and its mask key): this device's update in the clear.
+            raise SecAggError(
+                f"threshold {message.threshold} is not a majority of {len(message.peers)} peers"
+            )
         xs = {v: peer.index for v, peer in message.peers.items()}
         seed_shares = split(rnd.seed, list(xs.values()), message.threshold)
         key_shares = split(rnd.mask.private_bytes(), list(xs.values()), message.threshold)
@@ -254,7 +266,12 @@ class SecureParticipant:
                 pair = agree(rnd.mask, unb64(peers[v].mask_key, size=32), context=context)
                 apply_mask(values, pair, pair_sign(self._me, v))
         metrics = {**trained.metrics, "secagg_clipped": float(clipped)}
-        self._send_update(trained.task, unflatten(values, shapes), weight, metrics)
+        try:
+            self._send_update(trained.task, unflatten(values, shapes), weight, metrics)
+        except Exception:
+            with self._lock:  # the same masked values may go again on the next delivery
+                rnd.sent = False
+            raise
 
     def unmask(self, message: SecAggUnmask) -> None:
         """Reveal, per neighbour, its seed's share (in the sum) or its key's share (not)."""
@@ -283,7 +300,11 @@ class SecureParticipant:
         for v in sorted(survivors | dropped):
             key = agree(rnd.cipher, unb64(rnd.peers[v].cipher_key, size=32), context=context)
             aad = share_aad(task.experiment_id, task.round, v, self._me)
-            plain = open_sealed(key, unb64(delivered[v], what="share"), aad=aad)
+            try:
+                plain = open_sealed(key, unb64(delivered[v], what="share"), aad=aad)
+            except SecAggError as exc:  # v sent garbage: reveal the others' shares
+                log.warning("%s: the share %s sent does not open: %s", self._me, v, exc)
+                continue
             if v in survivors:
                 seeds[v] = b64(plain[:SHARE_BYTES])
             else:

@@ -601,12 +601,13 @@ class RoundService:
         self._db.add_round(new_round_record(opened, started_at=now))
         self._db.update_experiment(experiment_id, state="running", current_round=number)
         self._announce(opened)
-        secure = None
+        secure, caps = None, None
         if config.secure_aggregation is not None:  # before the tasks: devices answer with keys
-            secure = self._secure.begin(opened, config, self._example_caps(selected, config))
+            caps = self._example_caps(selected, config)
+            secure = self._secure.begin(opened, config, caps)
         chosen = frozenset(selected)
         later = [d for d in pool if d not in chosen]
-        self._tasks.send(opened, config, refs, later=later, secure=secure)
+        self._tasks.send(opened, config, refs, later=later, secure=secure, caps=caps)
         log.info("%s round %d: selected %d of %d online", experiment_id, number, k, len(pool))
 
     def _pool(self, experiment_id: str) -> list[str]:
@@ -632,8 +633,9 @@ class RoundService:
         if is_asynchronous(config.strategy):
             self._async.resume(opened, config, refs)
             return
-        secure = self._secure.settings(opened.experiment_id, opened.round)
-        self._tasks.send(opened, config, refs, later=[], secure=secure)
+        key = (opened.experiment_id, opened.round)
+        secure, caps = self._secure.settings(*key), self._secure.caps(*key)
+        self._tasks.send(opened, config, refs, later=[], secure=secure, caps=caps)
 
     def _example_caps(self, selected: Sequence[str], config: ExperimentConfig) -> dict[str, int]:
         """Return the most examples each device may weight a secure update by."""

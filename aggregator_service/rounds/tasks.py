@@ -86,13 +86,15 @@ class TaskDispatch:
         *,
         later: list[str],
         secure: SecAggSettings | None = None,
+        caps: Mapping[str, int] | None = None,
     ) -> None:
         """Send each participant its task and tell the others when to come back.
 
-        ``secure`` is a secure round's settings (``SecureRounds.begin``); each
-        task carries them with the device's own example cap. Without them a
-        secure experiment's round gets no tasks: a device must never be asked
-        for its update in the clear.
+        ``secure`` is a secure round's settings (``SecureRounds.begin``) and
+        ``caps`` each device's example cap, which its scale was sized for:
+        each task carries them, and its grant admits no more examples.
+        Without them a secure experiment's round gets no tasks: a device
+        must never be asked for its update in the clear.
         """
         exp, number = opened.experiment_id, opened.round
         if (config.secure_aggregation is None) != (secure is None):
@@ -115,6 +117,12 @@ class TaskDispatch:
             if limits is None:
                 log.info("%s round %d: %s is revoked; no task", exp, number, device_id)
                 continue
+            examples = limits[1]
+            if secure is not None:
+                cap = (caps or {}).get(device_id)
+                if cap is None:  # not in the cohort the round's scale was sized for
+                    continue
+                examples = min(examples, cap)
             task_id = new_message_id()  # names the task's upload, so known before the task
             grant = TaskGrant(
                 experiment_id=exp,
@@ -122,7 +130,7 @@ class TaskDispatch:
                 device_id=device_id,
                 task_id=task_id,
                 public_key=limits[0],
-                max_examples=limits[1],
+                max_examples=examples,
             )
             task = TrainTask(
                 message_id=task_id,
@@ -140,7 +148,7 @@ class TaskDispatch:
                 aggregator_keys=workers,
                 secure_aggregation=None
                 if secure is None
-                else dataclasses.replace(secure, max_examples=min(limits[1], secure.max_examples)),
+                else dataclasses.replace(secure, max_examples=examples),
             )
             tasks.append((self._topics.device(device_id), encode(task, self._identity)))
         # All in flight at once (one broker round trip each made a cohort of

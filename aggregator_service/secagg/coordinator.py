@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aggregator_service.config import ExperimentConfig
 from aggregator_service.persistence import Database
@@ -47,6 +47,8 @@ class _Live:
     """When the current stage's messages were last sent."""
     unmasked: bool = False
     """The unmasking is in the store and the combiner asked: nothing more to wait for."""
+    caps: dict[str, int] = field(default_factory=dict)
+    """Each device's example cap, which the round's scale was sized for."""
 
 
 class SecureRounds:
@@ -88,8 +90,15 @@ class SecureRounds:
         secure = config.secure_aggregation
         assert secure is not None
         scale = scale_for(secure.clip, max(sum(caps.values()), 1))
-        self._save(self._track(opened, config, scale).round)
+        live = self._track(opened, config, scale)
+        live.caps = dict(caps)
+        self._save(live)
         return SecAggSettings(secure.clip, scale, secure.max_examples)
+
+    def caps(self, experiment_id: str, number: int) -> Mapping[str, int]:
+        """Return each device's example cap in a secure round (what its scale was sized for)."""
+        live = self._rounds.get((experiment_id, number))
+        return {} if live is None else live.caps
 
     def settings(self, experiment_id: str, number: int) -> SecAggSettings | None:
         """Return the settings a secure round's tasks carry (None: not a secure round)."""
@@ -124,6 +133,7 @@ class SecureRounds:
             self._end(live, "secure aggregation state lost: the round's state was never saved")
             return
         live = self._track(opened, config, float(saved["scale"]))
+        live.caps = {str(d): int(c) for d, c in saved.get("caps", {}).items()}
         rnd = live.round
         frames = [decode(f) for f in self._db.secagg_frames(opened.experiment_id, opened.round)]
         for message in frames:
@@ -133,7 +143,11 @@ class SecureRounds:
         try:
             if stage is not Stage.KEYS:
                 rnd.keys = {d: rnd.keys[d] for d in saved["u1"]}
-                rnd.fix_u1()
+                rnd.fix_u1(saved["degree"])
+                if rnd.threshold != saved["threshold"]:
+                    raise Abandon(
+                        f"threshold {rnd.threshold} is not the saved {saved['threshold']}"
+                    )
                 for message in frames:
                     if isinstance(message, SecAggShares):
                         rnd.add_shares(message)
@@ -198,7 +212,7 @@ class SecureRounds:
         except Abandon as exc:
             self._end(live, str(exc))
             return
-        self._save(rnd)
+        self._save(live)
         self._start_stage(live)
         self._send(requests)
 
@@ -238,7 +252,7 @@ class SecureRounds:
         except Abandon as exc:
             self._end(live, str(exc))
             return
-        self._save(rnd)  # before the messages: a restart resumes the stage they start
+        self._save(live)  # before the messages: a restart resumes the stage they start
         self._start_stage(live)
         self._send(messages)
 
@@ -289,13 +303,17 @@ class SecureRounds:
         for device, message in messages.items():
             self._publish(self._topics.device(device), message)
 
-    def _save(self, rnd: SecureRound) -> None:
+    def _save(self, live: _Live) -> None:
+        rnd = live.round
         state = {
             "scale": rnd.scale,
+            "caps": live.caps,
             "stage": rnd.stage.value,
             "u1": list(rnd.u1),
             "u2": list(rnd.u2),
             "u3": list(rnd.u3),
+            "degree": rnd.degree,
+            "threshold": rnd.threshold,
         }
         self._db.save_secagg_round(rnd.experiment_id, rnd.number, state)
 

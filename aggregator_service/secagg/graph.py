@@ -1,7 +1,8 @@
 """Who shares secrets with whom in a secure round: SecAgg+'s sparse neighbourhoods.
 
 Bell et al. (2020) replace Bonawitz et al.'s complete graph with a random
-k-regular one (a Harary graph on a random permutation of the devices):
+k-regular one (a Harary graph on a random permutation of the devices; an odd
+degree on an odd number of devices gives each device one neighbour more):
 each device masks against and shares with ``k`` neighbours, so its work
 grows with ``log n`` instead of ``n``. The graph is a function of the
 round's seed and the devices that advertised keys, so a restarted

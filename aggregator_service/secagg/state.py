@@ -85,6 +85,7 @@ class SecureRound:
     u2: tuple[str, ...] = ()
     u3: tuple[str, ...] = ()
     graph: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    degree: int = 0
     threshold: int = 0
     seed_shares: Counter[str] = field(default_factory=Counter)
     """Revealed shares of each device's self-mask seed, counted as they arrive."""
@@ -100,7 +101,11 @@ class SecureRound:
 
     def add_keys(self, message: SecAggKeys) -> bool:
         """Take a cohort device's keys (first copy wins); return whether they are new."""
-        if message.device_id not in self.cohort or message.device_id in self.keys:
+        if (
+            self.stage is not Stage.KEYS
+            or message.device_id not in self.cohort
+            or message.device_id in self.keys
+        ):
             return False
         unb64(message.cipher_key, size=32, what="cipher_key")
         unb64(message.mask_key, size=32, what="mask_key")
@@ -111,14 +116,19 @@ class SecureRound:
         """Return whether every cohort device advertised its keys."""
         return len(self.keys) == len(self.cohort)
 
-    def fix_u1(self) -> dict[str, SecAggNeighbours]:
-        """End stage 1: draw the neighbourhoods; return each U1 device's message."""
+    def fix_u1(self, degree: int | None = None) -> dict[str, SecAggNeighbours]:
+        """End stage 1: draw the neighbourhoods; return each U1 device's message.
+
+        ``degree`` replays a recovered round's (the one its devices shared with).
+        """
         self.u1 = tuple(sorted(self.keys))
         n = len(self.u1)
         settings = self.settings
-        degree = settings.neighbours or degree_for(n, settings.dropout, settings.threshold)
-        self.graph = neighbourhoods(self.u1, min(degree, n - 1), [self.seed, self.number])
-        self.threshold = threshold_for(min(degree, n - 1), self.settings.threshold)
+        if degree is None:
+            degree = settings.neighbours or degree_for(n, settings.dropout, settings.threshold)
+        self.degree = min(degree, n - 1)
+        self.graph = neighbourhoods(self.u1, self.degree, [self.seed, self.number])
+        self.threshold = threshold_for(self.degree, self.settings.threshold)
         if n < self.needed:
             raise Abandon(
                 f"secure aggregation: {n} device(s) advertised keys, {self.needed} needed"
@@ -218,6 +228,8 @@ class SecureRound:
             message.key_shares
         ) <= set(asked.dropped):
             raise SecAggError(f"{sender} revealed shares it was not asked for")
+        for text in (*message.seed_shares.values(), *message.key_shares.values()):
+            unb64(text, size=SHARE_BYTES, what="share")  # refused here, not when unmasking
         self.reveals[sender] = message
         self.seed_shares.update(message.seed_shares.keys())
         self.key_shares.update(message.key_shares.keys())

@@ -174,7 +174,16 @@ class SecureSum(Strategy):
         shapes = {k: v.shape for k, v in state.sums.items()}
         flat = flatten(state.sums).astype(MASKED, copy=True)
         unmasking.remove_from(flat)
-        deltas = unflatten(dequantize(flat, unmasking.scale), shapes)
+        values = dequantize(flat, unmasking.scale)
+        # Each device sent at most clip * weight * scale + 1/2 per value: past that
+        # the seeds were wrong or a device sent words outside its range.
+        bound = self.clip * state.total_weight + state.count / (2 * unmasking.scale)
+        if values.size and np.abs(values).max() > bound * (1 + 1e-9):
+            raise ValueError(
+                f"the unmasked sum exceeds its bound {bound:g}: wrong seeds or a device's "
+                "masked update out of range"
+            )
+        deltas = unflatten(values, shapes)
         plain = WeightedSum(current)
         for name, acc in plain.sums.items():
             np.multiply(current[name], state.total_weight, out=acc, dtype=np.float64)

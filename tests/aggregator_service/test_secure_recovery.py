@@ -185,6 +185,9 @@ def test_a_restarted_coordinator_finishes_the_round_it_was_running(
         rnd.restart()  # the combine request the coordinator sent may be lost
         assert len(rnd.combined) == 2
     assert not rnd.abandoned
+    # The caps the scale was sized for survive the restart: re-sent tasks grant no more.
+    assert rnd.coordinator.caps("exp", 1) == dict.fromkeys(DEVICES, CAP)
+    assert rnd.coordinator.settings("exp", 1) == rnd.tasks[DEVICES[0]].secure_aggregation
     _assert_exact(rnd, rnd.unmasked_sum(total))
 
 

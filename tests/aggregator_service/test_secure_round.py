@@ -9,6 +9,7 @@ service, the workers and the fleet.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -325,3 +326,79 @@ def test_the_chosen_degree_survives_the_dropout_it_was_chosen_for(n: int) -> Non
     t20 = threshold_for(20, fraction)
     stayed = {d for d in devices if rng.random() >= dropout}
     assert any(len(stayed & {d, *peers}) < t20 for d, peers in sparse.items())
+
+
+def test_a_device_refuses_a_threshold_below_a_majority_of_its_neighbourhood() -> None:
+    protocol = Protocol(6)
+    protocol.keys()
+    message = protocol.round.fix_u1()["dev-00"]
+    assert len(message.peers) == 6
+    for threshold in (1, 2, 3):  # 3 of 6 is not a strict majority
+        lowered = dataclasses.replace(message, threshold=threshold)
+        with pytest.raises(SecAggError, match="not a majority"):
+            protocol.devices["dev-00"].neighbours(lowered)
+    assert not protocol.drain()
+    protocol.devices["dev-00"].neighbours(dataclasses.replace(message, threshold=4))
+    assert len(protocol.drain()) == 1
+
+
+def test_a_reveal_with_a_malformed_share_is_refused_before_it_is_kept() -> None:
+    protocol = Protocol(4)
+    protocol.keys()
+    protocol.shares()
+    protocol.upload()
+    requests = protocol.round.fix_u3(tuple(protocol.sent))
+    protocol.devices["dev-00"].unmask(requests["dev-00"])
+    (reveal,) = protocol.drain()
+    bad = dataclasses.replace(
+        reveal,  # type: ignore[type-var]
+        seed_shares={v: "AAAA" for v in reveal.seed_shares},  # type: ignore[attr-defined]
+    )
+    with pytest.raises(SecAggError):
+        protocol.round.add_reveal(bad)
+    assert "dev-00" not in protocol.round.reveals
+    assert protocol.round.add_reveal(reveal)  # type: ignore[arg-type]
+
+
+def test_a_neighbour_whose_share_does_not_open_is_skipped_not_the_whole_reveal() -> None:
+    protocol = Protocol(5)
+    protocol.keys()
+    protocol.shares()
+    deliveries = protocol.round.fix_u2()
+    me = "dev-00"
+    spoiled = dict(deliveries[me].shares)
+    spoiled["dev-01"] = spoiled["dev-02"]  # dev-02's ciphertext, not for this pair
+    protocol.devices[me].delivery(dataclasses.replace(deliveries[me], shares=spoiled))
+    asked = SecAggUnmask(
+        experiment_id="exp", round=1, survivors=("dev-01", "dev-02", "dev-03"), dropped=()
+    )
+    protocol.devices[me].unmask(asked)
+    (reveal,) = protocol.drain()
+    assert set(reveal.seed_shares) == {"dev-02", "dev-03"}  # type: ignore[attr-defined]
+
+
+def test_wrong_seeds_leave_the_sum_out_of_its_bound_and_are_refused() -> None:
+    protocol = Protocol(5)
+    protocol.keys()
+    protocol.shares()
+    protocol.upload()
+    total = protocol.unmask()
+    unmasking = protocol.round.unmasking()
+    assert unmasking is not None
+    one = next(iter(unmasking.seeds))
+    wrong = dataclasses.replace(unmasking, seeds={**unmasking.seeds, one: bytes(32)})
+    secure = SecureSum(FedAvg(), clip=1.0, max_examples=MAX_EXAMPLES)
+    with pytest.raises(ValueError, match="exceeds its bound"):
+        secure.unmask(BASE, total, wrong)
+
+
+def test_a_device_keeps_each_experiments_rounds_apart() -> None:
+    protocol = Protocol(3)
+    participant = protocol.devices["dev-00"]
+    for experiment, number in (("a", 50), ("a", 51), ("b", 3)):
+        task = dataclasses.replace(protocol.tasks["dev-00"], experiment_id=experiment, round=number)
+        participant.task(task)
+    assert participant.holds("a", 50) and participant.holds("a", 51) and participant.holds("b", 3)
+    participant.task(dataclasses.replace(protocol.tasks["dev-00"], experiment_id="a", round=52))
+    assert not participant.holds("a", 50)
+    assert participant.holds("b", 3)
