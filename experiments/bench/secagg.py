@@ -285,6 +285,10 @@ def _n(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _e(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     """Return the markdown table and its notes."""
     lines = [
@@ -302,7 +306,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"| {s['expansion']:.4f}x | {_n(s['device_cpu_plain_ms'], 1)} "
             f"| {_n(s['device_cpu_secure_ms'], 1)} | {_n(s['unmask_ms'], 1)} "
             f"| {_n(d['unmask_ms'], 1)} | {_n(plain and plain['round_s_median'], 3)} "
-            f"| {_n(secure and secure['round_s_median'], 3)} | {_n(row.get('rel_error'), 4)} |"
+            f"| {_n(secure and secure['round_s_median'], 3)} | {_e(row.get('rel_error'))} |"
         )
     summed = [r[k] for r in rows for k in ("secure", "dropout") if r[k]["sum_error"] is not None]
     ok = all(r["sum_error"] <= r["sum_bound"] for r in summed)
