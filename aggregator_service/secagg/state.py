@@ -203,6 +203,15 @@ class SecureRound:
                 f"secure aggregation: {len(devices)} masked update(s) in the sum, "
                 f"{self.needed} needed"
             )
+        summed = set(devices)
+        for owner in self.u2:  # only devices in the sum reveal: enough of them near each secret?
+            holders = summed.intersection((owner, *self.graph[owner]))
+            needs_rebuild = owner in summed or any(v in summed for v in self.graph[owner])
+            if needs_rebuild and len(holders) < self.threshold:
+                raise Abandon(
+                    f"secure aggregation: {owner}'s neighbourhood has {len(holders)} device(s) "
+                    f"in the sum, {self.threshold} needed to unmask"
+                )
         self.u3 = tuple(sorted(devices))
         self.stage = Stage.UNMASKING
         return {d: self.unmask_request(d) for d in self.u3}

@@ -402,3 +402,20 @@ def test_a_device_keeps_each_experiments_rounds_apart() -> None:
     participant.task(dataclasses.replace(protocol.tasks["dev-00"], experiment_id="a", round=52))
     assert not participant.holds("a", 50)
     assert participant.holds("b", 3)
+
+
+def test_a_sum_whose_neighbourhoods_cannot_reach_the_threshold_abandons_at_once() -> None:
+    # 12 devices, 4 neighbours, threshold 3 of 5: three adjacent devices on the
+    # ring missing from the sum leave the one between them 2 holders.
+    protocol = Protocol(12, neighbours=4)
+    protocol.keys()
+    protocol.shares()
+    protocol.upload()
+    graph = protocol.round.graph
+    owner = protocol.ids[0]
+    gone = set(graph[owner][:3])
+    summed = tuple(d for d in protocol.sent if d not in gone)
+    holders = len(set(summed) & {owner, *graph[owner]})
+    assert holders < protocol.round.threshold
+    with pytest.raises(Abandon, match=f"has {holders} device\\(s\\) in the sum, 3 needed"):
+        protocol.round.fix_u3(summed)
