@@ -407,8 +407,8 @@ def build_strategy(config: Mapping[str, Any]) -> Strategy:
 
         inner = build_strategy({"name": name, **settings})
         refusal = secure_refusal(str(name))
-        if refusal is not None or not isinstance(inner, FedAvg):
-            raise ConfigError(f"secure_aggregation: {refusal}")
+        if refusal is not None or not isinstance(inner, FedAvg):  # (the second: for the type)
+            raise ConfigError(f"secure_aggregation: {refusal or f'strategy {name} is not served'}")
         try:
             return SecureSum(inner, **secure)
         except (TypeError, ValueError) as exc:

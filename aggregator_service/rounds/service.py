@@ -330,26 +330,12 @@ class RoundService:
             rnd = self._round_in_flight(experiment_id)
             if rnd is None:
                 return
-            status = self._closing.status(experiment_id, rnd.number)
-            if not self._closing.withdraw(experiment_id, rnd.number):
+            if not self._withdraw(rnd, self.STOPPED):
                 log.info(
                     "%s round %d is being combined: it ends with its outcome",
                     experiment_id,
                     rnd.number,
                 )
-                return
-            reported = 0 if status is None else status.reported
-            self._db.update_round(
-                experiment_id,
-                rnd.number,
-                state="abandoned",
-                reason=self.STOPPED,
-                reported=reported,
-                dropped=self._dropped(rnd, reported),
-                ended_at=self._clock(),
-            )
-            log.info("%s round %d %s", experiment_id, rnd.number, self.STOPPED)
-            self._round_ended(experiment_id, rnd.number)
 
     def delete_experiment(self, experiment_id: str) -> None:
         """Remove an idle experiment and its rounds (its model versions stay in the store).
@@ -793,10 +779,15 @@ class RoundService:
     def _abandon_secure(self, experiment_id: str, number: int, reason: str) -> None:
         """End a secure round its protocol cannot complete (too few devices at some stage)."""
         rnd = self._current_round(experiment_id, number)
-        if rnd is None:
-            return
+        if rnd is not None and not self._withdraw(rnd, reason):
+            log.warning("%s round %d is being combined: not abandoned", experiment_id, number)
+
+    def _withdraw(self, rnd: RoundRecord, reason: str) -> bool:
+        """Abandon a round the workers have not been asked to combine; False if they have."""
+        experiment_id, number = rnd.experiment_id, rnd.number
         status = self._closing.status(experiment_id, number)
-        self._closing.withdraw(experiment_id, number)
+        if not self._closing.withdraw(experiment_id, number):
+            return False
         reported = 0 if status is None else status.reported
         self._db.update_round(
             experiment_id,
@@ -807,7 +798,9 @@ class RoundService:
             dropped=self._dropped(rnd, reported),
             ended_at=self._clock(),
         )
+        log.info("%s round %d abandoned: %s", experiment_id, number, reason)
         self._round_ended(experiment_id, number)
+        return True
 
     def _dropped(self, rnd: RoundRecord, reported: int) -> int:
         """Return how many of a round's tasks never reported (async steps count their own)."""
