@@ -135,6 +135,15 @@ def watch_tls(context: ssl.SSLContext, record: Callable[[OSError], None]) -> Non
                 record(exc)
                 raise
 
+        def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+            try:
+                return super().recv_into(buffer, nbytes, flags)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                record(exc)
+                raise
+
     context.sslsocket_class = WatchedSocket
 
 

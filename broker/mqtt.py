@@ -3,7 +3,10 @@
 Threads: paho's network thread (``loop_start``, owned here) runs every
 ``_on_*`` callback and reconnects; one dispatcher thread runs the handlers in
 arrival order, so a handler that trains for minutes never stalls the network
-loop. Acks travel back through paho's thread-safe packet queue. The session
+loop. The network thread reads at most ``READ_AHEAD_BYTES`` (16 MiB) ahead of
+the handlers, unless a publish waits for its PUBACK; paho's receive path is
+replaced by ``broker._mqtt_receive`` (one copy of a message, not about ten).
+Acks travel back through paho's thread-safe packet queue. The session
 itself (``MqttSession``) does not care who drives the network:
 ``broker.mqtt_hub`` runs many of them on one selector thread.
 
@@ -63,7 +66,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from broker._mqtt_options import MqttOptions
+from broker._mqtt_receive import LeanClient
 from broker._mqtt_routing import (
+    READ_AHEAD_BYTES,
     Dispatcher,
     Inbound,
     MqttDelivery,
@@ -117,6 +122,19 @@ _MATCHED_TOPICS = 4096
 PUBLISH_WINDOW = 500
 """Messages ``publish_many`` has in paho's hands at once (its own in-flight window is 20)."""
 
+READ_AHEAD_WAIT_S = 0.1
+"""Longest the network thread waits for the handlers to catch up before reading one more.
+
+Bounded: while it waits, paho writes nothing (acks queue up) and sends no
+keep-alive, and a handler stuck elsewhere must not stop the connection.
+"""
+PARKED_PACING_S = 10.0
+"""Seconds after a connect in which parked messages count toward the read-ahead.
+
+Long enough for a process to subscribe to what its resumed session holds;
+afterwards, messages nobody claims must not slow the reader.
+"""
+
 
 class MqttSession(abc.ABC):
     """One MQTT client's session: publish, subscribe, settle, and paho's callbacks.
@@ -151,6 +169,7 @@ class MqttSession(abc.ABC):
         self._puback_failures: dict[int, ReasonCode] = {}
         self._unmatched: set[int] = set()
         self._matched: OrderedDict[str, None] = OrderedDict()
+        self._handler_awaits_ack = False  # a handler waits for a PUBACK (guarded by _lock)
         self._client = self._make_client(will)
 
     @property
@@ -278,7 +297,7 @@ class MqttSession(abc.ABC):
 
     def _make_client(self, will: Will | None) -> paho.Client:
         opts = self._options
-        client = paho.Client(
+        client = LeanClient(
             CallbackAPIVersion.VERSION2,
             client_id=opts.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
@@ -368,6 +387,18 @@ class MqttSession(abc.ABC):
             )
 
     def _await_puback(self, info: paho.MQTTMessageInfo, topic: str) -> None:
+        if not self._on_handler_thread():
+            self._wait_for_puback(info, topic)
+            return
+        with self._lock:
+            self._handler_awaits_ack = True
+        try:
+            self._wait_for_puback(info, topic)
+        finally:
+            with self._lock:
+                self._handler_awaits_ack = False
+
+    def _wait_for_puback(self, info: paho.MQTTMessageInfo, topic: str) -> None:
         timeout = self._options.publish_timeout
         deadline = time.monotonic() + timeout
         try:
@@ -522,6 +553,19 @@ class MqttSession(abc.ABC):
                 self._dispatch(inbound, handlers)
             else:
                 self._table.park(inbound)
+            blocked = self._handler_awaits_ack
+        if not blocked:
+            # A handler waiting for its PUBACK cannot take what was read ahead,
+            # and the PUBACK lies behind it: never pause then. Other publishers'
+            # PUBACKs arrive as the handlers catch up.
+            self._pace_reading()
+
+    def _on_handler_thread(self) -> bool:
+        """Return whether this is a thread that runs handlers (a driver's answer)."""
+        return False
+
+    def _pace_reading(self) -> None:  # noqa: B027  # drivers without pacing keep it empty
+        """Hold the network thread while the handlers are behind (a driver's choice)."""
 
     def _on_publish(
         self,
@@ -585,6 +629,9 @@ class MqttTransport(MqttSession):
         The URL is malformed, or the broker refused the client for good.
     """
 
+    READ_AHEAD_BYTES = READ_AHEAD_BYTES
+    """Bytes of messages read ahead of the handlers (``broker._mqtt_routing.READ_AHEAD_BYTES``)."""
+
     def __init__(
         self,
         url: str = "mqtt://127.0.0.1:1883",
@@ -593,7 +640,8 @@ class MqttTransport(MqttSession):
         client_id: str | None = None,
     ) -> None:
         super().__init__(MqttOptions.parse(url, client_id=client_id), will)
-        self._dispatcher = Dispatcher(f"fedmq-mqtt-{self._options.client_id}")
+        name = f"fedmq-mqtt-{self._options.client_id}"
+        self._dispatcher = Dispatcher(name, read_ahead=self.READ_AHEAD_BYTES)
         self._connect()
 
     @classmethod
@@ -664,6 +712,20 @@ class MqttTransport(MqttSession):
 
     def _submit(self, handler: Handler, delivery: MqttDelivery) -> None:
         self._dispatcher.submit(handler, delivery)
+
+    def _on_handler_thread(self) -> bool:
+        return self._dispatcher.is_running_here()
+
+    def _pace_reading(self) -> None:
+        if time.monotonic() - self._connected_at < PARKED_PACING_S:
+            # Just connected: a resumed session's backlog arrives before the
+            # subscriptions that claim it, and parks; it counts as read ahead.
+            self._dispatcher.wait_for_room(READ_AHEAD_WAIT_S, self._parked_bytes)
+        else:
+            self._dispatcher.wait_for_room(READ_AHEAD_WAIT_S)
+
+    def _parked_bytes(self) -> int:
+        return self._table.parked_bytes
 
     def _reconnected(self, listeners: list[ReconnectListener]) -> None:
         notify_reconnected(listeners, "fedmq-mqtt-reconnected")
