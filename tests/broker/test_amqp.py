@@ -617,3 +617,34 @@ def test_close_is_idempotent_and_leaves_no_threads_behind(root: str) -> None:
     assert wait_until(lambda: _amqp_threads() <= before, timeout=5)
     with pytest.raises(TransportError, match="closed"):
         transport.publish(f"{root}/a", b"late")
+
+
+def test_a_large_message_is_read_in_large_chunks(
+    root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pika's own 4 KiB reads copied its whole frame buffer on every one of them.
+    import pika.adapters.utils.io_services_utils as pika_io
+
+    from broker._amqp_io import RECV_BYTES
+
+    require(AMQP_PORT, "RabbitMQ")
+    asked: list[int] = []
+    real = pika_io._AsyncTransportBase._sigint_safe_recv
+
+    def recv(sock: socket.socket, max_bytes: int) -> bytes:
+        asked.append(max_bytes)
+        return real(sock, max_bytes)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(pika_io._AsyncTransportBase, "_sigint_safe_recv", staticmethod(recv))
+    body = bytes(range(256)) * 4096  # 1 MiB: eight frames
+    transport = AmqpTransport.from_url(amqp_url())
+    try:
+        held = Held()
+        transport.subscribe(f"{root}/big", held)
+        transport.publish(f"{root}/big", body)
+        (delivery,) = held.wait(1)
+        assert delivery.body == body
+        delivery.ack()
+    finally:
+        transport.close()
+    assert asked and min(asked) == RECV_BYTES == 256 * 1024
