@@ -528,16 +528,23 @@ class AggregatorWorker:
 
     def _progress_due(self) -> None:
         with self._lock:
-            self._progress_timer = None
             due = [m for m in map(self._progress_message, list(self._rounds.values())) if m]
         # Published outside the lock, so the handler folds on meanwhile. One sent
         # after the round's PartialReady only counts again what the close counted.
-        for message in due:
-            try:
-                self._publish(message)
-            except BrokerError as exc:
-                # Not lost for good: the close, and each repeated announcement, carry it.
-                log.warning("could not send round progress: %s", exc)
+        try:
+            for message in due:
+                try:
+                    self._publish(message)
+                except BrokerError as exc:
+                    # Not lost for good: the close, and each repeated announcement, carry it.
+                    log.warning("could not send round progress: %s", exc)
+        finally:
+            # Only now may another timer start: while a publish waits for its ack
+            # (behind a backlog being read), new timers would pile up behind it.
+            with self._lock:
+                self._progress_timer = None
+                if any(rnd.unsent[0] or rnd.unsent[1] for rnd in self._rounds.values()):
+                    self._progress_soon()
 
     def _send_progress(self, rnd: Share) -> None:
         """Publish the devices noted since the last ``RoundProgress``, if any."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import time
 from typing import Any, NamedTuple
 
@@ -62,6 +63,8 @@ def split_publish(header: int, packet: bytes | bytearray, mqtt5: bool) -> Publis
     """
     view = memoryview(packet)
     qos = (header & 0x06) >> 1
+    if qos == 3:
+        raise MalformedPublish("QoS 3 does not exist")
     if len(view) < 2:
         raise MalformedPublish("no topic length")
     end = 2 + int.from_bytes(view[:2], "big")
@@ -83,7 +86,14 @@ def split_publish(header: int, packet: bytes | bytearray, mqtt5: bool) -> Publis
         try:
             # Only the properties go to paho's parser, which slices what it gets.
             props.unpack(bytes(view[end : end + used + length]))  # type: ignore[no-untyped-call]
-        except (MalformedPacket, MQTTException, KeyError, ValueError) as exc:
+        except (
+            MalformedPacket,
+            MQTTException,
+            KeyError,
+            ValueError,
+            IndexError,
+            struct.error,
+        ) as exc:
             raise MalformedPublish(f"bad properties: {exc}") from exc
         end += used + length
     return Publish(

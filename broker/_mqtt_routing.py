@@ -10,6 +10,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -243,6 +244,7 @@ class Dispatcher:
         self._room = threading.Condition(threading.Lock())
         self._queued_bytes = 0
         self._waiting = 0
+        self._running_since: float | None = None  # when the running handler call began
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -256,6 +258,11 @@ class Dispatcher:
         with self._room:
             self._queued_bytes += len(delivery.body)
         self._queue.put((handler, delivery))
+
+    def stalled(self, after_s: float) -> bool:
+        """Return whether one handler call has been running for more than ``after_s``."""
+        began = self._running_since
+        return began is not None and time.monotonic() - began > after_s
 
     def is_running_here(self) -> bool:
         """Return whether the caller is this dispatcher's handler thread."""
@@ -295,7 +302,11 @@ class Dispatcher:
                 if self._waiting:
                     self._room.notify_all()
             if not self._stopping:
-                _call(*item)
+                self._running_since = time.monotonic()
+                try:
+                    _call(*item)
+                finally:
+                    self._running_since = None
 
 
 def _call(handler: Handler, delivery: MqttDelivery) -> None:

@@ -4,7 +4,8 @@ Threads: paho's network thread (``loop_start``, owned here) runs every
 ``_on_*`` callback and reconnects; one dispatcher thread runs the handlers in
 arrival order, so a handler that trains for minutes never stalls the network
 loop. The network thread reads at most ``READ_AHEAD_BYTES`` (16 MiB) ahead of
-the handlers, unless a publish waits for its PUBACK; paho's receive path is
+the handlers (not while a PUBACK someone waits for may lie behind what it
+would hold back: see ``_on_message``); paho's receive path is
 replaced by ``broker._mqtt_receive`` (one copy of a message, not about ten).
 Acks travel back through paho's thread-safe packet queue. The session
 itself (``MqttSession``) does not care who drives the network:
@@ -128,6 +129,8 @@ READ_AHEAD_WAIT_S = 0.1
 Bounded: while it waits, paho writes nothing (acks queue up) and sends no
 keep-alive, and a handler stuck elsewhere must not stop the connection.
 """
+STALLED_HANDLER_S = 1.0
+"""A handler call running longer than this no longer holds the reader back."""
 PARKED_PACING_S = 10.0
 """Seconds after a connect in which parked messages count toward the read-ahead.
 
@@ -170,6 +173,9 @@ class MqttSession(abc.ABC):
         self._unmatched: set[int] = set()
         self._matched: OrderedDict[str, None] = OrderedDict()
         self._handler_awaits_ack = False  # a handler waits for a PUBACK (guarded by _lock)
+        self._ack_waits: list[float] = []  # when each publish now waiting began (guarded)
+        self._parked_this_connection = 0  # bytes parked since the last connect
+        self._long_ack_wait = options.publish_timeout / 4
         self._client = self._make_client(will)
 
     @property
@@ -387,16 +393,18 @@ class MqttSession(abc.ABC):
             )
 
     def _await_puback(self, info: paho.MQTTMessageInfo, topic: str) -> None:
-        if not self._on_handler_thread():
-            self._wait_for_puback(info, topic)
-            return
+        handler = self._on_handler_thread()
+        began = time.monotonic()
         with self._lock:
-            self._handler_awaits_ack = True
+            self._handler_awaits_ack |= handler
+            self._ack_waits.append(began)
         try:
             self._wait_for_puback(info, topic)
         finally:
             with self._lock:
-                self._handler_awaits_ack = False
+                if handler:
+                    self._handler_awaits_ack = False
+                self._ack_waits.remove(began)
 
     def _wait_for_puback(self, info: paho.MQTTMessageInfo, topic: str) -> None:
         timeout = self._options.publish_timeout
@@ -478,6 +486,7 @@ class MqttSession(abc.ABC):
             again = self._connected_at > 0.0  # connected before: this is a reconnect
             self._connected = True
             self._connected_at = time.monotonic()
+            self._parked_this_connection = 0
             self._session_present = bool(flags.session_present)
             if again:
                 self._reconnected_at = self._connected_at
@@ -553,11 +562,15 @@ class MqttSession(abc.ABC):
                 self._dispatch(inbound, handlers)
             else:
                 self._table.park(inbound)
-            blocked = self._handler_awaits_ack
+                self._parked_this_connection += len(inbound.body)
+            waits = self._ack_waits
+            long_wait = bool(waits) and time.monotonic() - min(waits) > self._long_ack_wait
+            blocked = self._handler_awaits_ack or long_wait
         if not blocked:
-            # A handler waiting for its PUBACK cannot take what was read ahead,
-            # and the PUBACK lies behind it: never pause then. Other publishers'
-            # PUBACKs arrive as the handlers catch up.
+            # A PUBACK lies behind what the broker queued ahead of it. A handler
+            # waiting for one cannot make room, so never pause then; another
+            # thread's arrives as the handlers catch up, and once one has waited
+            # a quarter of the publish timeout the reader reads on to it.
             self._pace_reading()
 
     def _on_handler_thread(self) -> bool:
@@ -717,6 +730,8 @@ class MqttTransport(MqttSession):
         return self._dispatcher.is_running_here()
 
     def _pace_reading(self) -> None:
+        if self._dispatcher.stalled(STALLED_HANDLER_S):
+            return  # stuck (a store outage, say): reading on cannot make it worse
         if time.monotonic() - self._connected_at < PARKED_PACING_S:
             # Just connected: a resumed session's backlog arrives before the
             # subscriptions that claim it, and parks; it counts as read ahead.
@@ -725,7 +740,8 @@ class MqttTransport(MqttSession):
             self._dispatcher.wait_for_room(READ_AHEAD_WAIT_S)
 
     def _parked_bytes(self) -> int:
-        return self._table.parked_bytes
+        # What an earlier connection parked and nobody claimed does not hold this one back.
+        return min(self._table.parked_bytes, self._parked_this_connection)
 
     def _reconnected(self, listeners: list[ReconnectListener]) -> None:
         notify_reconnected(listeners, "fedmq-mqtt-reconnected")

@@ -51,6 +51,28 @@ def test_the_reader_waits_while_the_handler_is_behind_and_goes_on_when_it_catche
         dispatcher.stop()
 
 
+def test_a_handler_call_running_long_counts_as_stalled() -> None:
+    release, started = threading.Event(), threading.Event()
+    dispatcher = Dispatcher("read-ahead-stall", read_ahead=0)
+
+    def stuck(_delivery: Delivery) -> None:
+        started.set()
+        release.wait(5)
+
+    try:
+        assert not dispatcher.stalled(0.0)  # idle is not stalled
+        dispatcher.submit(stuck, _delivery(10))
+        assert started.wait(5)
+        assert not dispatcher.stalled(5.0)
+        time.sleep(0.1)
+        assert dispatcher.stalled(0.05)
+        release.set()
+        assert wait_until(lambda: not dispatcher.stalled(0.0))
+    finally:
+        release.set()
+        dispatcher.stop()
+
+
 def test_stopping_releases_a_waiting_reader() -> None:
     release = threading.Event()
     dispatcher = Dispatcher("read-ahead-stop", read_ahead=0)
@@ -121,3 +143,38 @@ def test_a_resumed_backlog_is_read_at_the_handlers_pace(
     extra = 1 + math.ceil(subscribe_after_s / READ_AHEAD_WAIT_S)
     assert max(read_ahead) <= small_budget + extra * size
     assert max(read_ahead) >= small_budget - 2 * size  # it did read ahead, up to the budget
+
+
+def test_a_publish_from_another_thread_is_not_held_behind_a_paced_backlog(
+    small_budget: int, transports: list[MqttTransport]
+) -> None:
+    # The broker queues the backlog ahead of the PUBACK; read at the handler's
+    # pace (3 s here) the publish would time out (2 s). After a quarter of its
+    # timeout the reader reads on to the PUBACK.
+    topic = f"test/{uuid.uuid4().hex[:10]}/backlog"
+    client_id = f"pace-pub-{uuid.uuid4().hex[:8]}"
+    first = MqttTransport(mqtt_url(MQTT_PORT), client_id=client_id)
+    transports.append(first)
+    first.subscribe(topic, lambda d: d.ack(), group="g")
+    first.close()
+    publisher = MqttTransport(mqtt_url(MQTT_PORT))
+    transports.append(publisher)
+    count = 60
+    for i in range(count):
+        publisher.publish(topic, i.to_bytes(4, "big") * 25_000)
+
+    resumed = MqttTransport(mqtt_url(MQTT_PORT, publish_timeout="2"), client_id=client_id)
+    transports.append(resumed)
+    got: list[int] = []
+
+    def slow(delivery: Delivery) -> None:
+        time.sleep(0.05)
+        got.append(int.from_bytes(delivery.body[:4], "big"))
+        delivery.ack()
+
+    resumed.subscribe(topic, slow, group="g")
+    assert wait_until(lambda: len(got) >= 2)
+    started = time.monotonic()
+    resumed.publish(f"{topic}/elsewhere", b"progress")  # raises if not confirmed in 2 s
+    assert time.monotonic() - started < 2.0
+    assert wait_until(lambda: len(got) == count, timeout=30)

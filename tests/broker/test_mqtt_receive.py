@@ -103,11 +103,18 @@ def _after_fixed_header(packet: bytes) -> bytes:
         b"\x00\x01t\x00\x01\xff\xff\xff\xff\x01",  # a five-byte property length
         b"\x00\x01t\x00\x01\x20",  # properties beyond the packet
         b"\x00\x01t\x00\x01\x02\x7f\x00",  # an unknown property
+        b"\x00\x01t\x00\x01\x01\x01",  # a property length that leaves out its value
+        b"\x00\x01t\x00\x01\x02\x23\x00",  # a two-byte property cut short
     ],
 )
 def test_malformed_publish_is_refused(body: bytes) -> None:
     with pytest.raises(MalformedPublish):
         split_publish(0x32, body, True)
+
+
+def test_qos_3_is_malformed() -> None:
+    with pytest.raises(MalformedPublish):
+        split_publish(0x36, b"\x00\x01t\x00\x01\x00payload", True)
 
 
 def test_an_empty_topic_is_malformed_under_mqtt3() -> None:
