@@ -104,15 +104,13 @@ def transports() -> Iterator[list[MqttTransport]]:
         transport.close()
 
 
-@pytest.mark.parametrize("subscribe_after_s", [0.0, 0.5])
-def test_a_resumed_backlog_is_read_at_the_handlers_pace(
-    small_budget: int, transports: list[MqttTransport], subscribe_after_s: float
-) -> None:
-    # The session's backlog arrives before the subscription that claims it and
-    # parks meanwhile: parked messages count toward the budget too.
+def _offline_backlog(transports: list[MqttTransport], count: int, size: int) -> tuple[str, str]:
+    """Queue ``count`` numbered messages of ``size`` bytes for an offline session's group.
+
+    Returns the topic and the session's client id.
+    """
     topic = f"test/{uuid.uuid4().hex[:10]}/backlog"
     client_id = f"pace-{uuid.uuid4().hex[:8]}"
-    size, count = 100_000, 40  # 4 MB of backlog against a 1 MB budget
     first = MqttTransport(mqtt_url(MQTT_PORT), client_id=client_id)
     transports.append(first)
     first.subscribe(topic, lambda d: d.ack(), group="g")
@@ -121,6 +119,17 @@ def test_a_resumed_backlog_is_read_at_the_handlers_pace(
     transports.append(publisher)
     for i in range(count):
         publisher.publish(topic, i.to_bytes(4, "big") * (size // 4))
+    return topic, client_id
+
+
+@pytest.mark.parametrize("subscribe_after_s", [0.0, 0.5])
+def test_a_resumed_backlog_is_read_at_the_handlers_pace(
+    small_budget: int, transports: list[MqttTransport], subscribe_after_s: float
+) -> None:
+    # The session's backlog arrives before the subscription that claims it and
+    # parks meanwhile: parked messages count toward the budget too.
+    size, count = 100_000, 40  # 4 MB of backlog against a 1 MB budget
+    topic, client_id = _offline_backlog(transports, count, size)
 
     resumed = MqttTransport(mqtt_url(MQTT_PORT), client_id=client_id)
     transports.append(resumed)
@@ -151,17 +160,8 @@ def test_a_publish_from_another_thread_is_not_held_behind_a_paced_backlog(
     # The broker queues the backlog ahead of the PUBACK; read at the handler's
     # pace (3 s here) the publish would time out (2 s). After a quarter of its
     # timeout the reader reads on to the PUBACK.
-    topic = f"test/{uuid.uuid4().hex[:10]}/backlog"
-    client_id = f"pace-pub-{uuid.uuid4().hex[:8]}"
-    first = MqttTransport(mqtt_url(MQTT_PORT), client_id=client_id)
-    transports.append(first)
-    first.subscribe(topic, lambda d: d.ack(), group="g")
-    first.close()
-    publisher = MqttTransport(mqtt_url(MQTT_PORT))
-    transports.append(publisher)
     count = 60
-    for i in range(count):
-        publisher.publish(topic, i.to_bytes(4, "big") * 25_000)
+    topic, client_id = _offline_backlog(transports, count, 100_000)
 
     resumed = MqttTransport(mqtt_url(MQTT_PORT, publish_timeout="2"), client_id=client_id)
     transports.append(resumed)
