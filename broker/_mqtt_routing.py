@@ -233,7 +233,7 @@ class Dispatcher:
     that holds a backlog read it all into memory at once (1,000 updates of
     400 KB: 400 MB), and every buffer was fresh memory the kernel had to
     fault in: on the 2-core test machine the network thread spent 1.1 ms of
-    system time per 400 KB update, against 0.15 ms when it reads only as fast
+    system time per 400 KB update, against 0.2 ms when it reads only as fast
     as the handler takes messages.
     """
 
