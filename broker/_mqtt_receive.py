@@ -33,7 +33,7 @@ from paho.mqtt.exception import MalformedPacket, MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-__all__ = ["LeanClient", "Publish", "split_publish"]
+__all__ = ["LeanClient", "MalformedPublish", "Publish", "split_publish"]
 
 _READS_PER_CALL = 100
 """recv calls one ``loop_read`` may make before it lets paho's loop write (paho's own bound)."""

@@ -81,7 +81,7 @@ def test_stopping_releases_a_waiting_reader() -> None:
     waited: list[bool] = []
     reader = threading.Thread(target=lambda: waited.append(dispatcher.wait_for_room(30)))
     reader.start()
-    time.sleep(0.05)
+    assert wait_until(lambda: dispatcher._waiting == 1)  # the reader waits before the stop
     dispatcher.stop(timeout=0)
     reader.join(5)
     release.set()
