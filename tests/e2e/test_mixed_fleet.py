@@ -144,7 +144,11 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
     assert abs(accuracy - expected) <= 0.02, (accuracy, expected)
     assert accuracy >= 0.9
     # The runtime and torch round float32 sums differently, and training amplifies it
-    # round by round. ONNX Runtime's plain SGD measured 8.9e-8 to 1.2e-7 here at
-    # seeds 1, 2, 3 and 7; ExecuTorch's SGD, with momentum, stays within the same bound.
+    # round by round; so does torch against itself on another CPU. This config's
+    # all-Python run, 5 rounds, lands 1.8e-6 apart between torch's AVX2 and AVX-512
+    # kernels on one machine (ATEN_CPU_CAPABILITY), and the mixed fleet measured
+    # 1.8e-6 from it on an AVX-512 machine. The bound is a few times that spread,
+    # far below what a wrong step moves: without weight decay the model lands 3.5e-2
+    # away, without momentum 0.4.
     worst = max_difference(final, load(all_python.final_weights))
-    assert worst <= 5e-7, f"the mixed fleet's model is {worst} from the all-Python one's"
+    assert worst <= 1e-5, f"the mixed fleet's model is {worst} from the all-Python one's"
