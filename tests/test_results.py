@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from experiments.studies import strategies_noniid
 from experiments.studies._results import comparable
 
 
+@pytest.mark.long
 def test_the_committed_non_iid_strategy_table_is_what_head_computes(capsys: Any) -> None:
     status = strategies_noniid.main(["--check"])
 

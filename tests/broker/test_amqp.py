@@ -26,6 +26,7 @@ from broker._amqp_topology import open_publisher
 from broker.amqp import DEAD_LETTERS, EXCHANGE, GROUP_PREFIX, AmqpTransport
 from tests.broker.conftest import wait_until
 from tests.brokers import AMQP_PORT, amqp_url, require
+from tests.ports import free_port
 from tests.tcp_proxy import TcpProxy
 
 
@@ -87,16 +88,10 @@ def _take_dead_letters(admin: Any, bodies: set[bytes], timeout: float = 5.0) -> 
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _take_broker_down(proxy: TcpProxy) -> None:
     """Drop the proxy's connections and fail every new one, as if RabbitMQ were down."""
     # TcpProxy.close() cannot be used: an accept() already in flight lets one more through.
-    proxy._target = ("127.0.0.1", _free_port())
+    proxy._target = ("127.0.0.1", free_port())
     proxy.cut()
 
 
@@ -311,7 +306,7 @@ def test_an_unreachable_broker_raises_connection_lost_quickly() -> None:
     start = time.monotonic()
 
     with pytest.raises(ConnectionLost, match="3 attempts") as caught:
-        connect(f"amqp://guest:hunter2@127.0.0.1:{_free_port()}/%2F")
+        connect(f"amqp://guest:hunter2@127.0.0.1:{free_port()}/%2F")
 
     assert time.monotonic() - start < 3
     assert "hunter2" not in str(caught.value)

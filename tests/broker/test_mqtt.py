@@ -19,6 +19,7 @@ from broker.mqtt import MqttTransport
 from broker.transport import publish_all
 from tests.broker.conftest import wait_until
 from tests.brokers import MQTT_PORT, mqtt_url, require, skip_or_fail
+from tests.ports import free_port
 from tests.tcp_proxy import TcpProxy
 
 Open = Callable[..., MqttTransport]
@@ -82,13 +83,6 @@ def _accepts(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_a_consumer_receives_far_more_than_twenty_unacked_messages(
@@ -206,7 +200,7 @@ def test_settling_twice_is_an_error(open_mqtt: Open, root: str) -> None:
 
 
 def test_an_unreachable_broker_raises_connection_lost_quickly() -> None:
-    port = _free_port()
+    port = free_port()
     started = time.monotonic()
 
     with pytest.raises(ConnectionLost) as caught:
@@ -238,7 +232,7 @@ def small_packet_broker(tmp_path: Path) -> Iterator[int]:
     binary = find_mosquitto()
     if binary is None:
         skip_or_fail("no mosquitto binary installed")
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"

@@ -17,6 +17,7 @@ from broker.mqtt import MqttTransport
 from broker.mqtt_hub import HubClient, HubPool, MqttHub
 from tests.broker.conftest import wait_until
 from tests.brokers import MQTT_PORT, mqtt_url, require
+from tests.ports import free_port
 from tests.tcp_proxy import TcpProxy
 
 N = 200
@@ -202,7 +203,7 @@ def test_a_client_taken_over_by_its_own_id_reconnects(hub: MqttHub, root: str) -
 def test_an_unreachable_broker_fails_the_first_publish_with_connection_lost(
     hub: MqttHub,
 ) -> None:
-    port = _free_port()
+    port = free_port()
     client = hub.open(f"mqtt://fedmq:s3cret@127.0.0.1:{port}?connect_timeout=1")
     started = time.monotonic()
 
@@ -296,11 +297,3 @@ def test_a_closed_lane_drops_its_queued_jobs() -> None:
         assert ran == []
     finally:
         pool.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import getpass
 import ipaddress
-import socket
 import ssl
 import threading
 import time
@@ -34,6 +33,7 @@ from broker.errors import TlsError
 from tests.broker.conftest import wait_until
 from tests.brokers import MQTT_PORT, require, skip_or_fail
 from tests.e2e.owned_brokers import OwnedMosquitto, OwnedRabbitMQ
+from tests.ports import free_port
 
 # -- a PKI made for the module ----------------------------------------------------------
 
@@ -164,13 +164,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 # -- private brokers with TLS listeners -------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @dataclass(frozen=True)
 class TlsMosquitto:
     """Ports of the private Mosquitto's listeners."""
@@ -215,7 +208,7 @@ def mosquitto(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tl
         raise
     # OwnedMosquitto listens on broker.port and reads its folder's mosquitto.conf
     # when it starts: replaced here by one whose first listener speaks TLS.
-    ports = TlsMosquitto(tls=broker.port, client_cert=_free_port(), elsewhere=_free_port())
+    ports = TlsMosquitto(tls=broker.port, client_cert=free_port(), elsewhere=free_port())
     conf = _MOSQUITTO_TLS_CONF.format(
         user=getpass.getuser(),
         pki=pki,
@@ -250,7 +243,7 @@ def rabbitmq_tls_port(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Ite
         raise
     # The node reads RABBITMQ_CONFIG_FILE, its folder's rabbitmq.conf, when it starts;
     # its plain listener stays (start() waits on it), the TLS one is added here.
-    port = _free_port()
+    port = free_port()
     (node.folder / "rabbitmq.conf").write_text(_RABBITMQ_TLS_CONF.format(port=port, pki=pki))
     try:
         node.start()

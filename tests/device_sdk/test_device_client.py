@@ -221,7 +221,7 @@ def _serve_after(delay_s: float, port: int, body: bytes) -> None:
 
 
 def test_downloads_retry_while_the_service_is_briefly_unreachable() -> None:
-    from tests.e2e.processes import free_port
+    from tests.ports import free_port
 
     body = b"weights" * 50
     port = free_port()
@@ -232,7 +232,7 @@ def test_downloads_retry_while_the_service_is_briefly_unreachable() -> None:
 
 
 def test_a_missing_artifact_is_not_retried() -> None:
-    from tests.e2e.processes import free_port
+    from tests.ports import free_port
 
     port = free_port()
     _serve_after(0.0, port, b"")

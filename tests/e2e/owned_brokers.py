@@ -35,7 +35,6 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import random
 import re
 import secrets
 import shutil
@@ -52,16 +51,16 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from tests.brokers import amqp_url, mqtt_url, skip_or_fail
+from tests.ports import free_port
 
 _SBIN = "/usr/sbin:/usr/local/sbin:/opt/homebrew/sbin"
 # Debian's /usr/sbin/rabbitmq* wrappers re-run the scripts as the rabbitmq user,
 # who cannot write to a test's folder; the real scripts live here.
 _RABBITMQ_LIBEXEC = Path("/usr/lib/rabbitmq/bin")
-# Broker ports come from below Linux's ephemeral range (32768-60999): any outgoing
+# Broker ports come from below Linux's ephemeral range (tests.ports): any outgoing
 # connection may get a port in that range as its local port, and a restarting
 # RabbitMQ (whose listener does not set SO_REUSEADDR) then cannot bind it: seen
-# here once in a few restarts. This range also avoids rabbitmqctl's 35672-35682.
-_PORTS = range(20000, 32768)
+# here once in a few restarts.
 
 _MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
@@ -81,19 +80,6 @@ log_type warning
 log_type notice
 log_timestamp true
 """
-
-
-def _free_port() -> int:
-    """Return a free loopback port below the ephemeral range."""
-    for _ in range(200):
-        port = random.choice(_PORTS)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 def _listening(port: int) -> bool:
@@ -223,7 +209,7 @@ class OwnedMosquitto:
         if binary is None:
             raise FileNotFoundError("no mosquitto binary on PATH or in sbin")
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self._binary = binary
         self._child = _Child(folder, "mosquitto")
         folder.mkdir(parents=True, exist_ok=True)
@@ -286,7 +272,7 @@ class ErlangHost:
         cookie = home / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16).upper())
         cookie.chmod(0o400)
-        return cls(home, _free_port())
+        return cls(home, free_port())
 
     def env(self) -> dict[str, str]:
         """Return the environment a node and the CLI run with (no RABBITMQ_* of the machine's)."""
@@ -344,13 +330,13 @@ class OwnedRabbitMQ:
         if server is None or ctl is None or _find("epmd") is None:
             raise FileNotFoundError("no rabbitmq-server, rabbitmqctl or epmd found")
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.node = f"fedmq-test-{secrets.token_hex(4)}@localhost"
         self._server, self._ctl = server, ctl
         self._child = _Child(folder, "rabbitmq")
-        self._dist_port = str(_free_port())
-        self.management_port = _free_port()
-        self.mqtt_port = _free_port()
+        self._dist_port = str(free_port())
+        self.management_port = free_port()
+        self.mqtt_port = free_port()
         self._config, self._plugins, self._advanced = config, plugins, advanced
         # A node of its own owns its epmd; a cluster's nodes share the cluster's.
         self._owns_erlang = erlang is None

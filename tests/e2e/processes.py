@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,13 +27,6 @@ set, or its devices shuffling, with seed 0) would then train another model
 than ``fedmq simulate`` and fail the comparison; with seed 0 it would pass.
 """
 _NARROWER_TOKENS = ("FEDMQ_ENROLLMENT_TOKEN", "FEDMQ_VIEWER_TOKEN")
-
-
-def free_port() -> int:
-    """Return a TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Processes:
@@ -133,14 +125,19 @@ class Api:
             kind = response.headers.get("Content-Type", "")
             return json.loads(raw) if kind.startswith("application/json") else raw
 
+    def healthy(self) -> bool:
+        """Return whether the server answers its health check."""
+        try:
+            return bool(self.call("GET", "/health") == {"status": "ok"})
+        except OSError:
+            return False
+
     def wait_healthy(self, timeout: float = 60) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            try:
-                if self.call("GET", "/health") == {"status": "ok"}:
-                    return
-            except OSError:
-                time.sleep(0.1)
+            if self.healthy():
+                return
+            time.sleep(0.1)
         raise TimeoutError(f"{self.base} did not become healthy")
 
 
@@ -189,7 +186,8 @@ def start_service_and_worker(
 ) -> None:
     """Start the server, then (once it has written the service key the worker pins) a worker."""
     group.start("server", "server", "--port", str(port))
-    api.wait_healthy()
+    # Fails at once, with the logs, if the server exits (a port taken, a bad setting).
+    wait_until(api.healthy, 60, "the server's health check", group)
     start_worker(group, "worker", worker, *worker_flags)
 
 

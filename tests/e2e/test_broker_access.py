@@ -45,13 +45,13 @@ from tests.e2e.owned_brokers import (
 from tests.e2e.processes import (
     Api,
     deployment_env,
-    free_port,
     processes,
     rounds_when_done,
     start_fleet,
     start_service_and_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 T = Topics("fedmq")

@@ -46,7 +46,6 @@ from tests.e2e.processes import (
     Api,
     Processes,
     deployment_env,
-    free_port,
     max_difference,
     processes,
     rounds_when_done,
@@ -54,6 +53,7 @@ from tests.e2e.processes import (
     start_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 ROUNDS = 3
 WORKERS = ("worker-1", "worker-2")

@@ -36,11 +36,11 @@ from tests.e2e.processes import (
     Api,
     Processes,
     deployment_env,
-    free_port,
     processes,
     start_service_and_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 
 def _config(name: str, **rounds: Any) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from tests.e2e.processes import (
     SEED,
     Api,
     deployment_env,
-    free_port,
     max_difference,
     processes,
     rounds_when_done,
@@ -35,6 +34,7 @@ from tests.e2e.processes import (
     start_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 ROUNDS = 4
 CASES = [

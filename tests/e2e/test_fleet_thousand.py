@@ -21,11 +21,11 @@ from tests.e2e.processes import (
     Api,
     deployment_env,
     fleet_totals,
-    free_port,
     processes,
     start_service_and_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 DEVICES = 1000
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from fedmq.defaults import DEMO_CONFIG
 from tests.brokers import MQTT_PORT, mqtt_url, require
-from tests.e2e.processes import Api, deployment_env, free_port, processes, wait_until
+from tests.e2e.processes import Api, deployment_env, processes, wait_until
+from tests.ports import free_port
 
 TRACE = {
     "format": "fedmq-device-trace",

@@ -39,7 +39,6 @@ from tests.e2e.processes import (
     SEED,
     Api,
     deployment_env,
-    free_port,
     max_difference,
     processes,
     rounds_when_done,
@@ -47,6 +46,7 @@ from tests.e2e.processes import (
     start_service_and_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 ROUNDS = 4
 PASSES = 360  # about 30 frames a pass

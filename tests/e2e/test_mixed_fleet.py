@@ -20,13 +20,13 @@ from tests.e2e.processes import (
     Api,
     deployment_env,
     fleet_totals,
-    free_port,
     max_difference,
     processes,
     rounds_when_done,
     start_service_and_worker,
     wait_until,
 )
+from tests.ports import free_port
 from tests.s3_server import CREDENTIALS, list_keys, s3_server
 
 ROUNDS = 5

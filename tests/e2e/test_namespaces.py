@@ -25,7 +25,6 @@ from tests.e2e.processes import (
     SEED,
     Api,
     deployment_env,
-    free_port,
     max_difference,
     processes,
     rounds_when_done,
@@ -33,6 +32,7 @@ from tests.e2e.processes import (
     start_service_and_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 ROUNDS = 2
 SEEDS = (SEED, SEED + 1)

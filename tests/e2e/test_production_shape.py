@@ -27,7 +27,6 @@ from tests.e2e.processes import (
     SEED,
     Api,
     deployment_env,
-    free_port,
     max_difference,
     processes,
     rounds_when_done,
@@ -36,6 +35,7 @@ from tests.e2e.processes import (
     start_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 ROUNDS = 3
 

@@ -17,11 +17,11 @@ from tests.e2e.owned_brokers import owned_mosquitto
 from tests.e2e.processes import (
     Api,
     deployment_env,
-    free_port,
     processes,
     start_service_and_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 
 def _ready(base: str) -> tuple[int, dict[str, object]]:

@@ -22,12 +22,12 @@ from tests.e2e.processes import (
     Api,
     Processes,
     deployment_env,
-    free_port,
     max_difference,
     processes,
     start_service_and_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 
 def _fedmq(group: Processes, *args: str) -> subprocess.CompletedProcess[str]:

@@ -35,12 +35,12 @@ from tests.e2e.processes import (
     Api,
     Processes,
     deployment_env,
-    free_port,
     max_difference,
     processes,
     rounds_when_done,
     wait_until,
 )
+from tests.ports import free_port
 
 ROUNDS = 3
 DEVICES = 6

@@ -24,13 +24,13 @@ from tests.e2e.processes import (
     Api,
     deployment_env,
     fleet_totals,
-    free_port,
     max_difference,
     processes,
     rounds_when_done,
     start_worker,
     wait_until,
 )
+from tests.ports import free_port
 
 ROUNDS = 2
 DEVICES = 6

@@ -25,13 +25,13 @@ from tests.e2e.processes import (
     SEED,
     Api,
     deployment_env,
-    free_port,
     max_difference,
     processes,
     rounds_when_done,
     start_fleet,
     wait_until,
 )
+from tests.ports import free_port
 
 ROUNDS = 3
 
