@@ -45,12 +45,12 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
     raw: dict[str, Any] = copy.deepcopy(DEMO_CONFIG)
     raw["seed"] = SEED
     raw["rounds"]["count"] = ROUNDS
-    # Round 2 must still be open when the worker dies: each device takes 0.4 s more
-    # than its training, one at a time, so 15 devices (6 s) are still to come after
-    # the first checkpoint. Waited, not trained: the fleet and the simulation below
-    # stay at the demo's 5 epochs.
+    # Round 2 must still be open when the worker dies: device i sends its update
+    # 0.4 * i s after its training, so a round's updates arrive over 8 s and about
+    # 15 are still to come at the first checkpoint (every 5). Waited, not trained:
+    # the fleet and the simulation below stay at the demo's 5 epochs.
     trace = tmp_path / "trace.json"
-    trace.write_text(json.dumps({str(i): 0.4 for i in range(20)}))
+    trace.write_text(json.dumps({str(i): 0.4 * i for i in range(20)}))
     port = free_port()
     group = f"crash-{uuid.uuid4().hex[:8]}"
     url = amqp_url() if broker == "amqp" else mqtt_url()
@@ -65,13 +65,10 @@ def test_a_worker_killed_mid_round_is_replaced_without_losing_or_doubling_update
         first = group_of.start("worker-1", "worker", "--name", names[0], "--checkpoint-every", "5")
         wait_until(lambda: "fedmq worker on" in group_of.log("worker-1"), 60, "worker 1", group_of)
         experiment_id = api.call("POST", "/experiments", raw)["id"]
-        # One training at a time, so a round lasts long enough to die in.
         start_fleet(
             group_of,
             api,
             experiment_id,
-            "--concurrency",
-            "1",
             "--profile",
             str(trace),
             "--prefix",
