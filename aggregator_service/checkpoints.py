@@ -214,6 +214,24 @@ class Checkpoints:
                 counted.update(metadata["accepted"], metadata.get("aside", ()))
         return counted
 
+    def saved_devices(self, experiment_id: str, round_number: int) -> tuple[set[str], set[str]]:
+        """Return the devices the round's newest saved shares heard from, and those they count.
+
+        Counted: folded or set aside (the round counts those once either way).
+        The coordinator reads them when a training round goes quiet: a worker
+        may have saved devices and died before it reported them. Manifests only.
+        """
+        reported: set[str] = set()
+        counted: set[str] = set()
+        for member in self.roster(experiment_id, round_number):
+            model_id = self.model_id(experiment_id, round_number, member)
+            seq = self._newest(model_id)
+            if seq >= 0:
+                metadata = self._store.get_manifest(model_id, seq).metadata
+                reported.update(metadata["reporters"])
+                counted.update(metadata["accepted_devices"], metadata.get("aside_devices", ()))
+        return reported, counted
+
     def roster(self, experiment_id: str, round_number: int) -> list[str]:
         """Return the workers on the round's roster (sealed or not)."""
         roster = self.roster_id(experiment_id, round_number)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from broker import (
@@ -41,10 +42,14 @@ from broker import (
 )
 from broker.topics import Topics
 
+log = logging.getLogger(__name__)
+
 Publish = Callable[[str, Message], None]
 """Signs and publishes a message on a topic."""
 Roster = Callable[[str, int], list[str]]
 """Returns the workers on a round's roster (``Checkpoints.roster``)."""
+Saved = Callable[[str, int], tuple[set[str], set[str]]]
+"""Returns the devices a round's saved shares heard from and counted (``saved_devices``)."""
 
 
 class Phase(enum.Enum):
@@ -98,6 +103,8 @@ class _Round:
     """A secure round's unmasking, once ready: every later combine request carries it."""
     last_sent: float = 0.0
     repeats: int = 0
+    saved_read_at: float = 0.0
+    """When the saved shares were last read for devices no progress named (or it was tracked)."""
 
     @property
     def phase(self) -> Phase:
@@ -137,6 +144,13 @@ class RoundClosing:
     """The longest interval between repeats of a combine request (they double from 5 s)."""
     PARTIALS_WAIT_S = 15.0
     """How long a closing round waits on silent workers before it is combined without them."""
+    QUIET_S = 5.0
+    """How long a training round goes without news before its saved shares are read.
+
+    A worker that dies after saving updates and before its next progress
+    (sent every 0.1 s) leaves devices no live worker reports: the saved shares
+    name them, so the round closes when it is complete, not at its deadline.
+    """
 
     def __init__(
         self,
@@ -145,17 +159,21 @@ class RoundClosing:
         clock: Callable[[], float] = time.time,
         *,
         roster: Roster = lambda _experiment, _round: [],
+        saved: Saved = lambda _experiment, _round: (set(), set()),
     ) -> None:
         self._publish = publish
         self._topics = topics
         self._clock = clock
         self._roster = roster
+        self._saved = saved
         self._rounds: dict[tuple[str, int], _Round] = {}
 
     def track(self, opened: RoundOpened, *, asynchronous: bool) -> None:
         """Announce a round and follow it until ``ended``."""
         key = (opened.experiment_id, opened.round)
-        self._rounds[key] = _Round(opened, asynchronous, frozenset(opened.selected))
+        self._rounds[key] = _Round(
+            opened, asynchronous, frozenset(opened.selected), saved_read_at=self._clock()
+        )
         self._send(self._rounds[key], opened)
 
     def progress(self, message: RoundProgress) -> None:
@@ -163,16 +181,22 @@ class RoundClosing:
         rnd = self._rounds.get((message.experiment_id, message.round))
         if rnd is None:
             return
-        before = (len(rnd.workers), len(rnd.reported), len(rnd.accepted), sum(rnd.folded.values()))
+        before = (len(rnd.workers), sum(rnd.folded.values()))
         rnd.workers.add(message.sender)
-        selected = rnd.cohort
-        rnd.reported.update(d for d in message.reported if d in selected)
-        rnd.accepted.update(d for d in message.accepted if d in selected)
         if rnd.asynchronous:  # a share only grows: a repeat or a reordered message says less
             folded = max(rnd.folded.get(message.sender, 0), message.folded)
             rnd.folded[message.sender] = folded
-        after = (len(rnd.workers), len(rnd.reported), len(rnd.accepted), sum(rnd.folded.values()))
-        if after != before:
+        if (len(rnd.workers), sum(rnd.folded.values())) != before:
+            rnd.heard_at = self._clock()
+        self._count(rnd, message.reported, message.accepted)
+
+    def _count(self, rnd: _Round, reported: Iterable[str], accepted: Iterable[str]) -> None:
+        """Count devices of the cohort that answered and were accepted; close a complete round."""
+        before = (len(rnd.reported), len(rnd.accepted))
+        selected = rnd.cohort
+        rnd.reported.update(d for d in reported if d in selected)
+        rnd.accepted.update(d for d in accepted if d in selected)
+        if (len(rnd.reported), len(rnd.accepted)) != before:
             rnd.heard_at = self._clock()  # news, not a repeat: the workers are at work
         if rnd.closed_at is None and rnd.complete:
             self._close(rnd)
@@ -266,6 +290,8 @@ class RoundClosing:
                 self._close(rnd)
             elif self._waited_long_enough(rnd, now):
                 self._combine(rnd)
+            elif self._quiet(rnd, now):
+                self._count_saved(rnd, now)
             if self._due(rnd, now):
                 self._repeat(rnd)
 
@@ -279,6 +305,28 @@ class RoundClosing:
         """Return whether a closing round has waited its time for silent workers' partials."""
         closing = rnd.closed_at is not None and not rnd.combining
         return closing and now - rnd.heard_at >= self.PARTIALS_WAIT_S
+
+    def _quiet(self, rnd: _Round, now: float) -> bool:
+        """Return whether a training round has heard nothing new for ``QUIET_S``."""
+        if rnd.closed_at is not None or rnd.asynchronous:
+            return False
+        return now - max(rnd.heard_at, rnd.saved_read_at) >= self.QUIET_S
+
+    def _count_saved(self, rnd: _Round, now: float) -> None:
+        """Count the devices the round's saved shares name (a dead worker's included)."""
+        rnd.saved_read_at = now
+        opened = rnd.opened
+        try:
+            reported, accepted = self._saved(opened.experiment_id, opened.round)
+        except Exception:  # the store's own errors: the deadline still closes the round
+            log.warning(
+                "could not read %s round %d's saved shares",
+                opened.experiment_id,
+                opened.round,
+                exc_info=True,
+            )
+            return
+        self._count(rnd, reported, accepted)
 
     def _due(self, rnd: _Round, now: float) -> bool:
         """Return whether the round's current message is due again."""

@@ -187,8 +187,13 @@ class RoundService:
         self._awaited: set[str] = set()
         """Devices online before a restart that have not checked in again yet."""
         self._evaluators: dict[str, Evaluator | None] = {}
+        checkpoints = Checkpoints(store)
         self._closing = RoundClosing(
-            self._sign_and_publish, self._topics, clock, roster=Checkpoints(store).roster
+            self._sign_and_publish,
+            self._topics,
+            clock,
+            roster=checkpoints.roster,
+            saved=checkpoints.saved_devices,
         )
         self._listeners: list[RoundListener] = []
         self._secure = SecureRounds(

@@ -132,6 +132,87 @@ def test_the_deadline_closes_the_round_and_an_empty_one_is_combined_at_once() ->
     assert isinstance(recorder.sent[1], CloseRound)
 
 
+class SavedShares:
+    """What the round's saved shares name, as ``Checkpoints.saved_devices`` reads it."""
+
+    def __init__(self) -> None:
+        self.devices: set[str] = set()
+        self.reads = 0
+        self.failing = False
+
+    def __call__(self, _experiment: str, _round: int) -> tuple[set[str], set[str]]:
+        self.reads += 1
+        if self.failing:
+            raise OSError("the store is out")
+        return set(self.devices), set(self.devices)
+
+
+def _closing_with(recorder: Recorder, saved: SavedShares) -> RoundClosing:
+    return RoundClosing(
+        recorder.publish,
+        TOPICS,
+        lambda: recorder.now,
+        roster=lambda _e, _r: recorder.roster,
+        saved=saved,
+    )
+
+
+def test_a_quiet_round_counts_the_devices_a_dead_workers_saved_share_names() -> None:
+    # w1 reported "a"; "dead" saved "b" and died before reporting it.
+    recorder, saved = Recorder(), SavedShares()
+    saved.devices = {"b", "stranger"}
+    closing = _closing_with(recorder, saved)
+    closing.track(OPENED, asynchronous=False)
+    recorder.now = 1.0
+    closing.progress(_progress("w1", "a"))
+
+    recorder.now = 1.0 + RoundClosing.QUIET_S - 0.5
+    closing.tick()
+    assert saved.reads == 0 and "CloseRound" not in recorder.kinds()  # news came lately
+    recorder.now = 1.0 + RoundClosing.QUIET_S
+    closing.tick()
+
+    assert saved.reads == 1
+    # Closed long before the deadline (100 s), once the saved share was read.
+    assert recorder.kinds().count("CloseRound") == 1 and recorder.kinds()[-1] == "CloseRound"
+    assert closing.accepted("e", 1) == {"a", "b"}  # the cohort's only: not "stranger"
+
+
+def test_saved_shares_are_read_once_per_quiet_spell_and_a_store_error_leaves_the_deadline() -> None:
+    recorder, saved = Recorder(), SavedShares()
+    saved.failing = True
+    closing = _closing_with(recorder, saved)
+    closing.track(OPENED, asynchronous=False)
+
+    for tenth in range(1, 200):
+        recorder.now = tenth / 10
+        closing.tick()
+    assert saved.reads == 3  # at 5, 10 and 15 s of quiet
+    assert recorder.kinds() == ["RoundOpened", "RoundOpened", "RoundOpened", "RoundOpened"]
+    recorder.now = OPENED.deadline_at
+    closing.tick()
+    assert "CloseRound" in recorder.kinds()
+
+
+def test_the_saved_devices_are_every_roster_members_newest_share() -> None:
+    checkpoints = Checkpoints(MemoryStore())
+    for worker, sequence, devices in (("w1", 0, ["a"]), ("w1", 1, ["a", "b"]), ("w2", 0, ["c"])):
+        checkpoints.join("e", 1, worker)
+        share = _checkpoint(sequence, 1.0)
+        share.accepted_devices = devices
+        share.reporters = [*devices, "refused"]
+        checkpoints.save("e", 1, share, worker)
+    aside = _checkpoint(1, 1.0)
+    aside.aside_devices = ["d"]
+    checkpoints.save("e", 1, aside, "w2")  # w2's newest: "c" no longer, "d" set aside
+
+    reported, counted = checkpoints.saved_devices("e", 1)
+
+    assert counted == {"a", "b", "d"}
+    assert reported == {"a", "b", "refused"}
+    assert checkpoints.saved_devices("e", 2) == (set(), set())
+
+
 def _checkpoint(sequence: int, value: float) -> RoundCheckpoint:
     return RoundCheckpoint(sequence, Partial({"w": np.full(2, value)}, {"count": 1.0}))
 
