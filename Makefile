@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit brokers results clean
+.PHONY: demo test lint typecheck suite brokers results clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -33,12 +33,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Every test on two workers, each taking the next test as it gets free; the end-to-end
-# tests go first (tests/conftest.py), so two deployments at most run side by side.
-unit: $(STAMP)
+# Every test on two workers (so two deployments at most side by side), each handed the
+# next tests as it gets free; the end-to-end tests go first (tests/conftest.py).
+suite: $(STAMP)
 	$(BIN)/pytest -n 2 --maxschedchunk 1
 
-test: $(STAMP) brokers lint typecheck unit
+test: $(STAMP) brokers lint typecheck suite
 
 # Regenerates every committed study table, data file and plot (about an hour on two cores;
 # the McMahan et al. rows take most of it). `make test` checks the quickest study's table.

@@ -31,16 +31,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Put the long tests first, so that `make test`'s two workers finish together.
 
     Long: every end-to-end test (10-60 s, real processes) and those marked
-    ``long``. With ``--maxschedchunk 1`` each pytest-xdist worker takes the
-    next test as it gets free, so the long ones split between the workers and
-    the short ones fill in behind; run last, one long test would leave the
-    other worker idle for a minute.
+    ``long``. With ``--maxschedchunk 1`` pytest-xdist hands each worker the
+    next tests two at a time as it gets free, so the long ones split between
+    the workers and the short ones fill in behind; run last, one long test
+    would leave the other worker idle for a minute.
     """
     items.sort(key=lambda item: 0 if _is_long(item) else 1)  # stable: the rest keep their order
 
 
 def _is_long(item: pytest.Item) -> bool:
-    return item.get_closest_marker("long") is not None or "e2e" in item.path.parts
+    return item.get_closest_marker("long") is not None or item.nodeid.startswith("tests/e2e/")
 
 
 def _small_config(**sections: Any) -> ExperimentConfig:

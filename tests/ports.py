@@ -5,9 +5,10 @@ A port the kernel picks (bind to port 0) comes from Linux's ephemeral range
 port: between the test closing its probe and the child binding the port, a
 broker client of a test running alongside took it ("Address already in use",
 seen with two pytest workers). So ports come from below that range, which
-also avoids rabbitmqctl's 35672-35682; each pytest-xdist worker draws from a
-slice of its own, and no port is handed out twice in one process (a server
-may take a moment to bind what it was given).
+also avoids rabbitmqctl's 35672-35682; each pytest-xdist worker (up to 8,
+replacements of crashed ones included) draws from a slice of its own, and
+no port is handed out twice in one process (a server may take a moment to
+bind what it was given).
 """
 
 from __future__ import annotations
@@ -17,18 +18,18 @@ import random
 import socket
 
 _PORTS = range(20000, 32768)
+_SLICES = 8
+"""Workers with ports of their own: xdist names a crashed worker's replacement gw2, gw3..."""
 _given: set[int] = set()
 
 
 def _slice() -> range:
     """Return this pytest worker's share of ``_PORTS`` (all of it when not under xdist)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if not worker.startswith("gw") or count <= 1:
+    if not worker.startswith("gw"):
         return _PORTS
-    index = int(worker[2:]) % count
-    size = len(_PORTS) // count
-    start = _PORTS.start + index * size
+    size = len(_PORTS) // _SLICES
+    start = _PORTS.start + (int(worker[2:]) % _SLICES) * size
     return range(start, start + size)
 
 

@@ -7,7 +7,9 @@ cohort round moves through three phases, each message repeated every
 coordinator may have restarted):
 
 - training: ``RoundOpened``, until the accepted devices meet the target,
-  every selected device has answered, or the deadline passes;
+  every selected device has answered, or the deadline passes (after
+  ``QUIET_S`` without news the workers' saved shares are read too: a worker
+  that died may have saved devices it never reported);
 - closing: ``CloseRound``, until every worker on the round's roster (each
   joins it before its first fold) or that reported has answered
   ``PartialReady``, or no worker has said anything for ``PARTIALS_WAIT_S``
@@ -95,7 +97,7 @@ class _Round:
     ready: set[str] = field(default_factory=set)
     closed_at: float | None = None
     heard_at: float = 0.0
-    """When a worker last said anything about the round (or it was closed)."""
+    """When the round last had news: a worker's, a saved share's (or it was closed)."""
     combining: bool = False
     unmasking: bool = False
     """A secure round's sum is sealed: nothing is repeated until its unmasking is ready."""
@@ -105,6 +107,8 @@ class _Round:
     repeats: int = 0
     saved_read_at: float = 0.0
     """When the saved shares were last read for devices no progress named (or it was tracked)."""
+    saved_reads: int = 0
+    """Reads since the last news: each waits twice as long as the one before."""
 
     @property
     def phase(self) -> Phase:
@@ -150,7 +154,11 @@ class RoundClosing:
     A worker that dies after saving updates and before its next progress
     (sent every 0.1 s) leaves devices no live worker reports: the saved shares
     name them, so the round closes when it is complete, not at its deadline.
+    A round that stays quiet (devices still training) is read again after 10,
+    20, then every 60 s, not every 5: the reads are store requests.
     """
+    QUIET_MAX_S = 60.0
+    """The longest wait between two reads of a quiet round's saved shares."""
 
     def __init__(
         self,
@@ -198,6 +206,7 @@ class RoundClosing:
         rnd.accepted.update(d for d in accepted if d in selected)
         if (len(rnd.reported), len(rnd.accepted)) != before:
             rnd.heard_at = self._clock()  # news, not a repeat: the workers are at work
+            rnd.saved_reads = 0
         if rnd.closed_at is None and rnd.complete:
             self._close(rnd)
 
@@ -307,23 +316,26 @@ class RoundClosing:
         return closing and now - rnd.heard_at >= self.PARTIALS_WAIT_S
 
     def _quiet(self, rnd: _Round, now: float) -> bool:
-        """Return whether a training round has heard nothing new for ``QUIET_S``."""
+        """Return whether a training round has heard nothing new for ``QUIET_S`` (or longer)."""
         if rnd.closed_at is not None or rnd.asynchronous:
             return False
-        return now - max(rnd.heard_at, rnd.saved_read_at) >= self.QUIET_S
+        wait: float = min(self.QUIET_S * 2.0**rnd.saved_reads, self.QUIET_MAX_S)
+        return now - max(rnd.heard_at, rnd.saved_read_at) >= wait
 
     def _count_saved(self, rnd: _Round, now: float) -> None:
         """Count the devices the round's saved shares name (a dead worker's included)."""
         rnd.saved_read_at = now
+        rnd.saved_reads += 1
         opened = rnd.opened
         try:
             reported, accepted = self._saved(opened.experiment_id, opened.round)
-        except Exception:  # the store's own errors: the deadline still closes the round
+        except Exception as exc:  # the store's own errors: the deadline still closes the round
             log.warning(
-                "could not read %s round %d's saved shares",
+                "could not read %s round %d's saved shares: %s",
                 opened.experiment_id,
                 opened.round,
-                exc_info=True,
+                exc,
+                exc_info=rnd.saved_reads == 1,  # the traceback once, not every read
             )
             return
         self._count(rnd, reported, accepted)

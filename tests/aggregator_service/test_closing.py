@@ -136,7 +136,8 @@ class SavedShares:
     """What the round's saved shares name, as ``Checkpoints.saved_devices`` reads it."""
 
     def __init__(self) -> None:
-        self.devices: set[str] = set()
+        self.reported: set[str] = set()
+        self.accepted: set[str] = set()
         self.reads = 0
         self.failing = False
 
@@ -144,7 +145,7 @@ class SavedShares:
         self.reads += 1
         if self.failing:
             raise OSError("the store is out")
-        return set(self.devices), set(self.devices)
+        return set(self.reported), set(self.accepted)
 
 
 def _closing_with(recorder: Recorder, saved: SavedShares) -> RoundClosing:
@@ -160,7 +161,7 @@ def _closing_with(recorder: Recorder, saved: SavedShares) -> RoundClosing:
 def test_a_quiet_round_counts_the_devices_a_dead_workers_saved_share_names() -> None:
     # w1 reported "a"; "dead" saved "b" and died before reporting it.
     recorder, saved = Recorder(), SavedShares()
-    saved.devices = {"b", "stranger"}
+    saved.reported = saved.accepted = {"b", "stranger"}
     closing = _closing_with(recorder, saved)
     closing.track(OPENED, asynchronous=False)
     recorder.now = 1.0
@@ -184,14 +185,30 @@ def test_saved_shares_are_read_once_per_quiet_spell_and_a_store_error_leaves_the
     closing = _closing_with(recorder, saved)
     closing.track(OPENED, asynchronous=False)
 
-    for tenth in range(1, 200):
+    for tenth in range(1, 990):
         recorder.now = tenth / 10
         closing.tick()
-    assert saved.reads == 3  # at 5, 10 and 15 s of quiet
-    assert recorder.kinds() == ["RoundOpened", "RoundOpened", "RoundOpened", "RoundOpened"]
+    assert saved.reads == 4  # at 5, 15, 35 and 95 s of quiet: 10, 20, then 60 s apart
+    assert "CloseRound" not in recorder.kinds()
     recorder.now = OPENED.deadline_at
     closing.tick()
     assert "CloseRound" in recorder.kinds()
+
+
+def test_a_saved_share_counts_its_refused_devices_as_answered_not_accepted() -> None:
+    recorder, saved = Recorder(), SavedShares()
+    saved.reported = {"b"}  # "b"'s update was refused: it answered, it is not counted
+    closing = _closing_with(recorder, saved)
+    closing.track(OPENED, asynchronous=False)
+    closing.progress(_progress("w1", "a"))
+
+    recorder.now = RoundClosing.QUIET_S
+    closing.tick()
+
+    status = closing.status("e", 1)
+    assert saved.reads == 1 and status is not None
+    assert (status.reported, status.accepted) == (2, 1)
+    assert "CloseRound" not in recorder.kinds()  # 1 of a target of 2; "c" still to answer
 
 
 def test_the_saved_devices_are_every_roster_members_newest_share() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ from broker.probe import BrokerProbe, addresses
 from model_store import LocalStore
 from tests.brokers import require
 from tests.identities import aggregator, round_service
+from tests.ports import free_port
 from tests.tcp_proxy import TcpProxy
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -63,9 +63,7 @@ def test_ready_once_a_worker_has_said_it_is_alive(tmp_path: Path) -> None:
 
 
 def test_not_ready_while_the_broker_is_gone(stack: Any) -> None:
-    with socket.socket() as closed:  # a port nobody listens on
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
+    port = free_port()  # nobody listens on it
     client = _app(stack.service, BrokerProbe(f"mqtt://127.0.0.1:{port}", timeout_s=0.5))
     _heard_from_a_worker(stack.service, stack.transport)
 

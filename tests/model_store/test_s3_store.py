@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -28,6 +27,7 @@ from model_store import (
     StoreUnavailable,
     open_store,
 )
+from tests.ports import free_port
 
 MIB = 1024 * 1024
 
@@ -304,9 +304,7 @@ def test_missing_credentials_are_named(
 
 
 def test_unreachable_endpoint_is_store_unavailable(s3_server: Any) -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     client = s3_server.client(
         endpoint_url=f"http://127.0.0.1:{port}", retries={"max_attempts": 1}, connect_timeout=1
     )
