@@ -9,22 +9,19 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aggregator_service import ConfigError, ExperimentConfig, ServiceError, load_config
-from aggregator_service.persistence import RoundRecord
 from broker import BrokerError
 from broker.embedded import EmbeddedBroker
 from broker.topics import is_valid_segment
 from device_sdk import DeviceError
 from device_sdk.data.errors import DataError
 from device_sdk.emulator.profiles import PROFILES, load_profile
-from fedmq.compose import RunResult, run_experiment
 from fedmq.defaults import DEMO_CONFIG
 from fedmq.devices import add_devices_command
 from fedmq.export import EXPORT_PLATFORMS, ExportUsageError, export_package, parse_shape
 from fedmq.platforms import parse_mix
-from fedmq.processes import FleetOptions, run_bridge, run_fleet, run_server, run_worker
-from fedmq.results import round_row, write_results
 from fedmq.runs import add_run_commands
 from fedmq.settings import (
     Settings,
@@ -37,6 +34,13 @@ from fedmq.settings import (
 from model_store import StoreError
 from model_store.export.executorch import DEFAULT_MAX_BATCH
 
+if TYPE_CHECKING:
+    from aggregator_service.persistence import RoundRecord
+    from fedmq.compose import RunResult
+
+# Each command imports what it runs when it runs: `fedmq worker` never loads the
+# database layer, the REST API or onnxruntime, and `fedmq --help` loads nothing.
+
 _HEADER = (
     f"{'round':>5}  {'state':<9} {'selected':>8} {'reported':>8} {'loss':>8} "
     f"{'accuracy':>8} {'seconds':>8}"
@@ -47,6 +51,8 @@ _USER_ERRORS = (ServiceError, BrokerError, DeviceError, DataError, StoreError, T
 
 def _print_round(record: RoundRecord) -> None:
     """Print one progress row as a round ends."""
+    from fedmq.results import round_row
+
     row = round_row(record)
 
     def num(value: float | None, fmt: str) -> str:
@@ -75,6 +81,9 @@ def _run_and_report(
     ``profile`` names device speeds (``--profile``): in-process, the run then
     goes in emulated time and the seconds column reads emulated seconds.
     """
+    from fedmq.compose import run_experiment
+    from fedmq.results import write_results
+
     speed = None
     if profile is not None:
         speed = load_profile(profile, seed=config.seed, devices=config.data.devices)
@@ -169,6 +178,8 @@ def _cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
+    from fedmq.processes import run_server
+
     run_server(
         settings,
         host=args.host,
@@ -180,6 +191,8 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from fedmq.processes import run_worker
+
     run_worker(
         settings,
         name=args.name or f"fedmq-worker-{socket.gethostname()}",
@@ -190,11 +203,15 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_bridge(args: argparse.Namespace, settings: Settings) -> int:
+    from fedmq.processes import run_bridge
+
     run_bridge(settings, region=args.region, name=args.name, health_file=args.health_file)
     return 0
 
 
 def _cmd_fleet(args: argparse.Namespace, settings: Settings) -> int:
+    from fedmq.processes import FleetOptions, run_fleet
+
     options = FleetOptions(
         devices=args.devices,
         experiment_id=args.experiment,

@@ -16,16 +16,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-
-from aggregator_service import AggregatorWorker, Database, ExperimentConfig, RoundService
-from aggregator_service.api.app import create_app
-from aggregator_service.evaluation import OnnxEvaluator
+from aggregator_service import AggregatorWorker, ExperimentConfig
 from aggregator_service.links import ArtifactLinks, PresignedLinks, SignedLinks, StoreLinks
-from aggregator_service.rounds import Evaluator, EvaluatorFactory
-from aggregator_service.rounds.registry import DeviceRegistry
 from broker import Transport
 from broker.identity import Identity, KeyRing
 from device_sdk.data import DATASETS, load_dataset
@@ -37,6 +31,15 @@ from fedmq.platforms import platform_packagers
 from fedmq.settings import Settings
 from model_store import ModelStore
 from model_store.store import PresignedAccess
+
+if TYPE_CHECKING:
+    # The service's modules load where the service is built: a worker or a
+    # fleet process never imports Flask, SQLAlchemy or onnxruntime.
+    from flask import Flask
+
+    from aggregator_service import Database
+    from aggregator_service.rounds import Evaluator, EvaluatorFactory, RoundService
+    from aggregator_service.rounds.registry import DeviceRegistry
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ def held_out_evaluator(data_dirs: Sequence[Path]) -> EvaluatorFactory:
     def evaluator(config: ExperimentConfig, onnx_model: bytes) -> Evaluator | None:
         if config.data.dataset not in DATASETS:
             return None
+        from aggregator_service.evaluation import OnnxEvaluator
+
         dataset = load_dataset(config.data.dataset, data_dir=data_dirs)
         return OnnxEvaluator(onnx_model, dataset.x_test, dataset.y_test)
 
@@ -135,6 +140,8 @@ def build_coordinator(
     Coordinator
         The service with the links and inline limit it hands devices.
     """
+    from aggregator_service.rounds import RoundService
+
     links = artifact_links(store, settings, public_url)
     # Devices that can only read the store's folder have nowhere to upload to.
     limit = 0 if isinstance(links, StoreLinks) else settings.max_inline_bytes
@@ -163,6 +170,8 @@ def build_app(
     Every value the app reads comes from ``settings``, so the environment it
     could also read (Flask's ``FEDMQ_`` prefix) changes nothing.
     """
+    from aggregator_service.api.app import create_app
+
     config: dict[str, Any] = {
         "ADMIN_TOKEN": admin_token,
         "VIEWER_TOKEN": settings.viewer_token or "",

@@ -8,14 +8,17 @@ when that platform is asked for.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aggregator_service.config import PLATFORMS
-from aggregator_service.rounds.service import Packager
 from device_sdk.app import TrainHandler
 from device_sdk.emulator.fleet import TrainerFactory, torchscript_trainers
 from model_store import ModelSpec, build_model
+
+if TYPE_CHECKING:
+    from aggregator_service.rounds.service import Packager
 
 
 def _android(spec: ModelSpec, seed: int) -> Mapping[str, tuple[bytes, str]]:

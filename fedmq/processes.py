@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggregator_service import Database, ServiceError
-from aggregator_service.api.metrics import LinkCounters
-from aggregator_service.rounds.registry import DeviceRegistry
+from aggregator_service import ServiceError
 from broker.access import DeviceCredentials, open_access
 from broker.bridge import Bridge
 from broker.identity import Identity, KeyRing, decode_public_key
@@ -65,6 +63,11 @@ def serving(
     recovery_grace_s: float = 60.0,
 ) -> Iterator[int]:
     """Serve the REST API and coordinate rounds while the context lasts; yield the bound port."""
+    # Here, not at the top: a worker or fleet process needs no database or HTTP layer.
+    from aggregator_service import Database
+    from aggregator_service.api.metrics import LinkCounters
+    from aggregator_service.rounds.registry import DeviceRegistry
+
     keys = KeyFolder(settings.key_folder)
     identity = keys.service_identity()
     # Per-device broker users, provisioned at registration (see broker.access).

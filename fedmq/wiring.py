@@ -8,13 +8,14 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-import waitress
-from flask import Flask
 
 from broker import MemoryTransport, Transport, connect
 from broker.access import DeviceCredentials
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class HttpServer:
     uploads three times slower (40 uploads of 16 MB: 3.35 s at 8 KiB, 1.17 s)."""
 
     def __init__(self, app: Flask, host: str, port: int) -> None:
+        import waitress  # only a process that serves HTTP loads it
+
         # Werkzeug's development server is not for production: waitress is, in pure Python.
         self._server = waitress.create_server(
             app,

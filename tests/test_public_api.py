@@ -74,3 +74,27 @@ def test_l0_packages_import_no_project_package() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+SERVICE_LAYER = ("flask", "waitress", "sqlalchemy", "alembic", "onnxruntime", "torch")
+
+
+def test_the_worker_and_fleet_commands_load_no_database_http_or_evaluator() -> None:
+    # Every `fedmq worker` and `fedmq fleet` process used to import the whole
+    # service (about 0.5 s of CPU at each start, and `fedmq --help` took 0.9 s).
+    code = (
+        "import sys, fedmq.cli, fedmq.processes, fedmq.components, aggregator_service;"
+        "aggregator_service.AggregatorWorker, aggregator_service.ExperimentConfig;"
+        f"print(sorted(m for m in {SERVICE_LAYER!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_lazy_name_is_its_modules_object_and_an_unknown_one_an_attribute_error() -> None:
+    import aggregator_service
+    from aggregator_service.persistence import Database
+
+    assert aggregator_service.Database is Database
+    with pytest.raises(AttributeError, match="no attribute 'Databse'"):
+        aggregator_service.Databse  # noqa: B018

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from safetensors.numpy import load
 
+import aggregator_service.rounds
 from aggregator_service.links import PresignedLinks, SignedLinks, StoreLinks
 from fedmq import components
 from fedmq.compose import simulate
@@ -55,8 +56,8 @@ class _Built:
     def __init__(self) -> None:
         self.calls: dict[str, list[dict[str, Any]]] = {}
 
-    def spy_on(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-        real: Any = getattr(components, name)
+    def spy_on(self, monkeypatch: pytest.MonkeyPatch, name: str, module: Any = components) -> None:
+        real: Any = getattr(module, name)
         calls = self.calls.setdefault(name, [])
 
         class Spy(real):  # type: ignore[misc, valid-type]
@@ -64,13 +65,15 @@ class _Built:
                 calls.append(kwargs)
                 super().__init__(*args, **kwargs)
 
-        monkeypatch.setattr(components, name, Spy)
+        monkeypatch.setattr(module, name, Spy)
 
 
 @pytest.fixture
 def built(monkeypatch: pytest.MonkeyPatch) -> _Built:
     spy = _Built()
-    for name in ("RoundService", "AggregatorWorker", "Fleet"):
+    # The coordinator's class is imported where it is built (see fedmq.components).
+    spy.spy_on(monkeypatch, "RoundService", aggregator_service.rounds)
+    for name in ("AggregatorWorker", "Fleet"):
         spy.spy_on(monkeypatch, name)
     return spy
 
