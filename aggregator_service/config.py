@@ -423,6 +423,25 @@ def build_strategy(config: Mapping[str, Any]) -> Strategy:
         raise ConfigError(f"strategy {name}: {exc}") from exc
 
 
+MAX_MODEL_PARAMETERS = 1 << 28
+"""Default largest model a service builds: 1 GiB of float32 weights, the default upload limit.
+
+A larger model is refused before anything is allocated: building it would
+fail inside torch or take the host's memory.
+"""
+
+
+def check_model_size(config: ExperimentConfig, limit: int | None = None) -> None:
+    """Raise ``ConfigError`` for a model with more weights than ``limit`` (default above)."""
+    limit = limit or MAX_MODEL_PARAMETERS
+    size = config.model_spec().parameter_count()
+    if size > limit:
+        raise ConfigError(
+            f"model: {size} parameters, above this service's limit of {limit} "
+            "(MAX_MODEL_PARAMETERS)"
+        )
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read an experiment config from a ``.json`` or ``.toml`` file."""
     p = Path(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aggregator_service import ConfigError, ExperimentConfig, ServiceError, load_config
+from aggregator_service.config import check_model_size
 from broker import BrokerError
 from broker.embedded import EmbeddedBroker
 from broker.topics import is_valid_segment
@@ -168,6 +169,7 @@ def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     config = load_config(args.config)
+    check_model_size(config, settings.max_model_parameters)
     strategy = dict(config.strategy)
     print(
         f"{args.config}: valid. {config.name}: {config.data.devices} devices on "
@@ -351,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser(
         "validate",
         help="check an experiment config against its data set and model",
-        description="Check a config as the service would at POST /experiments, listing every "
-        "problem (exit 2) or the settings it resolves to (exit 0). "
+        description="Check a config as the service would at POST /experiments (model size "
+        "against $FEDMQ_MAX_MODEL_PARAMETERS included), listing every problem (exit 2) or "
+        "printing one line of what it runs (exit 0). "
         "Example: fedmq validate experiments/configs/digits_fedavg.json",
     )
     validate.add_argument("config", type=Path, help="experiment config (.json or .toml)")
@@ -412,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bridge.add_argument("--health-file", type=Path, help="touch this file every 5 s")
     add_location_flags(bridge, "broker")
+    add_trust_flags(bridge, keys=False)  # it carries signed frames; it signs nothing
     bridge.set_defaults(func=_cmd_bridge)
 
     fleet = sub.add_parser("fleet", help="an emulated device fleet")
@@ -420,7 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--seed", type=int, help="partition seed (default: the experiment's)")
     fleet.add_argument("--first", type=int, default=0, help="index of the first device")
     fleet.add_argument("--prefix", default="emu", help="device id prefix (default emu)")
-    fleet.add_argument("--concurrency", type=_positive, default=2, help="devices training at once")
+    fleet.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=2,
+        help="devices training at once (default 2; all of them under --profile)",
+    )
     fleet.add_argument("--health-file", type=Path, help="touch this file every 5 s")
     fleet.add_argument(
         "--heartbeat",
@@ -435,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
         default={"python": 1.0},
         metavar="MIX",
         help="share of each platform among the experiment's devices, e.g. "
-        "python:2,android:1,ios:1 (android trains with ONNX Runtime only, ios "
-        "evaluates with TorchScript lite; default python)",
+        "python:2,android:1,ios:1 (android and ios train the model's ExecuTorch "
+        "programs, docs/mobile.md; default python)",
     )
     _add_profile_flag(fleet, "each device sleeps out its delay after training")
     add_location_flags(fleet, "broker", "server")

@@ -316,11 +316,13 @@ def add_location_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         )
 
 
-def add_trust_flags(parser: argparse.ArgumentParser) -> None:
-    """Add ``--namespace`` and ``--keys`` (the deployment's topic prefix and key folder)."""
-    namespace, keys = _by_flag("namespace"), _by_flag("keys")
+def add_trust_flags(parser: argparse.ArgumentParser, *, keys: bool = True) -> None:
+    """Add ``--namespace`` and, unless told not to, ``--keys`` (topic prefix, key folder)."""
+    namespace = _by_flag("namespace")
     parser.add_argument("--namespace", help=f"{namespace.meaning} (${namespace.name})")
-    parser.add_argument("--keys", type=Path, help=f"{keys.meaning} (${keys.name})")
+    if keys:
+        folder = _by_flag("keys")
+        parser.add_argument("--keys", type=Path, help=f"{folder.meaning} (${folder.name})")
 
 
 def _by_flag(flag: str) -> Variable:

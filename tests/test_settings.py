@@ -176,3 +176,19 @@ def test_the_operations_guide_prints_the_one_table() -> None:
     guide = (ROOT / "docs" / "operations.md").read_text()
 
     assert variables_table() in guide
+
+
+def test_every_command_that_uses_the_bus_takes_its_namespace_as_a_flag() -> None:
+    from fedmq.cli import build_parser
+
+    parser = build_parser()
+    lines = {
+        "server": [],
+        "worker": [],
+        "fleet": ["--devices", "1"],
+        "bridge": ["--region", "mqtt://region:1883", "--name", "eu"],
+    }
+    for command, required in lines.items():
+        args = parser.parse_args([command, *required, "--namespace", "lab-7"])
+
+        assert load_settings(args, {}).namespace == "lab-7", command

@@ -16,7 +16,7 @@ from aggregator_service.api.errors import (
     query_int,
     viewer_required,
 )
-from aggregator_service.config import ExperimentConfig
+from aggregator_service.config import ExperimentConfig, check_model_size
 from aggregator_service.errors import ConfigError, NotFound
 from aggregator_service.persistence import ExperimentRecord, RoundSummary
 from aggregator_service.rounds import RoundService, describe
@@ -24,13 +24,6 @@ from aggregator_service.rounds.records import MAX_INLINE_IDS
 from model_store import ModelSpecError
 
 bp = Blueprint("experiments", __name__, url_prefix="/api/v1/experiments")
-
-MAX_MODEL_PARAMETERS = 1 << 28
-"""Default ``MAX_MODEL_PARAMETERS``: 1 GiB of float32 weights, the default upload limit.
-
-A larger model is refused before anything is allocated: building it would
-fail inside torch (a 500) or take the host's memory.
-"""
 
 
 def _service() -> RoundService:
@@ -83,23 +76,12 @@ def _describe_round(record: RoundSummary) -> dict[str, Any]:
 def create() -> tuple[Response, int]:
     """Create an experiment from a config; publish its model as version 0."""
     config = ExperimentConfig.from_dict(json_body())
-    _within_size_limit(config)
+    check_model_size(config, int(current_app.config.get("MAX_MODEL_PARAMETERS") or 0) or None)
     try:
         experiment_id = _service().create_experiment(config)
     except ModelSpecError as exc:  # the zoo's own checks at build time (a negative seed)
         raise ConfigError(f"model: {exc}") from exc
     return jsonify({"id": experiment_id}), 201
-
-
-def _within_size_limit(config: ExperimentConfig) -> None:
-    """Raise ``ConfigError`` for a model with more weights than this service builds."""
-    limit = int(current_app.config.get("MAX_MODEL_PARAMETERS") or MAX_MODEL_PARAMETERS)
-    size = config.model_spec().parameter_count()
-    if size > limit:
-        raise ConfigError(
-            f"model: {size} parameters, above this service's limit of {limit} "
-            "(MAX_MODEL_PARAMETERS)"
-        )
 
 
 @bp.get("")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from fedmq.cli import main
@@ -152,3 +153,20 @@ def test_simulate_exits_non_zero_with_one_line_per_abandoned_round(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2, lines
     assert lines[0].startswith("fedmq: round 1 abandoned: krum could not aggregate")
+
+
+def test_validate_refuses_a_model_above_the_services_size_limit(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "wide.json"
+    model = {"zoo": "mlp", "input_shape": [64], "num_classes": 10, "hidden": [64]}
+    path.write_text(json.dumps({"name": "wide", "model": model}))
+    monkeypatch.setenv("FEDMQ_MAX_MODEL_PARAMETERS", "4000")  # the model has 4,810
+
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fedmq: invalid config: model: 4810 parameters, above this service's limit of 4000 "
+        "(MAX_MODEL_PARAMETERS)"
+    )
+    monkeypatch.setenv("FEDMQ_MAX_MODEL_PARAMETERS", "4810")
+    assert main(["validate", str(path)]) == 0
