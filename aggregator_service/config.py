@@ -138,6 +138,7 @@ class ExperimentConfig:
         r, t, d = self.rounds, self.training, self.data
         checks = [
             (bool(self.name.strip()), "name: must not be empty"),
+            (self.seed >= 0, "seed: must be a non-negative integer"),
             (r.count >= 1, "rounds.count: must be at least 1"),
             (r.devices_per_round >= 1, "rounds.devices_per_round: must be at least 1"),
             (r.over_selection >= 1.0, "rounds.over_selection: must be at least 1.0"),

@@ -38,6 +38,14 @@ def test_every_problem_of_a_config_is_listed_at_once() -> None:
     assert "rounds.devices_per_round: 20" in problems[3]
 
 
+def test_a_negative_seed_is_a_config_problem_not_a_failure_when_the_model_is_built() -> None:
+    raw = {"name": "x", "seed": -1, "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 10}}
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig.from_dict(raw)
+
+    assert caught.value.problems == ["seed: must be a non-negative integer"]
+
+
 def test_the_cnn_needs_the_exact_image_shape_where_flattening_models_need_the_size() -> None:
     base = {"name": "x", "data": {"dataset": "mnist", "devices": 10}}
     flat = {"zoo": "mlp", "input_shape": [784], "num_classes": 10}
