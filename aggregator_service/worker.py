@@ -386,13 +386,15 @@ class AggregatorWorker:
             return
         if rnd is not None and update.message_id in rnd.counted:
             # A copy of an update counted here: acked once a checkpoint holds it.
+            _log_copy(update, "this worker's share")
             if self._saved_here(rnd, update.message_id):
                 delivery.ack()
             else:
                 rnd.pending.append(delivery)
             return
         if rnd is not None and self._counted_elsewhere(rnd, update, delivery):
-            delivery.ack()  # a redelivered copy of an update a saved share holds
+            _log_copy(update, "a saved share")
+            delivery.ack()
             return
         try:
             if rnd is None or placement is not Placement.FOLD:
@@ -782,3 +784,15 @@ class AggregatorWorker:
         self._outcomes[exp] = outcome
         self._publish_outcome(outcome)
         log.info("combined %s round %d: %s", exp, request.round, type(outcome).__name__)
+
+
+def _log_copy(update: ModelUpdate, where: str) -> None:
+    """Log a redelivered copy of an update already counted: after a crash, says what came back."""
+    log.info(
+        "%s round %d: update %s from %s is already counted in %s; this copy is dropped",
+        update.experiment_id,
+        update.round,
+        update.message_id,
+        update.sender,
+        where,
+    )

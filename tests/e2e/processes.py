@@ -197,14 +197,25 @@ def start_worker(group: Processes, process: str, name: str, *flags: str) -> None
     wait_until(lambda: "fedmq worker on" in group.log(process), 60, process, group)
 
 
-def start_fleet(group: Processes, api: Api, experiment_id: str, *flags: str) -> None:
-    """Start a 20-device fleet for the experiment and wait until every device checked in."""
-    group.start("fleet", "fleet", "--devices", "20", "--experiment", experiment_id, *flags)
+def start_fleet(
+    group: Processes,
+    api: Api,
+    experiment_id: str,
+    *flags: str,
+    process: str = "fleet",
+    online: int = 20,
+) -> None:
+    """Start a 20-device fleet for the experiment as child ``process``.
+
+    Waits until ``online`` devices of the deployment (this fleet's and any
+    started before it) have checked in.
+    """
+    group.start(process, "fleet", "--devices", "20", "--experiment", experiment_id, *flags)
     wait_until(
         # Registered is not online: count the devices whose check-in arrived.
-        lambda: sum(1 for d in api.call("GET", "/devices")["devices"] if d["last_seen"]) == 20,
+        lambda: sum(1 for d in api.call("GET", "/devices")["devices"] if d["last_seen"]) == online,
         90,
-        "20 devices to check in",
+        f"{online} devices to check in",
         group,
     )
 
