@@ -77,7 +77,9 @@ def test_one_of_two_workers_killed_mid_round_loses_nothing_and_counts_nothing_tw
         with processes(tmp_path, env) as group_of:
             group_of.start("server", "server", "--port", str(port))
             api.wait_healthy()  # the server has written the service key the workers pin
-            flags = ("--checkpoint-every", "5")
+            # A checkpoint every 2 folds (one every 1.6 s or so for each worker): the
+            # second after the acks stop comes early in round 2's 8 s, well before its end.
+            flags = ("--checkpoint-every", "2")
             first = group_of.start(
                 "worker-1", "worker", "--name", doomed, "--broker", through_proxy, *flags
             )
