@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from fedmq.compose import RunResult
 
 # Each command imports what it runs when it runs: `fedmq worker` never loads the
-# database layer, the REST API or onnxruntime, and `fedmq --help` loads nothing.
+# database layer, the REST API or onnxruntime, and `fedmq --help` only the parser's needs.
 
 _HEADER = (
     f"{'round':>5}  {'state':<9} {'selected':>8} {'reported':>8} {'loss':>8} "

@@ -79,7 +79,7 @@ def create() -> tuple[Response, int]:
     check_model_size(config, int(current_app.config.get("MAX_MODEL_PARAMETERS") or 0) or None)
     try:
         experiment_id = _service().create_experiment(config)
-    except ModelSpecError as exc:  # the zoo's own checks at build time (a negative seed)
+    except ModelSpecError as exc:  # the zoo's own checks at build time
         raise ConfigError(f"model: {exc}") from exc
     return jsonify({"id": experiment_id}), 201
 
