@@ -6,11 +6,10 @@ share the root's. The bridge forwards what the other side must hear, frames
 byte for byte (every frame is signed by its sender and names its topic, so
 the receivers' checks are the same as without a bridge):
 
-- **up** (region -> root): device check-ins, heartbeats and check-outs, the
-  edge workers' events (``RoundProgress``, ``PartialReady``): a region sends
-  one partial per round upstream, by reference (its checkpoint is in the
-  shared model store); and their ``WorkerAlive`` beats, which the root's
-  readiness check counts;
+- **up** (region -> root): device check-ins, heartbeats and check-outs, and
+  the edge workers' events (``RoundProgress``, ``PartialReady``): a region
+  sends one partial per round upstream, by reference (its checkpoint is in
+  the shared model store);
 - **down** (root -> region): round control (``RoundOpened``, ``CloseRound``)
   and the coordinator's messages to devices (tasks, check-in replies).
 
@@ -50,8 +49,6 @@ def routes(topics: Topics) -> tuple[Route, ...]:
         Route(topics.all_events, upward=True),
         Route(topics.all_control, upward=False),
         Route(topics.all_devices, upward=False),
-        # Last: a route's index names its group queue, which a restarted bridge resumes.
-        Route(topics.workers, upward=True),
     )
 
 
