@@ -138,7 +138,8 @@ class ExperimentConfig:
         r, t, d = self.rounds, self.training, self.data
         checks = [
             (bool(self.name.strip()), "name: must not be empty"),
-            (self.seed >= 0, "seed: must be a non-negative integer"),
+            # torch seeds take 64 bits; a device runtime's int64 takes 63.
+            (0 <= self.seed < 2**63, "seed: must be an integer from 0 to 2**63 - 1"),
             (r.count >= 1, "rounds.count: must be at least 1"),
             (r.devices_per_round >= 1, "rounds.devices_per_round: must be at least 1"),
             (r.over_selection >= 1.0, "rounds.over_selection: must be at least 1.0"),

@@ -564,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `fedmq` command; return its exit status."""
     args = build_parser().parse_args(_verbose_first(sys.argv[1:] if argv is None else argv))
     level = logging.INFO if args.verbose else logging.WARNING
-    # force: onnxruntime configures the root logger when it is imported
+    # force: whatever an import configured before this (none of FedMQ's does) is replaced
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )

@@ -91,12 +91,14 @@ def held_out_evaluator(data_dirs: Sequence[Path]) -> EvaluatorFactory:
 
     ``data_dirs`` are the folders the data set files are read from.
     """
+    # Imported here, at the service's start, not in the factory: importing it hides
+    # torch from the whole process for a moment (model_store.ort), which a request
+    # thread building a model meanwhile would trip over.
+    from aggregator_service.evaluation import OnnxEvaluator
 
     def evaluator(config: ExperimentConfig, onnx_model: bytes) -> Evaluator | None:
         if config.data.dataset not in DATASETS:
             return None
-        from aggregator_service.evaluation import OnnxEvaluator
-
         dataset = load_dataset(config.data.dataset, data_dir=data_dirs)
         return OnnxEvaluator(onnx_model, dataset.x_test, dataset.y_test)
 

@@ -76,7 +76,8 @@ class TcpProxy:
                 pending += data
                 for frame, is_ack in frames(pending):
                     if is_ack and self.withholding:
-                        self.withheld += 1
+                        with self._lock:
+                            self.withheld += 1
                     else:
                         sink.sendall(frame)
         except OSError:
@@ -145,6 +146,8 @@ def _mqtt_frames(pending: bytearray) -> list[Frame]:
             if not byte & 0x80:
                 break
         else:
+            if at > 4:
+                raise OSError("an MQTT remaining length longer than four bytes")
             break  # the length's bytes have not all come
         end = at + length
         if len(pending) < end:

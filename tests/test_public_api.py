@@ -79,7 +79,7 @@ def test_l0_packages_import_no_project_package() -> None:
 SERVICE_LAYER = ("flask", "waitress", "sqlalchemy", "alembic", "onnxruntime", "torch")
 
 
-def test_the_worker_and_fleet_commands_load_no_database_http_or_evaluator() -> None:
+def test_the_worker_and_fleet_command_modules_import_no_database_http_or_evaluator() -> None:
     # Every `fedmq worker` and `fedmq fleet` process used to import the whole
     # service (about 0.5 s of CPU at each start, and `fedmq --help` took 0.9 s).
     code = (

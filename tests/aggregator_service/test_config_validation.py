@@ -38,12 +38,14 @@ def test_every_problem_of_a_config_is_listed_at_once() -> None:
     assert "rounds.devices_per_round: 20" in problems[3]
 
 
-def test_a_negative_seed_is_a_config_problem_not_a_failure_when_the_model_is_built() -> None:
-    raw = {"name": "x", "seed": -1, "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 10}}
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
+def test_a_seed_out_of_range_is_a_config_problem_not_a_failure_at_the_build(seed: int) -> None:
+    model = {"zoo": "mlp", "input_shape": [64], "num_classes": 10}
     with pytest.raises(ConfigError) as caught:
-        ExperimentConfig.from_dict(raw)
+        ExperimentConfig.from_dict({"name": "x", "seed": seed, "model": model})
 
-    assert caught.value.problems == ["seed: must be a non-negative integer"]
+    assert caught.value.problems == ["seed: must be an integer from 0 to 2**63 - 1"]
+    ExperimentConfig.from_dict({"name": "x", "seed": 2**63 - 1, "model": model})
 
 
 def test_the_cnn_needs_the_exact_image_shape_where_flattening_models_need_the_size() -> None:
