@@ -113,14 +113,15 @@ def _drop_run_queues() -> None:
 _MEMORY_PROBE = """
 import json, sys, time
 from broker.identity import SERVICE_NAME, Identity
-from fedmq.wiring import transport_factory
 from device_sdk.emulator import Fleet
+from device_sdk.emulator.fleet import fleet_transports
 from experiments.bench.transport import noop_trainers
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 url, n = sys.argv[1], int(sys.argv[2])
-open_transport = transport_factory(url)
+# As `fedmq fleet` opens them: over MQTT every device is a client of one hub.
+open_transport = fleet_transports(url, devices=n)
 data = {"dataset": "digits", "devices": max(n, 1), "partition": "iid"}
 # No service here: each device pins a made-up service key and its own key pair.
 service_key = Identity.generate(SERVICE_NAME).public_key
@@ -299,6 +300,11 @@ def render(results: dict[str, list[dict[str, Any]]]) -> str:
     lines += [
         "",
         "## Memory per emulated device (beyond model and data)",
+        "",
+        "Transports opened as `fedmq fleet` opens them: over MQTT every device is a client"
+        " of one hub, whose fixed cost is spread over only this many devices"
+        " (`experiments.bench.fleet_memory`, 1,000 devices: about 24 KiB each); AMQP and"
+        " the in-process bus give each device a transport of its own.",
         "",
         "| transport | devices | KiB per device |",
         "| --- | ---: | ---: |",
