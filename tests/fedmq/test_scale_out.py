@@ -3,7 +3,8 @@
 Each worker folds its share of a round's updates into a partial; one of them
 combines the sealed partials. Sums add, so the result equals one worker's up
 to float64 rounding, for every strategy, the robust rules (their partials are
-the updates) and DP-FedAvg (its noise is drawn once, by the combiner) included.
+the updates, which the one combiner takes whole) and DP-FedAvg (its noise is
+drawn once, by the combiner) included.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ STRATEGIES: list[dict[str, Any]] = [
     {"name": "fednova"},
     {"name": "qfedavg", "q": 0.2, "lr": 0.1},
     {"name": "median"},
+    {"name": "fedprox", "proximal_mu": 0.01},
+    {"name": "fedavgm", "momentum": 0.9},
+    {"name": "fedyogi", "eta": 0.01},
+    {"name": "fedadagrad", "eta": 0.01},
+    {"name": "trimmed_mean", "beta": 0.25},
+    {"name": "krum", "num_byzantine": 0},
+    {"name": "multikrum", "num_byzantine": 0},
     {
         "name": "dpfedavg",
         "clip_norm": 1.0,
