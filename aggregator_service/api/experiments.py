@@ -76,7 +76,7 @@ def _describe_round(record: RoundSummary) -> dict[str, Any]:
 def create() -> tuple[Response, int]:
     """Create an experiment from a config; publish its model as version 0."""
     config = ExperimentConfig.from_dict(json_body())
-    check_model_size(config, int(current_app.config.get("MAX_MODEL_PARAMETERS") or 0) or None)
+    check_model_size(config, current_app.config.get("MAX_MODEL_PARAMETERS"))
     try:
         experiment_id = _service().create_experiment(config)
     except ModelSpecError as exc:  # the zoo's own checks at build time

@@ -11,8 +11,8 @@ and worker count runs, with a seed other than the one a process falls back to.
 from __future__ import annotations
 
 import copy
+import functools
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,27 +56,20 @@ def _config(strategy: dict[str, Any]) -> dict[str, Any]:
     raw["rounds"]["count"] = ROUNDS
     raw["training"]["epochs"] = 1
     raw["strategy"] = strategy
-    if strategy is FEDBUFF:
+    if strategy["name"] == "fedbuff":
         raw["rounds"] = {"count": ROUNDS, "devices_per_round": 10, "over_selection": 1.0}
     return raw
 
 
-@pytest.fixture(scope="module")
-def simulated() -> Callable[[str], RunResult]:
-    """Return each strategy's in-process run, made once per test process."""
-    runs: dict[str, RunResult] = {}
-
-    def run(name: str) -> RunResult:
-        if name not in runs:
-            runs[name] = simulate(ExperimentConfig.from_dict(_config(SIMULATED[name])))
-        return runs[name]
-
-    return run
+@functools.cache
+def _simulated(name: str) -> RunResult:
+    """Return a strategy's in-process run, made once per test process."""
+    return simulate(ExperimentConfig.from_dict(_config(SIMULATED[name])))
 
 
 @pytest.mark.parametrize(("broker", "workers"), CELLS, ids=[f"{b}-{w}workers" for b, w in CELLS])
 def test_workers_sharing_every_round_commit_what_one_would_and_count_each_update_once(
-    broker: str, workers: int, tmp_path: Path, simulated: Callable[[str], RunResult]
+    broker: str, workers: int, tmp_path: Path
 ) -> None:
     require(AMQP_PORT if broker == "amqp" else MQTT_PORT, broker)
     url = amqp_url() if broker == "amqp" else mqtt_url()
@@ -139,7 +132,7 @@ def test_workers_sharing_every_round_commit_what_one_would_and_count_each_update
         least = 2 if name == "fedbuff" else workers
         assert max(len(roster) for roster, _ in saved[name]) >= least, (name, saved[name])
     for name in SIMULATED:
-        in_process = simulated(name)
+        in_process = _simulated(name)
         assert all(r["accepted"] == 20 for r in rounds[name])
         expected = load(in_process.final_weights)
         worst = max_difference(finals[name], expected)
