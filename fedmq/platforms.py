@@ -18,7 +18,7 @@ from device_sdk.emulator.fleet import TrainerFactory, torchscript_trainers
 from model_store import ModelSpec, build_model
 
 if TYPE_CHECKING:
-    from aggregator_service.rounds.service import Packager
+    from aggregator_service.rounds.catalog import Packager
 
 
 def _android(spec: ModelSpec, seed: int) -> Mapping[str, tuple[bytes, str]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aggregator_service.config import ExperimentConfig, is_asynchronous
 from aggregator_service.links import ArtifactLinks
 from aggregator_service.persistence import Database
@@ -11,7 +13,12 @@ from model_store import WEIGHTS, ModelStore
 
 
 def in_flight_rounds(
-    db: Database, store: ModelStore, links: ArtifactLinks, *, sender: str
+    db: Database,
+    store: ModelStore,
+    links: ArtifactLinks,
+    config_of: Callable[[str], ExperimentConfig],
+    *,
+    sender: str,
 ) -> list[RoundOpened]:
     """Return the announcements of every round still training, rebuilt from the records.
 
@@ -26,7 +33,7 @@ def in_flight_rounds(
         rnd = db.last_round(exp.id)
         if rnd is None or rnd.state != "training":
             continue
-        config = ExperimentConfig.from_dict(exp.config)
+        config = config_of(exp.id)
         weights = store.get_manifest(exp.id, rnd.base_version).artifacts[WEIGHTS]
         k = len(rnd.selected)
         target, minimum = min(config.rounds.devices_per_round, k), min(config.rounds.minimum, k)

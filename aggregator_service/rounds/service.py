@@ -1,4 +1,4 @@
-"""The round coordinator: experiments, device check-ins, selection, and round outcomes.
+"""The round coordinator: it draws cohorts, opens rounds and records their outcomes.
 
 It owns the experiment's state machine (idle -> running -> idle, with rounds
 training -> committed | abandoned) and drives workers through the bus; it
@@ -7,20 +7,16 @@ never touches an update itself.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
 
 import numpy as np
 
 from aggregator_service.checkpoints import Checkpoints
 from aggregator_service.config import ExperimentConfig, is_asynchronous
-from aggregator_service.errors import ConfigError, Conflict, NotFound
+from aggregator_service.errors import Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import (
     Database,
@@ -31,8 +27,11 @@ from aggregator_service.persistence import (
 )
 from aggregator_service.persistence.database import DatabaseError
 from aggregator_service.rounds.asynchronous import AsyncRounds
+from aggregator_service.rounds.catalog import ExperimentCatalog, Packager
 from aggregator_service.rounds.closing import RoundClosing, RoundStatus
-from aggregator_service.rounds.pool import ANY, LastSeen, OnlinePool
+from aggregator_service.rounds.evaluation import Evaluations, EvaluatorFactory
+from aggregator_service.rounds.pool import ANY
+from aggregator_service.rounds.presence import Presence
 from aggregator_service.rounds.records import RoundDevices, Waiting, new_round_record
 from aggregator_service.rounds.recovery import in_flight_rounds
 from aggregator_service.rounds.registry import DeviceRegistry, Registration
@@ -50,34 +49,18 @@ from broker import (
     RoundOpened,
     RoundProgress,
     Transport,
-    decode_weights,
     encode,
 )
 from broker.identity import Identity, KeyRing, encode_key
 from broker.secagg.messages import RoundMasked, SecAggKeys, SecAggReveal, SecAggShares
 from broker.topics import Topics
 from broker.verify import Refusal, Refusals, Verifier, check_fresh, refuse
-from model_store import ExportError, ModelSpec, ModelStore, build_initial_artifacts
-from model_store.artifacts import ONNX, WEIGHTS
+from model_store import ModelStore
+from model_store.artifacts import WEIGHTS
 
 log = logging.getLogger(__name__)
 
 RoundListener = Callable[[RoundRecord], None]
-
-
-class Evaluator(Protocol):
-    """Scores a set of weights on held-out data."""
-
-    def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """Return metrics such as ``loss`` and ``accuracy``."""
-        ...
-
-
-Packager = Callable[[ModelSpec, int], Mapping[str, tuple[bytes, str]]]
-"""Builds a platform's package artifacts (``android/...``) for a zoo spec and seed."""
-
-EvaluatorFactory = Callable[[ExperimentConfig, bytes], Evaluator | None]
-"""Builds an experiment's evaluator from its config and ONNX graph (None: no evaluation)."""
 
 
 class RoundService:
@@ -127,7 +110,6 @@ class RoundService:
         self.refusals = Refusals("coordinator")
         self.worker_refusals: dict[str, dict[str, int]] = {}
         """Each worker's own refusal counts, as its latest outcome reported them."""
-        self._declared: dict[str, int] = {}  # device id -> examples it says it holds
         self._max_examples = max_examples
         # Check-outs may be last wills the broker sends hours after signing: no age limit.
         self._devices = Verifier(
@@ -161,7 +143,8 @@ class RoundService:
             topic_for=lambda _message: self._topics.workers,
         )
         self._heard: dict[str, float] = {}  # worker -> when it last said anything
-        self._evaluator_factory = evaluator_factory
+        self._catalog = ExperimentCatalog(db, store, packagers=packagers or {}, clock=clock)
+        self._evaluations = Evaluations(store, evaluator_factory, self._catalog.config)
         self._links = links or StoreLinks(store)
         self._tasks = TaskDispatch(
             transport,
@@ -174,19 +157,13 @@ class RoundService:
             max_inline_bytes=max_inline_bytes,
             clock=clock,
         )
-        self._packagers = dict(packagers or {})
-        self._max_inline = max_inline_bytes
         self._clock = clock
         self._name = name
         self._lock = threading.RLock()
-        self._online = OnlinePool()
-        self._seen = LastSeen(db, every_s=self.SEEN_EVERY_S, now=clock())
+        self._presence = Presence(db, seen_every_s=self.SEEN_EVERY_S, clock=clock)
+        self._online = self._presence.online
         self._waiting: dict[str, int] = {}
         """Experiments waiting for devices -> how many online devices would start their round."""
-        self._grace_until = 0.0
-        self._awaited: set[str] = set()
-        """Devices online before a restart that have not checked in again yet."""
-        self._evaluators: dict[str, Evaluator | None] = {}
         checkpoints = Checkpoints(store)
         self._closing = RoundClosing(
             self._sign_and_publish,
@@ -228,24 +205,23 @@ class RoundService:
         are re-announced at once and finish as usual).
         """
         self.registry.preload()
-        now = self._clock()
-        recent = now - recovery_grace_s - self.SEEN_EVERY_S
-        self._awaited = set(self._db.recently_seen(recent)) if recovery_grace_s > 0 else set()
-        self._grace_until = now + recovery_grace_s if self._awaited else 0.0
-        if self._awaited:
-            log.info(
-                "waiting up to %.0f s for %d device(s) seen before the restart",
-                recovery_grace_s,
-                len(self._awaited),
-            )
         with self._lock:
+            awaited = self._presence.await_return(recovery_grace_s)
+            if awaited:
+                log.info(
+                    "waiting up to %.0f s for %d device(s) seen before the restart",
+                    recovery_grace_s,
+                    awaited,
+                )
             for exp in self._db.experiments():
                 if exp.state == "waiting":
-                    self._waiting[exp.id] = ExperimentConfig.from_dict(exp.config).rounds.minimum
-            for opened in in_flight_rounds(self._db, self._store, self._links, sender=self._name):
+                    self._waiting[exp.id] = self._catalog.config(exp).rounds.minimum
+            rounds = in_flight_rounds(
+                self._db, self._store, self._links, self._catalog.config, sender=self._name
+            )
+            for opened in rounds:
                 self._track(opened)
-                exp = self._db.experiment(opened.experiment_id)
-                config = ExperimentConfig.from_dict(exp.config)
+                config = self._catalog.config(opened.experiment_id)
                 if config.secure_aggregation is not None:
                     self._secure.recover(opened, config)
                     if self._current_round(opened.experiment_id, opened.round) is None:
@@ -260,7 +236,7 @@ class RoundService:
 
     def close(self) -> None:
         """Write the last-seen times still in memory (call before closing the database)."""
-        self._seen.flush(self._clock())
+        self._presence.write()
 
     def add_listener(self, listener: RoundListener) -> None:
         """Call ``listener`` with each round record once the round has ended."""
@@ -269,36 +245,11 @@ class RoundService:
     # -- experiments ---------------------------------------------------------------
 
     def create_experiment(self, config: ExperimentConfig) -> str:
-        """Publish the initial model as version 0 and record the experiment; return its id."""
-        spec = config.model_spec()
-        missing = [p for p in config.platforms() if p != "python" and p not in self._packagers]
-        if missing:
-            raise ConfigError(f"model.platforms: this service cannot package for {missing}")
-        artifacts, metadata = build_initial_artifacts(spec, seed=config.seed)
-        for platform in config.platforms():
-            if platform in self._packagers:
-                try:
-                    artifacts.update(self._packagers[platform](spec, config.seed))
-                except ExportError as exc:  # e.g. ExecuTorch missing: the config asks too much
-                    raise ConfigError(
-                        f"model.platforms: cannot package for {platform}: {exc}"
-                    ) from exc
-        experiment_id = f"{_slug(config.name)}-{uuid.uuid4().hex[:8]}"
-        self._store.publish(experiment_id, 0, artifacts, parent=None, metadata=metadata)
-        self._db.add_experiment(
-            ExperimentRecord(
-                id=experiment_id,
-                name=config.name,
-                config=config.to_dict(),
-                state="idle",
-                model_version=0,
-                current_round=0,
-                rounds_requested=0,
-                created_at=self._clock(),
-            )
-        )
-        log.info("created experiment %s (%s)", experiment_id, config.name)
-        return experiment_id
+        """Publish the initial model as version 0 and record the experiment; return its id.
+
+        Raises ``ConfigError`` for a platform this service cannot package for.
+        """
+        return self._catalog.create(config)
 
     def request_rounds(self, experiment_id: str, count: int) -> None:
         """Queue ``count`` more rounds; they run one after another."""
@@ -352,7 +303,8 @@ class RoundService:
             if self._round_in_flight(experiment_id) is not None:
                 raise Conflict(f"{experiment_id} has a round in flight: stop it first")
             self._db.delete_experiment(experiment_id)
-            self._evaluators.pop(experiment_id, None)
+            self._evaluations.forget(experiment_id)
+            self._catalog.forget(experiment_id)
             self._waiting.pop(experiment_id, None)
         log.info("deleted experiment %s", experiment_id)
 
@@ -360,10 +312,10 @@ class RoundService:
         """Return why a waiting experiment waits: its devices online and needed (else None)."""
         if exp.state != "waiting":
             return None
-        needed = ExperimentConfig.from_dict(exp.config).rounds.minimum
+        needed = self._catalog.config(exp).rounds.minimum
         with self._lock:
             online = self._online.count(exp.id)
-            grace = self._grace_until if self._clock() < self._grace_until else None
+            grace = self._presence.grace_until()
         return Waiting(online=online, needed=needed, grace_until=grace)
 
     def round_status(self, experiment_id: str, number: int) -> RoundStatus | None:
@@ -437,14 +389,7 @@ class RoundService:
 
     def devices(self, *, after: str | None = None, limit: int | None = None) -> list[DeviceRecord]:
         """Return the known devices by id (``limit`` after ``after``), last seen as of now."""
-        records = self._db.devices(after=after, limit=limit)
-        fresher = []
-        for record in records:
-            seen = self._seen.pending(record.id)
-            if seen is not None and (record.last_seen is None or seen > record.last_seen):
-                record = dataclasses.replace(record, last_seen=seen)
-            fresher.append(record)
-        return fresher
+        return self._presence.with_last_seen(self._db.devices(after=after, limit=limit))
 
     def device_counts(self) -> dict[str, int]:
         """Return how many registered devices are online, offline and revoked."""
@@ -485,17 +430,14 @@ class RoundService:
                 self._secure.received(message, bytes(delivery.body))
         elif isinstance(message, CheckIn):
             with self._lock:
-                now, device = self._clock(), message.device_id
+                device, experiment = message.device_id, message.experiment_id or ANY
+                # Devices check in after every update and with each heartbeat: only
+                # news (a device coming online) costs a look for waiting rounds.
                 examples = message.capabilities.get(CheckIn.EXAMPLES)
-                if isinstance(examples, int) and not isinstance(examples, bool) and examples > 0:
-                    self._declared[device] = examples
-                # Devices check in after every update and with each heartbeat: a
-                # heartbeat costs no database write (its time is written in a batch)
-                # and only news (a device coming online) a look for waiting rounds.
-                experiment = message.experiment_id or ANY
-                news = self._online.check_in(device, experiment)
-                self._seen.seen(device, now, news=news)
-                self._back_after_restart(device)
+                news = self._presence.checked_in(device, experiment, examples)
+                if self._presence.all_back(device):
+                    log.info("every device seen before the restart is back")
+                    self._start_waiting(None)
                 self._async.checked_in(device, message.capabilities, experiment, self._online)
                 if news:
                     self._start_waiting(message.experiment_id)
@@ -511,18 +453,8 @@ class RoundService:
         key = self.registry.key(device_id)
         if key is None:
             return None
-        declared = self._declared.get(device_id, self._max_examples)
+        declared = self._presence.declared(device_id) or self._max_examples
         return encode_key(key), min(declared, self._max_examples)
-
-    def _back_after_restart(self, device_id: str) -> None:
-        """End the recovery wait once the last device online before a restart is back."""
-        if not self._awaited:
-            return
-        self._awaited.discard(device_id)
-        if not self._awaited and self._grace_until:
-            log.info("every device seen before the restart is back")
-            self._grace_until = 0.0
-            self._start_waiting(None)
 
     def _start_waiting(self, experiment_id: str | None) -> None:
         """Start rounds that were waiting for enough devices to check in.
@@ -530,7 +462,7 @@ class RoundService:
         Counted in memory: while too few devices are online, a device coming
         online costs no database read.
         """
-        if self._clock() < self._grace_until:
+        if self._presence.holding():
             return  # devices are still checking in after a restart
         for waiting_id, needed in list(self._waiting.items()):
             if experiment_id not in (None, waiting_id) or self._online.count(waiting_id) < needed:
@@ -552,9 +484,9 @@ class RoundService:
     def _start_round(self, experiment_id: str) -> None:
         """Select the next round's cohort, record the round, and send its tasks."""
         exp = self._db.experiment(experiment_id)
-        config = ExperimentConfig.from_dict(exp.config)
+        config = self._catalog.config(exp)
         pool = self._pool(experiment_id)
-        if len(pool) < config.rounds.minimum or self._clock() < self._grace_until:
+        if len(pool) < config.rounds.minimum or self._presence.holding():
             self._db.update_experiment(experiment_id, state="waiting")
             self._waiting[experiment_id] = config.rounds.minimum
             log.info(
@@ -618,9 +550,8 @@ class RoundService:
 
     def _resend_tasks(self, opened: RoundOpened) -> None:
         """Send a recovered round's tasks again (an asynchronous step refills at check-ins)."""
-        exp = self._db.experiment(opened.experiment_id)
         refs = self._tasks.refs(opened.experiment_id, opened.base_version)
-        config = ExperimentConfig.from_dict(exp.config)
+        config = self._catalog.config(opened.experiment_id)
         if is_asynchronous(config.strategy):
             self._async.resume(opened, config, refs)
             return
@@ -640,16 +571,14 @@ class RoundService:
 
         Call periodically; see ``RoundClosing`` for the phases and their repeats.
         """
-        now = self._clock()
         with self._lock:
-            if self._grace_until and now >= self._grace_until:
-                self._grace_until = 0.0
+            if self._presence.grace_over():
                 self._start_waiting(None)
-            self._async.expire(now, self._online)
+            self._async.expire(self._clock(), self._online)
             self._closing.tick()
             self._secure.tick()
-        if self._seen.due(now):  # outside the lock: check-ins go on while it writes
-            self._seen.flush(now)
+        if self._presence.write_due():  # outside the lock: check-ins go on while it writes
+            self._presence.write()
 
     def clock(self) -> float:
         """Return the coordinator's time (what deadlines and ``workers_heard`` are in)."""
@@ -736,18 +665,10 @@ class RoundService:
                 "%s v%d: outcome's model is not the stored one", event.experiment_id, event.version
             )
             return
-        metrics: dict[str, float] = dict(event.metrics)
-        try:
-            evaluator = self._evaluator(event.experiment_id)
-        except Exception:
-            log.exception("building the evaluator of %s failed", event.experiment_id)
-            evaluator = None
-        if evaluator is not None:
-            try:
-                weights = decode_weights(self._store.get_blob(event.model.sha256))
-                metrics.update(evaluator.evaluate(weights))
-            except Exception:  # a failed evaluation must not lose the committed round
-                log.exception("evaluating %s v%d failed", event.experiment_id, event.version)
+        metrics = {
+            **event.metrics,
+            **self._evaluations.scores(event.experiment_id, event.version, event.model.sha256),
+        }
         self._db.update_round(
             event.experiment_id,
             event.round,
@@ -825,21 +746,3 @@ class RoundService:
             self._start_round(experiment_id)
         else:
             self._db.update_experiment(experiment_id, state="idle")
-
-    def _evaluator(self, experiment_id: str) -> Evaluator | None:
-        """Return (building once) the experiment's held-out evaluator."""
-        if experiment_id not in self._evaluators:
-            evaluator = None
-            if self._evaluator_factory is not None:
-                exp = self._db.experiment(experiment_id)
-                onnx = self._store.get_blob(
-                    self._store.get_manifest(experiment_id, 0).artifacts[ONNX].sha256
-                )
-                evaluator = self._evaluator_factory(ExperimentConfig.from_dict(exp.config), onnx)
-            self._evaluators[experiment_id] = evaluator
-        return self._evaluators[experiment_id]
-
-
-def _slug(text: str) -> str:
-    """Return ``text`` reduced to a short topic-safe slug."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "x"

@@ -1,0 +1,104 @@
+"""Who is online: check-ins, what each device holds, and the wait for devices after a restart.
+
+After a restart the online pool is empty until devices check in again. A
+cohort drawn from whichever devices came back first would not be the one the
+uninterrupted run draws, so no new round starts until every device seen
+lately has checked in again, or a grace period has passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from aggregator_service.persistence import Database, DeviceRecord
+from aggregator_service.rounds.pool import LastSeen, OnlinePool
+
+
+class Presence:
+    """Devices online now, their declared example counts, and the devices awaited after a restart.
+
+    Not locked: the coordinator calls it under its own lock. ``LastSeen`` locks
+    itself, so ``flush`` may run outside.
+    """
+
+    def __init__(self, db: Database, *, seen_every_s: float, clock: Callable[[], float]) -> None:
+        self.online = OnlinePool()
+        self._db = db
+        self._clock = clock
+        self._seen = LastSeen(db, every_s=seen_every_s, now=clock())
+        self._declared: dict[str, int] = {}  # device id -> examples it says it holds
+        self._awaited: set[str] = set()  # online before a restart, not checked in since
+        self._grace_until = 0.0
+
+    def await_return(self, grace_s: float) -> int:
+        """Hold new rounds for up to ``grace_s`` until the devices seen lately are back.
+
+        "Lately" is the last ``grace_s`` plus the longest a last-seen time
+        waits for its write. Returns how many devices are awaited.
+        """
+        if grace_s <= 0:
+            return 0
+        now = self._clock()
+        self._awaited = set(self._db.recently_seen(now - grace_s - self._seen.every_s))
+        self._grace_until = now + grace_s if self._awaited else 0.0
+        return len(self._awaited)
+
+    def holding(self) -> bool:
+        """Return whether new rounds wait for devices seen before a restart."""
+        return self._clock() < self._grace_until
+
+    def grace_until(self) -> float | None:
+        """Return when the wait for returning devices ends (None: nothing is awaited)."""
+        return self._grace_until if self.holding() else None
+
+    def grace_over(self) -> bool:
+        """End a wait whose time is up; return whether one just ended."""
+        if self._grace_until and not self.holding():
+            self._grace_until = 0.0
+            return True
+        return False
+
+    def checked_in(self, device_id: str, experiment_id: str, examples: object) -> bool:
+        """Note a check-in; return whether it is news (online now, or for another experiment).
+
+        A heartbeat costs no database write: its time is written in a batch.
+        ``examples`` is what the device declares it holds (kept if a positive int).
+        """
+        if isinstance(examples, int) and not isinstance(examples, bool) and examples > 0:
+            self._declared[device_id] = examples
+        news = self.online.check_in(device_id, experiment_id)
+        self._seen.seen(device_id, self._clock(), news=news)
+        return news
+
+    def all_back(self, device_id: str) -> bool:
+        """Note ``device_id`` is back; return whether it was the last awaited (the wait ends)."""
+        if not self._awaited:
+            return False
+        self._awaited.discard(device_id)
+        if self._awaited or not self._grace_until:
+            return False
+        self._grace_until = 0.0
+        return True
+
+    def declared(self, device_id: str) -> int | None:
+        """Return how many examples a device said it holds (None: it did not say)."""
+        return self._declared.get(device_id)
+
+    def with_last_seen(self, records: list[DeviceRecord]) -> list[DeviceRecord]:
+        """Return ``records`` with the last-seen times not written yet."""
+        fresher = []
+        for record in records:
+            seen = self._seen.pending(record.id)
+            if seen is not None and (record.last_seen is None or seen > record.last_seen):
+                record = dataclasses.replace(record, last_seen=seen)
+            fresher.append(record)
+        return fresher
+
+    def write_due(self) -> bool:
+        """Return whether last-seen times should be written now."""
+        return self._seen.due(self._clock())
+
+    def write(self) -> None:
+        """Write the last-seen times still in memory."""
+        self._seen.flush(self._clock())
