@@ -15,6 +15,7 @@ from aggregator_service.config import build_strategy
 from device_sdk.data import DATASET_FACTS, load_dataset
 from device_sdk.data.errors import DataNotFound
 from fedmq.settings import load_settings
+from tests.brokers import skip_or_fail
 
 MISMATCH: dict[str, Any] = {
     "name": "mismatch",
@@ -109,7 +110,7 @@ def test_the_data_set_facts_match_the_data_sets(name: str) -> None:
     try:
         dataset = load_dataset(name, data_dir=load_settings().data_dirs)
     except DataNotFound:
-        pytest.skip(f"{name} files are not on this machine")
+        skip_or_fail(f"{name} files are not on this machine")
     facts = DATASET_FACTS[name]
     assert facts.input_shape == dataset.input_shape
     assert facts.num_classes == dataset.num_classes

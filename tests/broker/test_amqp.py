@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -541,9 +542,12 @@ def test_a_url_with_several_nodes_fails_over_to_the_next_when_its_node_goes(root
         second.close()
 
 
-def test_a_nacked_publish_is_sent_again_until_the_broker_takes_it(admin: Any, root: str) -> None:
+def test_a_nacked_publish_is_sent_again_until_the_broker_takes_it(
+    admin: Any, root: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # A full queue that rejects publishes nacks them, as a quorum queue between two
     # leaders does; the publish goes through once there is room again.
+    caplog.set_level(logging.INFO, logger="broker.amqp")
     transport = AmqpTransport.from_url(amqp_url() + "?publish_timeout=30")  # declares fedmq
     queue = f"test.nack-{uuid.uuid4().hex[:8]}"
     admin.queue_declare(queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
@@ -552,7 +556,10 @@ def test_a_nacked_publish_is_sent_again_until_the_broker_takes_it(admin: Any, ro
         transport.publish(f"{root}/n", b"fills the queue")
         sent = threading.Thread(target=transport.publish, args=(f"{root}/n", b"nacked at first"))
         sent.start()
-        time.sleep(0.5)  # nacked, waiting to be retried
+        assert wait_until(
+            lambda: sum("nacked by the broker" in r.getMessage() for r in caplog.records) >= 2,
+            timeout=10,
+        )  # nacked, and nacked again when retried
         assert sent.is_alive()
         admin.queue_purge(queue)
 

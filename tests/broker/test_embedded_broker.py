@@ -91,10 +91,13 @@ def test_stop_reaps_the_mosquitto_child_and_removes_its_files() -> None:
     assert not config.parent.exists()
 
 
-def test_auto_prefers_mosquitto_when_installed() -> None:
-    expected = "mosquitto" if find_mosquitto() else "amqtt"
+def test_auto_prefers_mosquitto_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    if find_mosquitto() is None:
+        skip_or_fail("no mosquitto binary installed")
+    assert EmbeddedBroker().backend == "mosquitto"
 
-    assert EmbeddedBroker().backend == expected
+    monkeypatch.setattr("broker.embedded.find_mosquitto", lambda: None)
+    assert EmbeddedBroker().backend == "amqtt"
 
 
 def test_it_works_as_a_context_manager() -> None:

@@ -134,11 +134,18 @@ def test_a_clean_close_does_not_publish_the_will(open_mqtt: Open, root: str) -> 
     observer = Recorder("ack")
     open_mqtt().subscribe(f"{root}/will", observer)
     leaving = open_mqtt(will=(f"{root}/will", b"gone"))
+    proxy = TcpProxy(MQTT_PORT)
+    try:
+        marker = f"m-{uuid.uuid4().hex[:6]}"
+        open_mqtt(proxy.port, will=(f"{root}/will", b"marker"), client_id=marker)
 
-    leaving.close()
+        leaving.close()
+        proxy.cut()  # a later drop: its will arrives after any the close let out
 
-    time.sleep(0.5)
-    assert observer.bodies == []
+        assert wait_until(lambda: b"marker" in observer.bodies, timeout=10)
+        assert observer.bodies == [b"marker"]
+    finally:
+        proxy.close()
 
 
 def test_a_refused_message_goes_to_the_dead_letter_topic(open_mqtt: Open, root: str) -> None:

@@ -155,12 +155,17 @@ def test_a_clean_close_publishes_no_will(hub: MqttHub, root: str) -> None:
     ]
     assert hub.wait_connected(timeout=20) == 0
 
+    marker = hub.open(mqtt_url(), client_id=f"{_ids(root, 1)[0]}-m", will=(f"{root}/will", b"m"))
+    assert hub.wait_connected(timeout=20) == 0
+
     for client in clients:
         client.close()
-    time.sleep(0.5)
+    marker.abort()  # a later drop: its will arrives after any the closes let out
 
-    assert wills.count() == 0
-    assert hub.clients == 1
+    assert wait_until(lambda: wills.count() >= 1, timeout=20)
+    assert wills.bodies == [b"m"]
+    marker.close()  # it came back after the abort
+    assert wait_until(lambda: hub.clients == 1, timeout=10)
 
 
 def test_clients_reconnect_and_resubscribe_after_the_broker_drops_them(

@@ -29,13 +29,15 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"refs": refs, "weights": weights}
 
 
-def _train(artifacts: dict[str, Any], **training: Any) -> Any:
+def _train(
+    artifacts: dict[str, Any], *, seed: int = 1, stream: int = 0, number: int = 1, **training: Any
+) -> Any:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 8)).astype(np.float32)
     y = rng.integers(0, 3, size=50)
     task = TrainTask(
         experiment_id="e",
-        round=1,
+        round=number,
         base_version=0,
         model=artifacts["refs"]["weights.safetensors"],
         artifacts=artifacts["refs"],
@@ -47,7 +49,7 @@ def _train(artifacts: dict[str, Any], **training: Any) -> Any:
         artifacts["refs"],
         ArtifactFetcher(),
     )
-    return TorchScriptTrainer(x, y, seed=1, stream=0)(task, ctx)
+    return TorchScriptTrainer(x, y, seed=seed, stream=stream)(task, ctx)
 
 
 def _distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -68,6 +70,10 @@ def test_training_is_deterministic_for_seed_stream_and_round(artifacts: dict[str
 
     for name in first.weights:
         np.testing.assert_array_equal(first.weights[name], second.weights[name])
+    # Each of the three picks the batch order: change one and training changes.
+    for other in ({"seed": 2}, {"stream": 1}, {"number": 2}):
+        moved = _train(artifacts, epochs=2, lr=0.1, **other)
+        assert _distance(moved.weights, first.weights) > 0, other
 
 
 def test_fedprox_term_keeps_local_weights_near_the_global_model(artifacts: dict[str, Any]) -> None:

@@ -226,6 +226,13 @@ class OwnedMosquitto:
         """Return the ``mqtt://`` URL FedMQ's commands connect with."""
         return mqtt_url(self.port)
 
+    @property
+    def pid(self) -> int:
+        """Return the running broker's process id."""
+        if self._child.proc is None:
+            raise RuntimeError("mosquitto is not started")
+        return self._child.proc.pid
+
     def start(self, timeout: float = 10.0) -> None:
         """Start the broker and wait until it accepts connections."""
         _wait_port_free(self.port)

@@ -132,13 +132,14 @@ class Api:
         except OSError:
             return False
 
-    def wait_healthy(self, timeout: float = 60) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.healthy():
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.base} did not become healthy")
+    def round_states(self, experiment_id: str) -> dict[int, str]:
+        """Return each round's state by number (the API answers while a broker is down)."""
+        rounds = self.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]
+        return {r["round"]: r["state"] for r in rounds}
+
+    def checked_in(self) -> int:
+        """Return how many devices have checked in (registered is not online)."""
+        return sum(1 for d in self.call("GET", "/devices")["devices"] if d["last_seen"])
 
 
 def wait_until(condition: Any, timeout: float, what: str, group: Processes) -> Any:
@@ -153,6 +154,19 @@ def wait_until(condition: Any, timeout: float, what: str, group: Processes) -> A
                 raise AssertionError(f"{name} exited with {proc.returncode}\n{group.logs()}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}\n{group.logs()}")
+
+
+def wait_healthy(group: Processes, api: Api) -> None:
+    """Wait for the server's health check; fail at once, with the logs, if a child exits.
+
+    Once it answers, the server has written the service key workers pin.
+    """
+    wait_until(api.healthy, 60, "the server's health check", group)
+
+
+def wait_checked_in(group: Processes, api: Api, count: int, where: str = "") -> None:
+    """Wait until ``count`` devices of the deployment have checked in."""
+    wait_until(lambda: api.checked_in() == count, 90, f"{count} devices to check in{where}", group)
 
 
 def deployment_env(
@@ -186,8 +200,7 @@ def start_service_and_worker(
 ) -> None:
     """Start the server, then (once it has written the service key the worker pins) a worker."""
     group.start("server", "server", "--port", str(port))
-    # Fails at once, with the logs, if the server exits (a port taken, a bad setting).
-    wait_until(api.healthy, 60, "the server's health check", group)
+    wait_healthy(group, api)
     start_worker(group, "worker", worker, *worker_flags)
 
 
@@ -203,21 +216,19 @@ def start_fleet(
     experiment_id: str,
     *flags: str,
     process: str = "fleet",
-    online: int = 20,
-) -> None:
-    """Start a 20-device fleet for the experiment as child ``process``.
+    devices: int = 20,
+    online: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a fleet of ``devices`` for the experiment as child ``process``; return it.
 
     Waits until ``online`` devices of the deployment (this fleet's and any
-    started before it) have checked in.
+    started before it; default ``devices``) have checked in.
     """
-    group.start(process, "fleet", "--devices", "20", "--experiment", experiment_id, *flags)
-    wait_until(
-        # Registered is not online: count the devices whose check-in arrived.
-        lambda: sum(1 for d in api.call("GET", "/devices")["devices"] if d["last_seen"]) == online,
-        90,
-        f"{online} devices to check in",
-        group,
+    fleet = group.start(
+        process, "fleet", "--devices", str(devices), "--experiment", experiment_id, *flags
     )
+    wait_checked_in(group, api, devices if online is None else online)
+    return fleet
 
 
 def fleet_totals(group: Processes, name: str) -> dict[str, int]:

@@ -363,11 +363,13 @@ def test_the_server_role_does_what_the_service_and_a_worker_do(
     deployment: Deployment, opened: list[Transport]
 ) -> None:
     (a,) = _ids(1)
-    device = deployment.device(deployment.access.grant(a), a)
+    # The servers first: on AMQP they declare the topology a device's connection checks.
     service = deployment.server(deployment.access.grant_server("service"))
     worker = deployment.server(deployment.access.grant_server("worker"))
+    device = deployment.device(deployment.access.grant(a), a)
     opened.extend([device, service, worker])
-    at_service, at_worker, updates = Inbox(), Inbox(), Inbox()
+    at_service, at_worker, updates, tasks = Inbox(), Inbox(), Inbox(), Inbox()
+    device.subscribe(T.device(a), tasks)
     service.subscribe(T.all_checkins, at_service)
     service.subscribe(T.all_events, at_service)
     worker.subscribe(T.all_control, at_worker)
@@ -385,7 +387,7 @@ def test_the_server_role_does_what_the_service_and_a_worker_do(
     device.publish(T.updates("exp", a), b"good")
     device.publish(T.updates("exp", a), b"bad")
     worker.publish(T.events("exp"), b"committed")
-    service.publish(T.device(a), b"task")
+    _until_delivered(service, tasks, T.device(a))  # the service sends a device its tasks
 
     at_service.wait_for(T.checkin(a), b"hello")
     at_worker.wait_for(T.control("exp"), b"round 1")

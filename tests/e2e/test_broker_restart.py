@@ -42,6 +42,8 @@ from tests.e2e.processes import (
     processes,
     rounds_when_done,
     start_fleet,
+    start_worker,
+    wait_healthy,
     wait_until,
 )
 from tests.ports import free_port
@@ -199,9 +201,8 @@ def test_a_broker_restarted_mid_round_loses_and_doubles_no_update(
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group_of:
         group_of.start("server", "server", "--port", str(port))
-        api.wait_healthy()  # the server has written the service key the worker pins
-        group_of.start("worker", "worker", "--name", f"w-{group}", "--checkpoint-every", "5")
-        wait_until(lambda: "fedmq worker on" in group_of.log("worker"), 60, "worker", group_of)
+        wait_healthy(group_of, api)
+        start_worker(group_of, "worker", f"w-{group}", "--checkpoint-every", "5")
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         # One training at a time, so round 2 lasts long enough to restart the broker in.
         start_fleet(group_of, api, experiment_id, "--concurrency", "1", "--prefix", group)
@@ -218,7 +219,7 @@ def test_a_broker_restarted_mid_round_loses_and_doubles_no_update(
         )
         down = time.monotonic()
         owned.stop(graceful=graceful)
-        during = _states(api, experiment_id)
+        during = api.round_states(experiment_id)
         owned.start()
         outage_s = time.monotonic() - down
 
@@ -264,9 +265,3 @@ def _config() -> dict[str, Any]:
     raw["rounds"]["count"] = ROUNDS
     raw["training"]["epochs"] = EPOCHS
     return raw
-
-
-def _states(api: Api, experiment_id: str) -> dict[int, str]:
-    """Return each round's state (the REST API answers while the broker is down)."""
-    rounds = api.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]
-    return {r["round"]: r["state"] for r in rounds}

@@ -51,6 +51,7 @@ from tests.e2e.processes import (
     rounds_when_done,
     start_fleet,
     start_worker,
+    wait_healthy,
     wait_until,
 )
 from tests.ports import free_port
@@ -100,7 +101,7 @@ def test_killing_the_node_leading_the_update_queue_mid_round_loses_and_doubles_n
         )
         down = time.monotonic()
         leader.stop(graceful=False)
-        during = _states(api, experiment_id)
+        during = api.round_states(experiment_id)
         new_leader = wait_until(
             lambda: _leader_other_than(cluster, GROUP_PREFIX + group, leader),
             30,
@@ -151,7 +152,7 @@ def _deploy(
     the workers declare the update queue, so its leader is node 1.
     """
     group_of.start("server", "-v", "server", "--port", str(port))
-    api.wait_healthy()  # the server has written the service key the workers pin
+    wait_healthy(group_of, api)
     for name in WORKERS:
         start_worker(
             group_of, name, f"{name}-{group}", "-v", "--checkpoint-every", CHECKPOINT_EVERY
@@ -186,7 +187,9 @@ def _wait_for_unacked_updates(
     """
 
     def open_round() -> tuple[int, int] | None:
-        training = [n for n, state in _states(api, experiment_id).items() if state == "training"]
+        training = [
+            n for n, state in api.round_states(experiment_id).items() if state == "training"
+        ]
         if not training or training[0] < 2:
             return None
         held = int(cluster.queue(queue)["messages_unacknowledged"] or 0)
@@ -211,9 +214,3 @@ def _moved_off(log: str, dead: OwnedRabbitMQ) -> bool:
     return any(
         "reconnected to" in line and f":{dead.port})" not in line for line in log.splitlines()
     )
-
-
-def _states(api: Api, experiment_id: str) -> dict[int, str]:
-    """Return each round's state (the REST API answers while a broker node is down)."""
-    rounds = api.call("GET", f"/experiments/{experiment_id}/rounds")["rounds"]
-    return {r["round"]: r["state"] for r in rounds}

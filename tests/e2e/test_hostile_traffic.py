@@ -80,7 +80,7 @@ def test_hostile_traffic_changes_nothing(
         url, broker_pid = amqp_url(), None
     else:
         owned: OwnedMosquitto = request.getfixturevalue("mosquitto")
-        url, broker_pid = owned.url, _pid_of(owned)
+        url, broker_pid = owned.url, owned.pid
     namespace = f"hostile{uuid.uuid4().hex[:8]}"
     port = free_port()
     env = deployment_env(tmp_path, url, port, f"{namespace}-aggregators", FEDMQ_NAMESPACE=namespace)
@@ -140,8 +140,9 @@ def test_hostile_traffic_changes_nothing(
     worker_refused = sum(n for (c, _), n in counted.items() if c != "coordinator")
     coordinator_refused = sum(n for (c, _), n in counted.items() if c == "coordinator")
     assert worker_refused >= attacker.sent["flood"] and coordinator_refused >= 1_000
-    for name in ("server", "worker"):
-        assert after[name] - before[name] < 300, (
+    for name in pids:  # the flood is 40 MB: none keeps it, nor much of the barrage
+        limit = 100 if name == "broker" else 300  # the service loads torch as it evaluates
+        assert after[name] - before[name] < limit, (
             f"{name} grew from {before[name]} to {after[name]} MB"
         )
 
@@ -149,8 +150,3 @@ def test_hostile_traffic_changes_nothing(
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return str(response.read().decode())
-
-
-def _pid_of(owned: OwnedMosquitto) -> int | None:
-    proc = getattr(getattr(owned, "_child", None), "proc", None)
-    return None if proc is None else int(proc.pid)

@@ -93,10 +93,7 @@ def test_a_mixed_fleet_trains_over_mosquitto_with_the_s3_store(tmp_path: Path) -
                 )
             wait_until(
                 # Registered is not online: count the devices whose check-in arrived.
-                lambda: (
-                    sum(1 for d in api.call("GET", "/devices")["devices"] if d["last_seen"]) == 20
-                    and len(checked_in) == 20
-                ),
+                lambda: api.checked_in() == 20 and len(checked_in) == 20,
                 90,
                 "20 devices to check in",
                 group,

@@ -30,6 +30,8 @@ from tests.e2e.processes import (
     processes,
     rounds_when_done,
     start_worker,
+    wait_checked_in,
+    wait_healthy,
     wait_until,
 )
 from tests.ports import free_port
@@ -55,7 +57,7 @@ def test_a_tree_of_two_regions_on_their_own_brokers_commits_the_flat_model(
     with owned_mosquitto(tmp_path / "west-broker") as west, processes(tmp_path, env) as group:
         regions = {"east": mqtt_url(), "west": west.url}
         group.start("server", "server", "--port", str(port))
-        api.wait_healthy()
+        wait_healthy(group, api)
         start_worker(group, "root-worker", f"{namespace}-root")
         for name, url in regions.items():
             group.start(f"bridge-{name}", "bridge", "--name", name, "--region", url)
@@ -71,12 +73,7 @@ def test_a_tree_of_two_regions_on_their_own_brokers_commits_the_flat_model(
                 *("--experiment", experiment_id, "--prefix", f"{name}{namespace[-4:]}"),
                 *("--broker", url),
             )
-        wait_until(
-            lambda: sum(1 for d in api.call("GET", "/devices")["devices"] if d["last_seen"]) == 20,
-            90,
-            "20 devices to check in through the bridges",
-            group,
-        )
+        wait_checked_in(group, api, 20, " through the bridges")
         api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
         rounds = wait_until(
             lambda: rounds_when_done(api, experiment_id, ROUNDS), 240, f"{ROUNDS} rounds", group

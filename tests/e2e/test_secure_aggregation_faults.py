@@ -38,6 +38,9 @@ from tests.e2e.processes import (
     max_difference,
     processes,
     rounds_when_done,
+    start_worker,
+    wait_checked_in,
+    wait_healthy,
     wait_until,
 )
 from tests.ports import free_port
@@ -95,12 +98,7 @@ def _start_fleet(group: Processes, api: Api, experiment_id: str, workdir: Path) 
         "--prefix",
         f"sa{uuid.uuid4().hex[:4]}",
     )
-    wait_until(
-        lambda: sum(1 for d in api.call("GET", "/devices")["devices"] if d["last_seen"]) == DEVICES,
-        90,
-        f"{DEVICES} devices to check in",
-        group,
-    )
+    wait_checked_in(group, api, DEVICES)
 
 
 def _progress(api: Api, experiment_id: str, number: int) -> dict[str, Any] | None:
@@ -175,7 +173,7 @@ def test_a_worker_killed_mid_secure_round_is_replaced_and_the_round_unmasks(
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group_of:
         group_of.start("server", "-v", "server", "--port", str(port))
-        api.wait_healthy()  # the server has written the service key the worker pins
+        wait_healthy(group_of, api)
         # Checkpointed (and acked) once the fast devices' masked updates are folded.
         first = group_of.start(
             "worker-1", "-v", "worker", "--name", first_name, "--checkpoint-every", fast
@@ -247,9 +245,8 @@ def test_a_service_killed_mid_secure_round_recovers_the_protocol(tmp_path: Path)
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group_of:
         first = group_of.start("server-1", *server_args)
-        api.wait_healthy()  # the server has written the service key the worker pins
-        group_of.start("worker", "-v", "worker", "--name", f"w-{group}")
-        wait_until(lambda: "fedmq worker on" in group_of.log("worker"), 60, "the worker", group_of)
+        wait_healthy(group_of, api)
+        start_worker(group_of, "worker", f"w-{group}", "-v")
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         _start_fleet(group_of, api, experiment_id, tmp_path)
         api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
@@ -268,7 +265,7 @@ def test_a_service_killed_mid_secure_round_recovers_the_protocol(tmp_path: Path)
         stage = _secure_stage(env["FEDMQ_DB_URL"], experiment_id, 2)
         expected = _simulated(raw)
         group_of.start("server-2", *server_args)
-        api.wait_healthy()
+        wait_healthy(group_of, api)
 
         rounds = wait_until(
             lambda: rounds_when_done(api, experiment_id, ROUNDS),

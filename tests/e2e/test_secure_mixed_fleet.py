@@ -28,6 +28,8 @@ from tests.e2e.processes import (
     processes,
     rounds_when_done,
     start_worker,
+    wait_checked_in,
+    wait_healthy,
     wait_until,
 )
 from tests.ports import free_port
@@ -51,7 +53,7 @@ def test_python_devices_and_phones_complete_secure_rounds_over_mosquitto(tmp_pat
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group:
         group.start("server", "-v", "server", "--port", str(port))  # -v: its INFO lines
-        api.wait_healthy()
+        wait_healthy(group, api)
         start_worker(group, "worker", f"secmix-worker-{uuid.uuid4().hex[:8]}")
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         fleet = group.start(
@@ -60,14 +62,7 @@ def test_python_devices_and_phones_complete_secure_rounds_over_mosquitto(tmp_pat
             *("--devices", str(DEVICES), "--prefix", f"secmix{uuid.uuid4().hex[:6]}"),
             *("--experiment", experiment_id, "--platforms", "python,android,ios"),
         )
-        wait_until(
-            lambda: (
-                sum(1 for d in api.call("GET", "/devices")["devices"] if d["last_seen"]) == DEVICES
-            ),
-            90,
-            f"{DEVICES} devices to check in",
-            group,
-        )
+        wait_checked_in(group, api, DEVICES)
         api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
         rounds = wait_until(
             lambda: rounds_when_done(api, experiment_id, ROUNDS), 240, "secure rounds", group

@@ -23,6 +23,8 @@ from tests.e2e.processes import (
     processes,
     rounds_when_done,
     start_fleet,
+    start_worker,
+    wait_healthy,
     wait_until,
 )
 from tests.ports import free_port
@@ -55,9 +57,8 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
     api = Api(env["FEDMQ_SERVER_URL"])
     with processes(tmp_path, env) as group_of:
         first = group_of.start("server-1", *server_args)
-        api.wait_healthy()  # the server has written the service key the worker pins
-        group_of.start("worker", "worker", "--name", f"w-{group}")
-        wait_until(lambda: "fedmq worker on" in group_of.log("worker"), 60, "the worker", group_of)
+        wait_healthy(group_of, api)
+        start_worker(group_of, "worker", f"w-{group}")
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         start_fleet(
             group_of,
@@ -78,7 +79,7 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
         del group_of.children["server-1"]
         at_kill = _states(env["FEDMQ_DB_URL"], experiment_id)
         group_of.start("server-2", "-v", *server_args)
-        api.wait_healthy()
+        wait_healthy(group_of, api)
 
         rounds = wait_until(
             lambda: rounds_when_done(api, experiment_id, ROUNDS),

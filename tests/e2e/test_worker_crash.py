@@ -37,6 +37,7 @@ from tests.e2e.processes import (
     processes,
     rounds_when_done,
     start_fleet,
+    wait_healthy,
     wait_until,
 )
 from tests.ports import free_port
@@ -76,7 +77,7 @@ def test_one_of_two_workers_killed_mid_round_loses_nothing_and_counts_nothing_tw
     try:
         with processes(tmp_path, env) as group_of:
             group_of.start("server", "server", "--port", str(port))
-            api.wait_healthy()  # the server has written the service key the workers pin
+            wait_healthy(group_of, api)
             # A checkpoint every 2 folds (one every 1.6 s or so for each worker): the
             # second after the acks stop comes early in round 2's 8 s, well before its end.
             flags = ("--checkpoint-every", "2")

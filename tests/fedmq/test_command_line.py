@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fedmq.cli import _verbose_first, build_parser
+
 
 def _fedmq(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -40,7 +42,8 @@ def test_verbose_is_taken_before_or_after_the_command(where: str, tmp_path: Path
     done = _fedmq(*args, home=tmp_path)
 
     assert done.returncode == 0, done.stderr
-    assert "valid" in done.stdout
+    assert f"{config}: valid." in done.stdout
+    assert build_parser().parse_args(_verbose_first(args)).verbose  # not only accepted
 
 
 def test_version_is_printed(tmp_path: Path) -> None:
