@@ -9,6 +9,7 @@ the sealed checkpoints, so a combiner that dies midway is simply replaced.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +78,9 @@ class Ledger:
     @property
     def metrics(self) -> dict[str, float]:
         """Return the example-weighted mean training loss, if any example was reported."""
-        return {"train_loss": self.loss_sum / self.examples} if self.examples else {}
+        if not self.examples or not math.isfinite(self.loss_sum):  # shares' sums may overflow
+            return {}
+        return {"train_loss": self.loss_sum / self.examples}
 
 
 class Combiner:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import tomllib
@@ -419,10 +420,32 @@ def build_strategy(config: Mapping[str, Any]) -> Strategy:
     cls = known.get(str(name))
     if cls is None:
         raise ConfigError(f"strategy.name: unknown {name!r}; known: {', '.join(sorted(known))}")
+    problem = _settings_problem(cls, settings)
+    if problem is not None:
+        raise ConfigError(f"strategy {name}: {problem}")
     try:
         return cls(**settings)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"strategy {name}: {exc}") from exc
+
+
+def _settings_problem(cls: type, settings: Mapping[str, Any]) -> str | None:
+    """Say which settings a strategy does not take or lacks (None: the names fit)."""
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    takes = sorted(parameters)
+    unknown = sorted(set(settings) - set(parameters))
+    if unknown:
+        return f"unknown setting(s) {', '.join(unknown)}; it takes {', '.join(takes) or 'none'}"
+    missing = sorted(
+        name
+        for name, p in parameters.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        and name not in settings
+    )
+    return f"missing setting(s) {', '.join(missing)}" if missing else None
 
 
 MAX_MODEL_PARAMETERS = 1 << 28

@@ -11,6 +11,7 @@ update fails on its task id, round or topic.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from broker import Delivery, ErrorReply, ModelUpdate
@@ -21,6 +22,7 @@ from broker.topics import Topics
 from broker.verify import Refusal, check_signature, open_grant, parse, refuse, to_message
 
 _KINDS = (MessageKind.MODEL_UPDATE.value, MessageKind.ERROR_REPLY.value)
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")  # ErrorReply.code's documented shape
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ def _check_matches(message: ModelUpdate | ErrorReply, grant: TaskGrant) -> None:
     if isinstance(message, ErrorReply):
         if message.in_reply_to != grant.task_id:
             raise refuse(Refusal.SPOOFED, "a refusal of another task than its grant's")
+        if _ERROR_CODE.fullmatch(message.code) is None:
+            raise refuse(Refusal.MALFORMED, "a refusal code is 1-64 of a-z, 0-9 and _")
         return
     named = (message.experiment_id, message.round, message.device_id, message.task_id)
     granted = (grant.experiment_id, grant.round, grant.device_id, grant.task_id)

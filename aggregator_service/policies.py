@@ -137,8 +137,12 @@ class CohortPolicy(RoundPolicy):
         return range(share.opened.round, share.opened.round + 1)
 
     def counts_refusal(self, share: Share, grant: TaskGrant, device_id: str) -> bool:
-        """Count a selected device's refusal of this round's task."""
-        return grant.round == share.opened.round and device_id in share.selected
+        """Count a selected device's refusal of this round's task, if it has not answered here."""
+        return (
+            grant.round == share.opened.round
+            and device_id in share.selected
+            and device_id not in share.reporters
+        )
 
     def all_answered(self, share: Share) -> bool:
         """Return whether every selected device has answered here."""

@@ -8,6 +8,7 @@ the ledger with the running sums, then acks those deliveries.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -17,8 +18,18 @@ from broker import Delivery, ModelUpdate, RoundOpened
 
 
 def loss_sum(update: ModelUpdate) -> float:
-    """Return the update's training loss weighted by its examples (0 without one)."""
-    return float(update.metrics.get("loss", 0.0)) * update.num_examples
+    """Return the update's training loss weighted by its examples (0 without a numeric one).
+
+    May be infinite (a device's loss near the largest float): the caller refuses
+    such an update, since a checkpoint cannot save an infinite sum.
+    """
+    loss = update.metrics.get("loss", 0.0)
+    if isinstance(loss, bool) or not isinstance(loss, int | float):
+        return 0.0
+    try:
+        return float(loss) * update.num_examples
+    except OverflowError:  # an integer beyond any float
+        return math.inf
 
 
 @dataclass(kw_only=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +63,7 @@ from broker import (
 )
 from broker.errors import BrokerError
 from broker.identity import SERVICE_NAME, Identity, KeyRing
-from broker.messages import TaskGrant
+from broker.messages import ERROR_CODES, TaskGrant
 from broker.secagg.messages import RoundMasked
 from broker.topics import Topics
 from broker.verify import Refusals, Verifier
@@ -368,10 +369,13 @@ class AggregatorWorker:
         if (
             rnd is not None
             and policy is not None
+            and grant.task_id not in rnd.tasks  # a task is answered once
             and policy.counts_refusal(rnd, grant, reply.sender)
         ):
             rnd.reporters.add(reply.sender)
-            rnd.rejected[f"device_{reply.code}"] += 1
+            rnd.tasks.add(grant.task_id)
+            code = reply.code if reply.code in ERROR_CODES else "other"
+            rnd.rejected[f"device_{code}"] += 1
             rnd.dirty = True
             self._progress(rnd, (reply.sender,), ())
 
@@ -589,6 +593,8 @@ class AggregatorWorker:
         rnd.dirty = True
         policy.check_base(rnd, update)  # before the weights are fetched: a stale one costs none
         check_examples(update.num_examples)
+        if not math.isfinite(rnd.loss_sum + loss_sum(update)):
+            raise Rejected(RejectReason.NON_FINITE, "its loss times its examples overflows the sum")
         with_control = rnd.strategy.takes_control_delta
         spec = rnd.spec
         masked = isinstance(rnd.strategy, SecureSum)

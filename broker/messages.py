@@ -45,6 +45,15 @@ _AT_LEAST_0: Mapping[str, Any] = {WIRE: {"minimum": 0}}
 _AT_LEAST_1: Mapping[str, Any] = {WIRE: {"minimum": 1}}
 _NAMED: Mapping[str, Any] = {"minLength": 1}
 _FORMATS = ("safetensors", "onnx", "torchscript", "torchscript-lite", "json", "binary")
+ERROR_CODES = (
+    "fetch_failed",
+    "checksum_mismatch",
+    "bad_task",
+    "training_failed",
+    "device_error",
+    "broker_error",
+)
+"""The codes FedMQ's own devices send in an ``ErrorReply``."""
 
 
 def new_message_id() -> str:
@@ -189,21 +198,16 @@ class ErrorReply(Message):
         metadata={
             WIRE: {
                 "pattern": "^[a-z][a-z0-9_]{0,63}$",
-                "examples": [
-                    "fetch_failed",
-                    "checksum_mismatch",
-                    "bad_task",
-                    "training_failed",
-                    "device_error",
-                    "broker_error",
-                ],
+                "examples": list(ERROR_CODES),
             }
         }
     )
     """A stable, machine-readable reason.
 
     The examples are the codes FedMQ's own devices send; a device may send
-    others of the same shape.
+    others of the same shape, which a worker logs and counts as ``other``
+    (so the reasons a round records stay few). A code of another shape is
+    refused as malformed.
     """
     detail: str = ""
     """A human-readable explanation, for logs."""

@@ -34,6 +34,7 @@ from broker.secagg import SecAggError
 from broker.secagg.messages import SecAggDelivery, SecAggNeighbours, SecAggUnmask
 from broker.topics import Topics
 from broker.verify import Refusal, Refusals, Verifier
+from device_sdk.answered import AnsweredTasks
 from device_sdk.app import DeviceApp, DeviceContext
 from device_sdk.errors import DeviceError, TaskError
 from device_sdk.fetch import ArtifactFetcher, upload
@@ -152,6 +153,7 @@ class DeviceClient:
         self._secure = SecureParticipant(
             identity, transport.publish, self._topics, self._send_update, vanish=vanish
         )
+        self._answered = AnsweredTasks()
 
     def start(self) -> None:
         """Subscribe to this device's topic and check in (again after every reconnect)."""
@@ -245,6 +247,11 @@ class DeviceClient:
                 # A repeat (the coordinator restarted): keys sent again, no retraining.
                 delivery.ack()
                 return
+            if message.secure_aggregation is None and not self._answered.take(message):
+                log.info("%s: round %d's task again: taken already", self.device_id, message.round)
+                self.stats.refused["repeated_task"] += 1
+                delivery.ack()
+                return
             self.stats.tasks += 1
             if message.secure_aggregation is None or self._secure.may_train():
                 self._run(lambda: self.serve(message))
@@ -297,6 +304,13 @@ class DeviceClient:
 
     def serve(self, task: TrainTask) -> None:
         """Train on ``task`` and publish the update, or an error reply if that fails."""
+        try:
+            self._serve(task)
+        except BaseException:  # it ended unanswered (offline mid-task): a resend is taken
+            self._answered.release(task)
+            raise
+
+    def _serve(self, task: TrainTask) -> None:
         # Never the task's reply_to: this device publishes only to its own update topic.
         reply_to = self._topics.updates(task.experiment_id, self.device_id)
         try:

@@ -36,6 +36,8 @@ MAX_FIELD_CHARS = 64 * 1024
 MAX_DEPTH = 32
 """Deepest nesting of arrays and objects ``json_body`` accepts."""
 
+_CODES = {413: "payload_too_large"}
+"""Error codes FedMQ names unlike werkzeug's reason phrase (RFC 9110 renamed 413)."""
 _INT_LIMIT = 1 << 63
 # Ids the service hands out are slugs plus hex; anything else cannot name a record,
 # and keeping NUL, quotes and newlines out spares the database and response headers.
@@ -91,7 +93,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
-        code = (exc.name or "error").lower().replace(" ", "_")
+        code = _CODES.get(exc.code or 0) or (exc.name or "error").lower().replace(" ", "_")
         return error_response(code, exc.description or "", exc.code or 500)
 
 

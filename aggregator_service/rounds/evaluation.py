@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -65,10 +66,15 @@ class Evaluations:
         if evaluator is None:
             return {}
         try:
-            return evaluator.evaluate(decode_weights(self._store.get_blob(weights_sha256)))
+            scores = evaluator.evaluate(decode_weights(self._store.get_blob(weights_sha256)))
         except Exception:
             log.exception("evaluating %s v%d failed", experiment_id, version)
             return {}
+        # A model poisoned within the float range scores NaN or inf; JSON has no such number.
+        unscored = sorted(name for name, value in scores.items() if not math.isfinite(value))
+        if unscored:
+            log.warning("%s v%d: %s not finite, left out", experiment_id, version, unscored)
+        return {name: value for name, value in scores.items() if name not in unscored}
 
     def forget(self, experiment_id: str) -> None:
         """Drop a deleted experiment's evaluator."""

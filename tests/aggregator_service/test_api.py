@@ -141,6 +141,8 @@ def test_malformed_json_bodies_are_4xx(
         )
         assert response.status_code == status, (path, response.json)
         assert set(response.json["error"]) == {"code", "message"}
+        if status == 413:  # the code docs/api.md names
+            assert response.json["error"]["code"] == "payload_too_large"
 
 
 @pytest.mark.parametrize(

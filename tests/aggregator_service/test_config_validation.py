@@ -173,3 +173,23 @@ def test_phones_take_sgd_with_momentum_fedprox_and_a_batch_within_their_programs
         ).training.batch_size
         == 256
     )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ({"name": "krum", "f": 1}, "strategy krum: unknown setting(s) f; it takes max_updates, "),
+        ({"name": "fedprox", "mu": 0.1}, "strategy fedprox: unknown setting(s) mu; it takes "),
+        ({"name": "trimmed_mean"}, None),
+    ],
+)
+def test_a_strategy_setting_it_does_not_take_is_named_with_those_it_does(
+    strategy: dict[str, Any], message: str | None
+) -> None:
+    if message is None:
+        build_strategy(strategy)
+        return
+    with pytest.raises(ConfigError) as refused:
+        build_strategy(strategy)
+    assert str(refused.value).startswith(message), refused.value
+    assert "__init__" not in str(refused.value)

@@ -10,6 +10,7 @@ import pytest
 
 from broker import (
     Delivery,
+    ErrorReply,
     MemoryTransport,
     Message,
     ModelRef,
@@ -25,7 +26,7 @@ from broker import (
 )
 from model_store import MemoryStore
 from tests.aggregator_service.round_driver import RoundDriver
-from tests.identities import TOPICS, aggregator, sign
+from tests.identities import TOPICS, aggregator, grant, sign
 
 EXP = "exp1"
 BASE = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
@@ -237,3 +238,73 @@ def test_an_update_that_overtakes_its_round_announcement_is_held_then_folded(
     (committed,) = bench.events
     assert isinstance(committed, RoundCommitted)
     assert committed.accepted_devices == ("a",)
+
+
+def _refuse(bench: Bench, device_id: str, code: str) -> None:
+    task_id = f"task-of-{device_id}"
+    reply = ErrorReply(
+        in_reply_to=task_id,
+        code=code,
+        grant=grant(EXP, 1, device_id, task_id),
+        sender=device_id,
+    )
+    bench.transport.publish(TOPICS.updates(EXP, device_id), sign(reply))
+
+
+def test_a_device_refusing_its_task_is_counted_once_under_a_known_code(bench: Bench) -> None:
+    # A compromised device once flooded its round with replies under invented codes:
+    # each became a reason of its own, until the outcome outgrew the header limit.
+    _open(bench, target=3, minimum=1)
+    _refuse(bench, "a", "training_failed")
+    for i in range(50):
+        _refuse(bench, "a", f"made_up_{i}")
+    _refuse(bench, "b", "made_up")
+    _send(bench, "c", _good(1.0))
+    bench.transport.join(timeout=10)
+    bench.driver.deadline()  # one accepted of a target of three: it closes at its deadline
+    bench.transport.join(timeout=10)
+
+    (committed,) = bench.events
+    assert isinstance(committed, RoundCommitted)
+    assert committed.accepted_devices == ("c",)
+    assert committed.rejected == {"device_training_failed": 1, "device_other": 1}
+
+
+def test_a_refusal_code_of_another_shape_is_refused_as_malformed(bench: Bench) -> None:
+    _open(bench, target=2, minimum=1)
+    _refuse(bench, "a", "x" * 100_000)
+    _refuse(bench, "b", "Not A Code")
+    _send(bench, "c", _good(1.0))
+    bench.transport.join(timeout=10)
+    bench.driver.deadline()
+    bench.transport.join(timeout=10)
+
+    (committed,) = bench.events
+    assert isinstance(committed, RoundCommitted)
+    assert committed.rejected == {} and committed.reported == 1
+
+
+def test_a_loss_that_overflows_the_share_is_refused_and_the_round_commits(bench: Bench) -> None:
+    # 1.7e308 x 1000 examples is inf: the share's loss sum could not be checkpointed,
+    # and every update of the share was lost with it.
+    _open(bench, target=3, minimum=2)
+    loud = ModelUpdate(
+        experiment_id=EXP,
+        round=1,
+        device_id="a",
+        base_version=0,
+        task_id="t",
+        num_examples=1000,
+        inline_weights=encode_weights(_good(1.0)),
+        metrics={"loss": 1.7e308},
+    )
+    bench.transport.publish(TOPICS.updates(EXP, "a"), sign(loud))
+    _send(bench, "b", _good(2.0), n=10)
+    _send(bench, "c", _good(4.0), n=30)
+    bench.transport.join(timeout=10)
+
+    assert [n.reason for n in bench.notices] == [RejectReason.NON_FINITE]
+    (committed,) = bench.events
+    assert isinstance(committed, RoundCommitted)
+    assert committed.accepted_devices == ("b", "c")
+    assert committed.rejected == {RejectReason.NON_FINITE.value: 1}

@@ -448,13 +448,14 @@ def test_what_a_real_device_client_sends_validates(tmp_path: Path) -> None:
     )
 
     client.start()
-    for i, ref in enumerate((good, corrupt)):
+    for i, ref in enumerate((good, corrupt)):  # rounds 4 and 5: a device answers a round once
         task_id = f"{TASK_ID[:-1]}{i}"
         task = _task(
             model=ref,
+            round=4 + i,
             upload_url=None,
             message_id=task_id,
-            grant=grant(EXPERIMENT, 4, DEVICE, task_id),
+            grant=grant(EXPERIMENT, 4 + i, DEVICE, task_id),
             sent_at=time.time(),
         )
         transport.publish(TOPICS.device(DEVICE), signed(task))

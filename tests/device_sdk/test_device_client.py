@@ -295,3 +295,46 @@ def test_a_device_that_left_stays_out_of_the_pool_until_it_rejoins(tmp_path: Pat
     assert away == [CheckIn.__name__, CheckOut.__name__]
     assert said == [*away, CheckIn.__name__, CheckIn.__name__]
     transport.close()
+
+
+def test_a_task_sent_again_is_not_trained_again(tmp_path: Path) -> None:
+    # A replayed task (anyone may publish to the device's topic) and a restarted
+    # coordinator's resend (a new task id, the same round) are each answered once.
+    ref = _file_ref(tmp_path / "w", encode_weights({"w": np.zeros(3, np.float32)}))
+    transport = MemoryTransport()
+    trained: list[int] = []
+    app = DeviceApp()
+    app.on_train(lambda task, ctx: trained.append(task.round) or TrainResult(ctx.weights, 1))
+    client = _client(app, transport, "phone-1")
+    client.start()
+    first = _task(ref)
+    resent = _task(ref)  # the same round under a new id, as after a coordinator restart
+    second_round = dataclasses.replace(_task(ref), round=2)
+
+    for task in (first, first, resent, second_round):
+        transport.publish(TOPICS.device("phone-1"), sign(task))
+    transport.join(timeout=10)
+    transport.close()
+
+    assert trained == [1, 2]
+    assert client.stats.refused["repeated_task"] == 2
+
+
+def test_asynchronous_tasks_of_one_step_are_each_trained(tmp_path: Path) -> None:
+    ref = _file_ref(tmp_path / "w", encode_weights({"w": np.zeros(3, np.float32)}))
+    transport = MemoryTransport()
+    trained: list[str] = []
+    app = DeviceApp()
+    app.on_train(lambda task, ctx: trained.append(task.message_id) or TrainResult(ctx.weights, 1))
+    _client(app, transport, "phone-1").start()
+    tasks = [
+        dataclasses.replace(_task(ref), training={TrainTask.CHECK_IN_WHEN_DONE: True})
+        for _ in range(2)
+    ]
+
+    for task in (*tasks, tasks[0]):
+        transport.publish(TOPICS.device("phone-1"), sign(task))
+    transport.join(timeout=10)
+    transport.close()
+
+    assert trained == [t.message_id for t in tasks]
