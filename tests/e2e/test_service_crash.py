@@ -1,4 +1,9 @@
-"""kill -9 of the service mid-round, over RabbitMQ: the restarted service picks the round up."""
+"""kill -9 of the service mid-round: the restarted service picks the round up.
+
+Two workers share the round. The restarted service sends the round's tasks
+again; a device that answered ignores its resend, so no device is counted
+twice (each worker refuses only a second update it sees itself).
+"""
 
 from __future__ import annotations
 
@@ -58,7 +63,8 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
     with processes(tmp_path, env) as group_of:
         first = group_of.start("server-1", *server_args)
         wait_healthy(group_of, api)
-        start_worker(group_of, "worker", f"w-{group}")
+        start_worker(group_of, "worker-1", f"w1-{group}")
+        start_worker(group_of, "worker-2", f"w2-{group}")
         experiment_id = api.call("POST", "/experiments", raw)["id"]
         start_fleet(
             group_of,
@@ -94,7 +100,7 @@ def test_a_service_killed_mid_round_recovers_the_round_and_the_experiment(
     assert recovered, "the restarted service should have picked up round 2"
     assert [r["state"] for r in rounds] == ["committed"] * ROUNDS
     for record in rounds:
-        assert record["accepted"] == 20 and len(set(record["accepted_updates"])) == 20
+        assert record["accepted"] == 20 and len(set(record["accepted_updates"])) == 20, record
     expected = load(simulate(ExperimentConfig.from_dict(raw)).final_weights)
     worst = max_difference(final, expected)
     assert worst <= 1e-6, f"the restart changed the model by {worst}"
