@@ -361,9 +361,6 @@ class AggregatorWorker:
     def _device_failed(self, grant: TaskGrant, reply: ErrorReply) -> None:
         """Count a device's refusal of its task against the round the task belongs to."""
         experiment_id = grant.experiment_id
-        log.info(
-            "device %s could not train: %s %s", reply.sender, reply.code[:40], reply.detail[:200]
-        )
         rnd = self._rounds.get(experiment_id)
         policy = self._policies.get(experiment_id)
         if (
@@ -372,6 +369,10 @@ class AggregatorWorker:
             and grant.task_id not in rnd.tasks  # a task is answered once
             and policy.counts_refusal(rnd, grant, reply.sender)
         ):
+            # Logged once counted: a device repeating its refusal floods no log.
+            log.info(
+                "device %s could not train: %s %s", reply.sender, reply.code, reply.detail[:200]
+            )
             rnd.reporters.add(reply.sender)
             rnd.tasks.add(grant.task_id)
             code = reply.code if reply.code in ERROR_CODES else "other"
