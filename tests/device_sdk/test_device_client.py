@@ -297,44 +297,47 @@ def test_a_device_that_left_stays_out_of_the_pool_until_it_rejoins(tmp_path: Pat
     transport.close()
 
 
+def _trained(tasks: list[TrainTask]) -> tuple[list[TrainTask], DeviceClient]:
+    """Send ``tasks`` in order to a fresh device; return those it trained, and the device."""
+    transport = MemoryTransport()
+    trained: list[TrainTask] = []
+    app = DeviceApp()
+
+    @app.on_train
+    def train(task: TrainTask, ctx: DeviceContext) -> TrainResult:
+        trained.append(task)
+        return TrainResult(ctx.weights, 1)
+
+    client = _client(app, transport, "phone-1")
+    client.start()
+    for task in tasks:
+        transport.publish(TOPICS.device("phone-1"), sign(task))
+    transport.join(timeout=10)
+    transport.close()
+    return trained, client
+
+
 def test_a_task_sent_again_is_not_trained_again(tmp_path: Path) -> None:
     # A replayed task (anyone may publish to the device's topic) and a restarted
     # coordinator's resend (a new task id, the same round) are each answered once.
     ref = _file_ref(tmp_path / "w", encode_weights({"w": np.zeros(3, np.float32)}))
-    transport = MemoryTransport()
-    trained: list[int] = []
-    app = DeviceApp()
-    app.on_train(lambda task, ctx: trained.append(task.round) or TrainResult(ctx.weights, 1))
-    client = _client(app, transport, "phone-1")
-    client.start()
     first = _task(ref)
     resent = _task(ref)  # the same round under a new id, as after a coordinator restart
     second_round = dataclasses.replace(_task(ref), round=2)
 
-    for task in (first, first, resent, second_round):
-        transport.publish(TOPICS.device("phone-1"), sign(task))
-    transport.join(timeout=10)
-    transport.close()
+    trained, client = _trained([first, first, resent, second_round])
 
-    assert trained == [1, 2]
+    assert [t.message_id for t in trained] == [first.message_id, second_round.message_id]
     assert client.stats.refused["repeated_task"] == 2
 
 
 def test_asynchronous_tasks_of_one_step_are_each_trained(tmp_path: Path) -> None:
     ref = _file_ref(tmp_path / "w", encode_weights({"w": np.zeros(3, np.float32)}))
-    transport = MemoryTransport()
-    trained: list[str] = []
-    app = DeviceApp()
-    app.on_train(lambda task, ctx: trained.append(task.message_id) or TrainResult(ctx.weights, 1))
-    _client(app, transport, "phone-1").start()
     tasks = [
         dataclasses.replace(_task(ref), training={TrainTask.CHECK_IN_WHEN_DONE: True})
         for _ in range(2)
     ]
 
-    for task in (*tasks, tasks[0]):
-        transport.publish(TOPICS.device("phone-1"), sign(task))
-    transport.join(timeout=10)
-    transport.close()
+    trained, _ = _trained([*tasks, tasks[0]])
 
-    assert trained == [t.message_id for t in tasks]
+    assert [t.message_id for t in trained] == [t.message_id for t in tasks]
