@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from broker import Delivery, ErrorReply, ModelUpdate
 from broker.errors import IdentityError
 from broker.identity import PublicKeys, decode_public_key
-from broker.messages import MessageKind, TaskGrant
+from broker.messages import ERROR_CODE_PATTERN, MessageKind, TaskGrant
 from broker.topics import Topics
 from broker.verify import Refusal, check_signature, open_grant, parse, refuse, to_message
 
 _KINDS = (MessageKind.MODEL_UPDATE.value, MessageKind.ERROR_REPLY.value)
-_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")  # ErrorReply.code's documented shape
+_ERROR_CODE = re.compile(ERROR_CODE_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _check_matches(message: ModelUpdate | ErrorReply, grant: TaskGrant) -> None:
     if isinstance(message, ErrorReply):
         if message.in_reply_to != grant.task_id:
             raise refuse(Refusal.SPOOFED, "a refusal of another task than its grant's")
-        if _ERROR_CODE.fullmatch(message.code) is None:
+        if _ERROR_CODE.fullmatch(message.code) is None:  # fullmatch: no trailing newline
             raise refuse(Refusal.MALFORMED, "a refusal code is 1-64 of a-z, 0-9 and _")
         return
     named = (message.experiment_id, message.round, message.device_id, message.task_id)

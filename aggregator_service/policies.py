@@ -218,8 +218,8 @@ class BufferedPolicy(RoundPolicy):
         return range(min(update.round, share.opened.round), share.opened.round + 1)
 
     def counts_refusal(self, share: Share, grant: TaskGrant, device_id: str) -> bool:
-        """Count any refusal of a task of this step or an earlier one."""
-        return grant.round <= share.opened.round
+        """Count a refusal of a task of this step or an earlier one, once per task."""
+        return grant.round <= share.opened.round and grant.task_id not in share.tasks
 
     def all_answered(self, share: Share) -> bool:
         """Return False: tasks keep flowing, there is no cohort to wait for."""

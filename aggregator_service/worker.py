@@ -366,7 +366,6 @@ class AggregatorWorker:
         if (
             rnd is not None
             and policy is not None
-            and grant.task_id not in rnd.tasks  # a task is answered once
             and policy.counts_refusal(rnd, grant, reply.sender)
         ):
             # Logged once counted: a device repeating its refusal floods no log.

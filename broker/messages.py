@@ -54,6 +54,8 @@ ERROR_CODES = (
     "broker_error",
 )
 """The codes FedMQ's own devices send in an ``ErrorReply``."""
+ERROR_CODE_PATTERN = "^[a-z][a-z0-9_]{0,63}$"
+"""The shape of any ``ErrorReply.code``; a worker refuses a reply whose code has another."""
 
 
 def new_message_id() -> str:
@@ -197,7 +199,7 @@ class ErrorReply(Message):
     code: str = field(
         metadata={
             WIRE: {
-                "pattern": "^[a-z][a-z0-9_]{0,63}$",
+                "pattern": ERROR_CODE_PATTERN,
                 "examples": list(ERROR_CODES),
             }
         }

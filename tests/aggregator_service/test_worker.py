@@ -94,6 +94,7 @@ def _send(
     *,
     base_version: int = 0,
     round_number: int = 1,
+    metrics: dict[str, float] | None = None,
 ) -> ModelUpdate:
     update = ModelUpdate(
         experiment_id=EXP,
@@ -103,6 +104,7 @@ def _send(
         task_id="t",
         num_examples=n,
         inline_weights=encode_weights(weights),
+        metrics=metrics or {},
     )
     bench.transport.publish(TOPICS.updates(EXP, device), sign(update))
     return update
@@ -288,17 +290,7 @@ def test_a_loss_that_overflows_the_share_is_refused_and_the_round_commits(bench:
     # 1.7e308 x 1000 examples is inf: the share's loss sum could not be checkpointed,
     # and every update of the share was lost with it.
     _open(bench, target=3, minimum=2)
-    loud = ModelUpdate(
-        experiment_id=EXP,
-        round=1,
-        device_id="a",
-        base_version=0,
-        task_id="t",
-        num_examples=1000,
-        inline_weights=encode_weights(_good(1.0)),
-        metrics={"loss": 1.7e308},
-    )
-    bench.transport.publish(TOPICS.updates(EXP, "a"), sign(loud))
+    _send(bench, "a", _good(1.0), n=1000, metrics={"loss": 1.7e308})
     _send(bench, "b", _good(2.0), n=10)
     _send(bench, "c", _good(4.0), n=30)
     bench.transport.join(timeout=10)
