@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import random
 
+# A generator of its own: jitter drawn from the global `random` would shift the stream
+# of a researcher who seeded it, at moments set by network faults.
+_JITTER = random.Random()
+
 MAX_ATTEMPTS = 10
 """Reconnect attempts before a transport gives up and raises ``ConnectionLost``."""
 
@@ -29,4 +33,4 @@ def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     # Jitter spreads out the reconnect storm of many clients cut off at once; the
     # half-ceiling floor keeps a retry from firing immediately after a failure.
     ceiling = min(cap, base * 2.0 ** min(max(attempt, 0), 32))
-    return random.uniform(ceiling / 2, ceiling)
+    return _JITTER.uniform(ceiling / 2, ceiling)

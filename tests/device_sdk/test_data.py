@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import random
+import json
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,6 @@ from device_sdk.data import (
     DATASETS,
     PARTITIONS,
     Dataset,
-    _datasets,
     _mnist,
     load_dataset,
     partition,
@@ -31,6 +32,8 @@ from device_sdk.data.errors import (
 )
 from fedmq.settings import load_settings
 from tests.brokers import skip_or_fail
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -57,25 +60,45 @@ def mnist_dir(mnist: Dataset) -> Path:
     return _mnist.find_mnist_dir(DATA_DIRS).resolve()
 
 
+# Seeds the global generators, loads mnist1d cold, then draws once from each. Run in a fresh
+# process: a thread another test left behind (a client's reconnect jitter) may draw from
+# `random` in this one, which would blame mnist1d for a draw it never made.
+_GLOBAL_DRAWS = """
+import json, random, sys
+import numpy as np
+from device_sdk.data import load_dataset
+np.random.seed(1234)
+random.seed(1234)
+if sys.argv[1] == "load":
+    load_dataset("mnist1d")
+print(json.dumps([float(np.random.random()), random.random()]))
+"""
+
+
 @dataclass
 class Mnist1dLoad:
     dataset: Dataset
-    draws_after_load: tuple[float, float]
-    draws_without_load: tuple[float, float]
+    draws_after_load: list[float]
+    draws_without_load: list[float]
+
+
+def _global_draws(mode: str) -> list[float]:
+    done = subprocess.run(
+        [sys.executable, "-c", _GLOBAL_DRAWS, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=REPO_ROOT,
+    )
+    draws: list[float] = json.loads(done.stdout)
+    return draws
 
 
 @pytest.fixture(scope="module")
 def mnist1d_load() -> Mnist1dLoad:
-    # The generator is cached per process; start cold so the global-RNG check sees a real run.
-    _datasets._generate_mnist1d.cache_clear()
-    np.random.seed(1234)
-    random.seed(1234)
     dataset = load_dataset("mnist1d")
-    after = (float(np.random.random()), random.random())
-    np.random.seed(1234)
-    random.seed(1234)
-    without = (float(np.random.random()), random.random())
-    return Mnist1dLoad(dataset, after, without)
+    return Mnist1dLoad(dataset, _global_draws("load"), _global_draws("none"))
 
 
 def classes_covering(labels: npt.NDArray[np.int64], part: npt.NDArray[np.int64]) -> int:
