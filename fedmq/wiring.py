@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -137,10 +138,27 @@ class HttpServer:
         self._thread = threading.Thread(target=self._server.run, name="fedmq-http", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
-        """Stop accepting and serving; return once the serving thread has ended."""
-        self._server.close()
-        self._thread.join(timeout=5)
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, let requests in flight finish, close every connection.
+
+        Returns once the serving thread has ended, or after ``grace_s``.
+        """
+        server = self._server
+        # Waitress serves until its last connection closes, and a client's idle
+        # keep-alive connection would hold it open (its timeout is 120 s): ask each
+        # idle one to close, again as busy ones go idle.
+        self._close_idle_connections()
+        server.pull_trigger()  # wake the loop now, not at its next 1 s poll
+        server.close()
+        deadline = time.monotonic() + grace_s
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            self._thread.join(timeout=0.1)
+            self._close_idle_connections()
+
+    def _close_idle_connections(self) -> None:
+        for channel in list(self._server.active_channels.values()):
+            if not channel.requests:
+                channel.will_close = True
 
 
 def start_http(app: Flask, host: str, port: int) -> HttpServer:

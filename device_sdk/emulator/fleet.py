@@ -16,6 +16,7 @@ from broker.topics import Topics
 from device_sdk.app import DeviceApp, TrainHandler
 from device_sdk.client import DeviceClient
 from device_sdk.data import DataDirs, load_dataset, partition
+from device_sdk.emulator._trace_pacing import TaskAbandoned
 from device_sdk.emulator.profiles import SpeedProfile, VirtualTime, paced
 from device_sdk.fetch import ArtifactFetcher
 from device_sdk.scheduler import Scheduler
@@ -212,7 +213,9 @@ class Fleet:
             idx = parts[i]
             app = DeviceApp()
             trainer = make_trainer(dataset.x_train[idx], dataset.y_train[idx], i)
-            trainer, device_run = paced(trainer, run, i, speed, virtual_time)
+            trainer, device_run = paced(
+                trainer, run, i, speed, virtual_time, sleep=self._sleep_unless_stopped
+            )
             app.on_train(trainer)
             identity = identities(device_name(i, prefix))
             service_key = enroll(identity, "emulated")
@@ -263,6 +266,13 @@ class Fleet:
             self.scheduler.close()
         for device in self.devices:
             device.stop()
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        # A slowed device sleeps out its delay on a thread the process waits for at
+        # exit; a stopping fleet ends the sleep and the task with it, so a SIGTERM
+        # stops the process now, not after its slowest device's delay.
+        if self._stopped.wait(seconds):
+            raise TaskAbandoned("the fleet stopped")
 
     def _heartbeat(self, interval_s: float) -> None:
         # One device at a time, each at its slot: thousands of QoS 1 check-ins

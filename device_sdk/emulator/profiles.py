@@ -368,13 +368,17 @@ def paced(
     index: int,
     profile: SpeedProfile | None,
     virtual_time: VirtualTime | None,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[TrainHandler, Runner | None]:
     """Return device ``index``'s handler and runner, slowed down as ``profile`` says.
 
     In emulated time the runner defers the training; otherwise the handler
-    sleeps out the delay after training. Under a ``TraceProfile`` the task's
-    length comes from the trace and the task itself (see ``TraceProfile``);
-    in emulated time the clock then stops at least every ``TRACE_STEP_S``.
+    sleeps out the delay after training, with ``sleep``, which may end the
+    task by raising ``TaskAbandoned`` (a fleet stopping). Under a
+    ``TraceProfile`` the task's length comes from the trace and the task
+    itself (see ``TraceProfile``); in emulated time the clock then stops at
+    least every ``TRACE_STEP_S``.
     """
     if isinstance(profile, TraceProfile):
         device = profile.trace.device(index)
@@ -383,10 +387,10 @@ def paced(
                 virtual_time.max_step_s = TRACE_STEP_S
             paced_handler = trace_paced(handler, device, virtual_time, real_time=False)
             return paced_handler, virtual_time.fiber_runner()
-        return profile.slowed(handler, index), abandonable(run)
+        return profile.slowed(handler, index, sleep=sleep), abandonable(run)
     if virtual_time is not None:
         duration = (profile or SpeedProfile()).duration_s(index, virtual_time.nominal_s)
         return handler, virtual_time.runner(duration)
     if profile is not None and (profile.tiers or profile.factors or profile.delays_s):
-        return profile.slowed(handler, index), run
+        return profile.slowed(handler, index, sleep=sleep), abandonable(run)
     return handler, run

@@ -7,7 +7,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from broker.topics import Topics
 from device_sdk import DeviceContext, TrainResult
 from device_sdk.app import TrainHandler
 from device_sdk.emulator.fleet import Fleet, fleet_transports
+from device_sdk.emulator.profiles import SpeedProfile
 from tests.brokers import MQTT_PORT, mqtt_url, require
 from tests.identities import SERVICE, device, grant, sign
 
@@ -202,3 +203,56 @@ def test_a_fleet_too_large_for_the_open_files_limit_is_refused_up_front() -> Non
     with pytest.raises(TransportError, match="1000000 more clients do not fit.*open files"):
         fleet_transports(mqtt_url(), devices=1_000_000)
     assert hub_threads() == before  # the pool closed its hub
+
+
+def test_stopping_a_fleet_ends_a_slowed_devices_delay_and_its_task(tmp_path: Path) -> None:
+    # Prepare: device 0 sleeps a minute after training, on a thread of its own.
+    bus = MemoryTransport()
+    topics = Topics()
+    service = Service(bus, topics)
+    trained = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def make_trainer(x: np.ndarray, y: np.ndarray, index: int) -> TrainHandler:
+        def train(task: TrainTask, ctx: DeviceContext) -> TrainResult:
+            trained.set()
+            return TrainResult(ctx.weights, len(x), {"loss": 0.0})
+
+        return train
+
+    def on_a_thread(job: Callable[[], None]) -> None:
+        threads.append(threading.Thread(target=job, name="slow-device"))
+        threads[-1].start()
+
+    fleet = Fleet(
+        lambda client_id, will: bus,
+        {**DATA, "devices": 1},
+        seed=0,
+        make_trainer=make_trainer,
+        enroll=_enroll,
+        topics=topics,
+        identities=device,
+        run=on_a_thread,
+        speed=SpeedProfile(delays_s={0: 60.0}),
+    )
+    fleet.start()
+    weights = encode_weights({"w": np.ones(4, np.float32)})
+    (tmp_path / "w").write_bytes(weights)
+    ref = ModelRef((tmp_path / "w").as_uri(), hashlib.sha256(weights).hexdigest(), len(weights))
+    device_id = fleet.devices[0].device_id
+    task = TrainTask(experiment_id="e1", round=1, base_version=0, model=ref)
+    task = dataclasses.replace(task, grant=grant("e1", 1, device_id, task.message_id))
+    bus.publish(topics.device(device_id), sign(task))
+    assert trained.wait(10)
+
+    # Execute
+    stopped_at = time.monotonic()
+    fleet.stop()
+    threads[0].join(timeout=10)
+
+    # Assert
+    bus.join(timeout=1)
+    bus.close()
+    assert not threads[0].is_alive()
+    assert time.monotonic() - stopped_at < 5  # not the minute the delay had left
+    assert service.updates == []  # the task ended unanswered, as a device switched off would

@@ -206,8 +206,15 @@ def start_service_and_worker(
 
 def start_worker(group: Processes, process: str, name: str, *flags: str) -> None:
     """Start ``fedmq worker --name NAME`` as child ``process`` and wait until it listens."""
-    group.start(process, "worker", "--name", name, *flags)
-    wait_until(lambda: "fedmq worker on" in group.log(process), 60, process, group)
+    start_workers(group, {process: name}, *flags)
+
+
+def start_workers(group: Processes, names: Mapping[str, str], *flags: str) -> None:
+    """Start a worker per ``{process: name}``, all at once, and wait until each listens."""
+    for process, name in names.items():
+        group.start(process, "worker", "--name", name, *flags)
+    for process in names:
+        wait_until(lambda: "fedmq worker on" in group.log(process), 60, process, group)  # noqa: B023
 
 
 def start_fleet(

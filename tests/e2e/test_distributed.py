@@ -32,9 +32,9 @@ from tests.e2e.processes import (
     max_difference,
     processes,
     rounds_when_done,
-    start_fleet,
-    start_service_and_worker,
-    start_worker,
+    start_workers,
+    wait_checked_in,
+    wait_healthy,
     wait_until,
 )
 from tests.ports import free_port
@@ -78,26 +78,30 @@ def test_workers_sharing_every_round_commit_what_one_would_and_count_each_update
     api = Api(env["FEDMQ_SERVER_URL"])
     strategies = {**SIMULATED, "fedbuff": FEDBUFF}
     with processes(tmp_path, env) as group:
-        start_service_and_worker(group, api, port, f"e2e-worker-{uuid.uuid4().hex[:8]}")
-        for number in range(2, workers + 1):
-            start_worker(group, f"worker-{number}", f"e2e-worker-{uuid.uuid4().hex[:8]}")
+        group.start("server", "server", "--port", str(port))
+        wait_healthy(group, api)
+        names = (f"e2e-worker-{uuid.uuid4().hex[:8]}" for _ in range(workers))
+        start_workers(group, {f"worker-{n}": name for n, name in enumerate(names, start=1)})
         ids = {
             name: api.call("POST", "/experiments", _config(strategy))["id"]
             for name, strategy in strategies.items()
         }
-        for count, (name, experiment_id) in enumerate(ids.items(), start=1):
+        # The four fleets start at once: each takes seconds to load its data and enroll.
+        for name, experiment_id in ids.items():
             flags = ["--profile", "heterogeneous"] if name == "fedbuff" else []
             prefix = f"{name}{uuid.uuid4().hex[:6]}"
-            start_fleet(
-                group,
-                api,
+            group.start(
+                f"fleet-{name}",
+                "fleet",
+                "--devices",
+                "20",
+                "--experiment",
                 experiment_id,
                 "--prefix",
                 prefix,
                 *flags,
-                process=f"fleet-{name}",
-                online=20 * count,
             )
+        wait_checked_in(group, api, 20 * len(ids))
         for experiment_id in ids.values():
             api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
         rounds = {
