@@ -149,7 +149,9 @@ class Combiner:
             reason = f"update(s) counted by two workers: {sorted(ledger.twice)[:5]}"
             log.warning("%s round %d abandoned: %s", exp, number, reason)
         elif len(ledger.accepted) < max(request.min_reports, 1):
-            reason = f"{len(ledger.accepted)} accepted reports, {request.min_reports} needed"
+            # "valid", not "accepted": an abandoned round's record accepts nothing.
+            valid = len(ledger.accepted)
+            reason = f"only {valid} valid update(s), {request.min_reports} needed"
         elif isinstance(strategy, SecureSum) and ledger.devices_twice:
             # A device's masks would be in the sum twice: it cannot be unmasked.
             reason = f"devices summed twice: {sorted(ledger.devices_twice)[:5]}"

@@ -81,7 +81,7 @@ def test_a_round_below_its_minimum_is_abandoned_and_the_experiment_goes_on(
     service, experiment_id = _run(tmp_path, config, rounds=2)
 
     first, second = service.rounds(experiment_id)
-    assert first.state == "abandoned" and "4 accepted reports, 5 needed" in (first.reason or "")
+    assert first.state == "abandoned" and "only 4 valid update(s), 5 needed" in (first.reason or "")
     assert first.dropped == 2 and first.reported == 4
     # The next round starts again from the last committed version.
     assert second.number == 2 and second.base_version == 0
