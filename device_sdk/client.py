@@ -89,7 +89,7 @@ class DeviceClient:
     scheduler
         Runs the check-in a ``ComeBackLater`` asks for when it is due (share one
         across a fleet); default: one of the device's own, whose thread starts
-        with the first such message.
+        with the first such message and ends at ``close()``.
     vanish
         For an emulated device: the secure aggregation stage at which it drops
         out (``device_sdk.secagg.Vanish``); None takes part to the end.
@@ -146,6 +146,7 @@ class DeviceClient:
         # Where training runs: inline by default; a fleet on a real broker passes
         # an executor so long training never blocks the connection's thread.
         self._run = run or (lambda job: job())
+        self._own_scheduler = scheduler is None
         self._scheduler = scheduler or Scheduler(f"fedmq-come-back-{self.device_id}")
         self._present = True
         """False from ``stop()`` until ``rejoin()``: a device that left stays quiet."""
@@ -207,6 +208,12 @@ class DeviceClient:
             self._transport.publish(
                 self._topics.checkin(self.device_id), encode(message, self._identity)
             )
+
+    def close(self, reason: str = "stopped") -> None:
+        """Leave for good: ``stop()``, then end the device's own come-back timer thread."""
+        self.stop(reason)
+        if self._own_scheduler:
+            self._scheduler.close()
 
     def _open(self, delivery: Delivery) -> TrainTask | ComeBackLater | UpdateRejected | SecureStage:
         """Verify a frame on this device's topic: the service's, or a vouched-for worker's."""

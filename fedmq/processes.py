@@ -135,20 +135,21 @@ def working(settings: Settings, *, name: str, checkpoint_every: int = 32) -> Ite
     """
     keys = KeyFolder(settings.key_folder)
     service_key = keys.service_key()  # fail at once, in one line, when it is not here
-    transports = TransportPool(settings.broker_url)
-    try:
-        components.build_worker(
+    with ExitStack() as stack:
+        transports = TransportPool(settings.broker_url)
+        stack.callback(transports.close)
+        worker = components.build_worker(
             transports(name),
             open_store(settings.store_url),
             settings,
             identity=keys.worker_identity(name),
             service_key=service_key,
             checkpoint_every=checkpoint_every,
-        ).start()
+        )
+        worker.start()
+        stack.callback(worker.stop)  # its heartbeat, before the transport it beats on
         print(f"fedmq worker on {redact(settings.broker_url)}", flush=True)
         yield
-    finally:
-        transports.close()
 
 
 def run_worker(

@@ -154,6 +154,8 @@ class HttpServer:
         while self._thread.is_alive() and time.monotonic() < deadline:
             self._thread.join(timeout=0.1)
             self._close_idle_connections()
+        # The request threads: closing the server leaves them waiting for work.
+        server.task_dispatcher.shutdown(timeout=max(deadline - time.monotonic(), 1.0))
 
     def _close_idle_connections(self) -> None:
         for channel in list(self._server.active_channels.values()):

@@ -14,7 +14,7 @@ from aggregator_service import Database, ExperimentConfig, RoundService
 from aggregator_service.evaluation import held_out_evaluator
 from broker import MemoryTransport
 from model_store import LocalStore
-from tests.identities import aggregator, round_service
+from tests.identities import BUILT_WORKERS, aggregator, round_service
 
 SMALL_CONFIG: dict[str, Any] = {
     "name": "small",
@@ -25,6 +25,14 @@ SMALL_CONFIG: dict[str, Any] = {
     "rounds": {"count": 2, "devices_per_round": 4, "min_reports": 3, "deadline_s": 60.0},
     "training": {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.1},
 }
+
+
+@pytest.fixture(autouse=True)
+def _stop_built_workers() -> Iterator[None]:
+    """Stop every worker a test built, so none beats on into later tests."""
+    yield
+    while BUILT_WORKERS:
+        BUILT_WORKERS.pop().stop()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

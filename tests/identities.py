@@ -96,10 +96,17 @@ def round_service(transport: Transport, store: Any, db: Any, **kwargs: Any) -> R
     return RoundService(transport, store, db, identity=SERVICE, **kwargs)
 
 
+BUILT_WORKERS: list[AggregatorWorker] = []
+"""Workers ``aggregator`` built, which the suite stops after each test (tests/conftest.py):
+a started worker says it is alive every 15 s, on a thread that outlives its test."""
+
+
 def aggregator(transport: Transport, store: Any, **kwargs: Any) -> AggregatorWorker:
     """Return a worker signing as the test worker and pinning the test service."""
     kwargs.setdefault("identity", WORKER)
-    return AggregatorWorker(transport, store, service_key=SERVICE.public_key, **kwargs)
+    worker = AggregatorWorker(transport, store, service_key=SERVICE.public_key, **kwargs)
+    BUILT_WORKERS.append(worker)
+    return worker
 
 
 def enroll_in(service: RoundService) -> Any:

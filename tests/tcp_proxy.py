@@ -105,6 +105,9 @@ class TcpProxy:
     def close(self) -> None:
         """Stop accepting and drop everything."""
         self._closed = True
+        # Closing alone does not wake a thread blocked in accept() on Linux.
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
         self.cut()
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from aggregator_service import Database, RoundService
 from aggregator_service.versions import write_version
@@ -70,8 +72,19 @@ class Coordinator:
         return tasks
 
 
-def _setup(tmp_path: Path, small_config: Any) -> tuple[Coordinator, dict[str, list[TrainTask]]]:
+Bench = tuple[Coordinator, dict[str, list[TrainTask]]]
+
+
+@pytest.fixture
+def fedbuff_bench(tmp_path: Path, small_config: Any) -> Iterator[Bench]:
     """A fedbuff experiment (K = 3) with C = 2 task slots and two devices online."""
+    bench, tasks = _setup(tmp_path, small_config)
+    yield bench, tasks
+    bench.transport.close()  # the latest one: a restart replaces it
+    bench.db.close()
+
+
+def _setup(tmp_path: Path, small_config: Any) -> Bench:
     transport, clock, db = MemoryTransport(), Clock(), Database("sqlite://")
     store = LocalStore(tmp_path / "store")
     service = round_service(transport, store, db, clock=clock)
@@ -109,10 +122,8 @@ def _record(bench: Coordinator) -> dict[str, list[TrainTask]]:
     return by_device
 
 
-def test_a_device_that_finishes_gets_its_next_task_at_once(
-    tmp_path: Path, small_config: Any
-) -> None:
-    bench, tasks = _setup(tmp_path, small_config)
+def test_a_device_that_finishes_gets_its_next_task_at_once(fedbuff_bench: Bench) -> None:
+    bench, tasks = fedbuff_bench
     bench.service.request_rounds(bench.experiment_id, 3)
     bench.transport.join(timeout=10)
 
@@ -161,9 +172,9 @@ def test_a_device_that_finishes_gets_its_next_task_at_once(
 
 
 def test_a_restarted_coordinator_reannounces_the_step_and_refills_slots_at_check_ins(
-    tmp_path: Path, small_config: Any
+    fedbuff_bench: Bench,
 ) -> None:
-    bench, _ = _setup(tmp_path, small_config)
+    bench, _ = fedbuff_bench
     bench.service.request_rounds(bench.experiment_id, 2)
     bench.transport.join(timeout=10)
     assert len(bench.tasks) == 2

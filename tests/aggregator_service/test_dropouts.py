@@ -26,7 +26,17 @@ class Clock:
 
 def _run(tmp_path: Path, config: Any, rounds: int) -> tuple[RoundService, str]:
     """Six devices online, two of which (a third) never answer; run ``rounds`` rounds."""
-    transport, clock = MemoryTransport(), Clock()
+    transport = MemoryTransport()
+    try:
+        return _run_on(transport, tmp_path, config, rounds)
+    finally:
+        transport.close()
+
+
+def _run_on(
+    transport: MemoryTransport, tmp_path: Path, config: Any, rounds: int
+) -> tuple[RoundService, str]:
+    clock = Clock()
     store = LocalStore(tmp_path / "store")
     service = round_service(
         transport, store, Database("sqlite://"), clock=clock, evaluator_factory=held_out_evaluator
@@ -34,7 +44,7 @@ def _run(tmp_path: Path, config: Any, rounds: int) -> tuple[RoundService, str]:
     service.start()
     aggregator(transport, store).start()
     experiment_id = service.create_experiment(config)
-    Fleet(
+    fleet = Fleet(
         lambda _id, _will: transport,
         config.to_dict()["data"],
         seed=config.seed,
@@ -42,7 +52,8 @@ def _run(tmp_path: Path, config: Any, rounds: int) -> tuple[RoundService, str]:
         experiment_id=experiment_id,
         enroll=enroll_in(service),
         identities=device,
-    ).start()
+    )
+    fleet.start()
     for silent in (4, 5):
         name = device_name(silent)
         enroll_in(service)(device(name), "emulated")
@@ -55,6 +66,7 @@ def _run(tmp_path: Path, config: Any, rounds: int) -> tuple[RoundService, str]:
         clock.now += config.rounds.deadline_s + 1
         service.tick()  # the deadline passed: the coordinator closes the round
         transport.join(timeout=60)
+    fleet.stop()
     return service, experiment_id
 
 

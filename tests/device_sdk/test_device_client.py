@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +179,8 @@ def test_a_device_told_to_come_back_later_checks_in_again(tmp_path: Path) -> Non
     transport.subscribe(TOPICS.all_checkins, record)
     app = DeviceApp()
     app.on_train(lambda task, ctx: TrainResult({}, 1))
-    _client(app, transport, "phone-2").start()
+    client = _client(app, transport, "phone-2")
+    client.start()
     transport.join(timeout=5)
     told = time.monotonic()
     transport.publish(
@@ -187,13 +190,15 @@ def test_a_device_told_to_come_back_later_checks_in_again(tmp_path: Path) -> Non
     assert wait_until(lambda: len(checkins) >= 2, timeout=5)
     assert len(checkins) == 2  # the first check-in, then one more when told
     assert checkins[1] - told >= 0.2
+    client.close()
+    assert not [t for t in threading.enumerate() if t.name == "fedmq-come-back-phone-2"]
     transport.close()
 
 
-def _serve_after(delay_s: float, port: int, body: bytes) -> None:
-    """Start an HTTP server on ``port`` after ``delay_s`` (a service coming back up)."""
+@contextlib.contextmanager
+def _serve_after(delay_s: float, port: int, body: bytes) -> Iterator[None]:
+    """Serve ``body`` on ``port`` from ``delay_s`` on (a service coming back up), until the end."""
     import http.server
-    import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
@@ -208,12 +213,25 @@ def _serve_after(delay_s: float, port: int, body: bytes) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    def run() -> None:
-        time.sleep(delay_s)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    servers: list[http.server.ThreadingHTTPServer] = []
+    ending = threading.Event()
 
-    threading.Thread(target=run, daemon=True).start()
+    def run() -> None:
+        if ending.wait(delay_s):
+            return
+        servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler))
+        servers[0].serve_forever()
+
+    starter = threading.Thread(target=run, daemon=True)
+    starter.start()
+    try:
+        yield
+    finally:
+        ending.set()
+        if servers:
+            servers[0].shutdown()
+            servers[0].server_close()
+        starter.join(5)
 
 
 def test_downloads_retry_while_the_service_is_briefly_unreachable() -> None:
@@ -221,23 +239,23 @@ def test_downloads_retry_while_the_service_is_briefly_unreachable() -> None:
 
     body = b"weights" * 50
     port = free_port()
-    _serve_after(0.5, port, body)
     ref = ModelRef(f"http://127.0.0.1:{port}/blob", hashlib.sha256(body).hexdigest(), len(body))
 
-    assert ArtifactFetcher(retry_for_s=10).fetch(ref) == body
+    with _serve_after(0.5, port, body):
+        assert ArtifactFetcher(retry_for_s=10).fetch(ref) == body
 
 
 def test_a_missing_artifact_is_not_retried() -> None:
     from tests.ports import free_port
 
     port = free_port()
-    _serve_after(0.0, port, b"")
-    time.sleep(0.3)
     ref = ModelRef(f"http://127.0.0.1:{port}/missing", "0" * 64, 1)
-    started = time.monotonic()
 
-    with pytest.raises(FetchError, match="HTTP 404"):
-        ArtifactFetcher(retry_for_s=10).fetch(ref)
+    with _serve_after(0.0, port, b""):
+        time.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(FetchError, match="HTTP 404"):
+            ArtifactFetcher(retry_for_s=10).fetch(ref)
     assert time.monotonic() - started < 5
 
 

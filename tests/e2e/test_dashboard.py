@@ -204,7 +204,8 @@ def test_the_dashboard_explains_why_an_experiment_waits_and_a_round_was_abandone
     d.shots.take("2-abandoned")
 
     assert waiting == "Waiting for 16 devices, 10 online."
-    match = re.fullmatch(r"Round 1 was abandoned: only (\d+) valid update\(s\), 16 needed\.", abandoned)
+    shape = r"Round 1 was abandoned: only (\d+) valid update\(s\), 16 needed\."
+    match = re.fullmatch(shape, abandoned)
     assert match and int(match[1]) < 16, abandoned
     row = text(d.driver, "#rounds tr[data-round='1']")
     assert "abandoned" in row and "16 needed" in row
