@@ -1,4 +1,4 @@
-"""`fedmq devices`: enroll, list, rotate and revoke device identities on a live server."""
+"""`fedmq devices`: enroll, list, rotate and revoke device identities; run an edge device."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from typing import Any
 from aggregator_service import ServiceError
 from broker.identity import Identity
 from fedmq.rest import RestClient
-from fedmq.settings import Settings, add_location_flags
+from fedmq.settings import Settings, add_location_flags, add_trust_flags
 
 
 def add_devices_command(sub: Any) -> None:
-    """Add ``fedmq devices enroll|list|rotate|revoke`` to the command's subparsers."""
-    devices = sub.add_parser("devices", help="enroll, list, rotate and revoke device identities")
+    """Add ``fedmq devices enroll|list|rotate|revoke|run`` to the command's subparsers."""
+    devices = sub.add_parser(
+        "devices", help="enroll, list, rotate and revoke device identities; run an edge device"
+    )
     actions = devices.add_subparsers(dest="action", required=True)
     enroll = actions.add_parser("enroll", help="register a device; its key is made here")
     enroll.add_argument("--platform", default="python", help="android, ios, python or emulated")
@@ -39,6 +41,58 @@ def add_devices_command(sub: Any) -> None:
     for parser in (enroll, listing, rotate, revoke):
         parser.add_argument("--json", action="store_true", help="print the JSON answer")
         add_location_flags(parser, "server")
+    _add_run(actions)
+
+
+def _add_run(actions: Any) -> None:
+    run = actions.add_parser(
+        "run", help="run this host as a Python edge device, training on examples of its own"
+    )
+    run.add_argument("--device-id", required=True, help="the device's id (letters, digits, _ -)")
+    run.add_argument(
+        "--key-file",
+        type=Path,
+        required=True,
+        help="its private key, made on first use (mode 0600); it never leaves this host",
+    )
+    run.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="an .npz file of x (one row per example) and y (integer labels from 0)",
+    )
+    run.add_argument("--experiment", help="take part in this experiment only (default: any)")
+    run.add_argument("--seed", type=int, default=0, help="seeds the batch order (default 0)")
+    run.add_argument(
+        "--stream", type=int, help="separates its batch order from others' (default: from its id)"
+    )
+    run.add_argument(
+        "--heartbeat",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="check in again every S seconds (default 30)",
+    )
+    run.add_argument("--health-file", type=Path, help="touch this file every 5 s")
+    add_location_flags(run, "broker", "server")
+    add_trust_flags(run, keys=False)  # its key is --key-file
+    run.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from fedmq.edge import EdgeOptions, run_edge_device  # torch: only for this action
+
+    options = EdgeOptions(
+        device_id=args.device_id,
+        key_file=args.key_file,
+        data=args.data,
+        experiment_id=args.experiment,
+        seed=args.seed,
+        stream=args.stream,
+        heartbeat_s=args.heartbeat,
+    )
+    run_edge_device(settings, options, health_file=args.health_file)
+    return 0
 
 
 def _enroll(args: argparse.Namespace, settings: Settings) -> int:

@@ -18,18 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from aggregator_service import ServiceError
-from broker.access import DeviceCredentials, open_access
+from broker.access import open_access
 from broker.bridge import Bridge
-from broker.identity import Identity, KeyRing, decode_public_key
+from broker.identity import KeyRing
 from broker.probe import BrokerProbe
 from device_sdk.emulator import Fleet
 from device_sdk.emulator.fleet import fleet_transports
 from device_sdk.emulator.profiles import TraceProfile, load_profile
 from device_sdk.emulator.traces import AvailabilityDriver
 from fedmq import components
+from fedmq.enrollment import Enrollment, fetch_experiment
 from fedmq.keys import KeyFolder
 from fedmq.platforms import assign_platforms, mixed_trainers
-from fedmq.rest import RestClient
 from fedmq.settings import Settings, redact
 from fedmq.wiring import Ticker, TransportPool, executor_runner, start_http, unique_client_id
 from model_store import open_store
@@ -228,7 +228,7 @@ def fleet_running(settings: Settings, options: FleetOptions) -> Iterator[Fleet]:
     if options.profile is not None:
         speed = load_profile(options.profile, seed=seed, devices=size)
         concurrency = max(concurrency, options.devices)  # a sleeping device holds its thread
-    enrollment = _Enrollment(settings)
+    enrollment = Enrollment(settings)
     transports = fleet_transports(settings.broker_url, devices=options.devices)
     executor = ThreadPoolExecutor(concurrency, thread_name_prefix="fedmq-train")
     fleet: Fleet | None = None
@@ -288,7 +288,7 @@ def _experiment_for(settings: Settings, options: FleetOptions) -> tuple[dict[str
 
     Returns the experiment and the platform of each of its devices.
     """
-    experiment = _experiment(settings, options.experiment_id)
+    experiment = fetch_experiment(settings, options.experiment_id)
     config = experiment["config"]
     size = int(config["data"]["devices"])
     first, last = options.first, options.first + options.devices
@@ -306,50 +306,6 @@ def _experiment_for(settings: Settings, options: FleetOptions) -> tuple[dict[str
             "add them to its model.platforms"
         )
     return experiment, assigned
-
-
-def _experiment(settings: Settings, experiment_id: str | None) -> dict[str, Any]:
-    """Fetch an experiment (default: the newest) from the service's REST API."""
-    path = f"/api/v1/experiments/{experiment_id}" if experiment_id else "/api/v1/experiments"
-    body = RestClient(settings.server_url, settings.viewer_credential).json("GET", path)
-    if experiment_id:
-        return body
-    if not body["experiments"]:
-        raise ServiceError(
-            f"{settings.server_url} has no experiments yet; create one or pass --experiment"
-        )
-    newest: dict[str, Any] = body["experiments"][-1]
-    return newest
-
-
-class _Enrollment:
-    """Registers a fleet's devices with the service over REST, pinning the key it answers with."""
-
-    def __init__(self, settings: Settings) -> None:
-        token = settings.enrollment_credential
-        if not token:
-            raise ServiceError(
-                "enrolling devices needs FEDMQ_ENROLLMENT_TOKEN (or FEDMQ_ADMIN_TOKEN)"
-            )
-        self._api = RestClient(settings.server_url, token)
-        self.service_key: bytes | None = None
-        self.logins: dict[str, DeviceCredentials] = {}
-        """Each device's own broker user, where the service provisions them."""
-
-    def __call__(self, identity: Identity, platform: str) -> bytes:
-        """Register ``identity``; keep its broker login; return the service key reported."""
-        body = {"platform": platform, "public_key": identity.public_key_text}
-        answer = self._api.json("POST", "/api/v1/devices", {**body, "device_id": identity.name})
-        key = decode_public_key(str(answer["service_key"]))
-        login = answer.get("broker")
-        if isinstance(login, dict):
-            self.logins[identity.name] = DeviceCredentials(
-                str(login["username"]), str(login["password"])
-            )
-        if self.service_key is not None and key != self.service_key:
-            raise ServiceError("the service answered with two different keys; refusing both")
-        self.service_key = key
-        return key
 
 
 def _generated_token(home: Path) -> str:

@@ -3,7 +3,8 @@
 ``load_dataset("digits" | "mnist" | "mnist1d")`` returns a :class:`Dataset` with a
 fixed train/test split, and ``partition(labels, num_devices, scheme, seed=...)``
 splits its training examples across devices (``"iid"``, ``"dirichlet"``,
-``"shards"``). Errors derive from :class:`device_sdk.data.errors.DataError`.
+``"shards"``). A device with data of its own reads it with ``load_examples``
+(an ``.npz`` file of ``x`` and ``y``). Errors derive from :class:`device_sdk.data.errors.DataError`.
 Data set files are looked for only where the caller says: ``load_dataset``'s
 ``data_dir`` (a composition root passes its settings' folders).
 """
@@ -11,6 +12,7 @@ Data set files are looked for only where the caller says: ``load_dataset``'s
 from __future__ import annotations
 
 from device_sdk.data._datasets import DATASET_FACTS, DATASETS, Dataset, DatasetFacts, load_dataset
+from device_sdk.data._examples import load_examples
 from device_sdk.data._mnist import DataDirs
 from device_sdk.data._partition import PARTITIONS, partition
 
@@ -22,5 +24,6 @@ __all__ = [
     "Dataset",
     "DatasetFacts",
     "load_dataset",
+    "load_examples",
     "partition",
 ]

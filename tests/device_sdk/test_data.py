@@ -119,6 +119,7 @@ def test_public_api_is_exactly_the_documented_names() -> None:
         "Dataset",
         "DatasetFacts",
         "load_dataset",
+        "load_examples",
         "partition",
     }
 

@@ -1,0 +1,126 @@
+"""`fedmq devices run`: one Python edge device training on examples of its own.
+
+An emulated fleet trains on a partition of a public data set; an edge device
+(a gateway, a single-board computer, a lab machine) holds its own examples in
+an ``.npz`` file. It keeps its key in a file, enrolls with it (again at each
+start: the service answers with the key to pin and, where it provisions them,
+the device's broker login), trains the model's TorchScript module, and checks
+in every ``heartbeat_s`` so the coordinator keeps it in the online pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator_service import ServiceError
+from broker import CheckOut, encode
+from broker.identity import Identity
+from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient
+from device_sdk.data import load_examples
+from device_sdk.trainers.torchscript import TorchScriptTrainer
+from fedmq.enrollment import Enrollment, fetch_experiment
+from fedmq.processes import wait_for_signal
+from fedmq.settings import Settings, redact
+from fedmq.wiring import Ticker, TransportPool, executor_runner
+
+
+@dataclass(frozen=True)
+class EdgeOptions:
+    """What ``fedmq devices run`` was asked for."""
+
+    device_id: str
+    key_file: Path
+    """The device's private key (made here on first use, mode 0600); it never leaves the host."""
+    data: Path
+    """The device's examples: an ``.npz`` of ``x`` and ``y`` (``device_sdk.data.load_examples``)."""
+    experiment_id: str | None = None
+    """Take part in this experiment only (default: any the service selects it for)."""
+    seed: int = 0
+    """Seeds the batch order, with ``stream``."""
+    stream: int | None = None
+    """Separates this device's batch order from others with the same seed (default: from its id)."""
+    heartbeat_s: float = 30.0
+
+
+@contextmanager
+def edge_device_running(settings: Settings, options: EdgeOptions) -> Iterator[DeviceClient]:
+    """Run the device while the context lasts; it checks out when the context ends."""
+    x, y = load_examples(options.data)
+    if options.experiment_id is not None:
+        _check_fits(fetch_experiment(settings, options.experiment_id), x, y)
+    identity = Identity.load_or_create(options.device_id, options.key_file)
+    enrollment = Enrollment(settings)
+    service_key = enrollment(identity, "python")
+    topics = settings.topics
+    will = (
+        topics.checkin(identity.name),
+        encode(CheckOut(device_id=identity.name, reason="connection lost"), identity),
+    )
+    import torch
+
+    # One intra-op thread, as in the fleet and the simulation: the float results of a
+    # training then do not depend on how many cores the host has.
+    torch.set_num_threads(1)
+    app = DeviceApp()
+    app.on_train(TorchScriptTrainer(x, y, seed=options.seed, stream=options.stream))
+    with ExitStack() as stack:
+        transports = TransportPool(settings.broker_url)
+        stack.callback(transports.close)
+        # Training runs off the connection's thread, one task at a time.
+        executor = ThreadPoolExecutor(1, thread_name_prefix="fedmq-train")
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        device = DeviceClient(
+            app,
+            transports(identity.name, will, enrollment.logins.get(identity.name)),
+            identity,
+            ArtifactFetcher(),
+            service_key=service_key,
+            topics=topics,
+            platform="python",
+            experiment_id=options.experiment_id,
+            run=executor_runner(executor),
+            examples=len(x),
+        )
+        device.start()
+        stack.callback(device.close)
+        stack.callback(Ticker(device.check_in, interval_s=options.heartbeat_s).start().stop)
+        print(
+            f"fedmq device {identity.name}: {len(x)} examples on {redact(settings.broker_url)}",
+            flush=True,
+        )
+        yield device
+        stats = device.stats
+        totals = {"tasks": stats.tasks, "updates_sent": stats.updates_sent}
+        totals |= {"failures": stats.failures, "rejections": len(stats.rejections)}
+        print(f"fedmq device stopped: {totals}", flush=True)
+
+
+def run_edge_device(
+    settings: Settings, options: EdgeOptions, *, health_file: Path | None = None
+) -> None:
+    """Run the device until signalled (see ``edge_device_running``)."""
+    with edge_device_running(settings, options):
+        wait_for_signal(health_file)
+
+
+def _check_fits(experiment: dict[str, Any], x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse examples the experiment's model cannot train on, before enrolling."""
+    model = experiment["config"]["model"]
+    shape, classes = tuple(model.get("input_shape", ())), int(model.get("num_classes", 0))
+    if shape and x.shape[1:] != shape:
+        raise ServiceError(
+            f"experiment {experiment['id']}'s model takes examples shaped {list(shape)}; "
+            f"the data file's are {list(x.shape[1:])}"
+        )
+    if classes and int(y.max()) >= classes:
+        raise ServiceError(
+            f"experiment {experiment['id']}'s model has {classes} classes "
+            f"(labels 0-{classes - 1}); the data file has label {int(y.max())}"
+        )
