@@ -69,11 +69,14 @@ class Identity:
         if path.exists():
             return cls.from_private_bytes(name, _read_key_file(path))
         identity = cls.generate(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Created with the restrictive mode, never world-readable for an instant.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(encode_key(identity.private_bytes()) + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Created with the restrictive mode, never world-readable for an instant.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(encode_key(identity.private_bytes()) + "\n")
+        except OSError as exc:
+            raise IdentityError(f"cannot create the key file {path}: {exc.strerror}") from exc
         return identity
 
     @property

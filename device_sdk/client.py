@@ -211,9 +211,11 @@ class DeviceClient:
 
     def close(self, reason: str = "stopped") -> None:
         """Leave for good: ``stop()``, then end the device's own come-back timer thread."""
-        self.stop(reason)
-        if self._own_scheduler:
-            self._scheduler.close()
+        try:
+            self.stop(reason)
+        finally:  # a check-out the broker did not take still ends the timer thread
+            if self._own_scheduler:
+                self._scheduler.close()
 
     def _open(self, delivery: Delivery) -> TrainTask | ComeBackLater | UpdateRejected | SecureStage:
         """Verify a frame on this device's topic: the service's, or a vouched-for worker's."""

@@ -68,7 +68,7 @@ def _add_run(actions: Any) -> None:
     )
     run.add_argument(
         "--heartbeat",
-        type=float,
+        type=_seconds,
         default=30.0,
         metavar="S",
         help="check in again every S seconds (default 30)",
@@ -77,6 +77,16 @@ def _add_run(actions: Any) -> None:
     add_location_flags(run, "broker", "server")
     add_trust_flags(run, keys=False)  # its key is --key-file
     run.set_defaults(func=_run)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} s: must be more than 0")
+    return value
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:

@@ -10,7 +10,10 @@ in every ``heartbeat_s`` so the coordinator keeps it in the online pool.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ from fedmq.enrollment import Enrollment, fetch_experiment
 from fedmq.processes import wait_for_signal
 from fedmq.settings import Settings, redact
 from fedmq.wiring import Ticker, TransportPool, executor_runner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,16 @@ class EdgeOptions:
 def edge_device_running(settings: Settings, options: EdgeOptions) -> Iterator[DeviceClient]:
     """Run the device while the context lasts; it checks out when the context ends."""
     x, y = load_examples(options.data)
-    if options.experiment_id is not None:
-        _check_fits(fetch_experiment(settings, options.experiment_id), x, y)
+    if options.experiment_id is not None and settings.viewer_credential:
+        check_examples_fit(fetch_experiment(settings, options.experiment_id), x, y)
+    elif options.experiment_id is not None:
+        log.warning(
+            "no FEDMQ_VIEWER_TOKEN: the examples are not checked against %s's model; "
+            "a misfit shows as failed tasks",
+            options.experiment_id,
+        )
+    enrollment = Enrollment(settings)  # no token: say so before a key is made
     identity = Identity.load_or_create(options.device_id, options.key_file)
-    enrollment = Enrollment(settings)
     service_key = enrollment(identity, "python")
     topics = settings.topics
     will = (
@@ -73,9 +84,22 @@ def edge_device_running(settings: Settings, options: EdgeOptions) -> Iterator[De
     with ExitStack() as stack:
         transports = TransportPool(settings.broker_url)
         stack.callback(transports.close)
-        # Training runs off the connection's thread, one task at a time.
+        # Training runs off the connection's thread, one task at a time. At the end
+        # the training in hand finishes and its update goes out before the device
+        # checks out (the callbacks run last first): stopping loses no work. A task
+        # arriving meanwhile is left unanswered, as a device switched off leaves it.
         executor = ThreadPoolExecutor(1, thread_name_prefix="fedmq-train")
-        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        draining = threading.Event()
+        submit = executor_runner(executor)
+
+        def run(job: Callable[[], None]) -> None:
+            if not draining.is_set():
+                submit(job)
+
+        def drain() -> None:
+            draining.set()
+            executor.shutdown(wait=True, cancel_futures=True)
+
         device = DeviceClient(
             app,
             transports(identity.name, will, enrollment.logins.get(identity.name)),
@@ -85,21 +109,19 @@ def edge_device_running(settings: Settings, options: EdgeOptions) -> Iterator[De
             topics=topics,
             platform="python",
             experiment_id=options.experiment_id,
-            run=executor_runner(executor),
+            run=run,
             examples=len(x),
         )
         device.start()
         stack.callback(device.close)
+        stack.callback(_print_totals, device)  # once the task in hand is answered
+        stack.callback(drain)
         stack.callback(Ticker(device.check_in, interval_s=options.heartbeat_s).start().stop)
         print(
             f"fedmq device {identity.name}: {len(x)} examples on {redact(settings.broker_url)}",
             flush=True,
         )
         yield device
-        stats = device.stats
-        totals = {"tasks": stats.tasks, "updates_sent": stats.updates_sent}
-        totals |= {"failures": stats.failures, "rejections": len(stats.rejections)}
-        print(f"fedmq device stopped: {totals}", flush=True)
 
 
 def run_edge_device(
@@ -110,11 +132,22 @@ def run_edge_device(
         wait_for_signal(health_file)
 
 
-def _check_fits(experiment: dict[str, Any], x: np.ndarray, y: np.ndarray) -> None:
+def _print_totals(device: DeviceClient) -> None:
+    stats = device.stats
+    totals = {"tasks": stats.tasks, "updates_sent": stats.updates_sent}
+    totals |= {"failures": stats.failures, "rejections": len(stats.rejections)}
+    print(f"fedmq device stopped: {totals}", flush=True)
+
+
+def check_examples_fit(experiment: dict[str, Any], x: np.ndarray, y: np.ndarray) -> None:
     """Refuse examples the experiment's model cannot train on, before enrolling."""
     model = experiment["config"]["model"]
     shape, classes = tuple(model.get("input_shape", ())), int(model.get("num_classes", 0))
-    if shape and x.shape[1:] != shape:
+    # The service's own rule (ExperimentConfig): every zoo model but the CNN flattens
+    # its input, so only the sizes must agree; the CNN needs the very shape.
+    exact = model.get("zoo") == "mnist_cnn"
+    fits = x.shape[1:] == shape if exact else math.prod(x.shape[1:]) == math.prod(shape)
+    if shape and not fits:
         raise ServiceError(
             f"experiment {experiment['id']}'s model takes examples shaped {list(shape)}; "
             f"the data file's are {list(x.shape[1:])}"

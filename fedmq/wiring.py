@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -14,6 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from broker import MemoryTransport, Transport, connect
 from broker.access import DeviceCredentials
+from fedmq.http_server import HttpServer
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -109,58 +109,6 @@ def executor_runner(executor: Executor) -> Callable[[Callable[[], None]], None]:
         executor.submit(job).add_done_callback(job_failed)
 
     return run
-
-
-class HttpServer:
-    """A running production WSGI server (waitress) and how to stop it."""
-
-    THREADS = 16
-    """Requests served at once; the API's calls are short, uploads stream to disk."""
-    RECV_BYTES = 1 << 20
-    """Bytes read per receive call. Waitress reads 8 KiB by default: a 16 MB update
-    took 2,000 trips through its single I/O thread's Python loop, which made
-    uploads three times slower (40 uploads of 16 MB: 3.35 s at 8 KiB, 1.17 s)."""
-
-    def __init__(self, app: Flask, host: str, port: int) -> None:
-        import waitress  # only a process that serves HTTP loads it
-
-        # Werkzeug's development server is not for production: waitress is, in pure Python.
-        self._server = waitress.create_server(
-            app,
-            host=host,
-            port=port,
-            threads=self.THREADS,
-            recv_bytes=self.RECV_BYTES,
-            ident="fedmq",
-        )
-        self.port = int(self._server.effective_port)
-        """The bound port (the one the OS chose when asked for port 0)."""
-        self._thread = threading.Thread(target=self._server.run, name="fedmq-http", daemon=True)
-        self._thread.start()
-
-    def shutdown(self, grace_s: float = 5.0) -> None:
-        """Stop accepting, let requests in flight finish, close every connection.
-
-        Returns once the serving thread has ended, or after ``grace_s``.
-        """
-        server = self._server
-        # Waitress serves until its last connection closes, and a client's idle
-        # keep-alive connection would hold it open (its timeout is 120 s): ask each
-        # idle one to close, again as busy ones go idle.
-        self._close_idle_connections()
-        server.pull_trigger()  # wake the loop now, not at its next 1 s poll
-        server.close()
-        deadline = time.monotonic() + grace_s
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            self._thread.join(timeout=0.1)
-            self._close_idle_connections()
-        # The request threads: closing the server leaves them waiting for work.
-        server.task_dispatcher.shutdown(timeout=max(deadline - time.monotonic(), 1.0))
-
-    def _close_idle_connections(self) -> None:
-        for channel in list(self._server.active_channels.values()):
-            if not channel.requests:
-                channel.will_close = True
 
 
 def start_http(app: Flask, host: str, port: int) -> HttpServer:

@@ -33,7 +33,10 @@ def load_examples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not file.is_file():
         raise DataNotFound(f"no examples file at {file}")
     try:
-        with np.load(file, allow_pickle=False) as arrays:
+        loaded = np.load(file, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone .npy array
+            raise MalformedData(f"{file} holds one array; save x and y with numpy.savez")
+        with loaded as arrays:
             missing = [key for key in EXAMPLES_KEYS if key not in arrays.files]
             if missing:
                 raise MalformedData(
@@ -46,9 +49,10 @@ def load_examples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _checked(file: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if x.ndim < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+    real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+    if x.ndim < 2 or not (real or x.dtype == np.bool_):
         raise MalformedData(
-            f"{file}: x must be numeric with one row per example, got {x.dtype} {x.shape}"
+            f"{file}: x must be real numbers with one row per example, got {x.dtype} {x.shape}"
         )
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise MalformedData(
@@ -60,6 +64,8 @@ def _checked(file: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
         )
     if y.min() < 0:
         raise MalformedData(f"{file}: labels must be 0 or more, found {int(y.min())}")
+    if y.max() > np.iinfo(np.int64).max:  # uint64 labels would wrap negative
+        raise MalformedData(f"{file}: a label is too large: {int(y.max())}")
     examples = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(examples).all():
         raise MalformedData(f"{file}: x holds values that are not finite")

@@ -32,7 +32,7 @@ from aggregator_service.api.openapi import document
 from aggregator_service.links import SignedLinks
 from broker import MemoryTransport
 from model_store import LocalStore
-from tests.identities import aggregator, round_service
+from tests.identities import BUILT_WORKERS, aggregator, round_service
 
 ADMIN = "fuzz-admin-token"
 EXAMPLES = 40
@@ -60,7 +60,9 @@ def _service(root: Path) -> Iterator[Flask]:
     transport, store, db = MemoryTransport(), LocalStore(root / "store"), Database("sqlite://")
     service = round_service(transport, store, db)
     service.start()
-    aggregator(transport, store).start()
+    worker = aggregator(transport, store)
+    BUILT_WORKERS.remove(worker)  # it serves the whole module, not one test: stopped below
+    worker.start()
     # Something to find: lists then name real ids, which the workflows follow.
     service.create_experiment(ExperimentConfig.from_dict(EXAMPLE_CONFIG))
     service.register_device("python")
@@ -70,6 +72,7 @@ def _service(root: Path) -> Iterator[Flask]:
     try:
         yield create_app(config, service=service, store=store, links=links)
     finally:
+        worker.stop()
         transport.close()
         db.close()
 

@@ -41,12 +41,25 @@ def test_the_examples_come_back_as_float32_and_int64(tmp_path: Path) -> None:
         ({"x": X[:2], "y": Y}, "2 example\\(s\\) but 3 label\\(s\\)"),
         ({"x": X, "y": Y.astype(np.float32)}, "integer labels"),
         ({"x": X, "y": np.array([0, -1, 1])}, "labels must be 0 or more, found -1"),
-        ({"x": np.array(["a", "b", "c"]).reshape(3, 1), "y": Y}, "x must be numeric"),
+        ({"x": np.array(["a", "b", "c"]).reshape(3, 1), "y": Y}, "x must be real numbers"),
+        ({"x": X.astype(np.complex64), "y": Y}, "x must be real numbers"),
+        ({"x": X, "y": np.array([0, 1, 2**63], dtype=np.uint64)}, "a label is too large"),
         ({"x": np.arange(3.0), "y": Y}, "one row per example"),
         ({"x": np.where(X > 5, np.nan, X), "y": Y}, "not finite"),
         ({"x": X[:0], "y": Y[:0]}, "need n > 0"),
     ],
-    ids=["no-y", "counts", "float-y", "negative", "strings", "flat", "nan", "empty"],
+    ids=[
+        "no-y",
+        "counts",
+        "float-y",
+        "negative",
+        "strings",
+        "complex",
+        "huge-label",
+        "flat",
+        "nan",
+        "empty",
+    ],
 )
 def test_a_bad_examples_file_is_refused_with_what_is_wrong(
     tmp_path: Path, arrays: dict[str, Any], says: str
@@ -78,3 +91,7 @@ def test_a_file_that_is_not_npz_or_not_there_is_named(tmp_path: Path) -> None:
         load_examples(text)
     with pytest.raises(DataNotFound, match="no examples file at .*missing.npz"):
         load_examples(tmp_path / "missing.npz")
+    lone = tmp_path / "x.npy"
+    np.save(lone, X)
+    with pytest.raises(MalformedData, match="holds one array; save x and y with numpy.savez"):
+        load_examples(lone)

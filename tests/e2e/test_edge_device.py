@@ -66,7 +66,7 @@ def test_edge_devices_on_their_own_files_commit_what_the_simulation_does(tmp_pat
     raw = _config()
     files = _edge_files(tmp_path, raw)
     wrong = tmp_path / "wrong.npz"
-    np.savez(wrong, x=np.zeros((5, 8, 8), np.float32), y=np.zeros(5, np.int64))
+    np.savez(wrong, x=np.zeros((5, 8, 9), np.float32), y=np.zeros(5, np.int64))
     port = free_port()
     env = deployment_env(tmp_path, mqtt_url(), port, f"edge-{uuid.uuid4().hex[:8]}")
     api = Api(env["FEDMQ_SERVER_URL"])
@@ -103,7 +103,7 @@ def test_edge_devices_on_their_own_files_commit_what_the_simulation_does(tmp_pat
         enrolled = {d["id"] for d in api.call("GET", "/devices")["devices"]}
 
     assert misfit.returncode == 1
-    assert "model takes examples shaped [64]; the data file's are [8, 8]" in group.log("misfit")
+    assert "model takes examples shaped [64]; the data file's are [8, 9]" in group.log("misfit")
     assert f"edge9-{tag}" not in enrolled  # refused before it enrolled
     edge_ids = {f"edge{index}-{tag}" for index in EDGE}
     for record in rounds:

@@ -1,14 +1,18 @@
-"""fedmq.wiring.HttpServer: the production WSGI server the service runs, and how it stops."""
+"""fedmq.http_server.HttpServer: the production WSGI server the service runs, and how it stops."""
 
 from __future__ import annotations
 
 import http.client
+import logging
 import threading
 import time
 
+import pytest
 from flask import Flask
 
 from fedmq.wiring import start_http
+
+BIG = 20 << 20  # a model download's size
 
 
 def _app(started: threading.Event, release: threading.Event) -> Flask:
@@ -24,10 +28,20 @@ def _app(started: threading.Event, release: threading.Event) -> Flask:
         release.wait(10)
         return "done"
 
+    @app.get("/big")
+    def big() -> bytes:
+        return b"w" * BIG
+
     return app
 
 
-def test_shutdown_closes_idle_keep_alive_connections_at_once() -> None:
+def _waitress_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_shutdown_closes_idle_keep_alive_connections_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Prepare: a client that keeps its connection open after a request, as browsers do.
     server = start_http(_app(threading.Event(), threading.Event()), "127.0.0.1", 0)
     client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
@@ -41,10 +55,12 @@ def test_shutdown_closes_idle_keep_alive_connections_at_once() -> None:
 
     # Assert
     assert took < 2.0  # not the 5 s grace, nor the connection's 120 s idle timeout
+    assert not [t for t in threading.enumerate() if t.name.startswith(("waitress", "fedmq-http"))]
+    assert _waitress_errors(caplog) == []
     client.close()
 
 
-def test_shutdown_lets_a_request_in_flight_finish() -> None:
+def test_shutdown_lets_a_request_in_flight_finish(caplog: pytest.LogCaptureFixture) -> None:
     # Prepare
     started, release = threading.Event(), threading.Event()
     server = start_http(_app(started, release), "127.0.0.1", 0)
@@ -64,6 +80,27 @@ def test_shutdown_lets_a_request_in_flight_finish() -> None:
     server.shutdown()
     asker.join(5)
 
-    # Assert
+    # Assert: answered, and nothing written to a closed wake-up pipe on the way.
     assert answers == [b"done"]
+    assert _waitress_errors(caplog) == []
+    client.close()
+
+
+def test_shutdown_lets_a_large_response_in_flight_arrive_whole() -> None:
+    # Prepare: a client that has the response's first bytes and reads the rest slowly.
+    server = start_http(_app(threading.Event(), threading.Event()), "127.0.0.1", 0)
+    client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    client.request("GET", "/big")
+    response = client.getresponse()
+    first = response.read(1 << 16)
+    stopper = threading.Thread(target=server.shutdown)
+
+    # Execute
+    stopper.start()
+    time.sleep(0.3)
+    rest = response.read()
+    stopper.join(10)
+
+    # Assert
+    assert len(first) + len(rest) == BIG
     client.close()
