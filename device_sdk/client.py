@@ -55,6 +55,8 @@ class DeviceStats:
     updates_sent: int = 0
     failures: int = 0
     uploads: int = 0
+    abandoned: int = 0
+    """Tasks that ended unanswered (the device went offline mid-task)."""
     rejections: list[UpdateRejected] = field(default_factory=list)
     come_back_after_s: float | None = None
     refused: Counter[str] = field(default_factory=Counter)
@@ -186,7 +188,9 @@ class DeviceClient:
     def _publish_check_in(self) -> None:
         stats = self.stats
         capabilities: dict[str, int] = {
-            CheckIn.TASKS_IN_PROGRESS: max(stats.tasks - stats.updates_sent - stats.failures, 0)
+            CheckIn.TASKS_IN_PROGRESS: max(
+                stats.tasks - stats.updates_sent - stats.failures - stats.abandoned, 0
+            )
         }
         if self._examples is not None:
             capabilities[CheckIn.EXAMPLES] = self._examples
@@ -317,6 +321,8 @@ class DeviceClient:
             self._serve(task)
         except BaseException:  # it ended unanswered (offline mid-task): a resend is taken
             self._answered.release(task)
+            # Not in progress any more: a device back online must not look busy for good.
+            self.stats.abandoned += 1
             raise
 
     def _serve(self, task: TrainTask) -> None:

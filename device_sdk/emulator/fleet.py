@@ -296,7 +296,7 @@ class Fleet:
                 due = time.monotonic()
 
     def summary(self) -> dict[str, int]:
-        """Return the fleet's totals: tasks, updates sent, uploads, failures, rejections."""
+        """Return the fleet's totals: tasks, updates sent, uploads, failures, rejections, ..."""
         return {
             "devices": len(self.devices),
             "tasks": sum(d.stats.tasks for d in self.devices),
@@ -305,4 +305,5 @@ class Fleet:
             "failures": sum(d.stats.failures for d in self.devices),
             "rejections": sum(len(d.stats.rejections) for d in self.devices),
             "refused": sum(sum(d.stats.refused.values()) for d in self.devices),
+            "abandoned": sum(d.stats.abandoned for d in self.devices),
         }

@@ -144,3 +144,50 @@ def test_a_device_checks_in_idle_after_each_update(tmp_path: Path) -> None:
     # of a synchronous experiment (no check_in_when_done) gets no idle check-in
     assert [c.capabilities["tasks_in_progress"] for c in checkins] == [0, 1, 0, 1]
     assert client.stats.updates_sent == 2
+
+
+def test_a_device_that_abandoned_its_task_checks_in_idle_again(tmp_path: Path) -> None:
+    # A trace takes a device offline mid-task: the task ends unanswered. Counted
+    # as still in progress, the device would look busy to the FedBuff coordinator
+    # for good once back, and never get another task.
+    from device_sdk.emulator._trace_pacing import TaskAbandoned, abandonable
+
+    transport = MemoryTransport()
+    checkins: list[CheckIn] = []
+    app = DeviceApp()
+
+    @app.on_train
+    def train(task: TrainTask, ctx: DeviceContext) -> TrainResult:
+        raise TaskAbandoned("offline at trace second 12")
+
+    client = DeviceClient(
+        app,
+        transport,
+        device("phone-8"),
+        ArtifactFetcher(),
+        service_key=SERVICE.public_key,
+        topics=TOPICS,
+        run=abandonable(None),
+    )
+
+    def record(delivery: Delivery) -> None:
+        message = decode(delivery.body)
+        if isinstance(message, CheckIn):
+            checkins.append(message)
+        delivery.ack()
+
+    data = encode_weights({"w": np.zeros(2, np.float32)})
+    (tmp_path / "w").write_bytes(data)
+    ref = ModelRef((tmp_path / "w").as_uri(), hashlib.sha256(data).hexdigest(), len(data))
+    transport.subscribe(TOPICS.all_checkins, record)
+    client.start()
+    task = TrainTask(experiment_id="e1", round=1, base_version=0, model=ref)
+    task = dataclasses.replace(task, grant=grant("e1", 1, "phone-8", task.message_id))
+    transport.publish(TOPICS.device("phone-8"), sign(task))
+    transport.join(timeout=10)
+    client.check_in()  # back online
+    transport.join(timeout=10)
+    transport.close()
+
+    assert (client.stats.tasks, client.stats.abandoned, client.stats.updates_sent) == (1, 1, 0)
+    assert [c.capabilities["tasks_in_progress"] for c in checkins] == [0, 0]
