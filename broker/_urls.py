@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+MQTT_SCHEMES = frozenset({"mqtt", "mqtts"})
 
 
 def redact(url: str) -> str:
@@ -15,6 +17,38 @@ def redact(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def with_query(url: str, **params: str) -> str:
+    """Return ``url`` with query parameters added (existing ones are kept unless overridden)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.update(params)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def is_in_process(url: str) -> bool:
+    """Return whether ``url`` names the in-process bus (one shared by everything in a process)."""
+    return urlsplit(url).scheme == "memory"
+
+
+def binds_client_ids(url: str) -> bool:
+    """Return whether the broker at ``url`` binds a connection to its client id.
+
+    MQTT does: a second connection with a client id takes the first one over.
+    """
+    return urlsplit(url).scheme in MQTT_SCHEMES
+
+
+def with_session_expiry(url: str, seconds: int | None) -> str:
+    """Return ``url`` asking the broker to keep a vanished client's session ``seconds``.
+
+    Only MQTT has sessions that outlive a connection: any other URL, or
+    ``seconds`` None, comes back unchanged.
+    """
+    if seconds is None or urlsplit(url).scheme not in MQTT_SCHEMES:
+        return url
+    return with_query(url, session_expiry=str(seconds))
 
 
 def load_alias(

@@ -11,7 +11,11 @@ from collections.abc import MutableMapping
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
+from broker._urls import binds_client_ids as binds_client_ids
+from broker._urls import is_in_process as is_in_process
 from broker._urls import load_alias
+from broker._urls import with_query as with_query  # re-exported: URL settings callers add
+from broker._urls import with_session_expiry as with_session_expiry
 from broker.errors import TransportError, UnknownTransport
 from broker.transport import ReconnectListener, Transport, Will
 

@@ -33,13 +33,14 @@ import time
 import uuid
 from collections import deque
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from broker._mqtt_hub_client import HubClient, abort_socket
 from broker._mqtt_hub_lanes import Lanes
 from broker._mqtt_hub_limits import raise_open_files_limit, socket_capacity, too_many_message
 from broker._mqtt_hub_loop import EventLoop
 from broker._mqtt_options import MqttOptions
+from broker._urls import MQTT_SCHEMES, with_session_expiry
 from broker.connect import connect
 from broker.errors import TransportError
 from broker.transport import Transport, Will
@@ -384,10 +385,8 @@ class HubPool:
         **hub_options: Any,
     ) -> None:
         scheme = urlsplit(broker_url).scheme
-        self._url = broker_url
-        if session_expiry_s is not None and scheme in _MQTT_SCHEMES:
-            self._url = _with_query(broker_url, session_expiry=str(session_expiry_s))
-        self._own_hub = hub is None and scheme in _MQTT_SCHEMES
+        self._url = with_session_expiry(broker_url, session_expiry_s)
+        self._own_hub = hub is None and scheme in MQTT_SCHEMES
         self.hub = MqttHub(**hub_options) if self._own_hub else hub
         self._shared: Transport | None = connect(broker_url) if scheme == "memory" else None
         self.opened: list[Transport] = []
@@ -423,13 +422,3 @@ class Login(Protocol):
     def url_for(self, broker_url: str) -> str:
         """Return ``broker_url`` carrying this login."""
         ...
-
-
-_MQTT_SCHEMES = frozenset({"mqtt", "mqtts"})
-
-
-def _with_query(url: str, **params: str) -> str:
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    query.update(params)
-    return urlunsplit(parts._replace(query=urlencode(query)))

@@ -16,6 +16,7 @@ from aggregator_service import ConfigError, Database, ExperimentConfig, RoundSer
 from aggregator_service.persistence import RoundRecord
 from broker import MemoryTransport, Transport
 from broker.bridge import Bridge
+from broker.connect import is_in_process
 from broker.identity import SERVICE_NAME, Identity, KeyRing
 from broker.transport import Will
 from device_sdk.emulator import Fleet, TrainerFactory
@@ -31,7 +32,6 @@ from fedmq.wiring import (
     TransportPool,
     executor_runner,
     free_port,
-    is_in_process,
     start_http,
     unique_client_id,
 )

@@ -9,21 +9,16 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from broker import MemoryTransport, Transport, connect
 from broker.access import DeviceCredentials
+from broker.connect import is_in_process, with_session_expiry
 from fedmq.http_server import HttpServer
 
 if TYPE_CHECKING:
     from flask import Flask
 
 log = logging.getLogger(__name__)
-
-
-def is_in_process(broker_url: str) -> bool:
-    """Return whether ``broker_url`` names the in-process bus."""
-    return urlsplit(broker_url).scheme == "memory"
 
 
 Will = tuple[str, bytes]
@@ -52,9 +47,7 @@ def transport_factory(broker_url: str, *, session_expiry_s: int | None = None) -
             return shared
 
         return the_bus
-    url = broker_url
-    if session_expiry_s is not None and urlsplit(broker_url).scheme.startswith("mqtt"):
-        url = with_query(broker_url, session_expiry=str(session_expiry_s))
+    url = with_session_expiry(broker_url, session_expiry_s)
 
     def open_transport(
         client_id: str, will: Will | None = None, login: DeviceCredentials | None = None
@@ -121,14 +114,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
-
-
-def with_query(url: str, **params: str) -> str:
-    """Return ``url`` with query parameters added (existing ones are kept unless overridden)."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    query.update(params)
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 class TransportPool:

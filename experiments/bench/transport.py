@@ -31,6 +31,7 @@ from broker import (
     TrainTask,
     connect,
 )
+from broker.connect import with_query
 from device_sdk import DeviceContext, TrainResult
 from experiments.bench.intake import (
     AMQP_PREFETCH,
@@ -41,7 +42,6 @@ from experiments.bench.intake import (
     isolated_intake_rows,
 )
 from fedmq.compose import run_experiment
-from fedmq.wiring import with_query
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

@@ -11,19 +11,15 @@ so it works on a shared Mosquitto.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from broker import connect
+from broker.connect import binds_client_ids
 from fedmq.conformance._kit import TakeOver
-
-MQTT_SCHEMES = ("mqtt", "mqtts")
-"""Brokers whose client ids are exclusive (phones speak MQTT 5)."""
 
 
 def connection_taker(broker_url: str, device_id: str) -> TakeOver | None:
     """Return what takes ``device_id``'s connection on ``broker_url`` (None: not an MQTT broker)."""
     # A protocol property, not a transport choice: only MQTT binds a connection to a client id.
-    if urlsplit(broker_url).scheme not in MQTT_SCHEMES:
+    if not binds_client_ids(broker_url):
         return None
 
     def take_over() -> None:
