@@ -67,9 +67,15 @@ class Identity:
     def load_or_create(cls, name: str, path: Path) -> Identity:
         """Return the identity kept in ``path``, creating it (mode 0600) on first use."""
         if path.exists():
-            return cls.from_private_bytes(name, _read_key_file(path))
+            raw = _read_key_file(path)
+            try:
+                return cls.from_private_bytes(name, raw)
+            except IdentityError as exc:
+                raise IdentityError(f"key file {path}: {exc}") from exc
         identity = cls.generate(name)
         try:
+            if path.parent.exists() and not path.parent.is_dir():
+                raise NotADirectoryError(20, "its folder is not a directory")
             path.parent.mkdir(parents=True, exist_ok=True)
             # Created with the restrictive mode, never world-readable for an instant.
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -151,9 +157,13 @@ def _decode_key(text: str) -> bytes:
 
 def _read_key_file(path: Path) -> bytes:
     try:
-        return _decode_key(path.read_text().strip())
+        text = path.read_text()
     except OSError as exc:
         raise IdentityError(f"cannot read key file {path}: {exc}") from exc
+    try:
+        return _decode_key(text.strip())
+    except IdentityError as exc:
+        raise IdentityError(f"key file {path}: {exc}") from exc
 
 
 class KeyRing:

@@ -62,16 +62,20 @@ def _add_run(actions: Any) -> None:
         help="an .npz file of x (one row per example) and y (integer labels from 0)",
     )
     run.add_argument("--experiment", help="take part in this experiment only (default: any)")
-    run.add_argument("--seed", type=int, default=0, help="seeds the batch order (default 0)")
     run.add_argument(
-        "--stream", type=int, help="separates its batch order from others' (default: from its id)"
+        "--seed", type=_non_negative, default=0, help="seeds the batch order (default 0)"
+    )
+    run.add_argument(
+        "--stream",
+        type=_non_negative,
+        help="separates its batch order from others' (default: from its id)",
     )
     run.add_argument(
         "--heartbeat",
         type=_seconds,
         default=30.0,
         metavar="S",
-        help="check in again every S seconds (default 30)",
+        help="check in again every S seconds, at least 1 (default 30)",
     )
     run.add_argument("--health-file", type=Path, help="touch this file every 5 s")
     add_location_flags(run, "broker", "server")
@@ -84,8 +88,19 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} s: must be more than 0")
+    # Below a second, one device's check-ins alone keep a server core busy.
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} s: at least 1 s")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: 0 or more")
     return value
 
 

@@ -10,6 +10,7 @@ in every ``heartbeat_s`` so the coordinator keeps it in the online pool.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import threading
@@ -25,6 +26,7 @@ import numpy as np
 from aggregator_service import ServiceError
 from broker import CheckOut, encode
 from broker.identity import Identity
+from broker.topics import is_valid_segment
 from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient
 from device_sdk.data import load_examples
 from device_sdk.trainers.torchscript import TorchScriptTrainer
@@ -66,9 +68,64 @@ def edge_device_running(settings: Settings, options: EdgeOptions) -> Iterator[De
             "a misfit shows as failed tasks",
             options.experiment_id,
         )
+    if not is_valid_segment(options.device_id):
+        raise ServiceError(f"device id {options.device_id!r}: 1-128 letters, digits, '_' or '-'")
     enrollment = Enrollment(settings)  # no token: say so before a key is made
+    with _only_process_with(options.key_file):
+        identity, service_key = _enrolled(enrollment, options)
+        with _serving(settings, options, x, y, enrollment, identity, service_key) as device:
+            yield device
+
+
+@contextmanager
+def _only_process_with(key_file: Path) -> Iterator[None]:
+    """Hold a lock beside the key file: a second process with the key refuses to start.
+
+    Two would share the device's MQTT client id and take each other's
+    connection over, again and again, without an error.
+    """
+    lock_path = key_file.with_name(key_file.name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = lock_path.open("a")
+    except OSError as exc:
+        raise ServiceError(f"cannot lock {lock_path}: {exc.strerror or exc}") from exc
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServiceError(
+                f"another process runs the device of {key_file} (it holds {lock_path})"
+            ) from None
+        yield
+
+
+def _enrolled(enrollment: Enrollment, options: EdgeOptions) -> tuple[Identity, bytes]:
+    """Return the device's identity and the service key its enrollment answered with.
+
+    A key file made here for an enrollment the service refused is removed again.
+    """
+    made = not options.key_file.exists()
     identity = Identity.load_or_create(options.device_id, options.key_file)
-    service_key = enrollment(identity, "python")
+    try:
+        return identity, enrollment(identity, "python")
+    except BaseException:
+        if made:
+            options.key_file.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _serving(
+    settings: Settings,
+    options: EdgeOptions,
+    x: np.ndarray,
+    y: np.ndarray,
+    enrollment: Enrollment,
+    identity: Identity,
+    service_key: bytes,
+) -> Iterator[DeviceClient]:
+    """Run the enrolled device while the context lasts."""
     topics = settings.topics
     will = (
         topics.checkin(identity.name),

@@ -23,22 +23,39 @@ class HttpServer:
     took 2,000 trips through its single I/O thread's Python loop, which made
     uploads three times slower (40 uploads of 16 MB: 3.35 s at 8 KiB, 1.17 s)."""
 
+    CONNECTIONS = 1000
+    """Connections open at once (waitress's default, 100, turned browsers and fleets away)."""
+
     def __init__(self, app: Flask, host: str, port: int) -> None:
+        """Bind ``host:port`` now; serve from ``start()``.
+
+        ``ServiceError`` when the port cannot be bound (another server holds it).
+        """
         import waitress  # only a process that serves HTTP loads it
 
+        from aggregator_service import ServiceError
+
         # Werkzeug's development server is not for production: waitress is, in pure Python.
-        self._server = waitress.create_server(
-            app,
-            host=host,
-            port=port,
-            threads=self.THREADS,
-            recv_bytes=self.RECV_BYTES,
-            ident="fedmq",
-        )
+        try:
+            self._server = waitress.create_server(
+                app,
+                host=host,
+                port=port,
+                threads=self.THREADS,
+                recv_bytes=self.RECV_BYTES,
+                connection_limit=self.CONNECTIONS,
+                ident="fedmq",
+            )
+        except OSError as exc:
+            raise ServiceError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self.port = int(self._server.effective_port)
         """The bound port (the one the OS chose when asked for port 0)."""
         self._thread = threading.Thread(target=self._server.run, name="fedmq-http", daemon=True)
+
+    def start(self) -> HttpServer:
+        """Serve requests on a thread of its own; return self."""
         self._thread.start()
+        return self
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let requests in flight finish, then close every connection.
@@ -63,15 +80,20 @@ class HttpServer:
             time.sleep(0.05)
         server.task_dispatcher.shutdown(timeout=max(deadline - time.monotonic(), 0.5))
         if self._on_loop(server.trigger.close) is None:
-            server.close()  # the loop is gone: close what it left from here
-        self._thread.join(timeout=max(deadline - time.monotonic(), 0.5))
+            server.close()  # no loop (never started, or gone): close what is left from here
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(deadline - time.monotonic(), 0.5))
 
     def _close_idle_connections(self) -> int:
-        """Close the connections with nothing to read, run or send; return how many are left."""
+        """Close the connections with no request to finish or send; return how many are left.
+
+        A request whose headers have not all arrived is no request yet: a client
+        that sends them slowly does not hold the shutdown for its whole grace.
+        """
         busy = 0
         for channel in list(self._server.active_channels.values()):
-            idle = not channel.requests and channel.request is None
-            if idle and not channel.total_outbufs_len:
+            reading = channel.request is not None and channel.request.headers_finished
+            if not channel.requests and not reading and not channel.total_outbufs_len:
                 channel.will_close = True  # closed by the loop's next pass
             else:
                 busy += 1

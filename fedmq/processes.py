@@ -28,10 +28,11 @@ from device_sdk.emulator.profiles import TraceProfile, load_profile
 from device_sdk.emulator.traces import AvailabilityDriver
 from fedmq import components
 from fedmq.enrollment import Enrollment, fetch_experiment
+from fedmq.http_server import HttpServer
 from fedmq.keys import KeyFolder
 from fedmq.platforms import assign_platforms, mixed_trainers
 from fedmq.settings import Settings, redact
-from fedmq.wiring import Ticker, TransportPool, executor_runner, start_http, unique_client_id
+from fedmq.wiring import Ticker, TransportPool, executor_runner, unique_client_id
 from model_store import open_store
 
 log = logging.getLogger(__name__)
@@ -91,17 +92,20 @@ def serving(
             public_url=public_url or f"http://{_reachable(host)}:{port}",
         )
         service = coordinator.service
-        service.start(recovery_grace_s=recovery_grace_s)
-        stack.callback(service.close)  # the last-seen times still in memory; before the database
-        stack.callback(Ticker(service.tick).start().stop)
         token = settings.admin_token or _generated_token(settings.home)
         app = components.build_app(coordinator, store, settings, admin_token=token)
         link = LinkCounters()
         transport.on_reconnect(link.reconnected)
         app.extensions["fedmq.link"] = link  # /metrics counts the reconnects
         app.extensions["fedmq.broker_probe"] = BrokerProbe(settings.broker_url)  # /ready asks it
-        server = start_http(app, host, port)
+        # Bound before the coordinator starts: a second server on a port in use stops
+        # here, before it recovers (and resends) the running server's rounds.
+        server = HttpServer(app, host, port)
         stack.callback(server.shutdown)
+        service.start(recovery_grace_s=recovery_grace_s)
+        stack.callback(service.close)  # the last-seen times still in memory; before the database
+        stack.callback(Ticker(service.tick).start().stop)
+        server.start()
         print(
             f"fedmq server on http://{host}:{server.port} (broker {redact(settings.broker_url)})",
             flush=True,

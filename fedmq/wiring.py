@@ -106,7 +106,7 @@ def executor_runner(executor: Executor) -> Callable[[Callable[[], None]], None]:
 
 def start_http(app: Flask, host: str, port: int) -> HttpServer:
     """Serve ``app`` on a daemon thread; return the server (``.port``, ``.shutdown()``)."""
-    return HttpServer(app, host, port)
+    return HttpServer(app, host, port).start()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -4,7 +4,8 @@ Two edge devices hold, as ``.npz`` files, the examples the fleet would give
 devices 0 and 1; an emulated fleet runs the other 18. Given the fleet's seed
 and their indices as batch-order streams, the deployment commits the model
 ``fedmq simulate`` does. An edge device whose file does not fit the
-experiment's model is refused before it enrolls.
+experiment's model is refused before it enrolls, and a second server on the
+port in use stops before it touches the running one's rounds.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ def test_edge_devices_on_their_own_files_commit_what_the_simulation_does(tmp_pat
             online=20,
         )
         api.call("POST", f"/experiments/{experiment_id}/rounds", {"count": ROUNDS})
+        # A second server on the port in use stops before it touches the running
+        # one's rounds (recovering them would resend their tasks).
+        group.start("second-server", "-v", "server", "--port", str(port))
+        second = group.children.pop("second-server")
+        second.wait(timeout=60)
         rounds = wait_until(
             lambda: rounds_when_done(api, experiment_id, ROUNDS), 180, "the rounds", group
         )
@@ -103,6 +109,10 @@ def test_edge_devices_on_their_own_files_commit_what_the_simulation_does(tmp_pat
         enrolled = {d["id"] for d in api.call("GET", "/devices")["devices"]}
 
     assert misfit.returncode == 1
+    assert second.returncode == 1
+    refused = group.log("second-server")
+    assert f"fedmq: cannot listen on 127.0.0.1:{port}: Address already in use" in refused
+    assert "recovered" not in refused and "Traceback" not in refused, refused
     assert "model takes examples shaped [64]; the data file's are [8, 9]" in group.log("misfit")
     assert f"edge9-{tag}" not in enrolled  # refused before it enrolled
     edge_ids = {f"edge{index}-{tag}" for index in EDGE}

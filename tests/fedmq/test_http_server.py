@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 import threading
 import time
 
 import pytest
 from flask import Flask
 
+from aggregator_service import ServiceError
+from fedmq.http_server import HttpServer
 from fedmq.wiring import start_http
 
 BIG = 20 << 20  # a model download's size
@@ -104,3 +107,42 @@ def test_shutdown_lets_a_large_response_in_flight_arrive_whole() -> None:
     # Assert
     assert len(first) + len(rest) == BIG
     client.close()
+
+
+def test_a_client_still_sending_its_headers_does_not_hold_the_shutdown() -> None:
+    # Prepare: a request line and one header, never the blank line that ends them.
+    server = start_http(_app(threading.Event(), threading.Event()), "127.0.0.1", 0)
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    slow.sendall(b"GET /quick HTTP/1.1\r\nHost: fedmq\r\n")
+    time.sleep(0.2)
+
+    # Execute
+    began = time.monotonic()
+    server.shutdown()
+    took = time.monotonic() - began
+
+    # Assert
+    assert took < 2.0  # not the 5 s grace a request in progress gets
+    slow.close()
+
+
+def test_a_port_in_use_is_refused_in_one_line_and_nothing_serves() -> None:
+    # Prepare
+    first = start_http(_app(threading.Event(), threading.Event()), "127.0.0.1", 0)
+
+    # Execute / Assert
+    with pytest.raises(ServiceError, match=f"cannot listen on 127.0.0.1:{first.port}: .*in use"):
+        HttpServer(_app(threading.Event(), threading.Event()), "127.0.0.1", first.port)
+    first.shutdown()
+
+
+def test_a_server_bound_but_never_started_shuts_down() -> None:
+    # Prepare
+    server = HttpServer(_app(threading.Event(), threading.Event()), "127.0.0.1", 0)
+
+    # Execute
+    server.shutdown()
+
+    # Assert: the port is free again.
+    with socket.create_server(("127.0.0.1", server.port)):
+        pass
