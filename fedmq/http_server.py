@@ -51,6 +51,7 @@ class HttpServer:
         self.port = int(self._server.effective_port)
         """The bound port (the one the OS chose when asked for port 0)."""
         self._thread = threading.Thread(target=self._server.run, name="fedmq-http", daemon=True)
+        self._stopped = False
 
     def start(self) -> HttpServer:
         """Serve requests on a thread of its own; return self."""
@@ -60,10 +61,14 @@ class HttpServer:
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let requests in flight finish, then close every connection.
 
-        Returns once the serving thread has ended, or after ``grace_s``.
+        Returns once the serving thread has ended, or after ``grace_s``. A second
+        call does nothing.
         """
         from waitress import wasyncore
 
+        if self._stopped:
+            return
+        self._stopped = True
         server = self._server
         deadline = time.monotonic() + grace_s
         # Waitress's channels belong to its loop thread: every change to them runs

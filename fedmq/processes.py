@@ -101,11 +101,12 @@ def serving(
         # Bound before the coordinator starts: a second server on a port in use stops
         # here, before it recovers (and resends) the running server's rounds.
         server = HttpServer(app, host, port)
-        stack.callback(server.shutdown)
+        stack.callback(server.shutdown)  # frees the port if the coordinator fails to start
         service.start(recovery_grace_s=recovery_grace_s)
         stack.callback(service.close)  # the last-seen times still in memory; before the database
         stack.callback(Ticker(service.tick).start().stop)
         server.start()
+        stack.callback(server.shutdown)  # at the end, first: no request meets a closed service
         print(
             f"fedmq server on http://{host}:{server.port} (broker {redact(settings.broker_url)})",
             flush=True,

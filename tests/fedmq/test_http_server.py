@@ -140,7 +140,8 @@ def test_a_server_bound_but_never_started_shuts_down() -> None:
     # Prepare
     server = HttpServer(_app(threading.Event(), threading.Event()), "127.0.0.1", 0)
 
-    # Execute
+    # Execute: as the server command does when its coordinator fails to start, and again.
+    server.shutdown()
     server.shutdown()
 
     # Assert: the port is free again.
