@@ -238,6 +238,10 @@ class ExperimentConfig:
         secure = self.secure_aggregation
         if secure is None:
             return
+        try:
+            cohort = self.rounds.selection_size
+        except OverflowError:  # rounds settings out of range: validate's own checks say so
+            return
         problems = [
             message
             for ok, message in (
@@ -255,17 +259,17 @@ class ExperimentConfig:
                 ),
                 (secure.stage_timeout_s > 0, "secure_aggregation.stage_timeout_s: positive"),
                 (
-                    self.rounds.selection_size >= 3,
+                    cohort >= 3,
                     "secure_aggregation: needs a cohort of at least 3 devices "
                     "(rounds.devices_per_round x over_selection)",
                 ),
             )
             if not ok
         ]
-        if not problems and not _fits_32_bits(secure, self.rounds.selection_size):
+        if not problems and not _fits_32_bits(secure, cohort):
             problems.append(
                 f"secure_aggregation: clip x max_examples x the cohort "
-                f"({secure.clip:g} x {secure.max_examples} x {self.rounds.selection_size}) "
+                f"({secure.clip:g} x {secure.max_examples} x {cohort}) "
                 "leaves no precision in 32-bit sums; lower clip or max_examples"
             )
         # A strategy it cannot serve is refused where the strategy is built.
@@ -380,7 +384,7 @@ def _fits_32_bits(secure: SecureAggregationConfig, cohort: int) -> bool:
     """Return whether a cohort claiming the most examples still leaves a usable scale."""
     try:
         scale_for(secure.clip, secure.max_examples * cohort)
-    except SecAggError:
+    except (SecAggError, OverflowError):  # OverflowError: a weight past any float
         return False
     return True
 

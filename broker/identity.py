@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
 import threading
 import time
@@ -75,7 +76,7 @@ class Identity:
         identity = cls.generate(name)
         try:
             if path.parent.exists() and not path.parent.is_dir():
-                raise NotADirectoryError(20, "its folder is not a directory")
+                raise NotADirectoryError(errno.ENOTDIR, "its folder is not a directory")
             path.parent.mkdir(parents=True, exist_ok=True)
             # Created with the restrictive mode, never world-readable for an instant.
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

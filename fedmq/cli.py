@@ -19,6 +19,7 @@ from broker.topics import is_valid_segment
 from device_sdk import DeviceError
 from device_sdk.data.errors import DataError
 from device_sdk.emulator.profiles import PROFILES, load_profile
+from fedmq.argtypes import positive
 from fedmq.defaults import DEMO_CONFIG
 from fedmq.devices import add_devices_command
 from fedmq.export import EXPORT_PLATFORMS, ExportUsageError, export_package, parse_shape
@@ -292,16 +293,9 @@ def _segment(text: str) -> str:
 
 
 def _max_batch(text: str) -> int:
-    value = _positive(text)
+    value = positive(text)
     if value < 2:
         raise argparse.ArgumentTypeError("must be 2 or more (a dynamic batch axis needs two sizes)")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 
@@ -317,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a federated demo on embedded defaults")
-    demo.add_argument("--rounds", type=_positive, help="rounds to run (default 10)")
-    demo.add_argument("--devices", type=_positive, help="emulated devices (default 20)")
+    demo.add_argument("--rounds", type=positive, help="rounds to run (default 10)")
+    demo.add_argument("--devices", type=positive, help="emulated devices (default 20)")
     demo.add_argument("--out", type=Path, help="write rounds.csv, results.json, models, plot")
     demo.add_argument(
         "--broker",
@@ -331,18 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate_cmd = sub.add_parser("simulate", help="simulate an experiment config in-process")
     simulate_cmd.add_argument("config", type=Path, help="experiment config (.json or .toml)")
-    simulate_cmd.add_argument("--rounds", type=_positive, help="override rounds.count")
+    simulate_cmd.add_argument("--rounds", type=positive, help="override rounds.count")
     simulate_cmd.add_argument("--out", type=Path, help="write results into this folder")
     _add_profile_flag(simulate_cmd, "devices train in emulated time (deterministic)")
     simulate_cmd.add_argument(
         "--workers",
-        type=_positive,
+        type=positive,
         default=1,
         help="aggregator workers sharing the update queue (per region with --regions; default 1)",
     )
     simulate_cmd.add_argument(
         "--regions",
-        type=_positive,
+        type=positive,
         default=1,
         help="run an aggregation tree: N regions, each its own bus, devices and edge "
         "workers, bridged to a root that combines (default 1: no tree)",
@@ -382,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--health-file", type=Path, help="touch this file every 5 s")
     worker.add_argument(
         "--checkpoint-every",
-        type=_positive,
+        type=positive,
         default=32,
         help="checkpoint a round's aggregate and ack its updates every N folds (default 32)",
     )
@@ -419,14 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.set_defaults(func=_cmd_bridge)
 
     fleet = sub.add_parser("fleet", help="an emulated device fleet")
-    fleet.add_argument("--devices", type=_positive, required=True, help="how many devices")
+    fleet.add_argument("--devices", type=positive, required=True, help="how many devices")
     fleet.add_argument("--experiment", help="experiment id (default: the newest)")
     fleet.add_argument("--seed", type=int, help="partition seed (default: the experiment's)")
     fleet.add_argument("--first", type=int, default=0, help="index of the first device")
     fleet.add_argument("--prefix", default="emu", help="device id prefix (default emu)")
     fleet.add_argument(
         "--concurrency",
-        type=_positive,
+        type=positive,
         default=2,
         help="devices training at once (default 2; all of them under --profile)",
     )
@@ -472,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--out", type=Path, required=True, help="folder to write (created)")
     export.add_argument(
-        "--num-classes", type=_positive, help="classes (required with --zoo; else checked)"
+        "--num-classes", type=positive, help="classes (required with --zoo; else checked)"
     )
     export.add_argument("--hidden", type=_shape, metavar="SIZES", help="hidden sizes of a zoo mlp")
     export.add_argument("--seed", type=int, default=0, help="a zoo model's weight seed (default 0)")

@@ -9,6 +9,7 @@ from typing import Any
 
 from aggregator_service import ServiceError
 from broker.identity import Identity
+from fedmq.argtypes import seconds, whole_number
 from fedmq.rest import RestClient
 from fedmq.settings import Settings, add_location_flags, add_trust_flags
 
@@ -63,45 +64,25 @@ def _add_run(actions: Any) -> None:
     )
     run.add_argument("--experiment", help="take part in this experiment only (default: any)")
     run.add_argument(
-        "--seed", type=_non_negative, default=0, help="seeds the batch order (default 0)"
+        "--seed", type=whole_number(0), default=0, help="seeds the batch order (default 0)"
     )
     run.add_argument(
         "--stream",
-        type=_non_negative,
+        type=whole_number(0),
         help="separates its batch order from others' (default: from its id)",
     )
     run.add_argument(
         "--heartbeat",
-        type=_seconds,
+        type=seconds(1),
         default=30.0,
         metavar="S",
+        # Below a second, one device's check-ins alone keep a server core busy.
         help="check in again every S seconds, at least 1 (default 30)",
     )
     run.add_argument("--health-file", type=Path, help="touch this file every 5 s")
     add_location_flags(run, "broker", "server")
     add_trust_flags(run, keys=False)  # its key is --key-file
     run.set_defaults(func=_run)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    # Below a second, one device's check-ins alone keep a server core busy.
-    if not 1 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} s: at least 1 s")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: 0 or more")
-    return value
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from aggregator_service import load_config
+from fedmq.argtypes import positive
 from fedmq.rest import RestClient
 from fedmq.settings import Settings, add_location_flags
 
@@ -33,7 +34,7 @@ def add_run_commands(sub: Any) -> None:
         "fedmq submit experiments/configs/digits_fedavg.json --rounds 5 --watch",
     )
     submit.add_argument("config", type=Path, help="experiment config (.json or .toml)")
-    submit.add_argument("--rounds", type=_positive, help="rounds to run (default: rounds.count)")
+    submit.add_argument("--rounds", type=positive, help="rounds to run (default: rounds.count)")
     submit.add_argument("--watch", action="store_true", help="follow the rounds until they end")
     submit.set_defaults(func=_submit)
 
@@ -82,13 +83,6 @@ def _command(sub: Any, name: str, summary: str, example: str) -> argparse.Argume
     parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
     add_location_flags(parser, "server")
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def _api(settings: Settings, *, admin: bool = False) -> RestClient:

@@ -4,7 +4,8 @@
 fixed train/test split, and ``partition(labels, num_devices, scheme, seed=...)``
 splits its training examples across devices (``"iid"``, ``"dirichlet"``,
 ``"shards"``). A device with data of its own reads it with ``load_examples``
-(an ``.npz`` file of ``x`` and ``y``). Errors derive from :class:`device_sdk.data.errors.DataError`.
+(an ``.npz`` file of ``x`` and ``y``). Errors derive from
+:class:`device_sdk.data.errors.DataError`.
 Data set files are looked for only where the caller says: ``load_dataset``'s
 ``data_dir`` (a composition root passes its settings' folders).
 """

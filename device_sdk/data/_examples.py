@@ -26,8 +26,9 @@ def load_examples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     DataNotFound
         No file at ``path``.
     MalformedData
-        Not an ``.npz`` file, an array missing, non-numeric examples,
-        labels that are not non-negative integers, or counts that differ.
+        Not an ``.npz`` file (a lone ``.npy`` included), an array missing,
+        examples that are not finite real numbers, labels that are not
+        integers from 0 to int64's largest, or counts that differ.
     """
     file = Path(path)
     if not file.is_file():

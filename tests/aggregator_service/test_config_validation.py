@@ -49,6 +49,27 @@ def test_a_seed_out_of_range_is_a_config_problem_not_a_failure_at_the_build(seed
     ExperimentConfig.from_dict({"name": "x", "seed": 2**63 - 1, "model": model})
 
 
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"rounds": {"over_selection": 1.97e305}}, "rounds.over_selection: at most 10"),
+        ({"secure_aggregation": {"max_examples": 10**400}}, "leaves no precision in 32-bit"),
+    ],
+    ids=["infinite-cohort", "weight-past-any-float"],
+)
+def test_a_secure_config_with_numbers_past_any_float_is_a_problem_not_a_crash(
+    extra: dict[str, Any], says: str
+) -> None:
+    # Found by the API fuzzer: both raised OverflowError, a 500 at POST /experiments.
+    raw = {"name": "x", "model": {"zoo": "mlp", "input_shape": [64], "num_classes": 10}}
+    raw |= {"secure_aggregation": {}} | extra
+
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig.from_dict(raw)
+
+    assert any(says in problem for problem in caught.value.problems), caught.value.problems
+
+
 def test_the_cnn_needs_the_exact_image_shape_where_flattening_models_need_the_size() -> None:
     base = {"name": "x", "data": {"dataset": "mnist", "devices": 10}}
     flat = {"zoo": "mlp", "input_shape": [784], "num_classes": 10}

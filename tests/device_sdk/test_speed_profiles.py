@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,7 +105,6 @@ def test_virtual_time_completes_trainings_in_order_of_their_emulated_duration() 
 
 def test_a_device_checks_in_idle_after_each_update(tmp_path: Path) -> None:
     transport = MemoryTransport()
-    checkins: list[CheckIn] = []
     app = DeviceApp()
 
     @app.on_train
@@ -121,22 +121,12 @@ def test_a_device_checks_in_idle_after_each_update(tmp_path: Path) -> None:
         topics=TOPICS,
     )
 
-    def record(delivery: Delivery) -> None:
-        message = decode(delivery.body)
-        if isinstance(message, CheckIn):
-            checkins.append(message)
-        delivery.ack()
-
-    data = encode_weights({"w": np.zeros(2, np.float32)})
-    (tmp_path / "w").write_bytes(data)
-    ref = ModelRef((tmp_path / "w").as_uri(), hashlib.sha256(data).hexdigest(), len(data))
-    transport.subscribe(TOPICS.all_checkins, record)
+    checkins = _checkins(transport)
+    ref = _model(tmp_path)
     client.start()
     asynchronous = {TrainTask.CHECK_IN_WHEN_DONE: True}
     for training in (asynchronous, {}):
-        task = TrainTask(experiment_id="e1", round=1, base_version=0, model=ref, training=training)
-        task = dataclasses.replace(task, grant=grant("e1", 1, "phone-9", task.message_id))
-        transport.publish(TOPICS.device("phone-9"), sign(task))
+        transport.publish(TOPICS.device("phone-9"), _task("phone-9", ref, training))
         transport.join(timeout=10)
     transport.close()
 
@@ -153,7 +143,6 @@ def test_a_device_that_abandoned_its_task_checks_in_idle_again(tmp_path: Path) -
     from device_sdk.emulator._trace_pacing import TaskAbandoned, abandonable
 
     transport = MemoryTransport()
-    checkins: list[CheckIn] = []
     app = DeviceApp()
 
     @app.on_train
@@ -170,20 +159,10 @@ def test_a_device_that_abandoned_its_task_checks_in_idle_again(tmp_path: Path) -
         run=abandonable(None),
     )
 
-    def record(delivery: Delivery) -> None:
-        message = decode(delivery.body)
-        if isinstance(message, CheckIn):
-            checkins.append(message)
-        delivery.ack()
-
-    data = encode_weights({"w": np.zeros(2, np.float32)})
-    (tmp_path / "w").write_bytes(data)
-    ref = ModelRef((tmp_path / "w").as_uri(), hashlib.sha256(data).hexdigest(), len(data))
-    transport.subscribe(TOPICS.all_checkins, record)
+    checkins = _checkins(transport)
+    ref = _model(tmp_path)
     client.start()
-    task = TrainTask(experiment_id="e1", round=1, base_version=0, model=ref)
-    task = dataclasses.replace(task, grant=grant("e1", 1, "phone-8", task.message_id))
-    transport.publish(TOPICS.device("phone-8"), sign(task))
+    transport.publish(TOPICS.device("phone-8"), _task("phone-8", ref, {}))
     transport.join(timeout=10)
     client.check_in()  # back online
     transport.join(timeout=10)
@@ -191,3 +170,31 @@ def test_a_device_that_abandoned_its_task_checks_in_idle_again(tmp_path: Path) -
 
     assert (client.stats.tasks, client.stats.abandoned, client.stats.updates_sent) == (1, 1, 0)
     assert [c.capabilities["tasks_in_progress"] for c in checkins] == [0, 0]
+
+
+def _checkins(transport: MemoryTransport) -> list[CheckIn]:
+    """Return the list the check-ins published on ``transport`` will be appended to."""
+    checkins: list[CheckIn] = []
+
+    def record(delivery: Delivery) -> None:
+        message = decode(delivery.body)
+        if isinstance(message, CheckIn):
+            checkins.append(message)
+        delivery.ack()
+
+    transport.subscribe(TOPICS.all_checkins, record)
+    return checkins
+
+
+def _model(folder: Path) -> ModelRef:
+    """Return a reference to a tiny model written in ``folder``."""
+    data = encode_weights({"w": np.zeros(2, np.float32)})
+    (folder / "w").write_bytes(data)
+    return ModelRef((folder / "w").as_uri(), hashlib.sha256(data).hexdigest(), len(data))
+
+
+def _task(device_id: str, ref: ModelRef, training: dict[str, Any]) -> bytes:
+    """Return a signed, granted round-1 task of experiment e1 for ``device_id``."""
+    task = TrainTask(experiment_id="e1", round=1, base_version=0, model=ref, training=training)
+    task = dataclasses.replace(task, grant=grant("e1", 1, device_id, task.message_id))
+    return sign(task)

@@ -38,8 +38,9 @@ def _app(started: threading.Event, release: threading.Event) -> Flask:
     return app
 
 
-def _waitress_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    # Errors only: waitress warns of a queued task ("Task queue depth is 1") on a busy machine.
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_shutdown_closes_idle_keep_alive_connections_at_once(
@@ -59,7 +60,7 @@ def test_shutdown_closes_idle_keep_alive_connections_at_once(
     # Assert
     assert took < 2.0  # not the 5 s grace, nor the connection's 120 s idle timeout
     assert not [t for t in threading.enumerate() if t.name.startswith(("waitress", "fedmq-http"))]
-    assert _waitress_errors(caplog) == []
+    assert _errors_logged(caplog) == []
     client.close()
 
 
@@ -85,7 +86,7 @@ def test_shutdown_lets_a_request_in_flight_finish(caplog: pytest.LogCaptureFixtu
 
     # Assert: answered, and nothing written to a closed wake-up pipe on the way.
     assert answers == [b"done"]
-    assert _waitress_errors(caplog) == []
+    assert _errors_logged(caplog) == []
     client.close()
 
 
