@@ -21,7 +21,7 @@ from aggregator_service.strategies import Strategy, merge_state
 from aggregator_service.types import Weights
 from aggregator_service.validation import Rejected, check_finite
 from aggregator_service.versions import stored_ref, write_version
-from broker import CombineRound, RoundAbandoned, RoundCommitted, decode_weights
+from broker import CombineRound, RoundAbandoned, RoundCommitted, StrategySpec, decode_weights
 from broker.secagg.messages import RoundMasked
 from model_store import ModelStore
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 Outcome = RoundCommitted | RoundAbandoned
 Answer = Outcome | RoundMasked
 """What a combine request gets: an outcome, or (a secure round's first) its sum's devices."""
-StrategyFor = Callable[[str, dict[str, object], int], Strategy]
+StrategyFor = Callable[[str, StrategySpec, int], Strategy]
 """Returns an experiment's strategy with its server state at a base version."""
 OwnShare = Callable[[str, int, int], RoundCheckpoint | None]
 """Returns this worker's own checkpoint ``(experiment, round, sequence)`` if still in memory."""
@@ -118,7 +118,7 @@ class Combiner:
         """
         exp, number = request.experiment_id, request.round
         last = self._checkpoints.seal(exp, number)
-        strategy = self._strategy_for(exp, dict(request.strategy), request.base_version)
+        strategy = self._strategy_for(exp, request.strategy, request.base_version)
         current = decode_weights(self._store.get_blob(request.model.sha256))
         state = strategy.begin(number, current)
         ledger = Ledger()
@@ -250,7 +250,7 @@ class Combiner:
             # Combined before by a worker that died before its outcome was heard:
             # report that version; finishing again would advance the server state twice.
             ref = stored_ref(self._store, exp, version)
-            strategy = self._strategy_for(exp, dict(request.strategy), version)
+            strategy = self._strategy_for(exp, request.strategy, version)
         else:
             new = strategy.finish(request.round, current, state)
             advanced = True

@@ -13,6 +13,8 @@ from typing import Any
 
 from aggregator_service.errors import ConfigError
 from aggregator_service.strategies import STRATEGIES, FedAvg, Strategy
+from aggregator_service.types import RunShape
+from broker.messages import MaskedSumTerms, StrategySpec
 from broker.secagg import SecAggError, scale_for
 from device_sdk.data import DATASET_FACTS, DATASETS, PARTITIONS
 from model_store import ModelSpec, ModelSpecError
@@ -97,7 +99,7 @@ class ExperimentConfig:
     model: Mapping[str, Any]
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    strategy: Mapping[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    strategy: StrategySpec = field(default_factory=StrategySpec)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     secure_aggregation: SecureAggregationConfig | None = None
@@ -120,13 +122,14 @@ class ExperimentConfig:
         secagg = None
         if secure is not None:
             secagg = _section(SecureAggregationConfig, secure, "secure_aggregation")
-        strategy = dict(_typed(raw, "strategy", Mapping, {"name": "fedavg"}))
+        run = RunShape(data.devices, rounds.devices_per_round, training.lr)
+        strategy = strategy_spec(_typed(raw, "strategy", Mapping, {}), run, secagg)
         config = cls(
             name=_typed(raw, "name", str, "experiment"),
             seed=_typed(raw, "seed", int, 0),
             model=dict(raw["model"]),
             data=data,
-            strategy=derived_strategy(strategy, data, rounds, training, secagg),
+            strategy=strategy,
             rounds=rounds,
             training=training,
             secure_aggregation=secagg,
@@ -298,8 +301,16 @@ class ExperimentConfig:
         return tuple(p for p in PLATFORMS if p in raw or p == "python")
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the config as plain JSON-able data."""
-        return json.loads(json.dumps(asdict(self)))  # type: ignore[no-any-return]
+        """Return the config as plain JSON-able data, as ``from_dict`` reads it."""
+        raw: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        # The strategy section is flat; its secure aggregation terms follow from that section.
+        raw["strategy"] = {"name": self.strategy.name, **self.strategy.settings}
+        return raw
+
+    @property
+    def buffered(self) -> bool:
+        """Whether rounds are buffered server steps (see ``Strategy.buffered``)."""
+        return is_buffered(self.strategy)
 
     def training_settings(self) -> dict[str, float | int | str | bool]:
         """Return the training settings as sent in a task."""
@@ -308,76 +319,9 @@ class ExperimentConfig:
 
 _SECTIONS = ("name", "seed", "model", "data", "strategy", "rounds", "training")
 
-SECURE_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-"""Strategies secure aggregation serves: their round state is one example-weighted sum."""
-_NOT_SECURE = {
-    "median": "needs every update in the clear (a robust rule)",
-    "trimmed_mean": "needs every update in the clear (a robust rule)",
-    "krum": "needs every update in the clear (a robust rule)",
-    "multikrum": "needs every update in the clear (a robust rule)",
-    "dpfedavg": "clips each update on the server, which sees none (distributed DP is not built)",
-    "scaffold": "needs each device's control delta (not masked yet)",
-    "fednova": "weighs each update by its own local steps",
-    "qfedavg": "weighs each update by its own loss",
-    "fedbuff": "has no cohort to share keys in (asynchronous)",
-}
-
-
-def secure_refusal(strategy: str) -> str | None:
-    """Return why secure aggregation cannot serve ``strategy`` (None: it can)."""
-    if strategy in SECURE_STRATEGIES:
-        return None
-    why = _NOT_SECURE.get(strategy, "is not one it serves")
-    return f"strategy {strategy} {why}; it serves {', '.join(SECURE_STRATEGIES)}"
-
-
 PHONE_PLATFORMS = ("android", "ios")
 #: The largest batch of the phone programs a service exports (``--max-batch``'s default).
 PHONE_MAX_BATCH = DEFAULT_MAX_BATCH
-
-ASYNCHRONOUS = ("fedbuff",)
-"""Strategies whose rounds are server steps without a cohort barrier (see ``is_asynchronous``)."""
-
-
-def is_asynchronous(strategy: Mapping[str, Any]) -> bool:
-    """Return whether a ``strategy`` section names an asynchronous (buffered) strategy.
-
-    Such an experiment keeps devices training continuously on whatever model
-    version is current; each of its rounds is one server step that folds
-    ``buffer_size`` updates, stale ones included, into the next version.
-    """
-    return strategy.get("name") in ASYNCHRONOUS
-
-
-def derived_strategy(
-    strategy: Mapping[str, Any],
-    data: DataConfig,
-    rounds: RoundsConfig,
-    training: TrainingConfig,
-    secure: SecureAggregationConfig | None = None,
-) -> dict[str, Any]:
-    """Return the strategy section with the settings that follow from the rest of the config.
-
-    SCAFFOLD and DP-FedAvg count the clients (``data.devices``), DP-FedAvg
-    samples ``devices_per_round`` of them per round, and q-FedAvg's step is
-    ``1 / training.lr`` (Li et al. 2020). A setting the user gave is kept.
-    """
-    settings = dict(strategy)
-    name = settings.get("name")
-    if name in ("scaffold", "dpfedavg"):
-        settings.setdefault("num_clients", data.devices)
-    if name == "dpfedavg":
-        settings.setdefault(
-            "sampling_rate", min(1.0, rounds.devices_per_round / max(data.devices, 1))
-        )
-    if name == "qfedavg" and "lr" not in settings and "lipschitz" not in settings:
-        settings["lr"] = training.lr
-    settings.pop(SECURE_KEY, None)
-    if secure is not None:
-        # The workers build their strategy from this section: they learn here
-        # that updates come masked, clipped to what and weighted up to what.
-        settings[SECURE_KEY] = {"clip": secure.clip, "max_examples": secure.max_examples}
-    return settings
 
 
 def _fits_32_bits(secure: SecureAggregationConfig, cohort: int) -> bool:
@@ -389,10 +333,6 @@ def _fits_32_bits(secure: SecureAggregationConfig, cohort: int) -> bool:
     return True
 
 
-SECURE_KEY = "secure_aggregation"
-"""The strategy section's key for the settings secure aggregation's workers need."""
-
-
 def strategy_classes() -> dict[str, type[Strategy]]:
     """Return every strategy a config may name, DP included."""
     from aggregator_service.privacy import DPFedAvg
@@ -400,37 +340,85 @@ def strategy_classes() -> dict[str, type[Strategy]]:
     return {**STRATEGIES, DPFedAvg.name: DPFedAvg}
 
 
-def build_strategy(config: Mapping[str, Any]) -> Strategy:
-    """Return the strategy a config's ``strategy`` section names, with its settings.
+def secure_strategies() -> list[str]:
+    """Return the strategies secure aggregation serves (see ``Strategy.secure_refusal``)."""
+    return [name for name, cls in strategy_classes().items() if cls.secure_refusal is None]
 
-    With secure aggregation's settings in the section, the strategy sums masked
-    updates and steps as the named one from their unmasked sum.
+
+def is_buffered(strategy: StrategySpec) -> bool:
+    """Return whether a strategy's rounds are buffered server steps (``Strategy.buffered``).
+
+    Such an experiment keeps devices training continuously on whatever model
+    version is current; each of its rounds is one server step that folds
+    ``buffer_size`` updates, stale ones included, into the next version.
     """
-    settings = dict(config)
-    secure = settings.pop(SECURE_KEY, None)
-    name = settings.pop("name", None)
-    if secure is not None:
-        from aggregator_service.secagg.strategy import SecureSum
+    cls = strategy_classes().get(strategy.name)
+    return cls is not None and cls.buffered
 
-        inner = build_strategy({"name": name, **settings})
-        refusal = secure_refusal(str(name))
-        if refusal is not None or not isinstance(inner, FedAvg):  # (the second: for the type)
-            raise ConfigError(f"secure_aggregation: {refusal or f'strategy {name} is not served'}")
-        try:
-            return SecureSum(inner, **secure)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"strategy {name}: secure_aggregation {exc}") from exc
+
+def strategy_spec(
+    section: Mapping[str, Any], run: RunShape, secure: SecureAggregationConfig | None = None
+) -> StrategySpec:
+    """Parse a config's ``strategy`` section into a spec the workers build from.
+
+    Settings that follow from the rest of the config (``Strategy.derived_settings``)
+    are added where the section leaves them out; a setting the user gave is kept.
+    With secure aggregation the spec says that updates come masked, clipped to
+    what and weighted up to what.
+    """
+    given = dict(section)
+    name = given.pop("name", StrategySpec.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"strategy.name: expected a name, got {name!r}")
+    if secure is not None:
+        # Configs FedMQ stored before the spec was typed repeat the terms here.
+        given.pop("secure_aggregation", None)
+    for key, value in given.items():
+        if value is not None and not isinstance(value, bool | int | float | str):
+            raise ConfigError(
+                f"strategy.{key}: expected a number, true/false or text, got {value!r}"
+            )
+    cls = strategy_classes().get(name)
+    derived = {} if cls is None else cls.derived_settings(given, run)
+    masked = None
+    if secure is not None:
+        masked = MaskedSumTerms(clip=secure.clip, max_examples=secure.max_examples)
+    return StrategySpec(name=name, settings={**derived, **given}, masked=masked)
+
+
+def build_strategy(spec: StrategySpec) -> Strategy:
+    """Return the strategy ``spec`` names, with its settings.
+
+    With ``spec.masked``, the strategy sums masked updates and steps as the
+    named one from their unmasked sum.
+    """
     known = strategy_classes()
-    cls = known.get(str(name))
+    cls = known.get(spec.name)
     if cls is None:
-        raise ConfigError(f"strategy.name: unknown {name!r}; known: {', '.join(sorted(known))}")
-    problem = _settings_problem(cls, settings)
+        raise ConfigError(
+            f"strategy.name: unknown {spec.name!r}; known: {', '.join(sorted(known))}"
+        )
+    problem = _settings_problem(cls, spec.settings)
     if problem is not None:
-        raise ConfigError(f"strategy {name}: {problem}")
+        raise ConfigError(f"strategy {spec.name}: {problem}")
     try:
-        return cls(**settings)
+        strategy = cls(**spec.settings)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"strategy {name}: {exc}") from exc
+        raise ConfigError(f"strategy {spec.name}: {exc}") from exc
+    if spec.masked is None:
+        return strategy
+    if cls.secure_refusal is not None or not isinstance(strategy, FedAvg):  # (2nd: the type)
+        why = cls.secure_refusal or "is not one it serves"
+        raise ConfigError(
+            f"secure_aggregation: strategy {spec.name} {why}; "
+            f"it serves {', '.join(secure_strategies())}"
+        )
+    from aggregator_service.secagg.strategy import SecureSum
+
+    try:
+        return SecureSum(strategy, clip=spec.masked.clip, max_examples=spec.masked.max_examples)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"strategy {spec.name}: secure_aggregation {exc}") from exc
 
 
 def _settings_problem(cls: type, settings: Mapping[str, Any]) -> str | None:

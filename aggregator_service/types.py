@@ -14,6 +14,18 @@ Scalar = float | int | str | bool
 
 
 @dataclass(frozen=True)
+class RunShape:
+    """What a strategy may derive settings from: the federation and its devices' step."""
+
+    clients: int
+    """Devices in the federation."""
+    clients_per_round: int
+    """Devices a round selects."""
+    device_lr: float
+    """The devices' learning rate."""
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
     """One device's validated contribution to a round.
 

@@ -17,7 +17,6 @@ by the others: never both, never neither (see ``checkpoints``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import threading
@@ -26,7 +25,7 @@ from typing import Any
 
 from aggregator_service.checkpoints import AsideUpdate, Checkpoints, RoundCheckpoint, Sealed
 from aggregator_service.combine import Combiner, Outcome
-from aggregator_service.config import build_strategy, is_asynchronous
+from aggregator_service.config import build_strategy
 from aggregator_service.gate import UpdateGate
 from aggregator_service.links import upload_name
 from aggregator_service.policies import BufferedPolicy, CohortPolicy, Placement, RoundPolicy
@@ -55,6 +54,7 @@ from broker import (
     RoundCommitted,
     RoundOpened,
     RoundProgress,
+    StrategySpec,
     Transport,
     UpdateRejected,
     WorkerAlive,
@@ -167,7 +167,7 @@ class AggregatorWorker:
         self._flushed: dict[str, _Flushed] = {}
         self._outcomes: dict[str, RoundCommitted | RoundAbandoned] = {}
         # experiment -> (strategy config, instance, model version its state belongs to)
-        self._strategies: dict[str, tuple[str, Strategy, int]] = {}
+        self._strategies: dict[str, tuple[StrategySpec, Strategy, int]] = {}
         self._early: list[tuple[ModelUpdate, Delivery]] = []
         self._early_bytes = 0
         self._progress_timer: threading.Timer | None = None
@@ -276,12 +276,10 @@ class AggregatorWorker:
             return
         if existing is not None:
             self._flush(exp, existing.opened.round)
-        policy: RoundPolicy = self._cohort
-        if is_asynchronous(opened.strategy):
-            policy = self._buffered
-        self._policies[exp] = policy
         current = decode_weights(self._store.get_blob(opened.model.sha256))
-        strategy = self._strategy_at(exp, dict(opened.strategy), opened.base_version)
+        strategy = self._strategy_at(exp, opened.strategy, opened.base_version)
+        policy: RoundPolicy = self._buffered if strategy.buffered else self._cohort
+        self._policies[exp] = policy
         rnd = Share(opened, current, strategy, policy.begin(opened, strategy, current))
         if not self._resume(rnd):
             self._closed(exp, opened.round)  # sealed already: combined without this worker
@@ -297,19 +295,18 @@ class AggregatorWorker:
         self._early_bytes -= sum(len(d.body) for _, d in held)
         return held
 
-    def _strategy_at(self, experiment_id: str, config: dict[str, Any], version: int) -> Strategy:
+    def _strategy_at(self, experiment_id: str, spec: StrategySpec, version: int) -> Strategy:
         """Return the experiment's strategy with its server state at ``version``."""
-        key = json.dumps(config, sort_keys=True)
         cached = self._strategies.get(experiment_id)
-        if cached is not None and cached[0] == key and cached[2] == version:
+        if cached is not None and cached[0] == spec and cached[2] == version:
             return cached[1]
         # A new worker, a round another worker combined, or one after an abandoned
         # round: the state is the one stored with the version.
-        strategy = build_strategy(config)
+        strategy = build_strategy(spec)
         strategy.load_state_dict(read_strategy_state(self._store, experiment_id, version))
         if isinstance(strategy, FedBuff):
             strategy.set_version(version)  # its server state is the version it steps from
-        self._strategies[experiment_id] = (key, strategy, version)
+        self._strategies[experiment_id] = (spec, strategy, version)
         return strategy
 
     def _resume(self, rnd: Share) -> bool:
@@ -775,8 +772,7 @@ class AggregatorWorker:
         if advanced is None:
             self._strategies.pop(exp, None)
         else:
-            key = json.dumps(dict(request.strategy), sort_keys=True)
-            self._strategies[exp] = (key, advanced, request.base_version + 1)
+            self._strategies[exp] = (request.strategy, advanced, request.base_version + 1)
         if isinstance(outcome, RoundMasked):
             # Not an outcome yet: the coordinator gathers the seeds and asks again.
             self._publish(outcome)

@@ -146,6 +146,33 @@ class ModelRef:
     """
 
 
+@dataclass(frozen=True)
+class MaskedSumTerms:
+    """Secure aggregation's terms, which a worker needs to sum masked updates.
+
+    Each device clips its update to ``clip`` (L2 norm) and weighs it by at
+    most ``max_examples`` examples before it masks it.
+    """
+
+    clip: float
+    max_examples: int
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """The rule that combines a round's updates: a strategy by name, with its settings.
+
+    Workers build the strategy from it. ``settings`` are the keyword arguments
+    of the strategy's class, including those the experiment derives (SCAFFOLD's
+    client count, say); ``masked`` is present when the round's updates come
+    masked by secure aggregation.
+    """
+
+    name: str = "fedavg"
+    settings: Mapping[str, Scalar | None] = field(default_factory=dict)
+    masked: MaskedSumTerms | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Message:
     """Envelope fields shared by every message."""
@@ -555,7 +582,7 @@ class RoundOpened(Message):
     target_reports: int
     min_reports: int
     deadline_at: float
-    strategy: Mapping[str, Any] = field(default_factory=dict)
+    strategy: StrategySpec = field(default_factory=StrategySpec)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -617,7 +644,7 @@ class CombineRound(Message):
     base_version: int
     model: ModelRef
     min_reports: int
-    strategy: Mapping[str, Any] = field(default_factory=dict)
+    strategy: StrategySpec = field(default_factory=StrategySpec)
     unmask: ModelRef | None = None
     """Secure aggregation: the seeds that remove the masks from the sealed sum (a JSON
     object in the store, so they never ride the bus). Absent on the first request of a

@@ -380,6 +380,8 @@ def _default(f: dataclasses.Field[Any]) -> dict[str, Any]:
         value: Any = f.default
     elif f.default_factory in (dict, list, tuple):
         value = f.default_factory()
+    elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+        value = dataclasses.asdict(f.default_factory())  # a typed value with defaults throughout
     else:
         return {}
     return {"default": value.value if isinstance(value, Enum) else json.loads(json.dumps(value))}

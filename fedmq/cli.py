@@ -92,7 +92,7 @@ def _run_and_report(
     print(
         f"experiment {config.name}: {config.data.devices} devices, "
         f"{config.data.dataset}/{config.data.partition}, strategy "
-        f"{config.strategy.get('name')}, {rounds or config.rounds.count} rounds, "
+        f"{config.strategy.name}, {rounds or config.rounds.count} rounds, "
         f"broker {redact(broker)}"
     )
     print(_HEADER, flush=True)
@@ -171,11 +171,11 @@ def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     config = load_config(args.config)
     check_model_size(config, settings.max_model_parameters)
-    strategy = dict(config.strategy)
+    strategy = config.strategy
     print(
         f"{args.config}: valid. {config.name}: {config.data.devices} devices on "
         f"{config.data.dataset}/{config.data.partition}, model {config.model.get('zoo')}, "
-        f"strategy {strategy.pop('name')} {strategy or ''}".rstrip()
+        f"strategy {strategy.name} {dict(strategy.settings) or ''}".rstrip()
     )
     return 0
 

@@ -19,7 +19,7 @@ from aggregator_service.privacy.noise import (
 from aggregator_service.strategies import _checks
 from aggregator_service.strategies.base import StateValue, Strategy
 from aggregator_service.strategies.ops import SummedState, WeightedSum, check_keys, step_from
-from aggregator_service.types import ClientUpdate, Scalar, Weights
+from aggregator_service.types import ClientUpdate, RunShape, Scalar, Weights
 
 _RNG_KEYS = ("rng_state", "rng_inc", "rng_has_uint32", "rng_uinteger")
 
@@ -82,6 +82,17 @@ class DPFedAvg(Strategy):
     """
 
     name = "dpfedavg"
+    secure_refusal = (
+        "clips each update on the server, which sees none (distributed DP is not built)"
+    )
+
+    @classmethod
+    def derived_settings(
+        cls, given: Mapping[str, Scalar | None], run: RunShape
+    ) -> dict[str, Scalar]:
+        """Return the federation's size and the share of it sampled each round."""
+        rate = min(1.0, run.clients_per_round / max(run.clients, 1))
+        return {"num_clients": run.clients, "sampling_rate": rate}
 
     def __init__(
         self,

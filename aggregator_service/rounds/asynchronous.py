@@ -124,7 +124,7 @@ class AsyncRounds:
             target_reports=target,
             min_reports=minimum,
             deadline_at=now + config.rounds.deadline_s,
-            strategy=dict(config.strategy),
+            strategy=config.strategy,
             sender=self._sender,
         )
         self._db.add_round(new_round_record(opened, started_at=now))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from aggregator_service.config import ExperimentConfig, is_asynchronous
+from aggregator_service.config import ExperimentConfig
 from aggregator_service.links import ArtifactLinks
 from aggregator_service.persistence import Database
 from aggregator_service.rounds.asynchronous import step_limits
@@ -37,7 +37,7 @@ def in_flight_rounds(
         weights = store.get_manifest(exp.id, rnd.base_version).artifacts[WEIGHTS]
         k = len(rnd.selected)
         target, minimum = min(config.rounds.devices_per_round, k), min(config.rounds.minimum, k)
-        if is_asynchronous(config.strategy):  # a server step: K updates from any tasks
+        if config.buffered:  # a server step: K updates from any tasks
             target, minimum = step_limits(config)
         announcements.append(
             RoundOpened(
@@ -49,7 +49,7 @@ def in_flight_rounds(
                 target_reports=target,
                 min_reports=minimum,
                 deadline_at=rnd.deadline_at,
-                strategy=dict(config.strategy),
+                strategy=config.strategy,
                 sender=sender,
             )
         )

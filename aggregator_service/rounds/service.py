@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from aggregator_service.checkpoints import Checkpoints
-from aggregator_service.config import ExperimentConfig, is_asynchronous
+from aggregator_service.config import ExperimentConfig, is_buffered
 from aggregator_service.errors import Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import (
@@ -496,7 +496,7 @@ class RoundService:
                 config.rounds.minimum,
             )
             return
-        if is_asynchronous(config.strategy):
+        if config.buffered:
             refs = self._tasks.refs(experiment_id, exp.model_version)
             self._async.open_step(exp, config, refs, self._online)
             return
@@ -518,7 +518,7 @@ class RoundService:
             target_reports=min(config.rounds.devices_per_round, k),
             min_reports=min(config.rounds.minimum, k),
             deadline_at=now + config.rounds.deadline_s,
-            strategy=dict(config.strategy),
+            strategy=config.strategy,
             sender=self._identity.name,
         )
         self._db.add_round(new_round_record(opened, started_at=now))
@@ -543,7 +543,7 @@ class RoundService:
         self._track(opened)
 
     def _track(self, opened: RoundOpened) -> None:
-        self._closing.track(opened, asynchronous=is_asynchronous(opened.strategy))
+        self._closing.track(opened, asynchronous=is_buffered(opened.strategy))
 
     def _sign_and_publish(self, topic: str, message: Message) -> None:
         self._transport.publish(topic, encode(message, self._identity))
@@ -552,7 +552,7 @@ class RoundService:
         """Send a recovered round's tasks again (an asynchronous step refills at check-ins)."""
         refs = self._tasks.refs(opened.experiment_id, opened.base_version)
         config = self._catalog.config(opened.experiment_id)
-        if is_asynchronous(config.strategy):
+        if config.buffered:
             self._async.resume(opened, config, refs)
             return
         key = (opened.experiment_id, opened.round)

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from aggregator_service.config import ExperimentConfig, build_strategy, is_asynchronous
+from aggregator_service.config import ExperimentConfig, build_strategy
 from aggregator_service.links import ArtifactLinks, upload_name
 from broker import (
     ComeBackLater,
@@ -102,7 +102,7 @@ class TaskDispatch:
             return
         strategy = build_strategy(config.strategy)
         training = {**config.training_settings(), **strategy.configure_round(number)}
-        if is_asynchronous(config.strategy):
+        if config.buffered:
             # No cohort barrier: a device that answers is idle, and says so at once.
             training[TrainTask.CHECK_IN_WHEN_DONE] = True
         # The strategy's saved state rides along by reference: SCAFFOLD devices

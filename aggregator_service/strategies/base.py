@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from aggregator_service.strategies.ops import WeightedSum
-from aggregator_service.types import ClientUpdate, Scalar, Weights
+from aggregator_service.types import ClientUpdate, RunShape, Scalar, Weights
 
 StateValue = np.ndarray | float | int
 """One entry of a strategy's checkpointable server state."""
@@ -40,6 +40,22 @@ class Strategy:
     """Whether ``ClientUpdate.weights`` must be the client's delta, not its model."""
     takes_control_delta: ClassVar[bool] = False
     """Whether updates carry a control-variate delta (``control_delta/<name>`` tensors)."""
+    buffered: ClassVar[bool] = False
+    """Whether a round is a server step over a buffer of updates, stale ones included,
+    with no cohort: devices train continuously on whatever version is current."""
+    secure_refusal: ClassVar[str | None] = "is not one it serves"
+    """Why secure aggregation cannot serve this strategy (None: it can, because the
+    round's state is one example-weighted sum, which masked updates add up to)."""
+
+    @classmethod
+    def derived_settings(
+        cls, given: Mapping[str, Scalar | None], run: RunShape
+    ) -> dict[str, Scalar]:
+        """Return settings that follow from the run.
+
+        The experiment adds them where ``given``, the user's settings, leaves them out.
+        """
+        return {}
 
     def __init__(self, **settings: Any) -> None:
         if settings:

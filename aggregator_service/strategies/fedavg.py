@@ -27,6 +27,7 @@ class FedAvg(Strategy):
     """
 
     name = "fedavg"
+    secure_refusal = None
 
     def begin(self, rnd: int, current: Weights) -> WeightedSum:
         """Return an empty example-weighted sum shaped like ``current``."""

@@ -63,6 +63,8 @@ class FedBuff(Strategy):
 
     name = "fedbuff"
     takes_deltas = True
+    buffered = True
+    secure_refusal = "has no cohort to share keys in (asynchronous)"
 
     def __init__(
         self, *, buffer_size: int = 10, server_lr: float = 1.0, max_staleness: int = 10

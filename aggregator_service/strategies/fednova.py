@@ -40,6 +40,7 @@ class FedNova(Strategy):
     """
 
     name = "fednova"
+    secure_refusal = "weighs each update by its own local steps"
 
     def begin(self, rnd: int, current: Weights) -> NovaState:
         """Return an empty round state stepping from ``current``."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aggregator_service.strategies import _checks
 from aggregator_service.strategies.base import Strategy
 from aggregator_service.strategies.ops import SummedState, WeightedSum, step_from
-from aggregator_service.types import ClientUpdate, Scalar, Weights
+from aggregator_service.types import ClientUpdate, RunShape, Scalar, Weights
 
 LOSS_BEFORE = "loss_before"
 """The metric key carrying a client's training loss at the round's global model."""
@@ -47,6 +48,17 @@ class QFedAvg(Strategy):
     """
 
     name = "qfedavg"
+    secure_refusal = "weighs each update by its own loss"
+
+    @classmethod
+    def derived_settings(
+        cls, given: Mapping[str, Scalar | None], run: RunShape
+    ) -> dict[str, Scalar]:
+        """Return the devices' learning rate as ``lr``, unless ``lipschitz`` is given.
+
+        The paper sets ``L = 1 / lr`` (Li et al. 2020).
+        """
+        return {} if "lipschitz" in given else {"lr": run.device_lr}
 
     def __init__(
         self, *, q: float = 0.2, lr: float | None = None, lipschitz: float | None = None

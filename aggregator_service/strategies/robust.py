@@ -51,6 +51,7 @@ class RobustStrategy(Strategy):
 
     name = "robust"
     keeps_updates = True
+    secure_refusal = "needs every update in the clear (a robust rule)"
 
     def __init__(self, *, max_updates: int = 1000) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ from aggregator_service.strategies.ops import (
     step_from,
     unflatten_state,
 )
-from aggregator_service.types import ClientUpdate, Scalar, Weights
+from aggregator_service.types import ClientUpdate, RunShape, Scalar, Weights
 
 
 @dataclass
@@ -55,6 +55,14 @@ class Scaffold(Strategy):
 
     name = "scaffold"
     takes_control_delta = True
+    secure_refusal = "needs each device's control delta (not masked yet)"
+
+    @classmethod
+    def derived_settings(
+        cls, given: Mapping[str, Scalar | None], run: RunShape
+    ) -> dict[str, Scalar]:
+        """Return the federation's size as ``num_clients``."""
+        return {"num_clients": run.clients}
 
     def __init__(self, *, num_clients: int, server_lr: float = 1.0) -> None:
         super().__init__()

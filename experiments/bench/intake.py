@@ -47,6 +47,7 @@ from broker import (
     RoundCommitted,
     RoundOpened,
     RoundProgress,
+    StrategySpec,
     Transport,
     decode,
     encode,
@@ -566,7 +567,7 @@ def _worker_rate(
             target_reports=len(frames),
             min_reports=len(frames),
             deadline_at=time.time() + 3600,
-            strategy={"name": "fedavg"},
+            strategy=StrategySpec("fedavg"),
         )
         settings = []
         for name in names:

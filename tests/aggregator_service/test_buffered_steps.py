@@ -22,12 +22,14 @@ from broker import (
     RoundAbandoned,
     RoundCommitted,
     RoundOpened,
+    StrategySpec,
     UpdateRejected,
     decode,
     decode_weights,
     encode_weights,
 )
 from broker.identity import Identity
+from broker.messages import Scalar
 from model_store import MemoryStore
 from tests.aggregator_service.worker_doubles import Bus as SharedBus
 from tests.aggregator_service.worker_doubles import FakeDelivery
@@ -93,19 +95,19 @@ def _store(versions: int) -> MemoryStore:
     return store
 
 
-def _opened(store: MemoryStore, number: int, base: int, **strategy: object) -> RoundOpened:
+def _opened(store: MemoryStore, number: int, base: int, **strategy: Scalar) -> RoundOpened:
     artifact = store.get_manifest(EXP, base).artifacts["weights.safetensors"]
-    settings = {"name": "fedbuff", "buffer_size": 2, "max_staleness": 3, **strategy}
+    settings: dict[str, Scalar] = {"buffer_size": 2, "max_staleness": 3, **strategy}
     return RoundOpened(
         experiment_id=EXP,
         round=number,
         base_version=base,
         model=ModelRef(store.blob_url(artifact.sha256), artifact.sha256, artifact.size),
         selected=("a",),
-        target_reports=int(settings["buffer_size"]),  # type: ignore[call-overload]
+        target_reports=int(settings["buffer_size"]),
         min_reports=1,
         deadline_at=0.0,
-        strategy=settings,
+        strategy=StrategySpec("fedbuff", settings),
     )
 
 

@@ -16,6 +16,7 @@ from broker import (
     PartialReady,
     RoundOpened,
     RoundProgress,
+    StrategySpec,
 )
 from broker.topics import Topics
 from model_store import MemoryStore
@@ -30,7 +31,7 @@ OPENED = RoundOpened(
     target_reports=2,
     min_reports=1,
     deadline_at=100.0,
-    strategy={"name": "fedavg"},
+    strategy=StrategySpec("fedavg"),
 )
 
 

@@ -12,6 +12,7 @@ from flask.testing import FlaskClient
 from aggregator_service import ConfigError, ExperimentConfig
 from aggregator_service.api.app import create_app
 from aggregator_service.config import build_strategy
+from broker import StrategySpec
 from device_sdk.data import DATASET_FACTS, load_dataset
 from device_sdk.data.errors import DataNotFound
 from fedmq.settings import load_settings
@@ -106,7 +107,7 @@ def test_strategy_settings_that_follow_from_the_config_default_from_it(name: str
 
     config = ExperimentConfig.from_dict(raw)
 
-    settings = dict(config.strategy)
+    settings = config.strategy.settings
     expected = {
         "scaffold": {"num_clients": 12},
         "qfedavg": {"lr": 0.2},
@@ -115,7 +116,7 @@ def test_strategy_settings_that_follow_from_the_config_default_from_it(name: str
     assert {k: settings[k] for k in expected} == expected
     build_strategy(config.strategy)  # and the strategy builds from what is stored
     given = ExperimentConfig.from_dict({**raw, "strategy": {**strategy, **_other(name)}})
-    assert {k: given.strategy[k] for k in _other(name)} == _other(name)  # the user's wins
+    assert {k: given.strategy.settings[k] for k in _other(name)} == _other(name)  # the user's wins
 
 
 def _other(name: str) -> dict[str, Any]:
@@ -207,10 +208,11 @@ def test_phones_take_sgd_with_momentum_fedprox_and_a_batch_within_their_programs
 def test_a_strategy_setting_it_does_not_take_is_named_with_those_it_does(
     strategy: dict[str, Any], message: str | None
 ) -> None:
+    name = strategy.pop("name")
     if message is None:
-        build_strategy(strategy)
+        build_strategy(StrategySpec(name, strategy))
         return
     with pytest.raises(ConfigError) as refused:
-        build_strategy(strategy)
+        build_strategy(StrategySpec(name, strategy))
     assert str(refused.value).startswith(message), refused.value
     assert "__init__" not in str(refused.value)

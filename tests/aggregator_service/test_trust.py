@@ -32,6 +32,7 @@ from broker import (
     RoundAbandoned,
     RoundCommitted,
     RoundOpened,
+    StrategySpec,
     decode,
     decode_weights,
     encode,
@@ -109,9 +110,7 @@ def bench() -> Iterator[Bench]:
     transport.close()
 
 
-def _opened(
-    bench: Bench, *, target: int = 2, strategy: dict[str, Any] | None = None
-) -> RoundOpened:
+def _opened(bench: Bench, *, target: int = 2, strategy: StrategySpec | None = None) -> RoundOpened:
     return RoundOpened(
         experiment_id=EXP,
         round=1,
@@ -121,7 +120,7 @@ def _opened(
         target_reports=target,
         min_reports=1,
         deadline_at=0.0,
-        strategy=strategy or {"name": "fedavg"},
+        strategy=strategy or StrategySpec("fedavg"),
     )
 
 
@@ -344,7 +343,7 @@ def test_a_non_finite_aggregate_is_never_written_and_the_round_is_abandoned(
 ) -> None:
     # Every update is finite and near float32's largest value; the server step
     # x - 2 * (x - mean) = 6e38 is not: it overflows to inf when cast to float32.
-    _open(bench, target=2, strategy={"name": "fedavgm", "server_lr": 2.0, "momentum": 0.0})
+    _open(bench, target=2, strategy=StrategySpec("fedavgm", {"server_lr": 2.0, "momentum": 0.0}))
     _send(bench, "a", 3e38)
     _send(bench, "b", 3e38)
     bench.transport.join(timeout=10)
@@ -360,7 +359,7 @@ def test_a_non_finite_aggregate_is_never_written_and_the_round_is_abandoned(
 def test_a_round_after_a_non_finite_aggregate_starts_from_a_clean_strategy_state(
     bench: Bench,
 ) -> None:
-    strategy = {"name": "fedavgm", "server_lr": 2.0, "momentum": 0.5}
+    strategy = StrategySpec("fedavgm", {"server_lr": 2.0, "momentum": 0.5})
     _open(bench, target=2, strategy=strategy)
     _send(bench, "a", 3e38)
     _send(bench, "b", 3e38)

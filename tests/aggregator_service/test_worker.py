@@ -19,6 +19,7 @@ from broker import (
     RoundAbandoned,
     RoundCommitted,
     RoundOpened,
+    StrategySpec,
     UpdateRejected,
     decode,
     decode_weights,
@@ -81,7 +82,7 @@ def _open(
         target_reports=target,
         min_reports=minimum,
         deadline_at=0.0,
-        strategy={"name": "fedavg"},
+        strategy=StrategySpec("fedavg"),
     )
     bench.driver.open(opened)
 

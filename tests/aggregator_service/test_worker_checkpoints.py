@@ -20,6 +20,7 @@ from broker import (
     RoundCommitted,
     RoundOpened,
     RoundProgress,
+    StrategySpec,
     decode,
     decode_weights,
     encode_weights,
@@ -47,7 +48,7 @@ def _setup() -> tuple[MemoryStore, RoundOpened]:
         target_reports=4,
         min_reports=4,
         deadline_at=0.0,
-        strategy={"name": "fedavg"},
+        strategy=StrategySpec("fedavg"),
     )
     return store, opened
 

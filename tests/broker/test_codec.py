@@ -26,6 +26,7 @@ from broker import (
     RoundOpened,
     RoundProgress,
     SchemaVersionError,
+    StrategySpec,
     TrainTask,
     UpdateRejected,
     WeightsMismatch,
@@ -97,7 +98,7 @@ SAMPLES: list[Message] = [
         target_reports=2,
         min_reports=1,
         deadline_at=5.0,
-        strategy={"name": "fedavg"},
+        strategy=StrategySpec("fedavg"),
     ),
     CloseRound(experiment_id="e", round=1),
     RoundCommitted(
@@ -138,7 +139,7 @@ SAMPLES: list[Message] = [
         base_version=0,
         model=REF,
         min_reports=2,
-        strategy={"name": "fedadam", "eta": 0.01},
+        strategy=StrategySpec("fedadam", {"eta": 0.01}),
     ),
 ]
 

@@ -25,6 +25,7 @@ from referencing import Registry, Resource
 from broker import (
     CloseRound,
     CombineRound,
+    MaskedSumTerms,
     Message,
     MessageKind,
     ModelRef,
@@ -34,6 +35,7 @@ from broker import (
     RoundCommitted,
     RoundOpened,
     RoundProgress,
+    StrategySpec,
     TrainTask,
     WorkerAlive,
     codec,
@@ -57,7 +59,9 @@ SERVICE_SAMPLES: list[Message] = [
         target_reports=2,
         min_reports=1,
         deadline_at=1.7e9,
-        strategy={"name": "fedprox", "mu": 0.01, "nested": {"k": [1, 2]}},
+        strategy=StrategySpec(
+            "fedprox", {"mu": 0.01, "lr": None}, MaskedSumTerms(clip=1.5, max_examples=64)
+        ),
     ),
     CloseRound(experiment_id=EXPERIMENT, round=4),
     RoundCommitted(
@@ -268,10 +272,9 @@ def test_a_missing_field_is_refused_or_read_as_the_schemas_default(message: Mess
             inner = _inner(message, path[0])
             assert inner is not None
             owner = {f.name: f for f in dataclasses.fields(inner)}[path[-1]]
-            has_default = owner.default is not dataclasses.MISSING
         else:
             owner = fields[path[0]]
-            has_default = (owner.default, owner.default_factory) != (dataclasses.MISSING,) * 2
+        has_default = (owner.default, owner.default_factory) != (dataclasses.MISSING,) * 2
         assert _decoder_accepts(changed, payload) == has_default, path
         if has_default and len(path) == 1:
             raw = json.dumps(changed).encode()

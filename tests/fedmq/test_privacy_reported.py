@@ -15,10 +15,9 @@ def test_each_committed_round_records_the_epsilon_spent_so_far(small_config: Any
     result = simulate(config)
 
     epsilons = [r.metrics["epsilon"] for r in result.rounds]
-    settings = dict(config.strategy)
-    accountant = PrivacyAccountant(
-        noise_multiplier=1.1, sampling_rate=settings["sampling_rate"], delta=1e-5
-    )
+    sampling_rate = config.strategy.settings["sampling_rate"]
+    assert isinstance(sampling_rate, float)
+    accountant = PrivacyAccountant(noise_multiplier=1.1, sampling_rate=sampling_rate, delta=1e-5)
     assert epsilons == [accountant.step() for _ in range(3)]
     assert epsilons[0] < epsilons[1] < epsilons[2]
     assert all(r.metrics["clip_norm"] == 1.0 for r in result.rounds)
