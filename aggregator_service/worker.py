@@ -55,6 +55,7 @@ from broker import (
     RoundOpened,
     RoundProgress,
     StrategySpec,
+    Subscription,
     Transport,
     UpdateRejected,
     WorkerAlive,
@@ -172,6 +173,7 @@ class AggregatorWorker:
         self._early_bytes = 0
         self._progress_timer: threading.Timer | None = None
         self._stopping = threading.Event()
+        self._shares: list[Subscription] = []  # of the group's updates and combines
         self._last_closed: dict[str, int] = {}
         self._combiner = Combiner(
             store, name=name, strategy_for=self._strategy_at, own_share=self._own_share
@@ -186,13 +188,33 @@ class AggregatorWorker:
         """
         self._transport.subscribe(self._topics.all_control, self._on_control)
         combiners = self._topics.combiners_group(self._group)
-        self._transport.subscribe(self._topics.all_combine, self._on_control, group=combiners)
-        self._transport.subscribe(self._topics.all_updates, self._on_update, group=self._group)
+        self._shares = [
+            self._transport.subscribe(self._topics.all_combine, self._on_control, group=combiners),
+            self._transport.subscribe(self._topics.all_updates, self._on_update, group=self._group),
+        ]
         threading.Thread(target=self._say_alive, name="fedmq-worker-alive", daemon=True).start()
 
     def stop(self) -> None:
-        """Stop saying this worker is alive (the transport's owner closes the subscriptions)."""
+        """Leave the group: take no more updates or combines, save the shares in hand.
+
+        Over MQTT the worker's session outlives it, kept for a restart under
+        the same name; still subscribed, it would go on taking its share of
+        every round's updates, which would wait there while the rounds closed
+        without them. A share saved here is merged by whichever worker
+        combines its round; the updates in it are acked. The transport's
+        owner closes the transport afterwards.
+        """
         self._stopping.set()
+        shares, self._shares = self._shares, []
+        try:
+            for subscription in shares:
+                subscription.cancel()
+            with self._lock:
+                for rnd in list(self._rounds.values()):  # a sealed round leaves the dict
+                    if (rnd.dirty or rnd.pending) and self._try_checkpoint(rnd):
+                        self._send_progress(rnd)
+        except BrokerError as exc:  # a broker already gone: the session keeps what is unacked
+            log.warning("worker %s left without saying so: %s", self._name, exc)
 
     def _say_alive(self) -> None:
         while not self._stopping.is_set():

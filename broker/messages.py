@@ -298,6 +298,10 @@ class CheckIn(Message):
     """Capability: tasks the device still works on (0 or absent: idle, ready for one)."""
     EXAMPLES: ClassVar[str] = "examples"
     """Capability: how many training examples the device holds (bounds its updates' claims)."""
+    HEARTBEAT_S: ClassVar[str] = "heartbeat_s"
+    """Capability: the device checks in again at least this often, in seconds, while online."""
+    STARTED_AT: ClassVar[str] = "started_at"
+    """Capability: when the device's process started (Unix time): a new one means a restart."""
     device_id: str = field(metadata=_SEGMENT)
     """This device's id; also its MQTT client id, the envelope's sender, and the last
     segment of its topics fedmq/checkin/<device_id> and fedmq/device/<device_id>.
@@ -323,18 +327,28 @@ class CheckIn(Message):
                 "properties": {
                     TASKS_IN_PROGRESS: {"type": "integer", "minimum": 0},
                     EXAMPLES: {"type": "integer", "minimum": 1},
+                    HEARTBEAT_S: {"type": "number", "exclusiveMinimum": 0},
+                    STARTED_AT: {"type": "number", "minimum": 0},
                 }
             }
         },
     )
     """Facts about the device (for example ram_mb).
 
-    Two keys are read: tasks_in_progress, how many tasks the device still
+    Four keys are read: tasks_in_progress, how many tasks the device still
     works on (0 or absent means idle, and an asynchronous experiment hands an
     idle device its next task); examples, how many training examples the
     device holds, a positive integer: the service grants its tasks at most
     that many (task_grant.max_examples, capped by the service's own limit)
-    and workers refuse an update claiming more.
+    and workers refuse an update claiming more; heartbeat_s, how often the
+    device promises to check in while online: the service takes a device
+    that stays silent for three such intervals for gone, as it takes one
+    whose broker published its last will (a broker without last wills, such
+    as AMQP's, publishes none). Without heartbeat_s a device stays online
+    until it checks out; started_at, when the device's process (or app
+    session) started: a device whose started_at changes has restarted and
+    lost the tasks it held in memory, so the service sends it the task of a
+    round it was selected for and has not answered again.
     """
 
 

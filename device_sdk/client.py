@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class DeviceClient:
         examples: int | None = None,
         scheduler: Scheduler | None = None,
         vanish: Vanish | None = None,
+        heartbeat_s: float | None = None,
     ) -> None:
         self._topics = topics or Topics()
         self._topics.device(identity.name)  # refuses an id that cannot be a topic segment
@@ -124,6 +126,11 @@ class DeviceClient:
         self.stats = DeviceStats()
         self._identity = identity
         self._examples = examples
+        self._started_at = time.time()  # a restart changes it: the coordinator resends a task
+        self.heartbeat_s = heartbeat_s
+        """How often this device checks in while online, told to the coordinator with each
+        check-in: it takes a device silent for three intervals for gone (None: no promise).
+        Whoever calls ``check_in`` that often sets it (a fleet, before ``start``)."""
         self._service = Verifier(
             KeyRing({SERVICE_NAME: service_key}),
             kinds=(
@@ -187,13 +194,16 @@ class DeviceClient:
 
     def _publish_check_in(self) -> None:
         stats = self.stats
-        capabilities: dict[str, int] = {
+        capabilities: dict[str, int | float] = {
             CheckIn.TASKS_IN_PROGRESS: max(
                 stats.tasks - stats.updates_sent - stats.failures - stats.abandoned, 0
-            )
+            ),
+            CheckIn.STARTED_AT: self._started_at,
         }
         if self._examples is not None:
             capabilities[CheckIn.EXAMPLES] = self._examples
+        if self.heartbeat_s is not None:
+            capabilities[CheckIn.HEARTBEAT_S] = self.heartbeat_s
         message = CheckIn(
             device_id=self.device_id,
             platform=self._platform,

@@ -25,7 +25,14 @@ from device_sdk.emulator.profiles import SpeedProfile, TraceProfile, VirtualTime
 from device_sdk.emulator.traces import AvailabilityDriver
 from device_sdk.secagg import Vanish
 from fedmq import components
-from fedmq.drive import Progress, RoundCounter, run_emulated, wait_for_devices, wait_for_rounds
+from fedmq.drive import (
+    EMULATED_TICK_S,
+    Progress,
+    RoundCounter,
+    run_emulated,
+    wait_for_devices,
+    wait_for_rounds,
+)
 from fedmq.settings import Settings
 from fedmq.wiring import (
     Ticker,
@@ -172,7 +179,11 @@ def run_experiment(
     count = rounds or config.rounds.count
     in_process = is_in_process(broker_url)
     ended = RoundCounter(count, progress, stop_when)
-    virtual = VirtualTime() if in_process and profile is not None else None
+    virtual = None
+    if in_process and profile is not None:
+        virtual = VirtualTime(
+            max_step_s=None if isinstance(profile, TraceProfile) else EMULATED_TICK_S
+        )
     with ExitStack() as stack:
         root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmq-")))
         store = open_store(settings.store) if settings.store else LocalStore(root / "store")

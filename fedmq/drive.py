@@ -83,6 +83,16 @@ def wait_for_rounds(
         raise TimeoutError(f"{ended.ended} of {ended.count} rounds ended in {timeout_s} s")
 
 
+EMULATED_TICK_S = 1.0
+"""In emulated time the coordinator looks at least this often (a trace: ``TRACE_STEP_S``).
+
+A training that completes past a round's deadline must find the round closed,
+so the clock may not leap from before a deadline to a far completion without
+a tick between. A deployment's coordinator sees a deadline about this late too
+(its ticks, and its close reaching the workers).
+"""
+
+
 def run_emulated(
     clock: VirtualTime,
     ended: RoundCounter,

@@ -249,6 +249,17 @@ class RoundClosing:
         """Forget a round whose outcome arrived."""
         self._rounds.pop((experiment_id, number), None)
 
+    def awaiting(self, device_id: str) -> list[RoundOpened]:
+        """Return the cohort rounds in training that selected ``device_id``, still unheard."""
+        return [
+            rnd.opened
+            for rnd in self._rounds.values()
+            if not rnd.asynchronous
+            and rnd.closed_at is None
+            and device_id in rnd.cohort
+            and device_id not in rnd.reported
+        ]
+
     def accepted(self, experiment_id: str, number: int) -> set[str]:
         """Return the devices of a round in flight whose update a worker folded so far."""
         rnd = self._rounds.get((experiment_id, number))

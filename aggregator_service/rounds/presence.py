@@ -4,11 +4,17 @@ After a restart the online pool is empty until devices check in again. A
 cohort drawn from whichever devices came back first would not be the one the
 uninterrupted run draws, so no new round starts until every device seen
 lately has checked in again, or a grace period has passed.
+
+A device that promises heartbeats (``CheckIn.HEARTBEAT_S``) and misses
+``SILENT_BEATS`` of them is taken for gone: its process died where no last
+will reaches the coordinator (AMQP has none), and a cohort drawn with it
+would wait for an update that never comes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 from aggregator_service.persistence import Database, DeviceRecord
@@ -22,6 +28,13 @@ class Presence:
     itself, so ``flush`` may run outside.
     """
 
+    SILENT_BEATS = 3
+    """Heartbeats a device may miss before it is taken for gone (one lost beat is no news)."""
+    SWEEP_EVERY_S = 1.0
+    """How often ``silent`` looks for devices past their last promised beat."""
+    HEARTBEAT_RANGE_S = (1.0, 86_400.0)
+    """The promises taken: a shorter one counts as 1 s, a longer as a day."""
+
     def __init__(self, db: Database, *, seen_every_s: float, clock: Callable[[], float]) -> None:
         self.online = OnlinePool()
         self._db = db
@@ -30,6 +43,9 @@ class Presence:
         self._declared: dict[str, int] = {}  # device id -> examples it says it holds
         self._awaited: set[str] = set()  # online before a restart, not checked in since
         self._grace_until = 0.0
+        self._silent_at: dict[str, float] = {}  # device id -> when it is gone without a beat
+        self._started_at: dict[str, float] = {}  # device id -> when its process started
+        self._swept_at = clock()
 
     def await_return(self, grace_s: float) -> int:
         """Hold new rounds for up to ``grace_s`` until the devices seen lately are back.
@@ -59,17 +75,58 @@ class Presence:
             return True
         return False
 
-    def checked_in(self, device_id: str, experiment_id: str, examples: object) -> bool:
-        """Note a check-in; return whether it is news (online now, or for another experiment).
+    def checked_in(
+        self,
+        device_id: str,
+        experiment_id: str,
+        examples: object,
+        heartbeat_s: object = None,
+        started_at: object = None,
+    ) -> bool:
+        """Note a check-in; return whether it is news.
 
-        A heartbeat costs no database write: its time is written in a batch.
-        ``examples`` is what the device declares it holds (kept if a positive int).
+        News is a device online now, for another experiment, or restarted
+        (its ``started_at`` changed: it lost what it held in memory). A
+        heartbeat costs no database write: its time is written in a batch.
+        ``examples`` is what the device declares it holds (kept if a positive
+        int); ``heartbeat_s`` how often it promises to check in (a positive
+        number, or none: then it stays online until it checks out).
         """
         if isinstance(examples, int) and not isinstance(examples, bool) and examples > 0:
             self._declared[device_id] = examples
+        now = self._clock()
         news = self.online.check_in(device_id, experiment_id)
-        self._seen.seen(device_id, self._clock(), news=news)
+        started = _seconds(started_at)
+        if started is not None:
+            news = self._started_at.get(device_id, started) != started or news
+            self._started_at[device_id] = started
+        self._seen.seen(device_id, now, news=news)
+        promise = _seconds(heartbeat_s)
+        if promise is None:
+            self._silent_at.pop(device_id, None)
+        else:
+            low, high = self.HEARTBEAT_RANGE_S
+            self._silent_at[device_id] = now + self.SILENT_BEATS * min(max(promise, low), high)
         return news
+
+    def checked_out(self, device_id: str) -> bool:
+        """Note a device gone (checked out, its will, revoked); return whether it was online."""
+        self._silent_at.pop(device_id, None)
+        return self.online.check_out(device_id)
+
+    def silent(self) -> list[str]:
+        """Return the online devices that missed their promised beats, now taken for gone.
+
+        Looks at most every ``SWEEP_EVERY_S``: a sweep reads every promise.
+        """
+        now = self._clock()
+        if now - self._swept_at < self.SWEEP_EVERY_S:
+            return []
+        self._swept_at = now
+        gone = sorted(d for d, at in self._silent_at.items() if at < now)
+        for device_id in gone:
+            self.checked_out(device_id)
+        return gone
 
     def all_back(self, device_id: str) -> bool:
         """Note ``device_id`` is back; return whether it was the last awaited (the wait ends)."""
@@ -102,3 +159,11 @@ class Presence:
     def write(self) -> None:
         """Write the last-seen times still in memory."""
         self._seen.flush(self._clock())
+
+
+def _seconds(value: object) -> float | None:
+    """Return ``value`` as a positive, finite number of seconds (None: it is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and seconds > 0 else None

@@ -384,7 +384,7 @@ class RoundService:
         """Revoke a device: refused on the bus at once, and offline."""
         self.registry.revoke(device_id)
         with self._lock:
-            self._online.check_out(device_id)
+            self._presence.checked_out(device_id)
             self._async.checked_out(device_id, self._online)
 
     def devices(self, *, after: str | None = None, limit: int | None = None) -> list[DeviceRecord]:
@@ -432,21 +432,49 @@ class RoundService:
             with self._lock:
                 device, experiment = message.device_id, message.experiment_id or ANY
                 # Devices check in after every update and with each heartbeat: only
-                # news (a device coming online) costs a look for waiting rounds.
-                examples = message.capabilities.get(CheckIn.EXAMPLES)
-                news = self._presence.checked_in(device, experiment, examples)
+                # news (a device coming online or restarted) costs a look for waiting
+                # rounds and for a task it lost.
+                capabilities = message.capabilities
+                news = self._presence.checked_in(
+                    device,
+                    experiment,
+                    capabilities.get(CheckIn.EXAMPLES),
+                    capabilities.get(CheckIn.HEARTBEAT_S),
+                    capabilities.get(CheckIn.STARTED_AT),
+                )
                 if self._presence.all_back(device):
                     log.info("every device seen before the restart is back")
                     self._start_waiting(None)
                 self._async.checked_in(device, message.capabilities, experiment, self._online)
                 if news:
+                    self._task_again(device, experiment)
                     self._start_waiting(message.experiment_id)
         else:
             with self._lock:
-                if self._online.check_out(message.device_id):
+                if self._presence.checked_out(message.device_id):
                     log.info("device %s went offline (%s)", message.device_id, message.reason[:80])
                 self._async.checked_out(message.device_id, self._online)
         delivery.ack()
+
+    def _task_again(self, device_id: str, experiment_id: str) -> None:
+        """Send a device that comes back online during its round the round's task again.
+
+        Its process may have restarted (a device remembers the rounds it took in
+        memory only), and over AMQP its queue went with the process, task and
+        all; without the task again the round waits out its deadline for it. A
+        device that still has the round's task ignores a second one. After this
+        coordinator's own restart its recovery sent every task again already.
+        """
+        if self._presence.holding():
+            return
+        for opened in self._closing.awaiting(device_id):
+            exp = opened.experiment_id
+            config = self._catalog.config(exp)
+            if experiment_id not in (ANY, exp) or config.secure_aggregation is not None:
+                continue  # a secure round's keys were shared without it: it cannot join now
+            refs = self._tasks.refs(exp, opened.base_version)
+            self._tasks.send(opened, config, refs, later=[], only=(device_id,))
+            log.info("%s round %d: %s is back; its task sent again", exp, opened.round, device_id)
 
     def _grant_limit(self, device_id: str) -> tuple[str, int] | None:
         """Return a device's pinned key (base64) and example limit, None if it may not train."""
@@ -574,6 +602,13 @@ class RoundService:
         with self._lock:
             if self._presence.grace_over():
                 self._start_waiting(None)
+            for device_id in self._presence.silent():
+                log.info(
+                    "device %s went offline (no check-in for %d of its heartbeats)",
+                    device_id,
+                    Presence.SILENT_BEATS,
+                )
+                self._async.checked_out(device_id, self._online)
             self._async.expire(self._clock(), self._online)
             self._closing.tick()
             self._secure.tick()

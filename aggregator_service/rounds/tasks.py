@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from aggregator_service.config import ExperimentConfig, build_strategy
 from aggregator_service.links import ArtifactLinks, upload_name
@@ -87,8 +87,11 @@ class TaskDispatch:
         later: list[str],
         secure: SecAggSettings | None = None,
         caps: Mapping[str, int] | None = None,
+        only: Collection[str] | None = None,
     ) -> None:
         """Send each participant its task and tell the others when to come back.
+
+        ``only`` limits the tasks to those participants (one that came back, say).
 
         ``secure`` is a secure round's settings (``SecureRounds.begin``) and
         ``caps`` each device's example cap, which its scale was sized for:
@@ -112,7 +115,10 @@ class TaskDispatch:
         artifacts = {k: v for k, v in refs.items() if not k.endswith(WEIGHTS)}
         workers = {name: encode_key(key) for name, key in self._aggregator_keys().items()}
         tasks: list[tuple[str, bytes]] = []
-        for device_id in opened.selected:
+        participants = (
+            opened.selected if only is None else [d for d in opened.selected if d in only]
+        )
+        for device_id in participants:
             limits = self._grant_limits(device_id)
             if limits is None:
                 log.info("%s round %d: %s is revoked; no task", exp, number, device_id)

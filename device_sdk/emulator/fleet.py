@@ -253,6 +253,7 @@ class Fleet:
         """
         self._online = online or (lambda index: True)
         for device in self.devices:
+            device.heartbeat_s = heartbeat_s or None
             device.start()
         if heartbeat_s:
             threading.Thread(

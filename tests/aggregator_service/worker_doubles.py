@@ -5,6 +5,7 @@ What the bus hands in is signed as its sender would sign it (``tests.identities.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker import Message
@@ -25,6 +26,16 @@ class FakeDelivery:
         self.settled.append("requeue" if requeue else "dead")
 
 
+class Cancel:
+    """A subscription of the ``Bus``: cancelled, its topic gets no more deliveries."""
+
+    def __init__(self, forget: Callable[[], object]) -> None:
+        self._forget = forget
+
+    def cancel(self) -> None:
+        self._forget()
+
+
 class Bus:
     """Records what the worker publishes; the test hands in each delivery."""
 
@@ -35,9 +46,9 @@ class Bus:
     def publish(self, topic: str, body: bytes) -> None:
         self.published.append((topic, body))
 
-    def subscribe(self, topic: str, handler: object, *, group: str | None = None) -> object:
+    def subscribe(self, topic: str, handler: object, *, group: str | None = None) -> Cancel:
         self.handlers[topic] = handler
-        return object()
+        return Cancel(lambda: self.handlers.pop(topic, None))
 
     def close(self) -> None:
         pass
