@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator_service.errors import ConfigError
-from aggregator_service.strategies import STRATEGIES, FedAvg, Strategy
+from aggregator_service.strategies import STRATEGIES, FedAvg, Krum, Strategy
 from aggregator_service.types import RunShape
 from broker.messages import MaskedSumTerms, StrategySpec
 from broker.secagg import SecAggError, scale_for
@@ -22,6 +22,9 @@ from model_store.export.executorch import DEFAULT_MAX_BATCH
 
 OPTIMIZERS = ("sgd", "adam")
 PLATFORMS = ("python", "android", "ios")
+MAX_DEADLINE_S = 7 * 86_400.0
+"""The longest ``rounds.deadline_s``: a week. Longer is a typo, and near 1e308 the
+deadline's timestamp overflows (simulate stopped with "timestamp out of range")."""
 
 
 @dataclass(frozen=True)
@@ -153,14 +156,25 @@ class ExperimentConfig:
                 "rounds.min_reports: must be between 0 and devices_per_round",
             ),
             (r.deadline_s > 0, "rounds.deadline_s: must be positive"),
+            (
+                not r.deadline_s > MAX_DEADLINE_S,  # nan is refused by the check above
+                f"rounds.deadline_s: at most {MAX_DEADLINE_S:g} (a week)",
+            ),
             (t.epochs >= 1, "training.epochs: must be at least 1"),
             (t.batch_size >= 1, "training.batch_size: must be at least 1"),
             (t.optimizer in OPTIMIZERS, f"training.optimizer: one of {OPTIMIZERS}"),
             (t.lr > 0, "training.lr: must be positive"),
+            # torch's optimizers refuse negative values in every device's every round.
+            (0 <= t.momentum < math.inf, "training.momentum: a finite number, 0 or more"),
+            (0 <= t.weight_decay < math.inf, "training.weight_decay: a finite number, 0 or more"),
             (d.devices >= 1, "data.devices: must be at least 1"),
             (d.dataset in DATASETS, f"data.dataset: one of {DATASETS}"),
             (d.partition in PARTITIONS, f"data.partition: one of {PARTITIONS}"),
             (d.alpha > 0, "data.alpha: must be positive"),
+            (
+                d.partition != "shards" or d.shards_per_device >= 1,
+                "data.shards_per_device: must be at least 1 with partition shards",
+            ),
         ]
         problems = [message for ok, message in checks if not ok]
         checks_that_raise = (
@@ -169,6 +183,7 @@ class ExperimentConfig:
             self._fits_data,
             self._phones_can_train,
             self._secure_aggregation_fits,
+            self._strategy_fits_rounds,
         )
         for check in checks_that_raise:
             try:
@@ -214,6 +229,29 @@ class ExperimentConfig:
         if problems:
             raise ConfigError("; ".join(problems), problems)
 
+    def _strategy_fits_rounds(self) -> None:
+        """Raise ``ConfigError`` for a Krum whose ``f`` a round's fewest reports cannot serve.
+
+        Krum needs more than ``2f + 2`` updates, and a round may commit with
+        ``rounds.minimum`` of them: fewer, and every such round is abandoned.
+        """
+        try:
+            strategy = build_strategy(self.strategy)
+        except ConfigError:
+            return  # reported by validate's own build
+        if not isinstance(strategy, Krum):
+            return
+        f, fewest = strategy.num_byzantine, self.rounds.minimum
+        if fewest > 2 * f + 2:
+            return
+        most = (fewest - 3) // 2
+        fix = f"at most {most}" if most >= 0 else "cannot fit: raise rounds.min_reports to 3+"
+        raise ConfigError(
+            f"strategy {strategy.name}: num_byzantine {f} needs more than {2 * f + 2} updates "
+            f"a round, but a round may commit with {fewest} (rounds.min_reports, else "
+            f"devices_per_round); num_byzantine {fix}"
+        )
+
     def _phones_can_train(self) -> None:
         """Raise ``ConfigError`` for settings every phone would refuse, round after round.
 
@@ -221,7 +259,11 @@ class ExperimentConfig:
         other optimizer, and batches of at most the programs' largest (the
         service exports them for ``PHONE_MAX_BATCH``).
         """
-        phones = [p for p in self.platforms() if p in PHONE_PLATFORMS]
+        try:
+            platforms = self.platforms()
+        except ConfigError:
+            return  # validate reports model.platforms itself; once is enough
+        phones = [p for p in platforms if p in PHONE_PLATFORMS]
         if not phones:
             return
         t = self.training
@@ -450,12 +492,18 @@ fail inside torch or take the host's memory.
 
 def check_model_size(config: ExperimentConfig, limit: int | None = None) -> None:
     """Raise ``ConfigError`` for a model with more weights than ``limit`` (default above)."""
+    check_spec_size(config.model_spec(), limit)
+
+
+def check_spec_size(spec: ModelSpec, limit: int | None = None) -> None:
+    """Raise ``ConfigError`` for a zoo model with more weights than ``limit`` (default above)."""
     limit = limit or MAX_MODEL_PARAMETERS
-    size = config.model_spec().parameter_count()
+    size = spec.parameter_count()
     if size > limit:
+        # Named as the operator sets it: the Flask key is read from this variable.
         raise ConfigError(
             f"model: {size} parameters, above this service's limit of {limit} "
-            "(MAX_MODEL_PARAMETERS)"
+            "(FEDMQ_MAX_MODEL_PARAMETERS)"
         )
 
 
@@ -466,10 +514,14 @@ def load_config(path: str | Path) -> ExperimentConfig:
         text = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from exc
+    # T.TOML is TOML too: suffixes compare as the file systems that ignore case see them.
+    kind = "TOML" if p.suffix.lower() == ".toml" else "JSON"
     try:
-        raw = tomllib.loads(text.decode()) if p.suffix == ".toml" else json.loads(text)
+        raw = tomllib.loads(text.decode()) if kind == "TOML" else json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+        raise ConfigError(f"{p} is not valid {kind}: {exc}") from exc
+    except RecursionError:  # thousands of nested lists: the parsers recurse per level
+        raise ConfigError(f"{p} is not valid {kind}: nested too deeply") from None
     return ExperimentConfig.from_dict(raw)
 
 

@@ -173,7 +173,10 @@ class KeyRing:
     ``reload`` (optional) returns the full set again, e.g. re-read from a key
     folder; a miss calls it at most once per ``reload_every_s``, so a worker
     started after the service is trusted without a restart, and a flood of
-    unknown names costs no more than one read per interval.
+    unknown names costs no more than one read per interval. ``stamp``
+    (optional) returns what changes when ``reload`` would find more (the
+    folder's modification time): a miss reloads at once when it changed, so
+    two workers starting together are both trusted at their first word.
     """
 
     def __init__(
@@ -182,13 +185,17 @@ class KeyRing:
         *,
         reload: Callable[[], Mapping[str, bytes]] | None = None,
         reload_every_s: float = 2.0,
+        stamp: Callable[[], object] | None = None,
     ) -> None:
         self._keys = dict(keys or {})
         self._reload = reload
         self._every = reload_every_s
+        self._stamp = stamp or (lambda: None)
+        self._last_stamp: object = None
         self._last_reload = -float("inf")
         self._lock = threading.Lock()
         if reload is not None:
+            self._last_stamp = self._stamp()
             self._keys.update(reload())
             self._last_reload = time.monotonic()
 
@@ -197,9 +204,11 @@ class KeyRing:
         with self._lock:
             key = self._keys.get(name)
             if key is None and self._reload is not None:
-                now = time.monotonic()
-                if now - self._last_reload >= self._every:
-                    self._last_reload = now
+                now, stamp = time.monotonic(), self._stamp()
+                if now - self._last_reload >= self._every or stamp != self._last_stamp:
+                    # The stamp is read before the keys: a key added in between
+                    # changes it again, and the next miss reads once more.
+                    self._last_reload, self._last_stamp = now, stamp
                     self._keys = {**self._keys, **self._reload()}
                     key = self._keys.get(name)
             return key

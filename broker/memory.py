@@ -211,8 +211,11 @@ class MemoryTransport:
     def _run(self, handler: Handler, delivery: MemoryDelivery) -> None:
         try:
             handler(delivery)
-        except Exception:
-            log.exception("handler for %s failed; message dead-lettered", delivery.topic)
+        except Exception as exc:
+            if self._closed:  # the bus closed under a handler at work: the run is over
+                log.info("handler for %s ended as the bus closed: %s", delivery.topic, exc)
+            else:
+                log.exception("handler for %s failed; message dead-lettered", delivery.topic)
             if delivery.settled is None:
                 delivery.nack(requeue=False)
         if delivery.settled is None:

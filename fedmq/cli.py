@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -12,14 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aggregator_service import ConfigError, ExperimentConfig, ServiceError, load_config
-from aggregator_service.config import check_model_size
+from aggregator_service.config import check_model_size, check_spec_size
 from broker import BrokerError
 from broker.embedded import EmbeddedBroker
 from broker.topics import is_valid_segment
 from device_sdk import DeviceError
 from device_sdk.data.errors import DataError
 from device_sdk.emulator.profiles import PROFILES, load_profile
-from fedmq.argtypes import positive
+from fedmq.argtypes import DAY_S, UsageError, port, positive, seconds, seed, whole_number
 from fedmq.defaults import DEMO_CONFIG
 from fedmq.devices import add_devices_command
 from fedmq.export import EXPORT_PLATFORMS, ExportUsageError, export_package, parse_shape
@@ -33,7 +34,7 @@ from fedmq.settings import (
     load_settings,
     redact,
 )
-from model_store import StoreError
+from model_store import ModelSpec, ModelSpecError, StoreError
 from model_store.export.executorch import DEFAULT_MAX_BATCH
 
 if TYPE_CHECKING:
@@ -133,6 +134,10 @@ def _run_and_report(
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from fedmq.results import prepare_folder
+
+    if args.out is not None:
+        prepare_folder(args.out)  # before the rounds, not after them
     raw = dict(DEMO_CONFIG)
     if args.devices is not None:
         raw["data"] = {**raw["data"], "devices": args.devices}
@@ -152,7 +157,13 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from fedmq.results import prepare_folder
+
     config = load_config(args.config)
+    # As `validate` and the service do: a model too large to build ends here in a line.
+    check_model_size(config, settings.max_model_parameters)
+    if args.out is not None:
+        prepare_folder(args.out)
     result = _run_and_report(
         config,
         settings,
@@ -183,6 +194,7 @@ def _cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     from fedmq.processes import run_server
 
+    _check_host(args.host, args.port)
     run_server(
         settings,
         host=args.host,
@@ -198,11 +210,31 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     run_worker(
         settings,
-        name=args.name or f"fedmq-worker-{socket.gethostname()}",
+        name=args.name or default_worker_name(),
         checkpoint_every=args.checkpoint_every,
         health_file=args.health_file,
     )
     return 0
+
+
+def default_worker_name(hostname: str | None = None) -> str:
+    """Return ``fedmq-worker-<hostname>``, the hostname mapped to what a client id takes.
+
+    Hostnames may hold dots (ip-10-0-0-1.ec2.internal), which a key name and a
+    topic segment cannot: each other character becomes '-'. The name stays the
+    same on every start, so a restarted worker resumes its broker session.
+    """
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname() if hostname is None else hostname)
+    return f"fedmq-worker-{host}"[:128]  # a segment's longest
+
+
+def _check_host(host: str, port_number: int) -> None:
+    """Raise ``UsageError`` for a ``--host`` that names no address (waitress would trace back)."""
+    try:
+        socket.getaddrinfo(host, port_number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UsageError(f"--host {host}: not an address or name to listen on ({why})") from None
 
 
 def _cmd_bridge(args: argparse.Namespace, settings: Settings) -> int:
@@ -213,14 +245,14 @@ def _cmd_bridge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_fleet(args: argparse.Namespace, settings: Settings) -> int:
-    from fedmq.processes import FleetOptions, run_fleet
+    from fedmq.processes import FleetOptions, default_prefix, run_fleet
 
     options = FleetOptions(
         devices=args.devices,
         experiment_id=args.experiment,
         seed=args.seed,
         first=args.first,
-        prefix=args.prefix,
+        prefix=args.prefix or default_prefix(settings.namespace),
         concurrency=args.concurrency,
         heartbeat_s=args.heartbeat,
         platforms=args.platforms,
@@ -245,6 +277,7 @@ def _platform_mix(text: str) -> dict[str, float]:
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     try:
+        _check_zoo_size(args, settings)
         written = export_package(
             platform=args.platform,
             out=args.out,
@@ -257,13 +290,24 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             force=args.force,
             max_batch=args.max_batch,
         )
-    except ExportUsageError as exc:
+    except (ExportUsageError, ConfigError) as exc:
         print(f"fedmq export: {exc}", file=sys.stderr)
         return 2
     for file in written:
         print(file.summary())
     print(f"{args.platform} package: {len(written)} files in {args.out}")
     return 0
+
+
+def _check_zoo_size(args: argparse.Namespace, settings: Settings) -> None:
+    """Raise ``ConfigError`` for a zoo model above the size limit, before torch builds it."""
+    if args.zoo is None or args.num_classes is None:
+        return  # a factory's model is sized only once built; export_package checks the rest
+    try:
+        spec = ModelSpec(args.zoo, args.input_shape, args.num_classes, tuple(args.hidden or ()))
+    except ModelSpecError:
+        return  # export_package says what is wrong with it
+    check_spec_size(spec, settings.max_model_parameters)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -357,16 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="the REST API, dashboard and round coordinator")
     server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    server.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    server.add_argument(
+        "--port", type=port, default=8080, help="port, 0 to 65535 (0: any free; default 8080)"
+    )
     server.add_argument("--public-url", help="URL devices reach this service at (signed links)")
     server.add_argument(
         "--recovery-grace",
-        type=float,
+        type=seconds(0, DAY_S),
         default=60.0,
         metavar="S",
         help="after a restart, draw no new cohort until every device seen before it has "
         "checked in again, for at most S seconds (default 60: two of the fleet's 30 s "
-        "heartbeats; 0 starts at once)",
+        "heartbeats; 0 starts at once; at most 86400)",
     )
     add_location_flags(server, "broker", "store", "db")
     add_trust_flags(server)
@@ -382,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--name",
+        type=_segment,
         help="stable worker identity (MQTT client id; default fedmq-worker-<hostname>)",
     )
     worker.add_argument(
@@ -415,9 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="an emulated device fleet")
     fleet.add_argument("--devices", type=positive, required=True, help="how many devices")
     fleet.add_argument("--experiment", help="experiment id (default: the newest)")
-    fleet.add_argument("--seed", type=int, help="partition seed (default: the experiment's)")
-    fleet.add_argument("--first", type=int, default=0, help="index of the first device")
-    fleet.add_argument("--prefix", default="emu", help="device id prefix (default emu)")
+    fleet.add_argument(
+        "--seed", type=seed, help="partition seed, 0 or more (default: the experiment's)"
+    )
+    fleet.add_argument(
+        "--first", type=whole_number(0), default=0, help="index of the first device (default 0)"
+    )
+    fleet.add_argument(
+        "--prefix",
+        help="device id prefix (default emu, and NAMESPACE-emu in a namespace other than "
+        "fedmq: MQTT client ids are broker-wide, so deployments sharing a broker need their own)",
+    )
     fleet.add_argument(
         "--concurrency",
         type=positive,
@@ -427,10 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--health-file", type=Path, help="touch this file every 5 s")
     fleet.add_argument(
         "--heartbeat",
-        type=float,
+        type=seconds(1, DAY_S),
         default=30.0,
         metavar="S",
-        help="check every device in again every S seconds (default 30)",
+        # Below a second, the fleet's check-ins alone keep a server core busy (as devices run).
+        help="check every device in again every S seconds, 1 to 86400 (default 30)",
     )
     fleet.add_argument(
         "--platforms",
@@ -469,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-classes", type=positive, help="classes (required with --zoo; else checked)"
     )
     export.add_argument("--hidden", type=_shape, metavar="SIZES", help="hidden sizes of a zoo mlp")
-    export.add_argument("--seed", type=int, default=0, help="a zoo model's weight seed (default 0)")
+    export.add_argument(
+        "--seed", type=seed, default=0, help="a zoo model's weight seed, 0 or more (default 0)"
+    )
     export.add_argument("--force", action="store_true", help="write into a non-empty folder")
     export.add_argument(
         "--max-batch",
@@ -515,17 +573,17 @@ def _add_conformance_command(sub: argparse._SubParsersAction[argparse.ArgumentPa
     )
     check.add_argument(
         "--timeout",
-        type=float,
+        type=seconds(0.1, DAY_S),
         default=60.0,
         metavar="S",
-        help="seconds to wait for each thing the device should do (default 60)",
+        help="seconds to wait for each thing the device should do, 0.1 to 86400 (default 60)",
     )
     check.add_argument(
         "--come-back-after",
-        type=float,
+        type=seconds(0, DAY_S),
         default=5.0,
         metavar="S",
-        help="retry_after_s of the come-back-later note (default 5)",
+        help="retry_after_s of the come-back-later note, 0 to 86400 (default 5)",
     )
     check.add_argument(
         "--http",
@@ -570,6 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The one read of the environment: every command gets these settings passed.
         settings = load_settings(args)
         return int(args.func(args, settings))
+    except UsageError as exc:
+        print(f"fedmq: {exc}", file=sys.stderr)
+        return 2
     except SettingsError as exc:
         for problem in exc.problems:
             print(f"fedmq: invalid setting: {problem}", file=sys.stderr)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from aggregator_service import ServiceError
 from broker.identity import Identity
-from fedmq.argtypes import seconds, whole_number
-from fedmq.rest import RestClient
+from fedmq.argtypes import DAY_S, seconds, whole_number
+from fedmq.rest import RestClient, api_path
 from fedmq.settings import Settings, add_location_flags, add_trust_flags
 
 
@@ -73,11 +75,11 @@ def _add_run(actions: Any) -> None:
     )
     run.add_argument(
         "--heartbeat",
-        type=seconds(1),
+        type=seconds(1, DAY_S),
         default=30.0,
         metavar="S",
         # Below a second, one device's check-ins alone keep a server core busy.
-        help="check in again every S seconds, at least 1 (default 30)",
+        help="check in again every S seconds, 1 to 86400 (default 30)",
     )
     run.add_argument("--health-file", type=Path, help="touch this file every 5 s")
     add_location_flags(run, "broker", "server")
@@ -102,11 +104,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _enroll(args: argparse.Namespace, settings: Settings) -> int:
-    identity = _new_key(args.key_file, args.device_id or "device")
-    body: dict[str, Any] = {"platform": args.platform, "public_key": identity.public_key_text}
-    if args.device_id:
-        body["device_id"] = args.device_id
-    answer = _call(settings, "POST", "/api/v1/devices", body, settings.enrollment_credential)
+    with key_file(args.key_file, args.device_id or "device", new=True) as identity:
+        body: dict[str, Any] = {"platform": args.platform, "public_key": identity.public_key_text}
+        if args.device_id:
+            body["device_id"] = args.device_id
+        answer = _call(settings, "POST", "/api/v1/devices", body, settings.enrollment_credential)
     return _show(args, answer, f"enrolled {answer['device_id']}; key in {args.key_file}")
 
 
@@ -116,7 +118,7 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(answer, indent=2))
         return 0
     print(f"{'device':<32} {'platform':<18} {'served':>6} {'last seen':>12}  state")
-    for device in answer["devices"]:
+    for device in _devices(answer):
         seen = f"{device['last_seen']:.0f}" if device["last_seen"] else "-"
         state = "revoked" if device.get("revoked") else "active"
         print(
@@ -127,23 +129,45 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rotate(args: argparse.Namespace, settings: Settings) -> int:
-    identity = _new_key(args.key_file, args.device_id)
-    path = f"/api/v1/devices/{args.device_id}/rotate"
-    body = {"public_key": identity.public_key_text}
-    answer = _call(settings, "POST", path, body, settings.admin_token)
+    with key_file(args.key_file, args.device_id, new=True) as identity:
+        path = api_path("api", "v1", "devices", args.device_id, "rotate")
+        body = {"public_key": identity.public_key_text}
+        answer = _call(settings, "POST", path, body, settings.admin_token)
     return _show(args, answer, f"rotated {args.device_id}; new key in {args.key_file}")
 
 
 def _revoke(args: argparse.Namespace, settings: Settings) -> int:
-    path = f"/api/v1/devices/{args.device_id}"
+    path = api_path("api", "v1", "devices", args.device_id)
     answer = _call(settings, "DELETE", path, None, settings.admin_token)
     return _show(args, answer, f"revoked {args.device_id}")
 
 
-def _new_key(path: Path, name: str) -> Identity:
-    if path.exists():
+@contextmanager
+def key_file(path: Path, name: str, *, new: bool = False) -> Iterator[Identity]:
+    """Yield the identity kept in ``path`` (made when absent) for registering it.
+
+    A key made here is removed again when the body raises (the service refused
+    it, the line dropped): a retry with the same ``path`` then starts afresh
+    instead of meeting a key no service knows. ``new`` refuses an existing file.
+    """
+    made = not path.exists()
+    if new and not made:
         raise ServiceError(f"{path} exists; choose a new file for the new key")
-    return Identity.load_or_create(name, path)
+    identity = Identity.load_or_create(name, path)
+    try:
+        yield identity
+    except BaseException:
+        if made:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _devices(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the listing's devices; raise ``ServiceError`` when it is not FedMQ's."""
+    devices = answer.get("devices")
+    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+        raise ServiceError("the service's device list did not answer with FedMQ's JSON")
+    return devices
 
 
 def _show(args: argparse.Namespace, answer: dict[str, Any], summary: str) -> int:

@@ -30,8 +30,9 @@ from broker.topics import is_valid_segment
 from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient
 from device_sdk.data import load_examples
 from device_sdk.trainers.torchscript import TorchScriptTrainer
+from fedmq.devices import key_file
 from fedmq.enrollment import Enrollment, fetch_experiment
-from fedmq.processes import wait_for_signal
+from fedmq.processes import check_health_file, wait_for_signal
 from fedmq.settings import Settings, redact
 from fedmq.wiring import Ticker, TransportPool, executor_runner
 
@@ -105,14 +106,8 @@ def _enrolled(enrollment: Enrollment, options: EdgeOptions) -> tuple[Identity, b
 
     A key file made here for an enrollment the service refused is removed again.
     """
-    made = not options.key_file.exists()
-    identity = Identity.load_or_create(options.device_id, options.key_file)
-    try:
+    with key_file(options.key_file, options.device_id) as identity:
         return identity, enrollment(identity, "python")
-    except BaseException:
-        if made:
-            options.key_file.unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
@@ -168,6 +163,7 @@ def _serving(
             experiment_id=options.experiment_id,
             run=run,
             examples=len(x),
+            heartbeat_s=options.heartbeat_s,
         )
         device.start()
         stack.callback(device.close)
@@ -185,6 +181,7 @@ def run_edge_device(
     settings: Settings, options: EdgeOptions, *, health_file: Path | None = None
 ) -> None:
     """Run the device until signalled (see ``edge_device_running``)."""
+    check_health_file(health_file)
     with edge_device_running(settings, options):
         wait_for_signal(health_file)
 

@@ -7,13 +7,13 @@ from typing import Any
 from aggregator_service import ServiceError
 from broker.access import DeviceCredentials
 from broker.identity import Identity, decode_public_key
-from fedmq.rest import RestClient
+from fedmq.rest import RestClient, api_path
 from fedmq.settings import Settings
 
 
 def fetch_experiment(settings: Settings, experiment_id: str | None) -> dict[str, Any]:
     """Fetch an experiment (default: the newest) from the service's REST API."""
-    path = f"/api/v1/experiments/{experiment_id}" if experiment_id else "/api/v1/experiments"
+    path = api_path("api", "v1", "experiments", *([experiment_id] if experiment_id else []))
     body = RestClient(settings.server_url, settings.viewer_credential).json("GET", path)
     if experiment_id:
         return body

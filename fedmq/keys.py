@@ -17,6 +17,7 @@ register (``POST /api/v1/devices``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from broker.errors import IdentityError
@@ -63,6 +64,13 @@ class KeyFolder:
                 continue
         return keys
 
+    def worker_keys_stamp(self) -> int | None:
+        """Return when a worker key was last added or removed (None: no worker key folder)."""
+        try:
+            return (self.root / "workers").stat().st_mtime_ns
+        except OSError:
+            return None
+
     def device_identity(self, device_id: str) -> Identity:
         """Return an emulated device's identity, kept so a restarted fleet keeps its keys."""
         return Identity.load_or_create(device_id, self._named("devices", device_id, ".key"))
@@ -77,4 +85,8 @@ def _write_public(path: Path, identity: Identity) -> None:
     """Write ``identity``'s public key next to its private one (readable by all)."""
     text = encode_key(identity.public_key) + "\n"
     if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+        # Whole or not at all: a service reading the folder must not find it empty
+        # (it would skip the key, and the folder would not change again to say so).
+        partial = path.with_name(f".{path.name}.tmp")
+        partial.write_text(text)
+        os.replace(partial, path)

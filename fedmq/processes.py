@@ -22,11 +22,13 @@ from broker.access import open_access
 from broker.bridge import Bridge
 from broker.identity import KeyRing
 from broker.probe import BrokerProbe
+from broker.topics import DEFAULT_NAMESPACE
 from device_sdk.emulator import Fleet
 from device_sdk.emulator.fleet import fleet_transports
 from device_sdk.emulator.profiles import TraceProfile, load_profile
 from device_sdk.emulator.traces import AvailabilityDriver
 from fedmq import components
+from fedmq.argtypes import UsageError
 from fedmq.enrollment import Enrollment, fetch_experiment
 from fedmq.http_server import HttpServer
 from fedmq.keys import KeyFolder
@@ -52,6 +54,22 @@ def wait_for_signal(health_file: Path | None = None) -> None:
     finally:
         if beat is not None:
             beat.stop()
+
+
+def check_health_file(health_file: Path | None) -> None:
+    """Touch ``health_file`` now, so a path no one can write stops the command before it starts.
+
+    Otherwise the first touch comes from ``wait_for_signal``, with the process
+    already connected and a traceback instead of a line.
+    """
+    if health_file is None:
+        return
+    try:
+        health_file.touch()
+    except OSError as exc:
+        raise UsageError(
+            f"--health-file {health_file}: cannot write it: {exc.strerror or exc}"
+        ) from None
 
 
 @contextmanager
@@ -87,7 +105,7 @@ def serving(
             settings,
             identity=identity,
             # Re-read on an unknown sender: a worker started later is trusted at once.
-            worker_keys=KeyRing(reload=keys.worker_keys),
+            worker_keys=KeyRing(reload=keys.worker_keys, stamp=keys.worker_keys_stamp),
             registry=DeviceRegistry(db, access=access),
             public_url=public_url or f"http://{_reachable(host)}:{port}",
         )
@@ -165,6 +183,7 @@ def run_worker(
     health_file: Path | None = None,
 ) -> None:
     """Aggregate updates until signalled (see ``working``)."""
+    check_health_file(health_file)
     with working(settings, name=name, checkpoint_every=checkpoint_every):
         wait_for_signal(health_file)
 
@@ -182,11 +201,19 @@ def run_bridge(
     use ``region``. See ``broker.bridge`` for what crosses and why updates
     never do.
     """
+    check_health_file(health_file)
     root = settings.broker_url
     roots, regions = TransportPool(root), TransportPool(region)
     try:
+        # One id per side, each stable so a restarted bridge resumes its sessions: with a
+        # single id, a region and root on one broker take each other's connection over.
         client_id = f"fedmq-bridge-{name}"
-        bridge = Bridge(roots(client_id), regions(client_id), name=name, topics=settings.topics)
+        bridge = Bridge(
+            roots(f"{client_id}-root"),
+            regions(f"{client_id}-region"),
+            name=name,
+            topics=settings.topics,
+        )
         bridge.start()
         print(f"fedmq bridge {name}: {redact(region)} <-> {redact(root)}", flush=True)
         wait_for_signal(health_file)
@@ -194,6 +221,16 @@ def run_bridge(
     finally:
         regions.close()
         roots.close()
+
+
+def default_prefix(namespace: str) -> str:
+    """Return a fleet's device id prefix: ``emu``, or ``<namespace>-emu`` in a namespace of its own.
+
+    A device's id is its MQTT client id, and client ids are broker-wide: two
+    deployments sharing a broker, each with an ``emu-0000``, would take each
+    other's connection over and over, namespaces or not.
+    """
+    return "emu" if namespace == DEFAULT_NAMESPACE else f"{namespace}-emu"
 
 
 @dataclass(frozen=True)
@@ -206,6 +243,7 @@ class FleetOptions:
     """The partition seed (default: the experiment's)."""
     first: int = 0
     prefix: str = "emu"
+    """Device ids are ``<prefix>-0000``, ...: see ``default_prefix``."""
     concurrency: int = 2
     heartbeat_s: float = 30.0
     platforms: Mapping[str, float] = field(default_factory=lambda: {"python": 1.0})
@@ -284,6 +322,7 @@ def run_fleet(
     settings: Settings, options: FleetOptions, *, health_file: Path | None = None
 ) -> None:
     """Run emulated devices for an experiment until signalled (see ``fleet_running``)."""
+    check_health_file(health_file)
     with fleet_running(settings, options):
         wait_for_signal(health_file)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from aggregator_service.persistence import RoundRecord
 from aggregator_service.rounds import describe
+from fedmq.argtypes import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,22 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
         "train_loss": record.metrics.get("train_loss"),
         "duration_s": record.duration_s,
     }
+
+
+def prepare_folder(out: Path) -> None:
+    """Create the results folder ``out`` now; raise ``UsageError`` if it cannot hold them.
+
+    Called before a run: a path that cannot be written would otherwise fail
+    only after every round, with the run's results lost.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; name a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the folder: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write into the folder")
 
 
 def write_results(

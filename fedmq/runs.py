@@ -16,13 +16,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from aggregator_service import load_config
-from fedmq.argtypes import positive
-from fedmq.rest import RestClient
+from fedmq.argtypes import UsageError, positive, whole_number
+from fedmq.rest import RestClient, api_path
 from fedmq.settings import Settings, add_location_flags
 
 EXPERIMENTS = "/api/v1/experiments"
 POLL_S = 1.0
 """How often ``watch`` asks for news."""
+
+
+def _experiment(experiment_id: str, *rest: str) -> str:
+    """Return the API path of an experiment (or of ``rest`` under it), the id escaped."""
+    return EXPERIMENTS + api_path(experiment_id, *rest)
 
 
 def add_run_commands(sub: Any) -> None:
@@ -71,7 +76,7 @@ def add_run_commands(sub: Any) -> None:
         "fedmq model pull ID --version 3 --out model.safetensors",
     )
     pull.add_argument("experiment", help="experiment id")
-    pull.add_argument("--version", type=int, help="model version (default: the latest)")
+    pull.add_argument("--version", type=whole_number(0), help="model version (default: the latest)")
     pull.add_argument("--out", type=Path, help="file to write (default: ID-vN.safetensors)")
     pull.set_defaults(func=_pull)
 
@@ -95,7 +100,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     api = _api(settings, admin=True)
     experiment_id = str(api.json("POST", EXPERIMENTS, config.to_dict())["id"])
     count = args.rounds or config.rounds.count
-    started = api.json("POST", f"{EXPERIMENTS}/{experiment_id}/rounds", {"count": count})
+    started = api.json("POST", _experiment(experiment_id, "rounds"), {"count": count})
     if args.json and not args.watch:
         print(json.dumps(started, indent=2))
         return 0
@@ -120,8 +125,8 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     api = _api(settings)
-    exp = api.json("GET", f"{EXPERIMENTS}/{args.experiment}")
-    rounds = api.json("GET", f"{EXPERIMENTS}/{args.experiment}/rounds")["rounds"]
+    exp = api.json("GET", _experiment(args.experiment))
+    rounds = api.json("GET", _experiment(args.experiment, "rounds"))["rounds"]
     if args.json:
         print(json.dumps({**exp, "rounds": rounds}, indent=2))
         return 0
@@ -145,7 +150,7 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _stop(args: argparse.Namespace, settings: Settings) -> int:
     action = "pause" if args.after_round else "stop"
-    answer = _api(settings, admin=True).json("POST", f"{EXPERIMENTS}/{args.experiment}/{action}")
+    answer = _api(settings, admin=True).json("POST", _experiment(args.experiment, action))
     if args.json:
         print(json.dumps(answer, indent=2))
     elif args.after_round:
@@ -156,17 +161,30 @@ def _stop(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _pull(args: argparse.Namespace, settings: Settings) -> int:
+    if args.out is not None:
+        _check_writable(args.out)  # before the download, which may be large
     query = "" if args.version is None else f"?version={args.version}"
     api = _api(settings)
-    data = api.raw("GET", f"{EXPERIMENTS}/{args.experiment}/model{query}")
+    data = api.raw("GET", _experiment(args.experiment, "model") + query)
     version = args.version
     if version is None:
-        version = api.json("GET", f"{EXPERIMENTS}/{args.experiment}")["model_version"]
+        version = api.json("GET", _experiment(args.experiment))["model_version"]
     out = args.out or Path(f"{args.experiment}-v{version}.safetensors")
-    out.write_bytes(data)
+    try:
+        out.write_bytes(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
     summary = {"experiment": args.experiment, "version": version, "file": str(out)}
     print(json.dumps(summary) if args.json else f"wrote {out} ({len(data):,} bytes, v{version})")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Raise ``UsageError`` for an ``--out`` that names a folder or a file in no folder."""
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name the file to write")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: {out.parent} is not a folder")
 
 
 _HEADER = (
@@ -200,8 +218,8 @@ def _follow(api: RestClient, experiment_id: str, *, as_json: bool, out: TextIO =
     if not as_json:
         print(_HEADER, file=out, flush=True)
     while True:
-        exp = api.json("GET", f"{EXPERIMENTS}/{experiment_id}")
-        rounds = api.json("GET", f"{EXPERIMENTS}/{experiment_id}/rounds")["rounds"]
+        exp = api.json("GET", _experiment(experiment_id))
+        rounds = api.json("GET", _experiment(experiment_id, "rounds"))["rounds"]
         for record in rounds:
             if record["state"] == "training" or record["round"] in shown:
                 continue

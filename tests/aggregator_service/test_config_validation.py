@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
-from aggregator_service import ConfigError, ExperimentConfig
+from aggregator_service import ConfigError, ExperimentConfig, load_config
 from aggregator_service.api.app import create_app
-from aggregator_service.config import build_strategy
+from aggregator_service.config import build_strategy, check_model_size
 from broker import StrategySpec
 from device_sdk.data import DATASET_FACTS, load_dataset
 from device_sdk.data.errors import DataNotFound
@@ -216,3 +217,101 @@ def test_a_strategy_setting_it_does_not_take_is_named_with_those_it_does(
         build_strategy(StrategySpec(name, strategy))
     assert str(refused.value).startswith(message), refused.value
     assert "__init__" not in str(refused.value)
+
+
+_MLP = {"zoo": "mlp", "input_shape": [64], "num_classes": 10}
+
+
+@pytest.mark.parametrize(
+    ("section", "says"),
+    [
+        ({"training": {"momentum": -0.1}}, "training.momentum: a finite number, 0 or more"),
+        ({"training": {"momentum": float("nan")}}, "training.momentum"),
+        ({"training": {"weight_decay": -1e-4}}, "training.weight_decay: a finite number"),
+        ({"training": {"weight_decay": float("inf")}}, "training.weight_decay"),
+        (
+            {"data": {"partition": "shards", "shards_per_device": 0}},
+            "data.shards_per_device: must be at least 1 with partition shards",
+        ),
+        ({"rounds": {"deadline_s": float("inf")}}, "rounds.deadline_s: at most 604800"),
+        ({"rounds": {"deadline_s": 1e308}}, "rounds.deadline_s: at most 604800"),
+    ],
+    ids=[
+        "momentum",
+        "momentum-nan",
+        "decay",
+        "decay-inf",
+        "shards",
+        "deadline-inf",
+        "deadline-big",
+    ],
+)
+def test_settings_every_round_would_fail_on_are_listed_problems(
+    section: dict[str, Any], says: str
+) -> None:
+    # Found by an audit: each passed validate, then every round failed (torch refused the
+    # optimizer, the partitioner split into nothing, the deadline's timestamp overflowed).
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig.from_dict({"name": "x", "model": _MLP, **section})
+
+    assert [p for p in caught.value.problems if says in p], caught.value.problems
+
+
+def test_the_longest_deadline_and_zero_momentum_and_decay_are_taken() -> None:
+    training = {"momentum": 0.0, "weight_decay": 0.0}
+    ExperimentConfig.from_dict(
+        {"name": "x", "model": _MLP, "rounds": {"deadline_s": 604800.0}, "training": training}
+    )
+
+
+@pytest.mark.parametrize("name", ["krum", "multikrum"])
+def test_a_krum_whose_byzantine_count_the_fewest_reports_cannot_serve_is_refused(
+    name: str,
+) -> None:
+    # Krum needs more than 2f + 2 updates; a round may commit with min_reports of them.
+    rounds = {"devices_per_round": 10, "min_reports": 5}
+    raw = {"name": "x", "model": _MLP, "rounds": rounds}
+
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig.from_dict({**raw, "strategy": {"name": name, "num_byzantine": 2}})
+
+    assert caught.value.problems == [
+        f"strategy {name}: num_byzantine 2 needs more than 6 updates a round, but a round "
+        "may commit with 5 (rounds.min_reports, else devices_per_round); num_byzantine at most 1"
+    ]
+    ExperimentConfig.from_dict({**raw, "strategy": {"name": name, "num_byzantine": 1}})
+
+
+def test_a_bad_platforms_value_is_reported_once() -> None:
+    model = {**_MLP, "platforms": "android"}
+
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig.from_dict({"name": "x", "model": model})
+
+    assert caught.value.problems == [
+        "model.platforms: a list of names from ('python', 'android', 'ios')"
+    ]
+
+
+def test_the_size_limit_names_the_variable_the_operator_sets() -> None:
+    config = ExperimentConfig.from_dict({"name": "x", "model": _MLP})
+
+    with pytest.raises(ConfigError, match=r"\(FEDMQ_MAX_MODEL_PARAMETERS\)$"):
+        check_model_size(config, 100)
+
+
+def test_a_config_nested_too_deeply_is_one_problem_not_a_recursion_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert caught.value.problems == [f"{path} is not valid JSON: nested too deeply"]
+
+
+def test_an_upper_case_toml_suffix_is_read_as_toml(tmp_path: Path) -> None:
+    path = tmp_path / "T.TOML"
+    path.write_text('name = "t"\n[model]\nzoo = "mlp"\ninput_shape = [64]\nnum_classes = 10\n')
+
+    assert load_config(path).name == "t"
