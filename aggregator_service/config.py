@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator_service.errors import ConfigError
-from aggregator_service.strategies import STRATEGIES, FedAvg, Krum, Strategy
+from aggregator_service.strategies import STRATEGIES, FedAvg, Strategy
 from aggregator_service.types import RunShape
 from broker.messages import MaskedSumTerms, StrategySpec
 from broker.secagg import SecAggError, scale_for
@@ -230,26 +230,24 @@ class ExperimentConfig:
             raise ConfigError("; ".join(problems), problems)
 
     def _strategy_fits_rounds(self) -> None:
-        """Raise ``ConfigError`` for a Krum whose ``f`` a round's fewest reports cannot serve.
+        """Raise ``ConfigError`` for a strategy that cannot step from a round's fewest reports.
 
-        Krum needs more than ``2f + 2`` updates, and a round may commit with
-        ``rounds.minimum`` of them: fewer, and every such round is abandoned.
+        A round may commit with ``rounds.minimum`` updates; a strategy that needs
+        more (``Strategy.fewest_updates``: Krum's ``2f + 3``) would fail every such
+        round at its combine.
         """
         try:
             strategy = build_strategy(self.strategy)
         except ConfigError:
             return  # reported by validate's own build
-        if not isinstance(strategy, Krum):
+        needs, fewest = strategy.fewest_updates(), self.rounds.minimum
+        if fewest >= needs:
             return
-        f, fewest = strategy.num_byzantine, self.rounds.minimum
-        if fewest > 2 * f + 2:
-            return
-        most = (fewest - 3) // 2
-        fix = f"at most {most}" if most >= 0 else "cannot fit: raise rounds.min_reports to 3+"
+        given = ", ".join(f"{k} {v}" for k, v in self.strategy.settings.items())
         raise ConfigError(
-            f"strategy {strategy.name}: num_byzantine {f} needs more than {2 * f + 2} updates "
-            f"a round, but a round may commit with {fewest} (rounds.min_reports, else "
-            f"devices_per_round); num_byzantine {fix}"
+            f"strategy {self.strategy.name} ({given or 'its defaults'}) needs at least {needs} "
+            f"updates a round, but a round may commit with {fewest} (rounds.min_reports, else "
+            "devices_per_round)"
         )
 
     def _phones_can_train(self) -> None:

@@ -65,6 +65,14 @@ class Strategy:
         """Return the strategy's settings as given (after validation)."""
         return {}
 
+    def fewest_updates(self) -> int:
+        """Return the fewest updates ``finish`` can step from (Krum: more than ``2f + 2``).
+
+        An experiment whose rounds may commit with fewer is refused up front:
+        every such round would fail at its combine.
+        """
+        return 1
+
     def configure_round(self, rnd: int) -> Mapping[str, Scalar]:
         """Return extra training settings sent to every device this round."""
         return {}

@@ -176,10 +176,14 @@ class Krum(RobustStrategy):
         """Return how many best-scored updates to average (Krum: one)."""
         return 1
 
+    def fewest_updates(self) -> int:
+        """Return ``2f + 3``: each score sums distances to ``n - f - 2`` others, at least one."""
+        return 2 * self.num_byzantine + 3
+
     def scores(self, current: Weights, updates: list[Mapping[str, np.ndarray]]) -> np.ndarray:
         """Return each update's Krum score."""
         n, f = len(updates), self.num_byzantine
-        if n <= 2 * f + 2:
+        if n < self.fewest_updates():
             raise ValueError(
                 f"{self.name} with num_byzantine={f} needs > {2 * f + 2} updates, got {n}"
             )

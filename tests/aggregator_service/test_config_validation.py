@@ -276,8 +276,8 @@ def test_a_krum_whose_byzantine_count_the_fewest_reports_cannot_serve_is_refused
         ExperimentConfig.from_dict({**raw, "strategy": {"name": name, "num_byzantine": 2}})
 
     assert caught.value.problems == [
-        f"strategy {name}: num_byzantine 2 needs more than 6 updates a round, but a round "
-        "may commit with 5 (rounds.min_reports, else devices_per_round); num_byzantine at most 1"
+        f"strategy {name} (num_byzantine 2) needs at least 7 updates a round, but a round "
+        "may commit with 5 (rounds.min_reports, else devices_per_round)"
     ]
     ExperimentConfig.from_dict({**raw, "strategy": {"name": name, "num_byzantine": 1}})
 
