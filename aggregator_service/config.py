@@ -349,8 +349,14 @@ class ExperimentConfig:
 
     @property
     def buffered(self) -> bool:
-        """Whether rounds are buffered server steps (see ``Strategy.buffered``)."""
-        return is_buffered(self.strategy)
+        """Whether rounds are buffered server steps (``Strategy.buffered``: FedBuff's).
+
+        Such an experiment keeps devices training continuously on whatever model
+        version is current; each of its rounds is one server step that folds
+        ``buffer_size`` updates, stale ones included, into the next version.
+        """
+        cls = strategy_classes().get(self.strategy.name)
+        return cls is not None and cls.buffered
 
     def training_settings(self) -> dict[str, float | int | str | bool]:
         """Return the training settings as sent in a task."""
@@ -383,17 +389,6 @@ def strategy_classes() -> dict[str, type[Strategy]]:
 def secure_strategies() -> list[str]:
     """Return the strategies secure aggregation serves (see ``Strategy.secure_refusal``)."""
     return [name for name, cls in strategy_classes().items() if cls.secure_refusal is None]
-
-
-def is_buffered(strategy: StrategySpec) -> bool:
-    """Return whether a strategy's rounds are buffered server steps (``Strategy.buffered``).
-
-    Such an experiment keeps devices training continuously on whatever model
-    version is current; each of its rounds is one server step that folds
-    ``buffer_size`` updates, stale ones included, into the next version.
-    """
-    cls = strategy_classes().get(strategy.name)
-    return cls is not None and cls.buffered
 
 
 def strategy_spec(

@@ -174,6 +174,7 @@ class AggregatorWorker:
         self._progress_timer: threading.Timer | None = None
         self._stopping = threading.Event()
         self._shares: list[Subscription] = []  # of the group's updates and combines
+        self._handed_back: list[Delivery] = []  # updates that came while this worker left
         self._last_closed: dict[str, int] = {}
         self._combiner = Combiner(
             store, name=name, strategy_for=self._strategy_at, own_share=self._own_share
@@ -203,16 +204,33 @@ class AggregatorWorker:
         without them. A share saved here is merged by whichever worker
         combines its round; the updates in it are acked. The transport's
         owner closes the transport afterwards.
+
+        The order suits every transport: shares are saved and acked while the
+        subscriptions stand (cancelling one closes its AMQP channel, which
+        takes the acks with it and requeues the rest); then, unsubscribed,
+        the worker hands back what it holds unsaved (updates early for their
+        round, a share the store refused, updates that came while it left),
+        which over MQTT republishes them to the group's other workers.
         """
         self._stopping.set()
         shares, self._shares = self._shares, []
+        unsaved: list[Delivery] = []
         try:
-            for subscription in shares:
-                subscription.cancel()
             with self._lock:
                 for rnd in list(self._rounds.values()):  # a sealed round leaves the dict
                     if (rnd.dirty or rnd.pending) and self._try_checkpoint(rnd):
                         self._send_progress(rnd)
+                    unsaved.extend(rnd.pending)  # the store refused: folded, not saved
+                    rnd.pending = []
+                unsaved.extend(delivery for _, delivery in self._early)
+                self._early, self._early_bytes = [], 0
+            for subscription in shares:
+                subscription.cancel()
+            with self._lock:
+                unsaved.extend(self._handed_back)
+                self._handed_back = []
+            for delivery in unsaved:
+                delivery.nack(requeue=True)
         except BrokerError as exc:  # a broker already gone: the session keeps what is unacked
             log.warning("worker %s left without saying so: %s", self._name, exc)
 
@@ -370,6 +388,9 @@ class AggregatorWorker:
         if admitted is None:
             return
         with self._lock:
+            if self._stopping.is_set():  # leaving: handed back to the group once unsubscribed
+                self._handed_back.append(delivery)
+                return
             message = admitted.message
             if isinstance(message, ModelUpdate):
                 self._handle_update(message, delivery)

@@ -348,7 +348,9 @@ class CheckIn(Message):
     until it checks out; started_at, when the device's process (or app
     session) started: a device whose started_at changes has restarted and
     lost the tasks it held in memory, so the service sends it the task of a
-    round it was selected for and has not answered again.
+    round it was selected for and has not answered again, 5 s later if
+    still unanswered then (not in a secure round, whose keys were shared
+    without it).
     """
 
 

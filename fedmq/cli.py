@@ -245,14 +245,14 @@ def _cmd_bridge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_fleet(args: argparse.Namespace, settings: Settings) -> int:
-    from fedmq.processes import FleetOptions, default_prefix, run_fleet
+    from fedmq.processes import FleetOptions, run_fleet
 
     options = FleetOptions(
         devices=args.devices,
         experiment_id=args.experiment,
         seed=args.seed,
         first=args.first,
-        prefix=args.prefix or default_prefix(settings.namespace),
+        prefix=args.prefix,
         concurrency=args.concurrency,
         heartbeat_s=args.heartbeat,
         platforms=args.platforms,

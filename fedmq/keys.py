@@ -64,10 +64,15 @@ class KeyFolder:
                 continue
         return keys
 
-    def worker_keys_stamp(self) -> int | None:
-        """Return when a worker key was last added or removed (None: no worker key folder)."""
+    def worker_keys_stamp(self) -> tuple[int, int] | None:
+        """Return what changes when a worker key is added or removed (None: no such folder).
+
+        The folder's modification time, and its count of keys: two keys added
+        within one tick of a coarse file system clock still change the count.
+        """
+        folder = self.root / "workers"
         try:
-            return (self.root / "workers").stat().st_mtime_ns
+            return folder.stat().st_mtime_ns, sum(1 for _ in folder.glob("*.pub"))
         except OSError:
             return None
 

@@ -7,6 +7,7 @@ Each is a context that builds its component through ``fedmq.components``
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import signal
 import threading
@@ -57,15 +58,17 @@ def wait_for_signal(health_file: Path | None = None) -> None:
 
 
 def check_health_file(health_file: Path | None) -> None:
-    """Touch ``health_file`` now, so a path no one can write stops the command before it starts.
+    """Write ``health_file`` now, so a path no one can write stops the command before it starts.
 
     Otherwise the first touch comes from ``wait_for_signal``, with the process
-    already connected and a traceback instead of a line.
+    already connected and a traceback instead of a line. The file is dated
+    1970: a health check (modified within 30 s) fails until the process is up.
     """
     if health_file is None:
         return
     try:
         health_file.touch()
+        os.utime(health_file, (0, 0))
     except OSError as exc:
         raise UsageError(
             f"--health-file {health_file}: cannot write it: {exc.strerror or exc}"
@@ -242,8 +245,8 @@ class FleetOptions:
     seed: int | None = None
     """The partition seed (default: the experiment's)."""
     first: int = 0
-    prefix: str = "emu"
-    """Device ids are ``<prefix>-0000``, ...: see ``default_prefix``."""
+    prefix: str | None = None
+    """Device ids are ``<prefix>-0000``, ...; None: ``default_prefix`` of the namespace."""
     concurrency: int = 2
     heartbeat_s: float = 30.0
     platforms: Mapping[str, float] = field(default_factory=lambda: {"python": 1.0})
@@ -284,7 +287,7 @@ def fleet_running(settings: Settings, options: FleetOptions) -> Iterator[Fleet]:
             indices=range(first, last),
             experiment_id=experiment["id"],
             run=executor_runner(executor),
-            prefix=options.prefix,
+            prefix=options.prefix or default_prefix(settings.namespace),
             make_trainer=make_trainer,
             platforms=names,
             speed=speed,

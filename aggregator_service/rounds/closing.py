@@ -86,6 +86,8 @@ class _Round:
 
     opened: RoundOpened
     asynchronous: bool
+    tracked_at: float
+    """When this coordinator began following the round (opened it, or recovered it)."""
     cohort: frozenset[str] = frozenset()
     """The selected devices, as a set: a progress message's ids are looked up in it."""
     reported: set[str] = field(default_factory=set)
@@ -179,8 +181,9 @@ class RoundClosing:
     def track(self, opened: RoundOpened, *, asynchronous: bool) -> None:
         """Announce a round and follow it until ``ended``."""
         key = (opened.experiment_id, opened.round)
+        now = self._clock()
         self._rounds[key] = _Round(
-            opened, asynchronous, frozenset(opened.selected), saved_read_at=self._clock()
+            opened, asynchronous, now, frozenset(opened.selected), saved_read_at=now
         )
         self._send(self._rounds[key], opened)
 
@@ -249,13 +252,17 @@ class RoundClosing:
         """Forget a round whose outcome arrived."""
         self._rounds.pop((experiment_id, number), None)
 
-    def awaiting(self, device_id: str) -> list[RoundOpened]:
-        """Return the cohort rounds in training that selected ``device_id``, still unheard."""
+    def awaiting(self, device_id: str, *, opened_by: float) -> list[RoundOpened]:
+        """Return the cohort rounds in training that selected ``device_id``, still unheard.
+
+        Only rounds this coordinator followed before ``opened_by`` count.
+        """
         return [
             rnd.opened
             for rnd in self._rounds.values()
             if not rnd.asynchronous
             and rnd.closed_at is None
+            and rnd.tracked_at < opened_by
             and device_id in rnd.cohort
             and device_id not in rnd.reported
         ]

@@ -32,8 +32,18 @@ class Presence:
     """Heartbeats a device may miss before it is taken for gone (one lost beat is no news)."""
     SWEEP_EVERY_S = 1.0
     """How often ``silent`` looks for devices past their last promised beat."""
-    HEARTBEAT_RANGE_S = (1.0, 86_400.0)
-    """The promises taken: a shorter one counts as 1 s, a longer as a day."""
+    HEARTBEAT_RANGE_S = (10.0, 86_400.0)
+    """The promises taken: a shorter one counts as 10 s, a longer as a day.
+
+    Silence is timed from when the coordinator reads a check-in; a stall of
+    its own (a long combine, a broker's hiccup) must not take a device beating
+    every second for gone: three beats are never less than 30 s.
+    """
+
+    RETURN_SETTLES_S = 5.0
+    """How long after a device's return its lost task waits: an update it sent just
+    before a restart is counted by then (workers report within 0.1 s of a fold), and
+    a device asked to train the round again would be counted twice."""
 
     def __init__(self, db: Database, *, seen_every_s: float, clock: Callable[[], float]) -> None:
         self.online = OnlinePool()
@@ -45,6 +55,7 @@ class Presence:
         self._grace_until = 0.0
         self._silent_at: dict[str, float] = {}  # device id -> when it is gone without a beat
         self._started_at: dict[str, float] = {}  # device id -> when its process started
+        self._returns: dict[str, tuple[str, float]] = {}  # device -> (its experiment, back at)
         self._swept_at = clock()
 
     def await_return(self, grace_s: float) -> int:
@@ -108,6 +119,23 @@ class Presence:
             low, high = self.HEARTBEAT_RANGE_S
             self._silent_at[device_id] = now + self.SILENT_BEATS * min(max(promise, low), high)
         return news
+
+    def returned(self, device_id: str, experiment_id: str) -> None:
+        """Note a device back online (or restarted): ``due_returns`` names it a little later."""
+        self._returns[device_id] = (experiment_id, self._clock())
+
+    def due_returns(self) -> list[tuple[str, str, float]]:
+        """Return (and forget) the devices back ``RETURN_SETTLES_S`` or longer.
+
+        Each with its experiment and when it came back.
+        """
+        if not self._returns:
+            return []
+        since = self._clock() - self.RETURN_SETTLES_S
+        due = [(d, exp, at) for d, (exp, at) in self._returns.items() if at <= since]
+        for device_id, _, _ in due:
+            del self._returns[device_id]
+        return due
 
     def checked_out(self, device_id: str) -> bool:
         """Note a device gone (checked out, its will, revoked); return whether it was online."""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from aggregator_service.checkpoints import Checkpoints
-from aggregator_service.config import ExperimentConfig, is_buffered
+from aggregator_service.config import ExperimentConfig
 from aggregator_service.errors import Conflict, NotFound
 from aggregator_service.links import ArtifactLinks, StoreLinks
 from aggregator_service.persistence import (
@@ -447,7 +447,7 @@ class RoundService:
                     self._start_waiting(None)
                 self._async.checked_in(device, message.capabilities, experiment, self._online)
                 if news:
-                    self._task_again(device, experiment)
+                    self._presence.returned(device, experiment)
                     self._start_waiting(message.experiment_id)
         else:
             with self._lock:
@@ -456,18 +456,21 @@ class RoundService:
                 self._async.checked_out(message.device_id, self._online)
         delivery.ack()
 
-    def _task_again(self, device_id: str, experiment_id: str) -> None:
-        """Send a device that comes back online during its round the round's task again.
+    def _task_again(self, device_id: str, experiment_id: str, back_at: float) -> None:
+        """Send a device back online during its round the round's task again.
 
         Its process may have restarted (a device remembers the rounds it took in
         memory only), and over AMQP its queue went with the process, task and
         all; without the task again the round waits out its deadline for it. A
-        device that still has the round's task ignores a second one. After this
-        coordinator's own restart its recovery sent every task again already.
+        device that still has the round's task ignores a second one. Sent
+        ``Presence.RETURN_SETTLES_S`` after the return, and only for a round
+        opened before it (the device's first check-in is a return too) that no
+        worker has counted the device in by then. After this coordinator's own restart its
+        recovery sent every task again already.
         """
         if self._presence.holding():
             return
-        for opened in self._closing.awaiting(device_id):
+        for opened in self._closing.awaiting(device_id, opened_by=back_at):
             exp = opened.experiment_id
             config = self._catalog.config(exp)
             if experiment_id not in (ANY, exp) or config.secure_aggregation is not None:
@@ -571,7 +574,8 @@ class RoundService:
         self._track(opened)
 
     def _track(self, opened: RoundOpened) -> None:
-        self._closing.track(opened, asynchronous=is_buffered(opened.strategy))
+        buffered = self._catalog.config(opened.experiment_id).buffered
+        self._closing.track(opened, asynchronous=buffered)
 
     def _sign_and_publish(self, topic: str, message: Message) -> None:
         self._transport.publish(topic, encode(message, self._identity))
@@ -602,6 +606,8 @@ class RoundService:
         with self._lock:
             if self._presence.grace_over():
                 self._start_waiting(None)
+            for device_id, experiment_id, back_at in self._presence.due_returns():
+                self._task_again(device_id, experiment_id, back_at)
             for device_id in self._presence.silent():
                 log.info(
                     "device %s went offline (no check-in for %d of its heartbeats)",

@@ -5,6 +5,7 @@ share is combined as it was saved)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -259,3 +260,27 @@ def test_an_update_redelivered_while_its_first_worker_was_cut_off_is_counted_onc
     new = decode_weights(store.get_blob(committed.model.sha256))
     np.testing.assert_allclose(new["w"], np.full(3, (1 + 2 + 4 + 8) / 4))
     assert copy.settled == ["ack"]
+
+
+def test_a_worker_that_leaves_saves_its_share_and_hands_back_what_it_did_not_count() -> None:
+    store, opened = _setup()
+    worker, bus = _start(store)
+    bus.deliver(TOPICS.control(EXP), opened, TOPICS.all_control)
+    folded = bus.deliver(TOPICS.updates(EXP, "a"), _update("a", 1.0), TOPICS.all_updates)
+    later = dataclasses.replace(_update("c", 3.0), experiment_id="exp-later")
+    early = bus.deliver(TOPICS.updates("exp-later", "c"), later, TOPICS.all_updates)
+    assert folded.settled == [] and early.settled == []  # in memory only, both
+    at_cancel: dict[str, list[str]] = {}
+    bus.when_cancelled = lambda topic: at_cancel.setdefault(topic, list(folded.settled))
+
+    worker.stop()
+
+    # Acked before its subscription went: cancelling an AMQP consumer closes its channel,
+    # and an ack after that is lost (the update would be requeued, though saved).
+    assert at_cancel[TOPICS.all_updates] == ["ack"]
+    assert folded.settled == ["ack"]  # saved in a share the combiner merges
+    assert store.latest_version(f"{EXP}.r1.{WORKER.name}.ckpt") == 0
+    assert [p.reported for p in _published(bus, RoundProgress)] == [("a",)]
+    assert early.settled == ["requeue"]  # back to the group's other workers
+    assert TOPICS.all_updates not in bus.handlers and TOPICS.all_combine not in bus.handlers
+    assert TOPICS.all_control in bus.handlers  # round control is not shared: nothing to hand on

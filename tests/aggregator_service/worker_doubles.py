@@ -42,13 +42,20 @@ class Bus:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
         self.handlers: dict[str, object] = {}
+        self.when_cancelled: Callable[[str], object] = lambda topic: None
+        """Called with a subscription's topic as it is cancelled."""
 
     def publish(self, topic: str, body: bytes) -> None:
         self.published.append((topic, body))
 
     def subscribe(self, topic: str, handler: object, *, group: str | None = None) -> Cancel:
         self.handlers[topic] = handler
-        return Cancel(lambda: self.handlers.pop(topic, None))
+
+        def forget() -> None:
+            self.when_cancelled(topic)
+            self.handlers.pop(topic, None)
+
+        return Cancel(forget)
 
     def close(self) -> None:
         pass

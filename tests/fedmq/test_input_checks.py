@@ -220,3 +220,11 @@ def test_the_bridge_gives_its_two_sides_distinct_stable_client_ids(
 
     # Assert
     assert sorted(client_ids) == ["fedmq-bridge-r1-region", "fedmq-bridge-r1-root"]
+
+
+def test_a_checked_health_file_looks_unhealthy_until_the_process_is_up(tmp_path: Path) -> None:
+    health = tmp_path / "health"
+
+    processes.check_health_file(health)
+
+    assert health.stat().st_mtime == 0  # dated 1970: a "modified within 30 s" check fails
