@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +25,8 @@ from broker import (
     decode_weights,
 )
 from model_store import LocalStore
+from tests.clocks import Clock
 from tests.identities import TOPICS, device, round_service, sign
-
-
-class Clock:
-    # Starts at the real time: check-ins are signed with it, and the service
-    # refuses a check-in signed far from its own clock.
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

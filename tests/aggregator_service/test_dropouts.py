@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +10,8 @@ from aggregator_service.evaluation import held_out_evaluator
 from broker import CheckIn, MemoryTransport
 from device_sdk.emulator import Fleet, device_name
 from model_store import LocalStore
+from tests.clocks import Clock
 from tests.identities import TOPICS, aggregator, device, enroll_in, round_service, sign
-
-
-class Clock:
-    # Starts at the real time: devices sign check-ins with it, and the service
-    # refuses a check-in signed far from its own clock.
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _run(tmp_path: Path, config: Any, rounds: int) -> tuple[RoundService, str]:

@@ -10,7 +10,6 @@ online at the next tick, everything on ``close``), and a round of a
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,22 +30,13 @@ from aggregator_service.versions import write_version
 from broker import CheckIn, CheckOut, Delivery, MemoryTransport, RoundCommitted, decode_weights
 from model_store import LocalStore
 from tests.brokers import require
+from tests.clocks import Clock
 from tests.identities import TOPICS, device, round_service, sign
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 VIEWER = {"Authorization": "Bearer scale-viewer"}
 ROUNDS_BYTES_PER_ROUND = 2_000
 """What one round of a 1,000-device cohort may take in ``GET /experiments/<id>/rounds``."""
-
-
-class Clock:
-    """The coordinator's clock, moved on by the test (check-ins are signed in real time)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

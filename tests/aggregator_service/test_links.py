@@ -17,21 +17,14 @@ from hypothesis import strategies as st
 from aggregator_service.api.app import create_app
 from aggregator_service.errors import Forbidden
 from aggregator_service.links import SignedLinks
+from tests.clocks import Clock
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_000_000.0)
 
 
 @pytest.fixture

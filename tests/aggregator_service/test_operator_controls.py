@@ -8,7 +8,6 @@ signed events, and a fake clock drives deadlines and repeats.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,19 +29,11 @@ from broker import (
     decode,
 )
 from model_store import LocalStore
+from tests.clocks import Clock
 from tests.identities import TOPICS, device, round_service, sign
 
 ADMIN = {"Authorization": "Bearer ops-admin"}
 VIEWER = {"Authorization": "Bearer ops-viewer"}
-
-
-class Clock:
-    # Starts at the real time: check-ins are signed with it.
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

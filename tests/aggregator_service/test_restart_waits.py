@@ -6,7 +6,6 @@ the run would no longer draw the cohort the uninterrupted run draws.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,10 @@ import numpy as np
 from aggregator_service import Database, RoundService
 from broker import CheckIn, MemoryTransport
 from model_store import LocalStore
+from tests.clocks import Clock
 from tests.identities import TOPICS, device, round_service, sign
 
 DEVICES = [f"dev-{i}" for i in range(4)]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()  # check-ins are signed in real time
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _check_in(transport: MemoryTransport, *names: str) -> None:

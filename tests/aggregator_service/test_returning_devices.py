@@ -9,7 +9,6 @@ over AMQP, with its queue): the coordinator sends it the task again.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +21,8 @@ from broker import CheckIn, MemoryTransport
 from broker.messages import Scalar
 from device_sdk.emulator import Fleet, device_name
 from model_store import LocalStore
+from tests.clocks import Clock
 from tests.identities import TOPICS, aggregator, device, enroll_in, round_service, sign
-
-
-class Clock:
-    # Starts at the real time: devices sign check-ins with it, and the service
-    # refuses a check-in signed far from its own clock.
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

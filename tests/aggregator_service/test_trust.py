@@ -10,7 +10,6 @@ that commits the forged contribution.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from broker.messages import TaskGrant
 from broker.verify import Refusal, issue_grant
 from model_store import LocalStore, MemoryStore
 from tests.aggregator_service.round_driver import RoundDriver
+from tests.clocks import Clock
 from tests.identities import (
     SERVICE,
     TOPICS,
@@ -382,16 +382,6 @@ def test_a_round_after_a_non_finite_aggregate_starts_from_a_clean_strategy_state
 
 
 # -- the coordinator ---------------------------------------------------------------------
-
-
-class Clock:
-    # The real time: check-ins are signed with it, and the service refuses one
-    # signed far from its own clock.
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
