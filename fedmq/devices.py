@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,8 +119,9 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(answer, indent=2))
         return 0
     print(f"{'device':<32} {'platform':<18} {'served':>6} {'last seen':>12}  state")
+    now = time.time()
     for device in _devices(answer):
-        seen = f"{device['last_seen']:.0f}" if device["last_seen"] else "-"
+        seen = ago(now - device["last_seen"]) if device["last_seen"] else "-"
         state = "revoked" if device.get("revoked") else "active"
         print(
             f"{device['id']:<32} {device['platform']:<18} {device['rounds_served']:>6} "
@@ -182,3 +184,13 @@ def _call(
 
 
 __all__ = ["add_devices_command"]
+
+
+def ago(seconds: float) -> str:
+    """Return an age for people: ``just now``, ``42 s ago``, ``5 min ago``, ``3 h ago``..."""
+    if seconds < 1:
+        return "just now"
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"

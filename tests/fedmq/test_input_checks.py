@@ -12,6 +12,7 @@ from broker.topics import is_valid_segment
 from fedmq import cli, compose, edge, processes
 from fedmq.argtypes import UsageError
 from fedmq.cli import build_parser, default_worker_name, main
+from fedmq.devices import ago
 from fedmq.edge import EdgeOptions
 from fedmq.processes import FleetOptions
 from fedmq.settings import Settings
@@ -228,3 +229,13 @@ def test_a_checked_health_file_looks_unhealthy_until_the_process_is_up(tmp_path:
     processes.check_health_file(health)
 
     assert health.stat().st_mtime == 0  # dated 1970: a "modified within 30 s" check fails
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0.2, "just now"), (42.9, "42 s ago"), (300, "5 min ago"), (3 * 3600 + 5, "3 h ago")],
+)
+def test_devices_list_shows_when_a_device_was_last_seen_as_an_age(
+    seconds: float, shown: str
+) -> None:
+    assert ago(seconds) == shown
