@@ -157,6 +157,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from device_sdk.data import check_available
     from fedmq.results import prepare_folder
 
     config = load_config(args.config)
@@ -164,6 +165,7 @@ def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     check_model_size(config, settings.max_model_parameters)
     if args.out is not None:
         prepare_folder(args.out)
+    check_available(config.data.dataset, settings.data_dirs)  # before the header, not after
     result = _run_and_report(
         config,
         settings,
@@ -180,6 +182,8 @@ def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    from device_sdk.data import check_available
+
     config = load_config(args.config)
     check_model_size(config, settings.max_model_parameters)
     strategy = config.strategy
@@ -188,6 +192,12 @@ def _cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
         f"{config.data.dataset}/{config.data.partition}, model {config.model.get('zoo')}, "
         f"strategy {strategy.name} {dict(strategy.settings) or ''}".rstrip()
     )
+    try:
+        check_available(config.data.dataset, settings.data_dirs)
+    except DataError as exc:  # valid for a service; a run on this machine would stop here
+        print(
+            f"note: `simulate` and fleets on this machine cannot run it yet: {exc}", file=sys.stderr
+        )
     return 0
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from device_sdk.data._mnist import DataDirs, load_mnist_arrays
+from device_sdk.data._mnist import DataDirs, find_mnist_dir, load_mnist_arrays
 from device_sdk.data.errors import DataError, UnknownDataset
 
 # The digits split must not move with an experiment's seed: every run, and the
@@ -211,3 +211,17 @@ _LOADERS: dict[str, Callable[[DataDirs], Dataset]] = {
 }
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
+
+_FILES: dict[str, Callable[[DataDirs], object]] = {"mnist": find_mnist_dir}
+"""How to find the data sets read from files; the others are bundled or generated."""
+
+
+def check_available(name: str, data_dir: DataDirs) -> None:
+    """Raise ``DataNotFound`` if data set ``name`` is read from files none of the folders hold.
+
+    Cheap: it looks for the files and reads none, so a command can say so
+    before it starts a run instead of when its first device loads them.
+    """
+    find = _FILES.get(name)
+    if find is not None:
+        find(data_dir)

@@ -118,6 +118,7 @@ def test_public_api_is_exactly_the_documented_names() -> None:
         "DataDirs",
         "Dataset",
         "DatasetFacts",
+        "check_available",
         "load_dataset",
         "load_examples",
         "partition",

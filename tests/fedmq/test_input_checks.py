@@ -239,3 +239,25 @@ def test_devices_list_shows_when_a_device_was_last_seen_as_an_age(
     seconds: float, shown: str
 ) -> None:
     assert ago(seconds) == shown
+
+
+def test_a_run_on_data_this_machine_lacks_stops_before_its_first_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "mnist.json"
+    root = Path(__file__).parents[2]
+    raw = json.loads((root / "experiments" / "configs" / "mnist_2nn_iid.json").read_text())
+    config.write_text(json.dumps(raw))
+    monkeypatch.chdir(tmp_path)  # the shared MNIST folder is found from the project root
+    monkeypatch.setenv("FEDMQ_DATA_DIR", str(tmp_path / "empty"))
+
+    assert main(["validate", str(config)]) == 0  # valid for a service all the same
+    validated = capsys.readouterr()
+    assert "valid." in validated.out
+    assert "note: `simulate` and fleets on this machine cannot run it yet" in validated.err
+    assert "MNIST files" in validated.err
+
+    assert main(["simulate", str(config)]) != 0
+    simulated = capsys.readouterr()
+    assert "round" not in simulated.out  # no header: it stopped before the run
+    assert "MNIST files" in simulated.err
