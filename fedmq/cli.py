@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aggregator_service import ConfigError, ExperimentConfig, ServiceError, load_config
-from aggregator_service.config import check_model_size, check_spec_size
+from aggregator_service.config import check_model_size
 from broker import BrokerError
 from broker.embedded import EmbeddedBroker
 from broker.topics import is_valid_segment
@@ -34,7 +34,7 @@ from fedmq.settings import (
     load_settings,
     redact,
 )
-from model_store import ModelSpec, ModelSpecError, StoreError
+from model_store import StoreError
 from model_store.export.executorch import DEFAULT_MAX_BATCH
 
 if TYPE_CHECKING:
@@ -287,7 +287,6 @@ def _platform_mix(text: str) -> dict[str, float]:
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        _check_zoo_size(args, settings)
         written = export_package(
             platform=args.platform,
             out=args.out,
@@ -299,25 +298,15 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             seed=args.seed,
             force=args.force,
             max_batch=args.max_batch,
+            max_parameters=settings.max_model_parameters,
         )
-    except (ExportUsageError, ConfigError) as exc:
+    except ExportUsageError as exc:
         print(f"fedmq export: {exc}", file=sys.stderr)
         return 2
     for file in written:
         print(file.summary())
     print(f"{args.platform} package: {len(written)} files in {args.out}")
     return 0
-
-
-def _check_zoo_size(args: argparse.Namespace, settings: Settings) -> None:
-    """Raise ``ConfigError`` for a zoo model above the size limit, before torch builds it."""
-    if args.zoo is None or args.num_classes is None:
-        return  # a factory's model is sized only once built; export_package checks the rest
-    try:
-        spec = ModelSpec(args.zoo, args.input_shape, args.num_classes, tuple(args.hidden or ()))
-    except ModelSpecError:
-        return  # export_package says what is wrong with it
-    check_spec_size(spec, settings.max_model_parameters)
 
 
 def _shape(text: str) -> tuple[int, ...]:

@@ -183,9 +183,6 @@ def _call(
     return RestClient(settings.server_url, token).json(method, path, body)
 
 
-__all__ = ["add_devices_command"]
-
-
 def ago(seconds: float) -> str:
     """Return an age for people: ``just now``, ``42 s ago``, ``5 min ago``, ``3 h ago``..."""
     if seconds < 1:
@@ -194,3 +191,6 @@ def ago(seconds: float) -> str:
         if seconds >= size:
             return f"{int(seconds // size)} {unit} ago"
     return f"{int(seconds)} s ago"
+
+
+__all__ = ["add_devices_command"]

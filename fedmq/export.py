@@ -204,6 +204,7 @@ def export_package(
     seed: int = 0,
     force: bool = False,
     max_batch: int = DEFAULT_MAX_BATCH,
+    max_parameters: int | None = None,
 ) -> list[PackageFile]:
     """Build a model (``MODULE:FACTORY`` or a zoo name) and write its package to ``out``.
 
@@ -229,6 +230,9 @@ def export_package(
         Write into a non-empty folder.
     max_batch
         The largest batch the phones' ExecuTorch programs take (android, ios).
+    max_parameters
+        The most weights a zoo model may have (default: the service's limit),
+        checked before torch builds it.
 
     Returns
     -------
@@ -241,7 +245,7 @@ def export_package(
     built = (
         load_model(model)
         if model is not None
-        else _zoo_model(zoo, input_shape, num_classes, hidden, seed)
+        else _zoo_model(zoo, input_shape, num_classes, hidden, seed, max_parameters)
     )
     with _without_onnxruntime_info():
         files = build_package(
@@ -256,16 +260,20 @@ def _zoo_model(
     num_classes: int | None,
     hidden: Sequence[int],
     seed: int,
+    max_parameters: int | None,
 ) -> nn.Module:
-    """Build a zoo model from the command's options."""
+    """Build a zoo model from the command's options (one over the size limit is refused)."""
+    from aggregator_service.config import check_spec_size
+    from aggregator_service.errors import ConfigError
     from model_store import ModelSpec, build_model
 
     if num_classes is None:
         raise ExportUsageError("--zoo needs --num-classes")
     try:
         spec = ModelSpec(str(name), tuple(shape), num_classes, hidden=tuple(hidden))
+        check_spec_size(spec, max_parameters)  # torch would fail or take the host's memory
         return build_model(spec, seed=seed)
-    except StoreError as exc:
+    except (StoreError, ConfigError) as exc:
         raise ExportUsageError(str(exc)) from exc
 
 

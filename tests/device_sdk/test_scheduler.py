@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from broker import CheckIn, ComeBackLater, Delivery, MemoryTransport, decode
+from broker import ComeBackLater, MemoryTransport
 from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient, TrainResult
 from device_sdk.scheduler import Job, Scheduler
+from tests.device_sdk.recorders import record_checkins
 from tests.identities import SERVICE, TOPICS, device, sign
 
 
@@ -86,15 +87,7 @@ class RecordingScheduler(Scheduler):
 
 def test_a_device_schedules_its_come_back_on_the_scheduler_it_is_given() -> None:
     transport = MemoryTransport()
-    checkins: list[CheckIn] = []
-
-    def record(delivery: Delivery) -> None:
-        message = decode(delivery.body)
-        if isinstance(message, CheckIn):
-            checkins.append(message)
-        delivery.ack()
-
-    transport.subscribe(TOPICS.all_checkins, record)
+    checkins = record_checkins(transport)
     scheduler = RecordingScheduler()
     app = DeviceApp()
     app.on_train(lambda task, ctx: TrainResult({}, 1))

@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 
 from broker import (
-    CheckIn,
-    Delivery,
     MemoryTransport,
     ModelRef,
     TrainTask,
-    decode,
     encode_weights,
 )
 from device_sdk import ArtifactFetcher, DeviceApp, DeviceClient, DeviceContext, TrainResult
@@ -28,6 +25,7 @@ from device_sdk.emulator.profiles import (
     heterogeneous,
     load_profile,
 )
+from tests.device_sdk.recorders import record_checkins
 from tests.identities import SERVICE, TOPICS, device, grant, sign
 
 
@@ -121,7 +119,7 @@ def test_a_device_checks_in_idle_after_each_update(tmp_path: Path) -> None:
         topics=TOPICS,
     )
 
-    checkins = _checkins(transport)
+    checkins = record_checkins(transport)
     ref = _model(tmp_path)
     client.start()
     asynchronous = {TrainTask.CHECK_IN_WHEN_DONE: True}
@@ -159,7 +157,7 @@ def test_a_device_that_abandoned_its_task_checks_in_idle_again(tmp_path: Path) -
         run=abandonable(None),
     )
 
-    checkins = _checkins(transport)
+    checkins = record_checkins(transport)
     ref = _model(tmp_path)
     client.start()
     transport.publish(TOPICS.device("phone-8"), _task("phone-8", ref, {}))
@@ -170,20 +168,6 @@ def test_a_device_that_abandoned_its_task_checks_in_idle_again(tmp_path: Path) -
 
     assert (client.stats.tasks, client.stats.abandoned, client.stats.updates_sent) == (1, 1, 0)
     assert [c.capabilities["tasks_in_progress"] for c in checkins] == [0, 0]
-
-
-def _checkins(transport: MemoryTransport) -> list[CheckIn]:
-    """Return the list the check-ins published on ``transport`` will be appended to."""
-    checkins: list[CheckIn] = []
-
-    def record(delivery: Delivery) -> None:
-        message = decode(delivery.body)
-        if isinstance(message, CheckIn):
-            checkins.append(message)
-        delivery.ack()
-
-    transport.subscribe(TOPICS.all_checkins, record)
-    return checkins
 
 
 def _model(folder: Path) -> ModelRef:

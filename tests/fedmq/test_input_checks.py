@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+import model_store
 from broker.topics import is_valid_segment
-from fedmq import cli, compose, edge, processes
+from fedmq import compose, edge, processes
 from fedmq.argtypes import UsageError
 from fedmq.cli import build_parser, default_worker_name, main
 from fedmq.devices import ago
@@ -143,7 +144,7 @@ def test_export_refuses_a_zoo_model_above_the_size_limit_before_building_it(
 ) -> None:
     # Prepare
     monkeypatch.setenv("FEDMQ_HOME", str(tmp_path))
-    monkeypatch.setattr(cli, "export_package", _must_not_run)
+    monkeypatch.setattr(model_store, "build_model", _must_not_run)
     argv = ["export", "--zoo", "mlp", "--input-shape", "100000,100000", "--num-classes", "10"]
 
     # Execute
